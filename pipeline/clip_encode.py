@@ -1,0 +1,54 @@
+"""Run the CLIP text model the way Stable Diffusion 1.x does, and read off what we store.
+
+SD tokenises to 77 positions (padding with EOS) and calls the text model *without* an
+attention mask, so padding positions hold real, prompt-dependent states that the UNet
+sees. We encode exactly like that, so targets equal what the pipeline would compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pipeline.base_models import MAX_LENGTH, ClipText
+
+
+@dataclass
+class Encoded:
+    pooled: torch.Tensor  # [B, D] last hidden state at the EOS position
+    hidden: torch.Tensor  # [B, 77, D] last hidden state (after the final LayerNorm)
+    mask: torch.Tensor  # [B, 77] int8: 1 at BOS, real tokens and EOS
+    n_tokens: torch.Tensor  # [B] int32, BOS and EOS included
+    text_embeds: torch.Tensor  # [B, P] projection of pooled
+
+
+def tokenize(clip: ClipText, texts: list[str]) -> dict[str, torch.Tensor]:
+    return clip.tokenizer(
+        texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
+    )
+
+
+def token_count(clip: ClipText, text: str) -> int:
+    """Tokens of `text` with BOS and EOS, before truncation."""
+    return len(clip.tokenizer(text, truncation=False)["input_ids"])
+
+
+@torch.inference_mode()
+def encode_tokens(clip: ClipText, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
+    device = clip.model.device
+    input_ids = input_ids.to(device)
+    out = clip.model.text_model(input_ids=input_ids)
+    pooled = out.pooler_output
+    return Encoded(
+        pooled=pooled,
+        hidden=out.last_hidden_state,
+        mask=attention_mask.to(torch.int8),
+        n_tokens=attention_mask.sum(dim=1).to(torch.int32),
+        text_embeds=clip.model.text_projection(pooled),
+    )
+
+
+def encode_texts(clip: ClipText, texts: list[str]) -> Encoded:
+    tokens = tokenize(clip, texts)
+    return encode_tokens(clip, tokens["input_ids"], tokens["attention_mask"])

@@ -1,0 +1,141 @@
+"""Typed view of `params.yaml`, validated when a stage starts so bad values fail by key name."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+STORAGE_DTYPES = ("float16", "float32")
+
+
+class ParamsError(ValueError):
+    """A value in params.yaml is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class BaseParams:
+    clip: str = "builtin"
+    sd: str = "builtin"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class CaptionParams:
+    source: str = "builtin"
+    column: str = "text"
+    hub_split: str = "train"
+    train_size: int = 3000
+    test_size: int = 200
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    split: float = 0.3
+    combine: float = 0.3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    batch_size: int = 64
+    dtype: str = "float16"
+    rows_per_shard: int = 1000
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams = field(default_factory=BaseParams)
+    captions: CaptionParams = field(default_factory=CaptionParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
+    # Sections owned by later stages stay plain dicts until their stage reads them.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+T = TypeVar("T")
+
+
+def _section(cls: type[T], raw: Any, name: str) -> T:
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: `{name}` must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ParamsError(f"params: unknown key `{name}.{key}` (known: {', '.join(known)})")
+    values = {}
+    for key, value in raw.items():
+        expected = type(getattr(cls(), key))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+            raise ParamsError(
+                f"params: `{name}.{key}` must be {expected.__name__}, got {value!r}"
+            )
+        values[key] = value
+    return cls(**values)
+
+
+def _check(condition: bool, key: str, expected: str, value: Any) -> None:
+    if not condition:
+        raise ParamsError(f"params: `{key}` must be {expected}, got {value!r}")
+
+
+def validate(p: Params) -> Params:
+    c, a, e = p.captions, p.augment, p.extract
+    _check(c.train_size > 0, "captions.train_size", "a positive integer", c.train_size)
+    _check(c.test_size > 0, "captions.test_size", "a positive integer", c.test_size)
+    _check(0.0 <= a.split <= 1.0, "augment.split", "in [0, 1]", a.split)
+    _check(0.0 <= a.combine <= 1.0, "augment.combine", "in [0, 1]", a.combine)
+    _check(
+        a.split + a.combine <= 1.0,
+        "augment.split + augment.combine",
+        "at most 1",
+        a.split + a.combine,
+    )
+    _check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
+    _check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
+    _check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
+    return p
+
+
+SECTIONS = {
+    "base": BaseParams,
+    "captions": CaptionParams,
+    "augment": AugmentParams,
+    "extract": ExtractParams,
+}
+
+
+def parse_params(raw: dict[str, Any]) -> Params:
+    parsed = {name: _section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    extra = {k: v for k, v in raw.items() if k not in SECTIONS}
+    return validate(Params(**parsed, extra=extra))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; the error names the file and the key."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found (run from the project root or pass --params)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from err
+
+
+def as_dict(section: Any) -> dict[str, Any]:
+    return dataclasses.asdict(section)

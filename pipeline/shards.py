@@ -1,0 +1,185 @@
+"""Arrow IPC shards of CLIP hidden states: schema, atomic writing, memory-mapped reading.
+
+Shards use the Arrow IPC *stream* format, the one `datasets.Dataset.from_file` memory-maps,
+so both `datasets` and plain pyarrow open them without loading a split into RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from safetensors.torch import load_file, save_file
+
+SEQ_LEN = 77
+CONSTANT_NAMES = ("sos", "null", "deprojection")
+
+
+class ShardError(RuntimeError):
+    """A shard or constants file is missing, corrupt or from another base model."""
+
+
+def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str) -> pa.Schema:
+    value = pa.float16() if storage_dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            ("caption_id", pa.int64()),
+            ("kind", pa.string()),
+            ("parts", pa.list_(pa.string())),
+            ("target_text", pa.string()),
+            ("embeds", pa.list_(pa.float32(), hidden_size)),
+            ("hidden", pa.list_(pa.list_(value, hidden_size), SEQ_LEN)),
+            ("mask", pa.list_(pa.int8(), SEQ_LEN)),
+            ("n_tokens", pa.int32()),
+        ],
+        # The fingerprint ties a shard to the rows and base model that made it, so a rerun
+        # after a params change never keeps a stale shard.
+        metadata={"fingerprint": fingerprint},
+    )
+
+
+def shard_path(split_dir: Path, index: int) -> Path:
+    return split_dir / f"shard-{index:05d}.arrow"
+
+
+def write_shard_atomic(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
+    """Write to a temporary name, fsync, then rename: no half-written shard is ever visible."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches:
+            writer.write_batch(batch)
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def open_shard(path: Path) -> pa.Table:
+    """Memory-map one shard; a truncated or corrupt file raises ShardError naming it."""
+    try:
+        with pa.memory_map(str(path)) as source:
+            return pa.ipc.open_stream(source).read_all()
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ShardError(f"{path}: not a readable Arrow shard ({err}); delete it and rerun "
+                         f"`deprojector extract` to rebuild it") from err
+
+
+def shard_fingerprint(path: Path) -> str | None:
+    """The fingerprint of a complete, readable shard; None where it is unreadable."""
+    try:
+        table = open_shard(path)
+    except ShardError:
+        return None
+    meta = table.schema.metadata or {}
+    return meta.get(b"fingerprint", b"").decode() or None
+
+
+# --- constants ------------------------------------------------------------------------------
+
+def save_constants(path: Path, sos: torch.Tensor, null: torch.Tensor,
+                   deprojection: torch.Tensor) -> None:
+    tensors = {"sos": sos, "null": null, "deprojection": deprojection}
+    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_constants(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise ShardError(f"{path}: constants file missing; run the `extract` stage first")
+    constants = load_file(str(path))
+    missing = [name for name in CONSTANT_NAMES if name not in constants]
+    if missing:
+        raise ShardError(f"{path}: missing tensors {missing} (expected {list(CONSTANT_NAMES)})")
+    return constants
+
+
+# --- reading --------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    embeds: torch.Tensor  # [B, D] float32
+    hidden: torch.Tensor  # [B, 77, D] float32
+    mask: torch.Tensor  # [B, 77] float32 (1 = real token or EOS)
+
+
+class ShardReader:
+    """Random access to one split's rows over memory-mapped shards.
+
+    Only the rows of a requested batch are copied out of the mapping, so resident memory
+    stays flat however many rows the split has.
+    """
+
+    def __init__(self, split_dir: Path, hidden_size: int | None = None):
+        self.split_dir = Path(split_dir)
+        paths = sorted(self.split_dir.glob("shard-*.arrow"))
+        if not paths:
+            raise ShardError(f"{self.split_dir}: no shards; run the `extract` stage first")
+        self._embeds: list[np.ndarray] = []
+        self._hidden: list[np.ndarray] = []
+        self._mask: list[np.ndarray] = []
+        self.tables: list[pa.Table] = []
+        for path in paths:
+            table = open_shard(path)
+            width = table.schema.field("embeds").type.list_size
+            if hidden_size is not None and width != hidden_size:
+                raise ShardError(f"{path}: embeddings of width {width}, expected {hidden_size} "
+                                 f"(shards from another base model? rerun `extract`)")
+            hidden_size = width
+            self.tables.append(table)
+            for batch in table.to_batches():
+                rows = batch.num_rows
+                # Flatten the fixed-size lists to their value buffers: zero-copy views.
+                self._embeds.append(_values(batch.column("embeds"), 1).reshape(rows, width))
+                self._hidden.append(
+                    _values(batch.column("hidden"), 2).reshape(rows, SEQ_LEN, width))
+                self._mask.append(_values(batch.column("mask"), 1).reshape(rows, SEQ_LEN))
+        self.hidden_size = int(hidden_size)
+        sizes = np.array([len(x) for x in self._embeds])
+        self._starts = np.concatenate([[0], np.cumsum(sizes)])
+        self.num_rows = int(self._starts[-1])
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def batch(self, indices: np.ndarray) -> Batch:
+        indices = np.asarray(indices, dtype=np.int64)
+        chunk = np.searchsorted(self._starts, indices, side="right") - 1
+        offset = indices - self._starts[chunk]
+        embeds = np.empty((len(indices), self.hidden_size), np.float32)
+        hidden = np.empty((len(indices), SEQ_LEN, self.hidden_size), np.float32)
+        mask = np.empty((len(indices), SEQ_LEN), np.float32)
+        for c in np.unique(chunk):
+            rows = np.nonzero(chunk == c)[0]
+            embeds[rows] = self._embeds[c][offset[rows]]
+            hidden[rows] = self._hidden[c][offset[rows]]
+            mask[rows] = self._mask[c][offset[rows]]
+        return Batch(torch.from_numpy(embeds), torch.from_numpy(hidden), torch.from_numpy(mask))
+
+    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
+                     epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        """Batches in a per-epoch seeded order; `start` skips the first batches (resume)."""
+        order = np.arange(self.num_rows)
+        if shuffle:
+            order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
+        for begin in range(start * batch_size, self.num_rows, batch_size):
+            yield self.batch(order[begin:begin + batch_size])
+
+    def column(self, name: str) -> list:
+        return [v for table in self.tables for v in table.column(name).to_pylist()]
+
+
+def _values(array: pa.Array, depth: int) -> np.ndarray:
+    for _ in range(depth):
+        array = array.flatten()
+    return array.to_numpy(zero_copy_only=True)
+
+
+def read_meta(shards_dir: Path) -> dict:
+    path = shards_dir / "meta.json"
+    if not path.exists():
+        raise ShardError(f"{path}: missing; run the `extract` stage first")
+    return json.loads(path.read_text())

@@ -1,0 +1,95 @@
+"""Caption sources, cleaning and the deterministic split."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.builtin_captions import generate_captions
+from pipeline.captions import (
+    CaptionSourceError,
+    clean_captions,
+    read_caption_file,
+    split_train_test,
+)
+
+
+def words(texts):
+    return [len(t.split()) + 2 for t in texts]
+
+
+def test_cleaning_counts_each_reason():
+    raw = ["cat maid", "  cat   maid ", "", "   ", "\t", "word " * 80, "1girl\nred hair"]
+    result = clean_captions(raw, words, max_tokens=77)
+    assert result.captions == ["cat maid", "1girl red hair"]
+    assert result.dropped == {"duplicate": 1, "empty": 3, "too_long": 1}
+
+
+def test_clean_keeps_a_caption_exactly_at_the_limit():
+    at_limit = " ".join(["w"] * 75)  # 75 tokens + BOS + EOS = 77
+    result = clean_captions([at_limit, at_limit + " w"], words, max_tokens=77)
+    assert result.captions == [at_limit]
+    assert result.dropped == {"too_long": 1}
+
+
+def test_readers_for_every_supported_format(tmp_path):
+    (tmp_path / "a.txt").write_text("cat maid\n\n1girl red hair\n", encoding="utf-8")
+    (tmp_path / "a.csv").write_text('text,score\n"cat, maid",1\n1boy,2\n', encoding="utf-8")
+    (tmp_path / "a.tsv").write_text("id\tprompt\n1\tcat maid\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text(
+        "\n".join(json.dumps({"text": t}) for t in ["cat", "maid"]) + "\n", encoding="utf-8")
+    pq.write_table(pa.table({"text": ["x y", None]}), tmp_path / "a.parquet")
+    assert read_caption_file(tmp_path / "a.txt") == ["cat maid", "", "1girl red hair"]
+    assert read_caption_file(tmp_path / "a.csv") == ["cat, maid", "1boy"]
+    assert read_caption_file(tmp_path / "a.tsv", column="prompt") == ["cat maid"]
+    assert read_caption_file(tmp_path / "a.jsonl") == ["cat", "maid"]
+    assert read_caption_file(tmp_path / "a.parquet") == ["x y", ""]
+
+
+def test_non_utf8_file_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"fine\nalso fine\nbad \xff byte\n")
+    with pytest.raises(CaptionSourceError, match=r"bad\.txt:3: not valid UTF-8"):
+        read_caption_file(path)
+
+
+def test_nul_byte_names_the_line(tmp_path):
+    path = tmp_path / "nul.txt"
+    path.write_bytes(b"fine\nnul\x00here\n")
+    with pytest.raises(CaptionSourceError, match=r"nul\.txt:2: contains a NUL byte"):
+        read_caption_file(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.csv", "caption\nx\n", r"a\.csv:1: no column 'text'.*columns: caption"),
+    ("a.jsonl", '{"caption": "x"}\n', r"a\.jsonl:1: expected an object with the field 'text'"),
+    ("a.jsonl", "{not json\n", r"a\.jsonl:1: not valid JSON"),
+    ("a.xml", "<x/>", r"unknown extension '\.xml'"),
+    ("a.csv", "", r"a\.csv: empty file"),
+])
+def test_bad_files_get_specific_errors(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(CaptionSourceError, match=message):
+        read_caption_file(path)
+
+
+def test_split_is_deterministic_and_disjoint():
+    captions = [f"caption {i}" for i in range(100)]
+    train, test = split_train_test(captions, train_size=70, test_size=20, seed=3)
+    assert (train, test) == split_train_test(captions, 70, 20, seed=3)
+    assert len(train) == 70 and len(test) == 20 and not set(train) & set(test)
+    assert split_train_test(captions, 70, 20, seed=4) != (train, test)
+    with pytest.raises(CaptionSourceError, match="leaves none for training"):
+        split_train_test(captions[:5], 10, 5, seed=0)
+
+
+def test_builtin_generator_is_deterministic_and_covers_the_grid_vocabulary():
+    captions = generate_captions(5000, seed=0)
+    assert captions == generate_captions(5000, seed=0)
+    vocabulary = {w for c in captions for w in c.replace(",", " ").split()}
+    grid = "cat maid 1girl red hair blue eye black skirt 1boy in class room".split()
+    assert set(grid) <= vocabulary

@@ -1,0 +1,123 @@
+"""Shards: contents match a direct forward, augmentation follows SPEC §3, reading is mmap'd."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from pipeline.clip_encode import encode_texts
+from pipeline.extract import plan_rows
+from pipeline.shards import ShardError, ShardReader, load_constants, open_shard
+from tests.conftest import run_small_pipeline, small_params
+
+
+def rows_of(shards):
+    return [r for p in sorted((shards / "train").glob("shard-*.arrow"))
+            for r in open_shard(p).to_pylist()]
+
+
+def test_layout_and_meta(small_shards):
+    meta = json.loads((small_shards / "meta.json").read_text())
+    assert meta["splits"]["train"]["rows"] == 48 and meta["splits"]["test"]["rows"] == 12
+    assert [p.name for p in sorted((small_shards / "train").glob("*"))] == [
+        "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]  # 20 rows each
+    constants = load_constants(small_shards / "constants.safetensors")
+    d = meta["hidden_size"]
+    assert constants["sos"].shape == (d,) and constants["deprojection"].shape == (d, d)
+    train = meta["splits"]["train"]
+    kinds, fell_back = train["kinds"], sum(train["augmentations_kept_plain"].values())
+    assert sum(kinds.values()) == 48
+    assert kinds["split"] + kinds["combine"] + fell_back == round(0.3 * 48) * 2
+
+
+def test_hidden_rows_equal_a_direct_forward(small_shards, clip):
+    rows = rows_of(small_shards)
+    sample = rows[:6]
+    direct = encode_texts(clip, [r["target_text"] for r in sample])
+    stored = torch.tensor(np.array([r["hidden"] for r in sample], dtype=np.float32))
+    # float16 storage: relative precision ~1e-3 of the magnitude
+    torch.testing.assert_close(stored, direct.hidden, rtol=2e-3, atol=2e-3)
+    for row, n in zip(sample, direct.n_tokens, strict=True):
+        assert row["n_tokens"] == n and sum(row["mask"]) == n
+
+
+def test_augmented_rows_follow_the_formula(small_shards, clip):
+    null = load_constants(small_shards / "constants.safetensors")["null"]
+    rows = rows_of(small_shards)
+    for kind in ("split", "combine", "plain"):
+        row = next(r for r in rows if r["kind"] == kind)
+        pooled = encode_texts(clip, row["parts"]).pooled
+        expected = (pooled - null).sum(dim=0) + null
+        torch.testing.assert_close(torch.tensor(row["embeds"]), expected, rtol=0, atol=1e-5)
+        if kind == "split":
+            assert " ".join(row["parts"]) == row["target_text"] and len(row["parts"]) == 2
+        if kind == "combine":
+            assert row["target_text"] == f"{row['parts'][0]} {row['parts'][1]}"
+
+
+def test_plan_turns_impossible_augmentations_into_plain_rows():
+    captions = ["cat", "maid outfit", "long " * 40, "short " * 40]
+    rows, skipped = plan_rows(captions, 0.5, 0.5, 0, lambda ts: [len(t.split()) + 2 for t in ts])
+    assert len(rows) == 4
+    assert sum(skipped.values()) >= 1
+    for row in rows:
+        if row.kind == "combine":
+            assert len(row.target_text.split()) + 2 <= 77
+
+
+def test_reader_streams_batches_and_datasets_opens_shards(small_shards):
+    import datasets
+
+    reader = ShardReader(small_shards / "train")
+    assert len(reader) == 48
+    batches = list(reader.iter_batches(10, shuffle=True, seed=1, epoch=0))
+    assert [len(b.embeds) for b in batches] == [10, 10, 10, 10, 8]
+    assert batches[0].hidden.dtype == torch.float32 and batches[0].hidden.shape[1:] == (77, 128)
+    again = list(reader.iter_batches(10, shuffle=True, seed=1, epoch=0))
+    assert all(torch.equal(a.hidden, b.hidden) for a, b in zip(batches, again, strict=True))
+    other = next(reader.iter_batches(10, shuffle=True, seed=1, epoch=1))
+    assert not torch.equal(other.hidden, batches[0].hidden)
+    resumed = list(reader.iter_batches(10, shuffle=True, seed=1, epoch=0, start=3))
+    assert torch.equal(resumed[0].hidden, batches[3].hidden)
+    ds = datasets.Dataset.from_file(str(small_shards / "train" / "shard-00000.arrow"))
+    assert len(ds) == 20 and len(ds[0]["hidden"]) == 77
+    table = open_shard(small_shards / "train" / "shard-00001.arrow")
+    assert isinstance(table, pa.Table) and table.num_rows == 20
+
+
+def digest(folder):
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_same_params_give_identical_shards_and_resume_rewrites_only_what_is_missing(
+        tmp_path, base_dir, small_shards):
+    shards = run_small_pipeline(tmp_path / "again", base_dir)
+    assert digest(shards) == digest(small_shards)
+    # A lost shard and a corrupt one (as left by a crash of another tool): both are rebuilt,
+    # the rest is kept untouched.
+    (shards / "train" / "shard-00001.arrow").unlink()
+    corrupt = shards / "train" / "shard-00002.arrow"
+    corrupt.write_bytes(corrupt.read_bytes()[:1000])
+    with pytest.raises(ShardError, match="shard-00002.arrow: not a readable Arrow shard"):
+        ShardReader(shards / "train")
+    kept = (shards / "train" / "shard-00000.arrow").stat().st_mtime_ns
+    run_small_pipeline(tmp_path / "again", base_dir)
+    assert digest(shards) == digest(small_shards)
+    assert (shards / "train" / "shard-00000.arrow").stat().st_mtime_ns == kept
+    assert not list(shards.rglob(".*tmp*"))
+
+
+def test_changed_params_rebuild_stale_shards(tmp_path, base_dir):
+    work = tmp_path / "p"
+    run_small_pipeline(work, base_dir)
+    shards = run_small_pipeline(work, base_dir, small_params(augment={"seed": 5},
+                                                             extract={"rows_per_shard": 30}))
+    assert sorted(p.name for p in (shards / "train").glob("*.arrow")) == [
+        "shard-00000.arrow", "shard-00001.arrow"]
+    assert len(ShardReader(shards / "train")) == 48

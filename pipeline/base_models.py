@@ -97,7 +97,25 @@ def build_builtin_clip(tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModelWith
         **BUILTIN_CLIP,
     )
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(config).eval()
+    model = CLIPTextModelWithProjection(config).eval()
+    with torch.no_grad():
+        table = model.text_model.embeddings.position_embedding.weight
+        table.copy_(_smooth_positions(table.shape[0], table.shape[1], table.std().item()))
+    return model
+
+
+def _smooth_positions(positions: int, width: int, scale: float) -> torch.Tensor:
+    """Position embeddings that change slowly along the sequence, as trained CLIP's do.
+
+    Independent random rows would make each padding state unpredictable from its
+    neighbours, which is not true of the real model and would defeat the vicinity models.
+    """
+    t = torch.arange(positions, dtype=torch.float32)[:, None] / positions
+    frequencies = torch.rand(1, 8) * 3.0  # at most 3 periods over the context
+    phases = torch.rand(1, 8) * 2 * torch.pi
+    waves = torch.sin(2 * torch.pi * frequencies * t + phases)  # [positions, 8]
+    table = waves @ torch.randn(8, width)
+    return table * (scale / table.std())
 
 
 def build_builtin_sd(clip_dir: Path, sd_dir: Path, seed: int) -> None:

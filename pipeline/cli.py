@@ -120,3 +120,45 @@ def extract_command(
 
     meta = _run(lambda: run_extract_stage(_params(params), captions, out))
     typer.echo(json.dumps(meta["splits"]))
+
+
+@app.command("train")
+def train_command(
+    name: str = typer.Argument(..., help="transformer, vicinity-batch or vicinity-individual."),
+    params: Path = ParamsOption,
+    shards: Path = typer.Option(Path("data/shards"), help="Folder of the extract stage."),
+) -> None:
+    """Train one deprojector on the shards; save the best epoch to models/NAME.
+
+    Reads train.* (epochs, batch_size, lr, mask_weight, seed, patience, device, resume) and
+    models.NAME.* (the model's hyperparameters). Writes models/NAME/config.json +
+    model.safetensors and the per-epoch losses to reports/train/NAME.json (a DVC plot).
+    With train.resume, an interrupted run continues from its last completed epoch.
+    """
+    from pipeline.params import MODEL_NAMES
+    from pipeline.train import train_model
+
+    if name not in MODEL_NAMES:
+        _fail(ValueError(f"unknown model {name!r} (known: {', '.join(MODEL_NAMES)})"))
+    _run(lambda: train_model(name, _params(params), shards))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    params: Path = ParamsOption,
+    shards: Path = typer.Option(Path("data/shards"), help="Folder of the extract stage."),
+) -> None:
+    """Score every trained model on the test shards into reports/metrics/NAME.json.
+
+    Teacher-forced and autoregressive mse, weighted_mse, cosine and cosine_masked; the
+    combination test (deprojected Σ(e_k − null) + null vs blended hidden states); the
+    autoregressive cosine per position in reports/plots/cosine_per_position.json; and the
+    null-baseline (predicting `null` everywhere) for comparison.
+    """
+    from pipeline.evaluate import run_evaluate_stage
+
+    results = _run(lambda: run_evaluate_stage(_params(params), shards))
+    for name, metrics in results.items():
+        free = metrics["autoregressive"]
+        typer.echo(f"{name:>20}: autoregressive cosine_masked {free['cosine_masked']:.4f}, "
+                   f"weighted_mse {free['weighted_mse']:.5f}")

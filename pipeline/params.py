@@ -49,11 +49,59 @@ class ExtractParams:
 
 
 @dataclass(frozen=True)
+class TrainParams:
+    epochs: int = 8
+    batch_size: int = 100
+    lr: float = 1e-3
+    mask_weight: float = 25.0
+    seed: int = 0
+    patience: int = 2
+    device: str = "cpu"
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 100
+    combination_pairs: int = 100
+    seed: int = 0
+
+
+MODEL_NAMES = ("transformer", "vicinity-batch", "vicinity-individual")
+
+# The article's comparison prompts (SPEC §4).
+ARTICLE_PROMPTS_SINGLE = ("cat maid", "1girl red hair blue eye black skirt",
+                          "1boy 1girl in class room")
+ARTICLE_PROMPTS_MULTI = ("cat, maid", "1girl, red hair, blue eye, black skirt",
+                         "1boy, 1girl, in class room")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler-a", "dpm++")
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    # Lists, not tuples: the values come from YAML lists and are type-checked against these.
+    prompts_single: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_SINGLE))
+    prompts_multi: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_MULTI))
+    seed: int = 0
+    steps: int = 20
+    guidance_scale: float = 7.5
+    height: int = 64
+    width: int = 64
+    scheduler: str = "pndm"
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
     captions: CaptionParams = field(default_factory=CaptionParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    render: RenderParams = field(default_factory=RenderParams)
+    # Per-model hyperparameters; each model's config validates its own keys.
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Sections owned by later stages stay plain dicts until their stage reads them.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -88,6 +136,22 @@ def _check(condition: bool, key: str, expected: str, value: Any) -> None:
         raise ParamsError(f"params: `{key}` must be {expected}, got {value!r}")
 
 
+def _check_render(r: RenderParams) -> None:
+    for key in ("prompts_single", "prompts_multi"):
+        prompts = getattr(r, key)
+        _check(len(prompts) > 0 and all(isinstance(p, str) and p.replace(",", " ").strip()
+                                        for p in prompts),
+               f"render.{key}", "a non-empty list of prompts with text", prompts)
+    _check(r.seed >= 0, "render.seed", "0 or more", r.seed)
+    _check(r.steps > 0, "render.steps", "a positive integer", r.steps)
+    _check(r.guidance_scale >= 0, "render.guidance_scale", "0 or more", r.guidance_scale)
+    # The UNet halves the latent size per level; multiples of 8 work for SD and the builtin.
+    for key in ("height", "width"):
+        value = getattr(r, key)
+        _check(value > 0 and value % 8 == 0, f"render.{key}", "a positive multiple of 8", value)
+    _check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {SCHEDULERS}", r.scheduler)
+
+
 def validate(p: Params) -> Params:
     c, a, e = p.captions, p.augment, p.extract
     _check(c.train_size > 0, "captions.train_size", "a positive integer", c.train_size)
@@ -103,6 +167,20 @@ def validate(p: Params) -> Params:
     _check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
     _check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
     _check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
+    t = p.train
+    _check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
+    _check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
+    _check(t.lr > 0, "train.lr", "positive", t.lr)
+    _check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
+    _check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
+    _check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
+           p.evaluate.batch_size)
+    _check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
+           p.evaluate.combination_pairs)
+    _check_render(p.render)
+    for name, hparams in p.models.items():
+        _check(name in MODEL_NAMES, f"models.{name}", f"one of {MODEL_NAMES}", name)
+        _check(isinstance(hparams, dict), f"models.{name}", "a mapping", hparams)
     return p
 
 
@@ -111,13 +189,18 @@ SECTIONS = {
     "captions": CaptionParams,
     "augment": AugmentParams,
     "extract": ExtractParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "render": RenderParams,
 }
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
     parsed = {name: _section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    extra = {k: v for k, v in raw.items() if k not in SECTIONS}
-    return validate(Params(**parsed, extra=extra))
+    models = raw.get("models") or {}
+    _check(isinstance(models, dict), "models", "a mapping of model name to settings", models)
+    extra = {k: v for k, v in raw.items() if k not in SECTIONS and k != "models"}
+    return validate(Params(**parsed, models=models, extra=extra))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

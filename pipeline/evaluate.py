@@ -1,0 +1,151 @@
+"""The `evaluate` stage: test-set metrics of every trained deprojector (SPEC §3).
+
+For each model: loss and cosine similarity, teacher-forced and autoregressive; the
+combination test (does deprojecting Σ(e_k − null) + null beat blending hidden states?);
+the autoregressive cosine per position for a DVC plot. A `null-baseline` entry scores the
+trivial predictor that outputs `null` at every position, the bar every model must clear.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
+from pipeline.captions import read_split
+from pipeline.clip_encode import encode_texts
+from pipeline.losses import cosine_per_position, mse, weighted_mse
+from pipeline.models import Deprojector, load_deprojector
+from pipeline.params import MODEL_NAMES, Params
+from pipeline.shards import ShardReader, load_constants
+
+NULL_BASELINE = "null-baseline"
+
+
+class Scores:
+    """Running sums of the metrics over batches, reduced once at the end."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.sums = {"mse": 0.0, "weighted_mse": 0.0}
+        self.cosine = torch.zeros(MAX_LENGTH)  # per position, summed over rows
+        self.masked_cosine = 0.0
+        self.masked_count = 0.0
+
+    def add(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+            mask_weight: float) -> None:
+        n = len(target)
+        self.rows += n
+        self.sums["mse"] += mse(pred, target).item() * n
+        self.sums["weighted_mse"] += weighted_mse(pred, target, mask, mask_weight).item() * n
+        cos = cosine_per_position(pred, target)
+        self.cosine += cos.sum(dim=0).cpu()
+        inside = mask.clone()
+        inside[:, 0] = 0  # position 0 (sos) is prepended, never predicted
+        self.masked_cosine += (cos * inside).sum().item()
+        self.masked_count += inside.sum().item()
+
+    def result(self) -> dict[str, float]:
+        return {
+            "mse": self.sums["mse"] / self.rows,
+            "weighted_mse": self.sums["weighted_mse"] / self.rows,
+            "cosine": (self.cosine[1:] / self.rows).mean().item(),
+            "cosine_masked": self.masked_cosine / self.masked_count,
+        }
+
+    def per_position(self) -> list[float]:
+        return (self.cosine[1:] / self.rows).tolist()
+
+
+@torch.no_grad()
+def score_model(model: Deprojector | None, reader: ShardReader, constants: dict,
+                batch_size: int, mask_weight: float) -> tuple[dict, list[float]]:
+    """Teacher-forced and autoregressive scores; model None scores the null predictor."""
+    forced, free = Scores(), Scores()
+    for batch in reader.iter_batches(batch_size):
+        if model is None:
+            pred = constants["null"].expand_as(batch.hidden).clone()
+            pred[:, 0] = constants["sos"]
+            forced.add(pred, batch.hidden, batch.mask, mask_weight)
+            free.add(pred, batch.hidden, batch.mask, mask_weight)
+            continue
+        forced.add(model(batch.embeds, batch.hidden), batch.hidden, batch.mask, mask_weight)
+        free.add(model.generate(batch.embeds), batch.hidden, batch.mask, mask_weight)
+    return {"teacher_forced": forced.result(), "autoregressive": free.result()}, \
+        free.per_position()
+
+
+def combination_pairs(captions: list[str], count: int, seed: int, clip: ClipText) -> list:
+    """Held-out pairs (A, B) of test captions whose joined text "A B" fits the context."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count * 4):
+        if len(pairs) == count or len(captions) < 2:
+            break
+        a, b = rng.sample(captions, 2)
+        if len(clip.tokenizer(f"{a} {b}", truncation=False)["input_ids"]) <= MAX_LENGTH:
+            pairs.append((a, b))
+    return pairs
+
+
+def masked_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    inside = mask.float().clone()
+    inside[:, 0] = 0
+    return ((cosine_per_position(pred, target) * inside).sum() / inside.sum()).item()
+
+
+@torch.no_grad()
+def combination_scores(models: dict[str, Deprojector], pairs: list, clip: ClipText,
+                       null: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Deprojected Σ(e_k − null) + null vs averaged hidden states, against H("A B")."""
+    a = encode_texts(clip, [p[0] for p in pairs])
+    b = encode_texts(clip, [p[1] for p in pairs])
+    joined = encode_texts(clip, [f"{x} {y}" for x, y in pairs])
+    embeds = (a.pooled - null) + (b.pooled - null) + null
+    blend = masked_cosine((a.hidden + b.hidden) / 2, joined.hidden, joined.mask)
+    return {
+        name: {"deprojector_cosine": masked_cosine(model.generate(embeds), joined.hidden,
+                                                   joined.mask),
+               "blend_cosine": blend, "pairs": len(pairs)}
+        for name, model in models.items()
+    }
+
+
+def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
+                       captions_dir: Path = Path("data/captions"),
+                       models_dir: Path = Path("models"),
+                       metrics_dir: Path = Path("reports/metrics"),
+                       plots_dir: Path = Path("reports/plots")) -> dict:
+    e, t = params.evaluate, params.train
+    constants = load_constants(shards_dir / "constants.safetensors")
+    reader = ShardReader(shards_dir / "test")
+    clip = load_clip(params.base.clip)
+    models = {}
+    for name in MODEL_NAMES:
+        model = load_deprojector(models_dir / name)
+        model.check_base(clip.hidden_size, clip.projection_size)
+        models[name] = model
+    pairs = combination_pairs(read_split(captions_dir, "test"), e.combination_pairs,
+                              e.seed, clip)
+    combination = combination_scores(models, pairs, clip, constants["null"]) if pairs else {}
+
+    results, curves = {}, {}
+    for name in tqdm([NULL_BASELINE, *MODEL_NAMES], desc="evaluate", unit="model"):
+        model = models.get(name)
+        metrics, curves[name] = score_model(model, reader, constants, e.batch_size,
+                                            t.mask_weight)
+        if name in combination:
+            metrics["combination"] = combination[name]
+        results[name] = metrics
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    for name, metrics in results.items():
+        (metrics_dir / f"{name}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    rows = [{"position": i + 1, **{n: round(c[i], 6) for n, c in curves.items()}}
+            for i in range(MAX_LENGTH - 1)]
+    (plots_dir / "cosine_per_position.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return results

@@ -1,0 +1,135 @@
+"""The `train` stage: teacher-forced training of one deprojector from the shards (SPEC §3).
+
+Adam on the position-weighted squared error, batches streamed from the memory-mapped shards
+in a per-epoch seeded order, early stopping on the test loss. A checkpoint after every epoch
+(model, optimiser, RNG, history) lets an interrupted run continue to the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.base_models import load_clip
+from pipeline.losses import weighted_mse
+from pipeline.models import Deprojector, build_deprojector
+from pipeline.params import Params, ParamsError
+from pipeline.shards import ShardReader, load_constants, read_meta
+
+
+def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
+    meta = read_meta(shards_dir)
+    constants = load_constants(shards_dir / "constants.safetensors")
+    hparams = dict(params.models.get(name, {}))
+    clip = None
+    if name == "transformer":
+        # The transformer starts from the base CLIP's last encoder layer (SPEC §2.1), so its
+        # shape comes from that model unless params say otherwise.
+        clip = load_clip(params.base.clip).model
+        c = clip.config
+        for key, value in (("num_heads", c.num_attention_heads),
+                           ("intermediate_size", c.intermediate_size),
+                           ("layer_norm_eps", c.layer_norm_eps), ("activation", c.hidden_act)):
+            hparams.setdefault(key, value)
+    try:
+        model = build_deprojector(name, meta["hidden_size"], meta["projection_size"], constants,
+                                  **hparams)
+    except (TypeError, ValueError) as err:
+        raise ParamsError(f"params: models.{name}: {err}") from err
+    if clip is not None:
+        model.init_from_clip(clip)
+    return model
+
+
+@torch.no_grad()
+def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask_weight: float,
+                  device: torch.device) -> float:
+    """Teacher-forced weighted loss over a whole split (row-weighted mean over batches)."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for batch in reader.iter_batches(batch_size):
+        hidden, mask = batch.hidden.to(device), batch.mask.to(device)
+        pred = model(batch.embeds.to(device), hidden)
+        total += weighted_mse(pred, hidden, mask, mask_weight) * len(hidden)
+    return total.item() / len(reader)
+
+
+def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: the model's params and the data."""
+    meta = (shards_dir / "meta.json").read_text()
+    blob = json.dumps([name, asdict(params.train), params.models.get(name, {}), meta],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
+                out_dir: Path | None = None, plots_dir: Path = Path("reports/train"),
+                checkpoint_dir: Path = Path("data/checkpoints")) -> list[dict]:
+    """Train `name`, save the best epoch to models/<name>/, return the per-epoch history."""
+    t = params.train
+    out_dir = out_dir or Path("models") / name
+    device = torch.device(t.device)
+    torch.manual_seed(t.seed)
+    model = build_model(name, params, shards_dir).to(device)
+    train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
+    test_reader = ShardReader(shards_dir / "test", model.config.hidden_size)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
+
+    checkpoint = checkpoint_dir / f"{name}.pt"
+    fingerprint = _fingerprint(name, params, shards_dir)
+    history: list[dict] = []
+    best = {"loss": math.inf, "state": None, "epoch": -1}
+    if t.resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            history, best = state["history"], state["best"]
+            tqdm.write(f"{name}: resuming after epoch {len(history)} from {checkpoint}")
+
+    steps = math.ceil(len(train_reader) / t.batch_size)
+    for epoch in range(len(history), t.epochs):
+        if t.patience and epoch - best["epoch"] > t.patience:
+            tqdm.write(f"{name}: early stop, no better test loss for {t.patience} epochs")
+            break
+        model.train()
+        running = torch.zeros((), device=device)
+        batches = train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch)
+        for batch in tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{t.epochs}",
+                          unit="batch", leave=False):
+            hidden, mask = batch.hidden.to(device), batch.mask.to(device)
+            loss = weighted_mse(model(batch.embeds.to(device), hidden), hidden, mask,
+                                t.mask_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += loss.detach()  # summed on the device; read once per epoch
+        test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
+        record = {"epoch": epoch + 1, "train_loss": running.item() / steps,
+                  "test_loss": test_loss}
+        history.append(record)
+        if test_loss < best["loss"]:
+            best = {"loss": test_loss, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        tqdm.write(f"{name} epoch {epoch + 1}: train loss {record['train_loss']:.5f}, "
+                   f"test loss {test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "history": history, "best": best}, tmp)
+        tmp.replace(checkpoint)
+
+    model.load_state_dict(best["state"])
+    model.save_pretrained(out_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    (plots_dir / f"{name}.json").write_text(json.dumps(history, indent=2) + "\n")
+    checkpoint.unlink(missing_ok=True)
+    return history

@@ -1,0 +1,97 @@
+"""Training and evaluation stages on a small extracted dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from pipeline import train as train_module
+from pipeline.evaluate import run_evaluate_stage
+from pipeline.models import load_deprojector
+from pipeline.params import MODEL_NAMES, ParamsError
+from pipeline.train import train_model
+from tests.conftest import project_dir, small_params
+
+TRAIN = {"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0}
+TINY_MODELS = {"vicinity-batch": {"norm": "layer"}, "vicinity-individual": {"norm": "layer"}}
+
+
+@pytest.fixture
+def project(tmp_path, base_dir, small_shards, monkeypatch):
+    """A project folder holding the small shards, as cwd."""
+    work = project_dir(tmp_path, base_dir)
+    shutil.copytree(small_shards.parent, work / "data")
+    monkeypatch.chdir(work)
+    return work
+
+
+def params(**train):
+    p = small_params(train={**TRAIN, **train}, evaluate={"combination_pairs": 8})
+    return dataclasses.replace(p, models=TINY_MODELS)
+
+
+def test_training_saves_a_loadable_model_and_a_loss_curve(project):
+    history = train_model("vicinity-batch", params())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    model = load_deprojector(project / "models" / "vicinity-batch")
+    assert model.config.norm == "layer"
+    curve = json.loads((project / "reports" / "train" / "vicinity-batch.json").read_text())
+    assert curve == history
+    assert not (project / "data" / "checkpoints" / "vicinity-batch.pt").exists()
+
+
+def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
+        project, monkeypatch):
+    train_model("transformer", params())
+    reference = load_deprojector(project / "models" / "transformer").state_dict()
+
+    # Interrupt after the first epoch's checkpoint: the test-loss pass of epoch 2 raises.
+    real = train_module.evaluate_loss
+    calls = {"n": 0}
+
+    def crash_on_second(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    shutil.rmtree(project / "models" / "transformer")
+    monkeypatch.setattr(train_module, "evaluate_loss", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train_model("transformer", params())
+    assert (project / "data" / "checkpoints" / "transformer.pt").exists()
+    monkeypatch.setattr(train_module, "evaluate_loss", real)
+    history = train_model("transformer", params())
+    assert len(history) == 2
+    resumed = load_deprojector(project / "models" / "transformer").state_dict()
+    for key, value in reference.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+def test_unknown_model_setting_is_rejected_naming_the_key(project):
+    p = dataclasses.replace(params(), models={"vicinity-batch": {"vicinityy": 2}})
+    with pytest.raises(ParamsError, match=r"models\.vicinity-batch: .*'vicinityy'"):
+        train_model("vicinity-batch", p)
+
+
+def test_evaluate_writes_every_metric_and_is_deterministic(project):
+    for name in MODEL_NAMES:
+        train_model(name, params(epochs=1))
+    first = run_evaluate_stage(params())
+    second = run_evaluate_stage(params())
+    assert first == second
+    for name in ("null-baseline", *MODEL_NAMES):
+        saved = json.loads((project / "reports" / "metrics" / f"{name}.json").read_text())
+        for mode in ("teacher_forced", "autoregressive"):
+            assert set(saved[mode]) == {"mse", "weighted_mse", "cosine", "cosine_masked"}
+    combination = first["transformer"]["combination"]
+    assert set(combination) == {"deprojector_cosine", "blend_cosine", "pairs"}
+    assert combination["pairs"] > 0
+    curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())
+    assert [row["position"] for row in curve] == list(range(1, 77))
+    assert set(curve[0]) == {"position", "null-baseline", *MODEL_NAMES}

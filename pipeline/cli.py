@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -109,16 +110,32 @@ def extract_command(
     params: Path = ParamsOption,
     captions: Path = typer.Option(Path("data/captions"), help="Folder of the captions stage."),
     out: Path = typer.Option(Path("data/shards"), help="Output folder of the shards."),
+    num_workers: int = typer.Option(None, help="Split the shards over N workers (machines or "
+                                    "GPUs); overrides extract.num_workers."),
+    worker_index: int = typer.Option(None, help="Which worker this is, 0..N-1; overrides "
+                                     "extract.worker_index."),
 ) -> None:
     """Run the CLIP text model over the captions and their augmentations into Arrow shards.
 
     Writes OUT/<split>/shard-NNNNN.arrow (memory-mappable Arrow IPC stream files),
     OUT/constants.safetensors (sos, null, deprojection) and OUT/meta.json. Complete shards of
     an interrupted run with the same params are kept; the rest are rewritten.
+
+    Parallel extraction: worker I of N writes shards I, I+N, ... into the same OUT (a shared
+    folder), e.g. `deprojector extract --num-workers 2 --worker-index 0` on one GPU and
+    `--worker-index 1` on another; together they give exactly the single-worker shards.
     """
     from pipeline.extract import run_extract_stage
+    from pipeline.params import validate
 
-    meta = _run(lambda: run_extract_stage(_params(params), captions, out))
+    def step():
+        p = _params(params)
+        overrides = {k: v for k, v in (("num_workers", num_workers),
+                                        ("worker_index", worker_index)) if v is not None}
+        p = validate(dataclasses.replace(p, extract=dataclasses.replace(p.extract, **overrides)))
+        return run_extract_stage(p, captions, out)
+
+    meta = _run(step)
     typer.echo(json.dumps(meta["splits"]))
 
 

@@ -156,8 +156,8 @@ def compute_constants(clip: ClipText) -> dict[str, torch.Tensor]:
 
 
 def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: Params,
-                  split_seed: int, null: torch.Tensor, worker: tuple[int, int] = (0, 1)) -> dict:
-    """Write the shards of one split that belong to `worker` = (index, count)."""
+                  split_seed: int, null: torch.Tensor) -> dict:
+    """Write the shards of one split that belong to this worker (extract.worker_index)."""
     e, a = params.extract, params.augment
     rows, skipped = plan_rows(
         captions, a.split, a.combine, split_seed,
@@ -172,8 +172,9 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
     for stale in split_dir.glob("shard-*.arrow"):
         if int(stale.stem.split("-")[1]) >= n_shards:
             stale.unlink()
-    index, count = worker
-    mine = [k for k in range(n_shards) if k % count == index]
+    # Worker I of N takes shards I, I + N, ...: together they write exactly the single-worker
+    # layout, so N machines can extract into one folder with no merge step.
+    mine = [k for k in range(n_shards) if k % e.num_workers == e.worker_index]
     written = reused = 0
     for k in tqdm(mine, desc=f"extract {split_dir.name}", unit="shard"):
         shard_rows = rows[k * e.rows_per_shard:(k + 1) * e.rows_per_shard]
@@ -193,8 +194,7 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
 
 
 def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions"),
-                      out_dir: Path = Path("data/shards"),
-                      worker: tuple[int, int] = (0, 1)) -> dict:
+                      out_dir: Path = Path("data/shards")) -> dict:
     torch.manual_seed(0)
     clip = load_clip(params.base.clip, device=params.extract.device)
     constants = compute_constants(clip)
@@ -213,6 +213,6 @@ def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions")
         captions = read_split(captions_dir, split)
         meta["splits"][split] = extract_split(
             clip, captions, out_dir / split, params, params.augment.seed + offset,
-            constants["null"], worker)
+            constants["null"])
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

@@ -46,6 +46,8 @@ class ExtractParams:
     dtype: str = "float16"
     rows_per_shard: int = 1000
     device: str = "cpu"
+    num_workers: int = 1
+    worker_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,9 @@ def validate(p: Params) -> Params:
     )
     _check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
     _check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
+    _check(e.num_workers > 0, "extract.num_workers", "a positive integer", e.num_workers)
+    _check(0 <= e.worker_index < e.num_workers, "extract.worker_index",
+           f"in [0, extract.num_workers - 1 = {e.num_workers - 1}]", e.worker_index)
     _check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
     t = p.train
     _check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)

@@ -121,3 +121,14 @@ def test_changed_params_rebuild_stale_shards(tmp_path, base_dir):
     assert sorted(p.name for p in (shards / "train").glob("*.arrow")) == [
         "shard-00000.arrow", "shard-00001.arrow"]
     assert len(ShardReader(shards / "train")) == 48
+
+
+def test_two_workers_write_exactly_the_single_worker_shards(tmp_path, base_dir, small_shards):
+    work = tmp_path / "workers"
+    for index in (0, 1):
+        shards = run_small_pipeline(
+            work, base_dir, small_params(extract={"num_workers": 2, "worker_index": index}))
+        if index == 0:
+            assert sorted(p.name for p in (shards / "train").glob("*.arrow")) == [
+                "shard-00000.arrow", "shard-00002.arrow"]
+    assert digest(shards) == digest(small_shards)

@@ -7,6 +7,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.builtin_captions import generate_captions
 from pipeline.captions import (
@@ -93,3 +95,17 @@ def test_builtin_generator_is_deterministic_and_covers_the_grid_vocabulary():
     vocabulary = {w for c in captions for w in c.replace(",", " ").split()}
     grid = "cat maid 1girl red hair blue eye black skirt 1boy in class room".split()
     assert set(grid) <= vocabulary
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab c,\t\n\u00e9\U0001f431")), max_size=12),
+                max_size=30))
+def test_cleaning_properties(raw):
+    result = clean_captions(raw, words, max_tokens=6)
+    kept = result.captions
+    assert len(kept) == len(set(kept))  # no duplicates
+    assert all(c and c == " ".join(c.split()) for c in kept)  # normalised, non-empty
+    assert all(len(c.split()) + 2 <= 6 for c in kept)
+    assert len(kept) + sum(result.dropped.values()) == len(raw)  # every caption accounted for
+    # Nothing that passes the rules is lost, and order is kept.
+    expected = list(dict.fromkeys(n for n in (" ".join(r.split()) for r in raw) if n))
+    assert kept == [c for c in expected if len(c.split()) + 2 <= 6]

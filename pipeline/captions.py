@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.base_models import load_tokenizer
+from pipeline.base_models import MAX_LENGTH, load_tokenizer
 from pipeline.builtin_captions import generate_captions
 from pipeline.params import Params
 
@@ -227,9 +227,16 @@ def run_captions_stage(params: Params, out_dir: Path = Path("data/captions")) ->
     needed = p.train_size + p.test_size
     raw = collect_raw(p.source, p.column, p.hub_split, needed, p.seed)
 
+    # No token spans more than `longest` characters (plus a space), so a longer text is over
+    # the limit without tokenising it: a 1 MB line costs nothing.
+    longest = max(len(token) for token in tokenizer.get_vocab()) + 1
+    hopeless = MAX_LENGTH * longest
+
     def count_tokens(texts: list[str]) -> list[int]:
-        ids = tokenizer(texts, truncation=False)["input_ids"] if texts else []
-        return [len(x) for x in ids]
+        short = [t for t in texts if len(t) <= hopeless]
+        counts = iter(len(x) for x in tokenizer(short, truncation=False)["input_ids"]) \
+            if short else iter(())
+        return [next(counts) if len(t) <= hopeless else MAX_LENGTH + 1 for t in texts]
 
     cleaned = clean_captions(tqdm(raw, desc="cleaning captions", unit="caption"), count_tokens)
     train, test = split_train_test(cleaned.captions, p.train_size, p.test_size, p.seed)

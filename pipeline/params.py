@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import yaml
 
 STORAGE_DTYPES = ("float16", "float32")
+PRECISIONS = ("no", "bf16", "fp16")
 
 
 class ParamsError(ValueError):
@@ -59,6 +60,7 @@ class TrainParams:
     seed: int = 0
     patience: int = 2
     device: str = "cpu"
+    precision: str = "no"
     resume: bool = True
 
 
@@ -87,8 +89,8 @@ class RenderParams:
     seed: int = 0
     steps: int = 20
     guidance_scale: float = 7.5
-    height: int = 64
-    width: int = 64
+    height: int = 48
+    width: int = 48
     scheduler: str = "pndm"
     device: str = "cpu"
 
@@ -177,6 +179,7 @@ def validate(p: Params) -> Params:
     _check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
     _check(t.lr > 0, "train.lr", "positive", t.lr)
     _check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
+    _check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
     _check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
     _check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
            p.evaluate.batch_size)

@@ -160,13 +160,23 @@ class ShardReader:
         return Batch(torch.from_numpy(embeds), torch.from_numpy(hidden), torch.from_numpy(mask))
 
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                     epoch: int = 0, start: int = 0) -> Iterator[Batch]:
-        """Batches in a per-epoch seeded order; `start` skips the first batches (resume)."""
+                     epoch: int = 0, start: int = 0, rank: int = 0,
+                     world: int = 1) -> Iterator[Batch]:
+        """Batches in a per-epoch seeded order; `start` skips the first batches (resume).
+
+        With `world` processes, each global batch of `batch_size` rows is cut into `world`
+        near-equal parts and process `rank` gets its part, so the effective batch stays
+        `batch_size` in total.
+        """
         order = np.arange(self.num_rows)
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
         for begin in range(start * batch_size, self.num_rows, batch_size):
-            yield self.batch(order[begin:begin + batch_size])
+            rows = order[begin:begin + batch_size]
+            if world > 1:
+                rows = np.array_split(rows, world)[rank]
+            if len(rows):
+                yield self.batch(rows)
 
     def column(self, name: str) -> list:
         return [v for table in self.tables for v in table.column(name).to_pylist()]

@@ -71,10 +71,19 @@ def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
 def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
                 out_dir: Path | None = None, plots_dir: Path = Path("reports/train"),
                 checkpoint_dir: Path = Path("data/checkpoints")) -> list[dict]:
-    """Train `name`, save the best epoch to models/<name>/, return the per-epoch history."""
+    """Train `name`, save the best epoch to models/<name>/, return the per-epoch history.
+
+    Runs as one process, or data-parallel under `torchrun` / `accelerate launch`: each process
+    takes its share of every global batch of `train.batch_size` rows, gradients are averaged,
+    and only the main process writes checkpoints and outputs.
+    """
+    from accelerate import Accelerator
+
     t = params.train
     out_dir = out_dir or Path("models") / name
-    device = torch.device(t.device)
+    accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=t.precision)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(t.seed)
     model = build_model(name, params, shards_dir).to(device)
     train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
@@ -92,44 +101,55 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             history, best = state["history"], state["best"]
-            tqdm.write(f"{name}: resuming after epoch {len(history)} from {checkpoint}")
+            log(accelerator, f"{name}: resuming after epoch {len(history)} from {checkpoint}")
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
 
     steps = math.ceil(len(train_reader) / t.batch_size)
     for epoch in range(len(history), t.epochs):
         if t.patience and epoch - best["epoch"] > t.patience:
-            tqdm.write(f"{name}: early stop, no better test loss for {t.patience} epochs")
+            log(accelerator, f"{name}: early stop, no better test loss for {t.patience} epochs")
             break
-        model.train()
+        ddp_model.train()
         running = torch.zeros((), device=device)
-        batches = train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed, epoch=epoch)
+        batches = train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed,
+                                            epoch=epoch, rank=rank, world=world)
         for batch in tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{t.epochs}",
-                          unit="batch", leave=False):
+                          unit="batch", leave=False, disable=not accelerator.is_main_process):
             hidden, mask = batch.hidden.to(device), batch.mask.to(device)
-            loss = weighted_mse(model(batch.embeds.to(device), hidden), hidden, mask,
-                                t.mask_weight)
+            pred = ddp_model(batch.embeds.to(device), hidden)
+            loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            accelerator.backward(loss)
             optimizer.step()
             running += loss.detach()  # summed on the device; read once per epoch
+        train_loss = accelerator.reduce(running, reduction="mean").item() / steps
+        # Every process scores the whole test split: same numbers, same early-stopping choice.
         test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
-        record = {"epoch": epoch + 1, "train_loss": running.item() / steps,
-                  "test_loss": test_loss}
-        history.append(record)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
         if test_loss < best["loss"]:
             best = {"loss": test_loss, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-        tqdm.write(f"{name} epoch {epoch + 1}: train loss {record['train_loss']:.5f}, "
-                   f"test loss {test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "history": history, "best": best}, tmp)
-        tmp.replace(checkpoint)
+        log(accelerator, f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
+                         f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
+        if accelerator.is_main_process:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                        "history": history, "best": best}, tmp)
+            tmp.replace(checkpoint)
 
-    model.load_state_dict(best["state"])
-    model.save_pretrained(out_dir)
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    (plots_dir / f"{name}.json").write_text(json.dumps(history, indent=2) + "\n")
-    checkpoint.unlink(missing_ok=True)
+    if accelerator.is_main_process:
+        model.load_state_dict(best["state"])
+        model.save_pretrained(out_dir)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        (plots_dir / f"{name}.json").write_text(json.dumps(history, indent=2) + "\n")
+        checkpoint.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return history
+
+
+def log(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        tqdm.write(message)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,29 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project):
     curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())
     assert [row["position"] for row in curve] == list(range(1, 77))
     assert set(curve[0]) == {"position", "null-baseline", *MODEL_NAMES}
+
+
+@pytest.mark.slow
+def test_two_process_training_matches_one_process(project):
+    """torchrun with 2 CPU processes (gloo): same global batch and seed, same loss curve."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import SMALL
+
+    raw = {**SMALL, "train": TRAIN, "models": TINY_MODELS}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    single = train_model("vicinity-individual", params())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "-m", "pipeline", "train", "vicinity-individual"],
+                   cwd=project, env=env, check=True, capture_output=True, timeout=600)
+    double = json.loads((project / "reports" / "train" / "vicinity-individual.json").read_text())
+    assert len(double) == len(single)
+    for a, b in zip(single, double, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)

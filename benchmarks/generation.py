@@ -1,0 +1,129 @@
+"""Generation speed of the deprojectors at real CLIP ViT-L/14 text sizes (random weights).
+
+A deprojector replaces one CLIP text encoder call in image generation, so its generate time
+is reported relative to the encoder's forward pass (target: <= 0.25), and the transformer's
+key/value cache against re-running the prefix each step (target: speedup >= 15).
+
+    python benchmarks/generation.py [--batch 16] [--repeats 5] [--threads N] [--json]
+
+On a shared machine, other processes slow the many small steps of generation far more than
+the encoder's large matmuls (the threads of each small op wait for each other); compare
+numbers from a quiet machine, or with --threads 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from pipeline.models import MODELS, build_deprojector  # noqa: E402
+
+D, LAYERS, HEADS, INTERMEDIATE, POSITIONS, VOCAB = 768, 12, 12, 3072, 77, 49408
+HPARAMS = {"transformer": {"num_heads": HEADS, "intermediate_size": INTERMEDIATE}}
+
+
+def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time of each function. Rounds interleave the functions, so a slow spell of a
+    shared machine hits all of them alike and the ratios stay meaningful."""
+    for fn in fns.values():
+        fn()  # warm-up: first-call allocations and kernel selection
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def run(batch: int, repeats: int) -> dict:
+    """Median seconds of the CLIP encoder forward and of each model's generate, with ratios."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=VOCAB,
+            hidden_size=D,
+            intermediate_size=INTERMEDIATE,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=POSITIONS,
+            projection_dim=D,
+        )
+    ).eval()
+    input_ids = torch.randint(0, VOCAB, (batch, POSITIONS))
+    constants = {"sos": torch.randn(D), "null": torch.randn(D), "deprojection": torch.randn(D, D)}
+    embeds = torch.randn(batch, D)
+    models = {
+        name: build_deprojector(name, D, D, constants, **HPARAMS.get(name, {})).eval()
+        for name in MODELS
+    }
+    transformer = models["transformer"]
+    fns: dict[str, Callable[[], object]] = {"encoder": lambda: clip(input_ids=input_ids)}
+    for name, model in models.items():
+        fns[name] = lambda m=model: m.generate(embeds)
+    fns["transformer-naive"] = lambda: transformer.generate_states_naive(embeds - transformer.null)
+
+    with torch.inference_mode():
+        seconds = _median_seconds(fns, repeats)
+    encoder_s = seconds["encoder"]
+    result: dict = {
+        "batch": batch,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "clip_encoder_forward_s": encoder_s,
+        "models": {
+            name: {"generate_s": seconds[name], "ratio_to_encoder": seconds[name] / encoder_s}
+            for name in models
+        },
+    }
+    result["models"]["transformer"]["naive_generate_s"] = seconds["transformer-naive"]
+    result["models"]["transformer"]["cache_speedup"] = (
+        seconds["transformer-naive"] / seconds["transformer"]
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run(args.batch, args.repeats)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(
+        f"batch {result['batch']}, {result['threads']} threads, median of {result['repeats']}"
+    )
+    print(f"CLIP text encoder forward     {result['clip_encoder_forward_s'] * 1e3:9.1f} ms")
+    for name, entry in result["models"].items():
+        verdict = "ok" if entry["ratio_to_encoder"] <= 0.25 else "MISSED (target <= 0.25)"
+        print(
+            f"{name:<20} generate {entry['generate_s'] * 1e3:9.1f} ms"
+            f"  = {entry['ratio_to_encoder']:.3f} x encoder  {verdict}"
+        )
+    t = result["models"]["transformer"]
+    verdict = "ok" if t["cache_speedup"] >= 15 else "MISSED (target >= 15)"
+    print(
+        f"transformer naive generate {t['naive_generate_s'] * 1e3:9.1f} ms"
+        f"  kv-cache speedup {t['cache_speedup']:.1f}x  {verdict}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Losses and metrics over [B, 77, D] hidden-state sequences (SPEC 3).
+
+Position 0 (sos) is prepended by every deprojector, never predicted, so it is left out.
+Targets may be stored as float16; they are compared in the prediction's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {list(pred.shape)} and target {list(target.shape)} differ in shape")
+    return target.to(pred.dtype)
+
+
+def position_weights(mask: torch.Tensor, mask_weight: float = 25.0) -> torch.Tensor:
+    """[B, 77] weights: mask_weight inside the attention mask, 1 on padding, 0 at position 0,
+    each row scaled to mean 1 (so captions of any length weigh the same in a batch)."""
+    weights = torch.where(mask.bool(), float(mask_weight), 1.0)
+    weights[:, 0] = 0.0
+    return weights / weights.mean(dim=1, keepdim=True)
+
+
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mask_weight: float = 25.0
+) -> torch.Tensor:
+    """Mean over batch, positions and D of position weight x squared error."""
+    target = _check(pred, target)
+    weights = position_weights(mask, mask_weight).to(pred)
+    return (weights[..., None] * (pred - target) ** 2).mean()
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Unweighted mean squared error over positions 1..76."""
+    target = _check(pred, target)
+    return ((pred[:, 1:] - target[:, 1:]) ** 2).mean()
+
+
+def cosine_per_position(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[B, 77] cosine similarity along D."""
+    target = _check(pred, target)
+    return F.cosine_similarity(pred.float(), target.float(), dim=-1)

@@ -46,9 +46,12 @@ def _expected_errors() -> tuple[type[Exception], ...]:
     from pipeline.base_models import BaseModelError
     from pipeline.captions import CaptionSourceError
     from pipeline.params import ParamsError
+    from pipeline.prompts import PromptError
+    from pipeline.render import RenderError
     from pipeline.shards import ShardError
 
-    return (ParamsError, CaptionSourceError, BaseModelError, ShardError, FileNotFoundError)
+    return (ParamsError, CaptionSourceError, BaseModelError, ShardError, FileNotFoundError,
+            PromptError, RenderError)
 
 
 def _run(step):
@@ -179,3 +182,177 @@ def evaluate_command(
         free = metrics["autoregressive"]
         typer.echo(f"{name:>20}: autoregressive cosine_masked {free['cosine_masked']:.4f}, "
                    f"weighted_mse {free['weighted_mse']:.5f}")
+
+
+@app.command("render")
+def render_command(params: Path = ParamsOption) -> None:
+    """Generate the comparison grids of the article and the report (`render.*`).
+
+    For render.prompts_single (whole prompt deprojected) and render.prompts_multi (split at
+    commas, combined as Σ(e_k − null) + null): one column per prompt, rows reference (ordinary
+    CLIP states), transformer, vicinity-batch, vicinity-individual, all from seed render.seed.
+    Writes reports/grid_single.png, reports/grid_multi.png, reports/fidelity.json,
+    reports/plots/cosine_per_position.png and reports/report.md.
+    """
+    from pipeline.render import run_render_stage
+
+    rendered = _run(lambda: run_render_stage(_params(params)))
+    for what, models in rendered.fidelity.items():
+        for name, s in models.items():
+            typer.echo(f"{what:>6} {name:>20}: cosine {s['cosine']:.4f}, "
+                       f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} (vs reference)")
+
+
+PromptArgument = typer.Argument(
+    ..., help="The prompt, e.g. 'cat, maid'. Commas separate the parts that --combine adds up."
+)
+ModelOption = typer.Option(
+    Path("models/transformer"), "--model", "-m",
+    help="Deprojector folder (config.json + model.safetensors), e.g. models/vicinity-batch.",
+)
+NoDeprojectorOption = typer.Option(
+    False, "--no-deprojector",
+    help="Use the ordinary CLIP last hidden state of the prompt (the reference) instead.",
+)
+CombineOption = typer.Option(
+    True, "--combine/--no-combine",
+    help="Encode the comma-separated parts and deproject Σ(e_k − null) + null, or deproject "
+    "the pooled embedding of the whole prompt.",
+)
+
+
+def _multiple_of_8(value: int | None) -> int | None:
+    if value is not None and (value < 8 or value % 8):
+        raise typer.BadParameter(f"must be a positive multiple of 8, got {value}")
+    return value
+
+
+def _scheduler_name(value: str | None) -> str | None:
+    from pipeline.params import SCHEDULERS
+
+    if value is not None and value not in SCHEDULERS:
+        raise typer.BadParameter(f"must be one of {', '.join(SCHEDULERS)}, got {value!r}")
+    return value
+
+
+def _prompt_embeds(prompt: str, params, model: Path, no_deprojector: bool, combine: bool):
+    """The conditioning of PROMPT and the CLIP model; truncation warnings as one line each."""
+    import warnings
+
+    from pipeline.base_models import load_clip
+    from pipeline.prompts import conditioning
+    from pipeline.render import load_checked_deprojector
+
+    device = params.render.device
+    clip = load_clip(params.base.clip, device=device)
+    deprojector = None if no_deprojector else load_checked_deprojector(model, clip, device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embeds, _ = conditioning(prompt, clip, deprojector, combine)
+    for warning in caught:
+        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    return embeds, clip
+
+
+@app.command("encode")
+def encode_command(
+    prompt: str = PromptArgument,
+    model: Path = ModelOption,
+    no_deprojector: bool = NoDeprojectorOption,
+    combine: bool = CombineOption,
+    out: Path = typer.Option(Path("cond.safetensors"), "--out", "-o",
+                             help="Output safetensors file."),
+    params: Path = ParamsOption,
+) -> None:
+    """Write the Stable Diffusion conditioning of PROMPT: {"prompt_embeds": [1, 77, D]}.
+
+    Load it with safetensors.torch.load_file and pass the tensor to a StableDiffusionPipeline
+    as its prompt_embeds argument. The CLIP model is base.clip of the params file.
+    """
+    from safetensors.torch import save_file
+
+    def step():
+        embeds, _ = _prompt_embeds(prompt, _params(params), model, no_deprojector, combine)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"prompt_embeds": embeds.float().contiguous().cpu()}, str(out))
+        typer.echo(f"wrote {out} (prompt_embeds {list(embeds.shape)})")
+
+    _run(step)
+
+
+@app.command("generate")
+def generate_command(
+    prompt: str = PromptArgument,
+    model: Path = ModelOption,
+    no_deprojector: bool = NoDeprojectorOption,
+    combine: bool = CombineOption,
+    seed: int | None = typer.Option(None, min=0, help="Noise seed (default: render.seed)."),
+    steps: int | None = typer.Option(None, min=1, help="Denoising steps (default: render.steps)."),
+    guidance: float | None = typer.Option(
+        None, min=0.0, help="Classifier-free guidance scale (default: render.guidance_scale)."
+    ),
+    height: int | None = typer.Option(None, callback=_multiple_of_8,
+                                      help="Image height in px (default: render.height)."),
+    width: int | None = typer.Option(None, callback=_multiple_of_8,
+                                     help="Image width in px (default: render.width)."),
+    scheduler: str | None = typer.Option(
+        None, callback=_scheduler_name,
+        help="pndm, ddim, euler, euler-a or dpm++ (default: render.scheduler).",
+    ),
+    out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Output image file."),
+    params: Path = ParamsOption,
+) -> None:
+    """Generate one image of PROMPT with base.sd, conditioned through a deprojector.
+
+    Unset options come from the render section of the params file; the negative prompt is "".
+    """
+    import dataclasses
+
+    from pipeline.prompts import negative_conditioning
+    from pipeline.render import generate_images, load_pipeline
+
+    def step():
+        p = _params(params)
+        overrides = {"seed": seed, "steps": steps, "guidance_scale": guidance, "height": height,
+                     "width": width, "scheduler": scheduler}
+        r = dataclasses.replace(p.render, **{k: v for k, v in overrides.items() if v is not None})
+        embeds, clip = _prompt_embeds(prompt, p, model, no_deprojector, combine)
+        pipe = load_pipeline(p.base.sd, r)
+        image = generate_images(pipe, embeds, negative_conditioning(clip), r)[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image.save(out)
+        typer.echo(f"wrote {out} ({r.width}x{r.height}, seed {r.seed}, {r.steps} steps)")
+
+    _run(step)
+
+
+@app.command("bench")
+def bench_command(
+    repeats: int = typer.Option(3, min=1, help="Repeats per measurement; medians are quoted."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Run every benchmark in this process and print ratios (medians over repeats).
+
+    1. extraction wall time / bare CLIP text-encoder forward (target <= 1.15);
+    2. a training epoch streamed from shards / the same steps on in-memory tensors (<= 1.10);
+    3. at CLIP-L sizes (D=768, random weights), batch 16: each model's generate / the encoder
+       forward (<= 0.25), and the transformer's key/value-cached vs naive generation (>= 15);
+    4. at CLIP-L sizes, batch 100: each model's training step / a plain reference
+       implementation of the same math (<= 1.0);
+    5. peak anonymous memory (RssAnon) of a training epoch over 4N rows / over N rows (<= 1.2).
+    The code lives in benchmarks/ (each file also runs alone); the machine must be quiet.
+    """
+    from benchmarks import extraction, generation, training
+
+    _quiet_libraries()
+    results = {
+        "extraction": extraction.run(repeats=repeats),
+        "generation": generation.run(batch=16, repeats=repeats),
+        "training": training.run(repeats=repeats),
+    }
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for section, values in results.items():
+        typer.echo(f"[{section}]")
+        typer.echo(json.dumps(values, indent=2))

@@ -99,6 +99,15 @@ def fingerprint(rows: list[Row], context: dict) -> str:
     return digest.hexdigest()[:32]
 
 
+def model_digest(clip: ClipText) -> str:
+    """A hash of the tokenizer and weights: the base name alone (`builtin`) can hide a rebuild."""
+    digest = hashlib.sha256(json.dumps(clip.tokenizer.get_vocab(), sort_keys=True).encode())
+    for name, tensor in sorted(clip.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype: str,
                 null: torch.Tensor, schema: pa.Schema) -> list[pa.RecordBatch]:
     """Encode the texts of `rows` (each distinct text once) and build the shard's columns."""
@@ -164,8 +173,8 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
         lambda texts: [len(x) for x in clip.tokenizer(texts, truncation=False)["input_ids"]],
     )
     width = clip.hidden_size
-    context = {"base": params.base.clip, "dtype": e.dtype, "width": width,
-               "rows_per_shard": e.rows_per_shard, "batch_size": e.batch_size}
+    context = {"base": params.base.clip, "base_digest": model_digest(clip), "dtype": e.dtype,
+               "width": width, "rows_per_shard": e.rows_per_shard, "batch_size": e.batch_size}
     split_dir.mkdir(parents=True, exist_ok=True)
     n_shards = -(-len(rows) // e.rows_per_shard)
     # Shards beyond the plan (from a larger earlier run) would be read as data: remove them.

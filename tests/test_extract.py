@@ -99,6 +99,7 @@ def test_same_params_give_identical_shards_and_resume_rewrites_only_what_is_miss
         tmp_path, base_dir, small_shards):
     shards = run_small_pipeline(tmp_path / "again", base_dir)
     assert digest(shards) == digest(small_shards)
+    assert digest(shards.parent / "captions") == digest(small_shards.parent / "captions")
     # A lost shard and a corrupt one (as left by a crash of another tool): both are rebuilt,
     # the rest is kept untouched.
     (shards / "train" / "shard-00001.arrow").unlink()
@@ -132,3 +133,15 @@ def test_two_workers_write_exactly_the_single_worker_shards(tmp_path, base_dir, 
             assert sorted(p.name for p in (shards / "train").glob("*.arrow")) == [
                 "shard-00000.arrow", "shard-00002.arrow"]
     assert digest(shards) == digest(small_shards)
+
+
+def test_a_rebuilt_base_model_of_the_same_name_invalidates_the_shards(tmp_path, base_dir):
+    from pipeline.base_models import build_builtin
+
+    other_base = tmp_path / "other-base"
+    build_builtin(other_base, seed=1)
+    work = tmp_path / "p"
+    first = digest(run_small_pipeline(work, base_dir))
+    (work / "models" / "base").unlink()  # same name `builtin`, other weights
+    assert digest(run_small_pipeline(work, other_base))["train/shard-00000.arrow"] != \
+        first["train/shard-00000.arrow"]

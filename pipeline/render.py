@@ -1,0 +1,392 @@
+"""The `render` stage: the article's comparison grids and the report (SPEC §4).
+
+For each prompt (a column) the reference row is generated from the ordinary CLIP states and
+each model's row from its deprojected conditioning, all from the same seed, so a cell differs
+from the reference only through its conditioning. Outputs: reports/grid_single.png,
+reports/grid_multi.png, reports/plots/cosine_per_position.png, reports/fidelity.json and
+reports/report.md. Run on CPU in float32 the images are the same bytes on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
+from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
+from pipeline.losses import cosine_per_position
+from pipeline.models import Deprojector, load_deprojector
+from pipeline.params import MODEL_NAMES, Params, RenderParams
+from pipeline.prompts import conditioning, negative_conditioning
+
+REFERENCE = "reference"
+ROWS = (REFERENCE, *MODEL_NAMES)
+SCHEDULERS = {  # render.scheduler -> diffusers class
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
+METRICS_ORDER = ("null-baseline", *MODEL_NAMES)
+MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
+
+
+class RenderError(RuntimeError):
+    """An input of the render stage is missing or does not fit; the message says which."""
+
+
+# --- generation ---------------------------------------------------------------------------
+
+def load_pipeline(sd: str, r: RenderParams):
+    """The SD pipeline of `base.sd` in float32 with the scheduler `render.scheduler`."""
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()  # its loading bar would cut into ours
+    pipe = load_sd_pipeline(sd, device=r.device, dtype=torch.float32)
+    scheduler_class = getattr(diffusers, SCHEDULERS[r.scheduler])
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def load_checked_deprojector(path: Path, clip: ClipText, device: str = "cpu") -> Deprojector:
+    model = load_deprojector(path, device=device)
+    try:
+        model.check_base(clip.hidden_size, clip.projection_size)
+    except ValueError as err:
+        raise RenderError(f"{err}; retrain it or set base.clip to its base model") from err
+    return model
+
+
+def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                    r: RenderParams) -> list[Image.Image]:
+    """One image per row of prompt_embeds [N, 77, D], all from seed `r.seed`."""
+    n = len(prompt_embeds)
+    # One generator per image, seeded alike: each image starts from the noise it would get if
+    # generated alone with generator=torch.Generator().manual_seed(seed).
+    generators = [torch.Generator().manual_seed(r.seed) for _ in range(n)]
+    device = pipe.device
+    return pipe(
+        prompt_embeds=prompt_embeds.to(device),
+        negative_prompt_embeds=negative_embeds.to(device).expand(n, -1, -1),
+        generator=generators,
+        num_inference_steps=r.steps,
+        guidance_scale=r.guidance_scale,
+        height=r.height,
+        width=r.width,
+        output_type="pil",
+    ).images
+
+
+@dataclass
+class Column:
+    """One prompt's cells: image and conditioning per row name."""
+
+    prompt: str
+    images: dict[str, Image.Image]
+    conds: dict[str, torch.Tensor]  # [1, 77, D]
+
+    def fidelity(self, row: str) -> dict[str, float]:
+        """Conditioning cosine (mean over positions 1..76) and image PSNR/SSIM vs reference."""
+        cos = cosine_per_position(self.conds[row].float(), self.conds[REFERENCE].float())
+        image, reference = np.asarray(self.images[row]), np.asarray(self.images[REFERENCE])
+        return {"cosine": cos[0, 1:].mean().item(), "psnr": psnr(image, reference),
+                "ssim": ssim(image, reference)}
+
+
+def render_column(pipe, clip: ClipText, models: dict[str, Deprojector], prompt: str,
+                  combine: bool, negative: torch.Tensor, r: RenderParams) -> Column:
+    conds = {REFERENCE: conditioning(prompt, clip, None)[0]}
+    for name, model in models.items():
+        conds[name] = conditioning(prompt, clip, model, combine)[0]
+    images = generate_images(pipe, torch.cat([c.float() for c in conds.values()]), negative, r)
+    return Column(prompt, dict(zip(conds, images, strict=True)), conds)
+
+
+# --- pictures -----------------------------------------------------------------------------
+
+def font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable built-in font
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where the cells of a grid image are: `rows` × `cols` cells of cell_width × cell_height."""
+
+    rows: int
+    cols: int
+    cell_width: int
+    cell_height: int
+    left: int  # width of the row-name column
+    top: int  # height of the prompt header
+    gap: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return (self.left + self.cols * (self.cell_width + self.gap) + self.gap,
+                self.top + self.rows * (self.cell_height + self.gap) + self.gap)
+
+    def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        x = self.left + self.gap + col * (self.cell_width + self.gap)
+        y = self.top + self.gap + row * (self.cell_height + self.gap)
+        return x, y, x + self.cell_width, y + self.cell_height
+
+
+def _wrap(text: str, face: ImageFont.FreeTypeFont, width: int) -> list[str]:
+    """Greedy word wrap to `width` px (a single over-long word gets a line of its own)."""
+    lines, current = [], ""
+    for word in text.split():
+        trial = f"{current} {word}".strip()
+        if current and face.getlength(trial) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = trial
+    return [*lines, current]
+
+
+def make_grid(columns: list[Column], rows: tuple[str, ...] = ROWS, gap: int = 6,
+              text_size: int = 16) -> tuple[Image.Image, GridLayout]:
+    """Rows of images under their prompts, row names on the left."""
+    sizes = {c.images[row].size for c in columns for row in rows}
+    if len(sizes) != 1:
+        raise RenderError(f"grid cells differ in size: {sorted(sizes)}")
+    (w, h), = sizes
+    scale = max(1, math.ceil(MIN_CELL / min(w, h)))
+    face = font(text_size)
+    line = text_size + 4
+    headers = [_wrap(c.prompt, face, w * scale - 4) for c in columns]
+    left = int(max(face.getlength(name) for name in rows)) + 2 * gap
+    top = max(len(lines) for lines in headers) * line + 2 * gap
+    layout = GridLayout(len(rows), len(columns), w * scale, h * scale, left, top, gap)
+    grid = Image.new("RGB", layout.size, "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (column, lines) in enumerate(zip(columns, headers, strict=True)):
+        x0, _, x1, _ = layout.cell_box(0, j)
+        for k, text in enumerate(lines):
+            draw.text(((x0 + x1) / 2, gap + k * line), text, fill="black", font=face, anchor="ma")
+        for i, row in enumerate(rows):
+            image = column.images[row].resize((w * scale, h * scale), Image.Resampling.NEAREST)
+            grid.paste(image, layout.cell_box(i, j)[:2])
+    for i, row in enumerate(rows):
+        _, y0, _, y1 = layout.cell_box(i, 0)
+        draw.text((gap, (y0 + y1) / 2), row, fill="black", font=face, anchor="lm")
+    return grid, layout
+
+
+COLORS = ("#888888", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str,
+               y_label: str, size: tuple[int, int] = (800, 460)) -> Image.Image:
+    """A plain line chart: axes with ticks, one coloured line per series, a legend."""
+    width, height = size
+    face, small = font(16), font(13)
+    margin_l, margin_r, margin_t, margin_b = 70, 190, 40, 50
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [y for points in series.values() for _, y in points]
+    x_min, x_max = min(xs), max(xs)
+    y_min = math.floor(min(ys) * 10) / 10
+    y_max = max(math.ceil(max(ys) * 10) / 10, y_min + 0.1)
+    plot_w, plot_h = width - margin_l - margin_r, height - margin_t - margin_b
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        px = margin_l + (x - x_min) / max(x_max - x_min, 1e-9) * plot_w
+        return px, margin_t + (y_max - y) / (y_max - y_min) * plot_h
+
+    chart = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(chart)
+    draw.text((width / 2, 10), title, fill="black", font=face, anchor="ma")
+    y_step = 0.1 if y_max - y_min <= 1.0 else 0.2
+    for k in range(round((y_max - y_min) / y_step) + 1):
+        y = y_min + k * y_step
+        _, py = to_px(x_min, y)
+        draw.line([(margin_l, py), (margin_l + plot_w, py)], fill="#e6e6e6")
+        draw.text((margin_l - 6, py), f"{y:.1f}", fill="black", font=small, anchor="rm")
+    x_step = 10 if x_max - x_min > 20 else 1
+    for x in range(math.ceil(x_min / x_step) * x_step, int(x_max) + 1, x_step):
+        px, _ = to_px(x, y_min)
+        draw.line([(px, margin_t + plot_h), (px, margin_t + plot_h + 4)], fill="black")
+        draw.text((px, margin_t + plot_h + 6), str(x), fill="black", font=small, anchor="ma")
+    draw.rectangle([margin_l, margin_t, margin_l + plot_w, margin_t + plot_h], outline="black")
+    draw.text((margin_l + plot_w / 2, height - 6), x_label, fill="black", font=face, anchor="md")
+    draw.text((8, margin_t - 10), y_label, fill="black", font=small, anchor="ld")
+    for k, (name, points) in enumerate(series.items()):
+        color = COLORS[k % len(COLORS)]
+        draw.line([to_px(x, y) for x, y in points], fill=color, width=2)
+        ly = margin_t + 10 + k * 24
+        lx = margin_l + plot_w + 14
+        draw.line([(lx, ly), (lx + 24, ly)], fill=color, width=3)
+        draw.text((lx + 30, ly), name, fill="black", font=small, anchor="lm")
+    return chart
+
+
+def cosine_chart(rows: list[dict]) -> Image.Image:
+    """The evaluate stage's autoregressive cosine per position, one line per model."""
+    names = [key for key in rows[0] if key != "position"]
+    series = {name: [(row["position"], row[name]) for row in rows] for name in names}
+    return line_chart(series, "Autoregressive cosine similarity per position (test set)",
+                      "position", "cosine")
+
+
+# --- report -------------------------------------------------------------------------------
+
+METRIC_ROWS = (
+    ("teacher_forced", "cosine_masked", "teacher-forced cosine (in mask)"),
+    ("teacher_forced", "weighted_mse", "teacher-forced weighted MSE"),
+    ("teacher_forced", "mse", "teacher-forced MSE"),
+    ("autoregressive", "cosine_masked", "autoregressive cosine (in mask)"),
+    ("autoregressive", "weighted_mse", "autoregressive weighted MSE"),
+    ("autoregressive", "mse", "autoregressive MSE"),
+    ("combination", "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
+    ("combination", "blend_cosine", "combination: blended hidden states"),
+)
+
+
+def read_metrics(metrics_dir: Path) -> dict[str, dict]:
+    files = sorted(metrics_dir.glob("*.json")) if metrics_dir.is_dir() else []
+    if not files:
+        raise RenderError(f"no metrics in {metrics_dir}: run the evaluate stage first")
+    metrics = {f.stem: json.loads(f.read_text()) for f in files}
+    order = [n for n in METRICS_ORDER if n in metrics] + sorted(set(metrics) - set(METRICS_ORDER))
+    return {name: metrics[name] for name in order}
+
+
+def _number(value: float) -> str:
+    # A diverging model's squared errors reach 1e13: scientific notation keeps columns narrow.
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def metrics_table(metrics: dict[str, dict]) -> str:
+    lines = ["| metric | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+    for group, key, label in METRIC_ROWS:
+        cells = []
+        for m in metrics.values():
+            value = m.get(group, {}).get(key)
+            cells.append("—" if value is None else _number(value))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def fidelity_table(fidelity: dict[str, dict]) -> str:
+    prompts = list(next(iter(fidelity.values()))["per_prompt"])
+    head = "| model | " + " | ".join(f"`{p}`" for p in prompts) + " | mean |"
+    lines = [head, "| --- |" + " --- |" * (len(prompts) + 1)]
+    for name, scores in fidelity.items():
+        cells = [scores["per_prompt"][p] for p in prompts] + [scores]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{c['cosine']:.3f} / {c['psnr']:.1f} dB / {c['ssim']:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_fidelity(columns: list[Column], models: list[str]) -> dict[str, dict]:
+    """Per model: mean cosine/PSNR/SSIM over the columns, and each column's scores."""
+    result = {}
+    for name in models:
+        per_prompt = {c.prompt: c.fidelity(name) for c in columns}
+        means = {k: float(np.mean([s[k] for s in per_prompt.values()]))
+                 for k in ("cosine", "psnr", "ssim")}
+        result[name] = {**means, "per_prompt": per_prompt}
+    return result
+
+
+def write_report(path: Path, params: Params, metrics: dict[str, dict],
+                 fidelity: dict[str, dict]) -> None:
+    r = params.render
+    text = f"""# CLIP Text Deprojector: comparison report
+
+Written by `deprojector render`. Base models: clip `{params.base.clip}`, sd `{params.base.sd}`.
+Every image: {r.width}×{r.height} px, {r.steps} steps of `{r.scheduler}`, guidance scale
+{r.guidance_scale}, seed {r.seed} (the same for every cell of a column), negative prompt "".
+Rows: `reference` is conditioned on the ordinary CLIP last hidden state of the prompt; the
+other rows on the hidden states their deprojector generated from one embedding.
+
+## Single embedding: the whole prompt's pooled embedding, deprojected
+
+![single-embedding grid](grid_single.png)
+
+## Multiple embeddings: the prompt split at commas, combined as Σ(e_k − null) + null
+
+![multiple-embedding grid](grid_multi.png)
+
+## Fidelity of each cell to the reference of its column
+
+Each cell reads *cosine / PSNR / SSIM*: the cosine similarity between the model's
+conditioning and the reference conditioning, averaged over positions 1..76 (position 0 is
+the constant start-of-text state, equal in both), then PSNR and SSIM (Gaussian window,
+luminance) of the image against the reference image of the same column. PSNR is capped at
+{PSNR_CAP_DB:.0f} dB, the value identical images get. Also in `fidelity.json`.
+
+### Single embedding
+
+{fidelity_table(fidelity["single"])}
+
+### Multiple embeddings
+
+{fidelity_table(fidelity["multi"])}
+
+## Test-set metrics (`reports/metrics/`)
+
+{metrics_table(metrics)}
+
+Cosines are averaged over the positions inside the attention mask; the combination rows
+compare, on held-out caption pairs A, B, the states of "A B" with the deprojection of the
+combined embedding and with the average of the two captions' states.
+
+## Autoregressive cosine per position
+
+![cosine per position](plots/cosine_per_position.png)
+"""
+    path.write_text(text, encoding="utf-8")
+
+
+# --- the stage ----------------------------------------------------------------------------
+
+def render_grid(pipe, clip: ClipText, models: dict[str, Deprojector], prompts: list[str],
+                combine: bool, r: RenderParams) -> list[Column]:
+    negative = negative_conditioning(clip)
+    what = "multi" if combine else "single"
+    return [render_column(pipe, clip, models, prompt, combine, negative, r)
+            for prompt in tqdm(prompts, desc=f"render {what}", unit="prompt")]
+
+
+@dataclass
+class Rendered:
+    """What the stage made, per grid ("single", "multi"): its columns, layout and fidelity."""
+
+    columns: dict[str, list[Column]]
+    layouts: dict[str, GridLayout]
+    fidelity: dict[str, dict]
+
+
+def run_render_stage(params: Params, models_dir: Path = Path("models"),
+                     reports_dir: Path = Path("reports")) -> Rendered:
+    r = params.render
+    metrics = read_metrics(reports_dir / "metrics")
+    curve_file = reports_dir / "plots" / "cosine_per_position.json"
+    if not curve_file.exists():
+        raise RenderError(f"{curve_file} not found: run the evaluate stage first")
+    clip = load_clip(params.base.clip, device=r.device)
+    models = {name: load_checked_deprojector(models_dir / name, clip, r.device)
+              for name in MODEL_NAMES}
+    pipe = load_pipeline(params.base.sd, r)
+
+    done = Rendered({}, {}, {})
+    for what, prompts, combine in (("single", r.prompts_single, False),
+                                   ("multi", r.prompts_multi, True)):
+        columns = render_grid(pipe, clip, models, prompts, combine, r)
+        grid, done.layouts[what] = make_grid(columns)
+        grid.save(reports_dir / f"grid_{what}.png")
+        done.columns[what] = columns
+        done.fidelity[what] = grid_fidelity(columns, list(models))
+    cosine_chart(json.loads(curve_file.read_text())).save(curve_file.with_suffix(".png"))
+    (reports_dir / "fidelity.json").write_text(json.dumps(done.fidelity, indent=2) + "\n")
+    write_report(reports_dir / "report.md", params, metrics, done.fidelity)
+    return done

@@ -1,0 +1,241 @@
+"""The render stage and the encode/generate commands, on the builtin models at a tiny size."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline import params as params_module
+from pipeline.base_models import MAX_LENGTH
+from pipeline.cli import app
+from pipeline.clip_encode import encode_texts
+from pipeline.image_metrics import PSNR_CAP_DB
+from pipeline.models import build_deprojector
+from pipeline.params import MODEL_NAMES, ParamsError, load_params, parse_params
+from pipeline.prompts import negative_conditioning
+from pipeline.render import (
+    MIN_CELL,
+    REFERENCE,
+    ROWS,
+    SCHEDULERS,
+    RenderError,
+    load_pipeline,
+    render_column,
+    run_render_stage,
+)
+from tests.conftest import project_dir
+
+SIZE = 16  # px: the smallest image SSIM's 11 x 11 window fits comfortably
+RENDER = {"steps": 2, "height": SIZE, "width": SIZE, "seed": 3}
+HPARAMS = {"transformer": {"num_heads": 4, "intermediate_size": 256},
+           "vicinity-batch": {"vicinity": 2},
+           "vicinity-individual": {"vicinity": 2, "norm": "layer"}}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
+    """A project with untrained deprojectors, stand-in metrics and a tiny render section."""
+    work = project_dir(tmp_path_factory.mktemp("render"), base_dir)
+    constants = load_file(str(small_shards / "constants.safetensors"))
+    torch.manual_seed(0)
+    for name in MODEL_NAMES:
+        model = build_deprojector(name, clip.hidden_size, clip.projection_size, constants,
+                                  **HPARAMS[name])
+        model.eval().save_pretrained(work / "models" / name)
+    (work / "reports" / "metrics").mkdir(parents=True)
+    (work / "reports" / "plots").mkdir()
+    for k, name in enumerate(("null-baseline", *MODEL_NAMES)):
+        scores = {"mse": 0.5 - k / 10, "weighted_mse": 0.4, "cosine": 0.2 + k / 5,
+                  "cosine_masked": 0.3 + k / 5}
+        metrics = {"teacher_forced": scores, "autoregressive": scores}
+        (work / "reports" / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
+    curve = [{"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in MODEL_NAMES}}
+             for i in range(1, MAX_LENGTH)]
+    (work / "reports" / "plots" / "cosine_per_position.json").write_text(json.dumps(curve))
+    (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER}))
+    return work
+
+
+@contextmanager
+def in_dir(folder: Path):
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@pytest.fixture(scope="module")
+def rendered(project):
+    with in_dir(project):
+        return run_render_stage(load_params("params.yaml"))
+
+
+@pytest.fixture(scope="module")
+def pipe(project):
+    with in_dir(project):  # the builtin pipeline is found under models/base of the cwd
+        return load_pipeline("builtin", parse_params({"render": RENDER}).render)
+
+
+def test_stage_writes_every_output(project, rendered) -> None:
+    reports = project / "reports"
+    for name in ("grid_single.png", "grid_multi.png", "report.md", "fidelity.json",
+                 "plots/cosine_per_position.png"):
+        assert (reports / name).is_file(), name
+    fidelity = json.loads((reports / "fidelity.json").read_text())
+    assert fidelity == json.loads(json.dumps(rendered.fidelity))
+    for what in ("single", "multi"):
+        assert list(fidelity[what]) == list(MODEL_NAMES)
+        for scores in fidelity[what].values():
+            assert set(scores) == {"cosine", "psnr", "ssim", "per_prompt"}
+            assert len(scores["per_prompt"]) == 3
+
+
+@pytest.mark.parametrize("what", ["single", "multi"])
+def test_grid_has_4_rows_and_3_equal_columns(project, rendered, what: str) -> None:
+    layout = rendered.layouts[what]
+    columns = rendered.columns[what]
+    grid = Image.open(project / "reports" / f"grid_{what}.png").convert("RGB")
+    assert (layout.rows, layout.cols) == (4, 3) and grid.size == layout.size
+    assert layout.cell_width == layout.cell_height >= MIN_CELL
+    boxes = [layout.cell_box(i, j) for i in range(4) for j in range(3)]
+    assert {(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes} == {(layout.cell_width,) * 2}
+    assert len({b[0] for b in boxes}) == 3 and len({b[1] for b in boxes}) == 4
+    # Each cell shows its own image, upscaled without blending pixels.
+    for i, row in enumerate(ROWS):
+        for j, column in enumerate(columns):
+            cell = np.asarray(grid.crop(layout.cell_box(i, j)))
+            scale = layout.cell_width // SIZE
+            expected = np.asarray(column.images[row]).repeat(scale, 0).repeat(scale, 1)
+            assert np.array_equal(cell, expected), (row, column.prompt)
+
+
+def test_reference_row_equals_plain_diffusers_generation(rendered, pipe) -> None:
+    for column in (rendered.columns["single"][0], rendered.columns["multi"][1]):
+        plain = pipe(prompt=column.prompt, negative_prompt="", num_inference_steps=2,
+                     guidance_scale=7.5, height=SIZE, width=SIZE,
+                     generator=torch.Generator().manual_seed(3)).images[0]
+        assert np.array_equal(np.asarray(column.images[REFERENCE]), np.asarray(plain))
+
+
+class EchoDeprojector:
+    """Returns the prompt's own CLIP states, as a perfect deprojector would."""
+
+    def __init__(self, clip, prompt: str) -> None:
+        encoded = encode_texts(clip, [prompt, ""])
+        self.hidden, self.null = encoded.hidden[:1], encoded.pooled[1]
+
+    def check_base(self, hidden_size: int, projection_size: int) -> None:
+        pass
+
+    def generate(self, embeds: torch.Tensor) -> torch.Tensor:
+        return self.hidden
+
+
+def test_exact_conditioning_scores_perfect_fidelity(clip, pipe) -> None:
+    r = parse_params({"render": RENDER}).render
+    prompt = "1girl red hair"
+    column = render_column(pipe, clip, {"echo": EchoDeprojector(clip, prompt)}, prompt,
+                           False, negative_conditioning(clip), r)
+    scores = column.fidelity("echo")
+    assert scores["cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert scores["ssim"] == pytest.approx(1.0, abs=1e-12)
+    assert scores["psnr"] == PSNR_CAP_DB  # capped: identical images have infinite PSNR
+
+
+def test_images_are_deterministic(clip, pipe, rendered) -> None:
+    r = parse_params({"render": RENDER}).render
+    first = rendered.columns["single"][0]
+    models = {"echo": EchoDeprojector(clip, first.prompt)}
+    again = render_column(pipe, clip, models, first.prompt, False, negative_conditioning(clip), r)
+    assert again.images[REFERENCE].tobytes() == first.images[REFERENCE].tobytes()
+
+
+def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> None:
+    report = (project / "reports" / "report.md").read_text()
+    header = "| metric | null-baseline | " + " | ".join(MODEL_NAMES) + " |"
+    for needle in ("![single-embedding grid](grid_single.png)",
+                   "![multiple-embedding grid](grid_multi.png)",
+                   "(plots/cosine_per_position.png)", "positions 1..76", header,
+                   "autoregressive cosine (in mask)", "`cat, maid`", "`cat maid`"):
+        assert needle in report, needle
+
+
+def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
+    with in_dir(project_dir(tmp_path, base_dir)), pytest.raises(RenderError, match="evaluate"):
+        run_render_stage(parse_params({"render": RENDER}))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' euler-a
+def test_scheduler_names_match_params(pipe) -> None:
+    import diffusers
+
+    assert tuple(SCHEDULERS) == params_module.SCHEDULERS
+    for class_name in SCHEDULERS.values():
+        getattr(diffusers, class_name).from_config(pipe.scheduler.config)
+
+
+@pytest.mark.parametrize(("render", "key"), [
+    ({"height": 30}, "render.height"),
+    ({"scheduler": "lms"}, "render.scheduler"),
+    ({"prompts_multi": [" , "]}, "render.prompts_multi"),
+    ({"steps": 0}, "render.steps"),
+])
+def test_bad_render_params_name_the_key(render: dict, key: str) -> None:
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        parse_params({"render": render})
+
+
+# --- the encode and generate commands -------------------------------------------------------
+
+runner = CliRunner()
+
+
+def invoke(project: Path, *args: str):
+    with in_dir(project):
+        return runner.invoke(app, list(args))
+
+
+def test_encode_writes_prompt_embeds(project, clip) -> None:
+    result = invoke(project, "encode", "cat, maid", "--model", "models/transformer",
+                    "-o", "out/cond.safetensors")
+    assert result.exit_code == 0, result.output
+    embeds = load_file(str(project / "out" / "cond.safetensors"))["prompt_embeds"]
+    assert embeds.shape == (1, MAX_LENGTH, clip.hidden_size)
+    result = invoke(project, "encode", "cat, maid", "--no-deprojector", "-o", "ref.safetensors")
+    assert result.exit_code == 0, result.output
+    reference = load_file(str(project / "ref.safetensors"))["prompt_embeds"]
+    assert torch.equal(reference, encode_texts(clip, ["cat, maid"]).hidden)
+
+
+def test_generate_writes_an_image(project) -> None:
+    result = invoke(project, "generate", "cat, maid", "--model", "models/vicinity-batch",
+                    "--seed", "1", "--steps", "1", "--height", "24", "--width", "16",
+                    "--scheduler", "ddim", "-o", "out.png")
+    assert result.exit_code == 0, result.output
+    assert Image.open(project / "out.png").size == (16, 24)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["encode", ""], "has no text"),
+    (["encode", " , ,"], "has no text"),
+    (["generate", ",,"], "has no text"),
+    (["encode", "cat", "--model", "models/missing"], "no deprojector in models/missing"),
+    (["generate", "cat", "--height", "30"], "multiple of 8"),
+])
+def test_bad_inputs_exit_2_with_one_line(project, args: list[str], message: str) -> None:
+    result = invoke(project, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output

@@ -20,11 +20,14 @@ from pipeline.base_models import load_clip
 from pipeline.losses import weighted_mse
 from pipeline.models import Deprojector, build_deprojector
 from pipeline.params import Params, ParamsError
-from pipeline.shards import ShardReader, load_constants, read_meta
+from pipeline.shards import ShardError, ShardReader, load_constants, read_meta
 
 
 def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
     meta = read_meta(shards_dir)
+    if meta["base_clip"] != params.base.clip:
+        raise ShardError(f"{shards_dir}: extracted with base.clip={meta['base_clip']!r}, but "
+                         f"params name {params.base.clip!r}; rerun `deprojector extract`")
     constants = load_constants(shards_dir / "constants.safetensors")
     hparams = dict(params.models.get(name, {}))
     clip = None

@@ -109,3 +109,17 @@ def test_cleaning_properties(raw):
     # Nothing that passes the rules is lost, and order is kept.
     expected = list(dict.fromkeys(n for n in (" ".join(r.split()) for r in raw) if n))
     assert kept == [c for c in expected if len(c.split()) + 2 <= 6]
+
+
+def test_captions_stage_drops_a_one_megabyte_line_and_counts_it(tmp_path, base_dir, monkeypatch):
+    from pipeline.captions import run_captions_stage
+    from tests.conftest import project_dir, small_params
+
+    source = tmp_path / "captions.txt"
+    lines = [f"caption number {i}" for i in range(30)] + ["word " * 200_000, "", "caption number 1"]
+    source.write_text("\n".join(lines), encoding="utf-8")
+    monkeypatch.chdir(project_dir(tmp_path / "project", base_dir))
+    stats = run_captions_stage(small_params(captions={"source": str(source), "train_size": 20,
+                                                      "test_size": 5}))
+    assert stats["dropped"] == {"duplicate": 1, "empty": 1, "too_long": 1}
+    assert stats["kept"] == 30 and stats["train"] == 20 and stats["test"] == 5

@@ -1,0 +1,56 @@
+"""Invalid params are rejected when a stage starts, naming the key."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline.params import ParamsError, load_params, parse_params
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"captions": {"train_size": -5}}, "captions.train_size"),
+    ({"train": {"epochs": 0}}, "train.epochs"),
+    ({"augment": {"split": 1.5}}, "augment.split"),
+    ({"augment": {"split": 0.6, "combine": 0.6}}, "augment.split + augment.combine"),
+    ({"extract": {"dtype": "bfloat8"}}, "extract.dtype"),
+    ({"train": {"precision": "fp8"}}, "train.precision"),
+    ({"extract": {"num_workers": 2, "worker_index": 2}}, "extract.worker_index"),
+    ({"models": {"transfomer": {}}}, "models.transfomer"),
+    ({"captions": {"train_size": "many"}}, "captions.train_size"),
+    ({"captions": {"trian_size": 3}}, "captions.trian_size"),
+])
+def test_invalid_values_name_their_key(raw, key):
+    with pytest.raises(ParamsError, match=re.escape(f"`{key}`")):
+        parse_params(raw)
+
+
+def test_the_file_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("augment:\n  combine: -1\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: .*`augment\.combine`"):
+        load_params(path)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_vicinity_below_one_is_rejected_when_training_starts(tmp_path, small_shards):
+    import dataclasses
+
+    from pipeline.train import build_model
+    from tests.conftest import small_params
+
+    p = dataclasses.replace(small_params(), models={"vicinity-batch": {"vicinity": 0}})
+    with pytest.raises(ParamsError, match=r"models\.vicinity-batch: vicinity must be >= 1"):
+        build_model("vicinity-batch", p, small_shards)
+
+
+def test_shards_of_another_base_model_are_refused(small_shards):
+    from pipeline.shards import ShardError
+    from pipeline.train import build_model
+    from tests.conftest import small_params
+
+    p = small_params(base={"clip": "openai/clip-vit-large-patch14"})
+    with pytest.raises(ShardError, match="extracted with base.clip='builtin'"):
+        build_model("transformer", p, small_shards)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import yaml
 
 STORAGE_DTYPES = ("float16", "float32")
-PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ParamsError(ValueError):
@@ -60,7 +60,7 @@ class TrainParams:
     seed: int = 0
     patience: int = 2
     device: str = "cpu"
-    precision: str = "no"
+    precision: str = "fp32"
     resume: bool = True
 
 

@@ -84,7 +84,8 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
 
     t = params.train
     out_dir = out_dir or Path("models") / name
-    accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=t.precision)
+    mixed_precision = "no" if t.precision == "fp32" else t.precision
+    accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=mixed_precision)
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(t.seed)

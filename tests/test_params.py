@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,18 @@ def test_shards_of_another_base_model_are_refused(small_shards):
     p = small_params(base={"clip": "openai/clip-vit-large-patch14"})
     with pytest.raises(ShardError, match="extracted with base.clip='builtin'"):
         build_model("transformer", p, small_shards)
+
+
+def test_params_survive_a_dvc_style_rewrite(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml; no default may turn into another YAML type."""
+    import dataclasses
+
+    import yaml
+
+    project_params = Path(__file__).resolve().parents[1] / "params.yaml"
+    original = load_params(project_params)
+    rewritten = tmp_path / "params.yaml"
+    raw = yaml.safe_load(project_params.read_text())
+    # Unquoted, as a YAML writer may leave them.
+    rewritten.write_text(yaml.safe_dump(raw, sort_keys=False).replace("'", ""))
+    assert dataclasses.asdict(load_params(rewritten)) == dataclasses.asdict(original)

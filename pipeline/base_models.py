@@ -221,6 +221,13 @@ class ClipText:
     tokenizer: CLIPTokenizer
     model: CLIPTextModelWithProjection
 
+    def __post_init__(self) -> None:
+        # A private copy of the Rust tokenizer without padding or truncation, for fast
+        # batch encoding (pipeline.clip_encode.token_ids).
+        self.raw_tokenizer = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+        self.raw_tokenizer.no_padding()
+        self.raw_tokenizer.no_truncation()
+
     @property
     def hidden_size(self) -> int:
         return self.model.config.hidden_size

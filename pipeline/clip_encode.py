@@ -23,15 +23,31 @@ class Encoded:
     text_embeds: torch.Tensor  # [B, P] projection of pooled
 
 
+def token_ids(clip: ClipText, texts: list[str]) -> list[list[int]]:
+    """Token ids with BOS and EOS, untruncated, straight from the Rust tokenizer.
+
+    Same ids as `clip.tokenizer(texts)`; transformers' per-text conversion of the results
+    cost a tenth of a small model's extraction time.
+    """
+    return [e.ids for e in clip.raw_tokenizer.encode_batch(texts)]
+
+
 def tokenize(clip: ClipText, texts: list[str]) -> dict[str, torch.Tensor]:
-    return clip.tokenizer(
-        texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt"
-    )
+    """As `tokenizer(texts, padding="max_length", max_length=77, truncation=True)`."""
+    eos, pad = clip.tokenizer.eos_token_id, clip.tokenizer.pad_token_id
+    input_ids = torch.full((len(texts), MAX_LENGTH), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(texts), MAX_LENGTH), dtype=torch.long)
+    for row, ids in enumerate(token_ids(clip, texts)):
+        if len(ids) > MAX_LENGTH:
+            ids = ids[: MAX_LENGTH - 1] + [eos]  # keep BOS and 75 tokens, end with EOS
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def token_count(clip: ClipText, text: str) -> int:
     """Tokens of `text` with BOS and EOS, before truncation."""
-    return len(clip.tokenizer(text, truncation=False)["input_ids"])
+    return len(token_ids(clip, [text])[0])
 
 
 @torch.inference_mode()

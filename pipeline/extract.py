@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
 from pipeline.captions import read_split
-from pipeline.clip_encode import encode_texts, encode_tokens, tokenize
+from pipeline.clip_encode import encode_texts, encode_tokens, token_ids, tokenize
 from pipeline.params import Params
 from pipeline.shards import (
     SEQ_LEN,
@@ -170,7 +170,7 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
     e, a = params.extract, params.augment
     rows, skipped = plan_rows(
         captions, a.split, a.combine, split_seed,
-        lambda texts: [len(x) for x in clip.tokenizer(texts, truncation=False)["input_ids"]],
+        lambda texts: [len(ids) for ids in token_ids(clip, texts)],
     )
     width = clip.hidden_size
     context = {"base": params.base.clip, "base_digest": model_digest(clip), "dtype": e.dtype,

@@ -67,3 +67,14 @@ def test_unreachable_hub_id_fails_with_instructions(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(BaseModelError, match="huggingface-cli download .* --local-dir"):
         load_clip("no-such-org/no-such-clip")
+
+
+def test_fast_tokenize_equals_the_transformers_tokenizer(clip):
+    from pipeline.clip_encode import tokenize
+
+    texts = PROMPTS + ["", "Ünïcode 🐱 text", "word " * 100, "  spaced   out  ", "a,b , c"]
+    ours = tokenize(clip, texts)
+    theirs = clip.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])

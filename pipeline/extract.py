@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -196,7 +197,8 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
         batches = encode_rows(clip, shard_rows, e.batch_size, e.dtype, null, schema)
         write_shard_atomic(path, schema, batches)
         written += 1
-    tqdm.write(f"{split_dir}: {written} shards written, {reused} complete shards kept")
+    tqdm.write(f"{split_dir}: {written} shards written, {reused} complete shards kept",
+               file=sys.stderr)
     kinds = {k: sum(r.kind == k for r in rows) for k in ("plain", "split", "combine")}
     return {"rows": len(rows), "shards": n_shards, "kinds": kinds,
             "augmentations_kept_plain": skipped}

@@ -45,11 +45,6 @@ def tokenize(clip: ClipText, texts: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def token_count(clip: ClipText, text: str) -> int:
-    """Tokens of `text` with BOS and EOS, before truncation."""
-    return len(token_ids(clip, [text])[0])
-
-
 @torch.inference_mode()
 def encode_tokens(clip: ClipText, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
     device = clip.model.device

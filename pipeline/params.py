@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -226,7 +225,3 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return parse_params(raw)
     except ParamsError as err:
         raise ParamsError(f"{path}: {err}") from err
-
-
-def as_dict(section: Any) -> dict[str, Any]:
-    return dataclasses.asdict(section)

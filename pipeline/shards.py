@@ -178,9 +178,6 @@ class ShardReader:
             if len(rows):
                 yield self.batch(rows)
 
-    def column(self, name: str) -> list:
-        return [v for table in self.tables for v in table.column(name).to_pylist()]
-
 
 def _values(array: pa.Array, depth: int) -> np.ndarray:
     for _ in range(depth):

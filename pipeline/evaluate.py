@@ -8,7 +8,6 @@ trivial predictor that outputs `null` at every position, the bar every model mus
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from tqdm import tqdm
 from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts
+from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position, mse, weighted_mse
 from pipeline.models import Deprojector, load_deprojector
 from pipeline.params import MODEL_NAMES, Params
@@ -143,9 +143,9 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
         results[name] = metrics
     metrics_dir.mkdir(parents=True, exist_ok=True)
     for name, metrics in results.items():
-        (metrics_dir / f"{name}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(metrics_dir / f"{name}.json", metrics)
     plots_dir.mkdir(parents=True, exist_ok=True)
-    rows = [{"position": i + 1, **{n: round(c[i], 6) for n, c in curves.items()}}
+    rows = [{"position": i + 1, **{n: c[i] for n, c in curves.items()}}
             for i in range(MAX_LENGTH - 1)]
-    (plots_dir / "cosine_per_position.json").write_text(json.dumps(rows, indent=1) + "\n")
+    write_json(plots_dir / "cosine_per_position.json", rows, indent=1)
     return results

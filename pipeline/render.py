@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
 from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
+from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position
 from pipeline.models import Deprojector, load_deprojector
 from pipeline.params import MODEL_NAMES, Params, RenderParams
@@ -387,6 +388,6 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
         done.columns[what] = columns
         done.fidelity[what] = grid_fidelity(columns, list(models))
     cosine_chart(json.loads(curve_file.read_text())).save(curve_file.with_suffix(".png"))
-    (reports_dir / "fidelity.json").write_text(json.dumps(done.fidelity, indent=2) + "\n")
+    write_json(reports_dir / "fidelity.json", done.fidelity)
     write_report(reports_dir / "report.md", params, metrics, done.fidelity)
     return done

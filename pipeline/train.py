@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.base_models import load_clip
+from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
 from pipeline.models import Deprojector, build_deprojector
 from pipeline.params import Params, ParamsError
@@ -147,7 +148,7 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         model.load_state_dict(best["state"])
         model.save_pretrained(out_dir)
         plots_dir.mkdir(parents=True, exist_ok=True)
-        (plots_dir / f"{name}.json").write_text(json.dumps(history, indent=2) + "\n")
+        write_json(plots_dir / f"{name}.json", history)
         checkpoint.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()

@@ -356,3 +356,31 @@ def bench_command(
     for section, values in results.items():
         typer.echo(f"[{section}]")
         typer.echo(json.dumps(values, indent=2))
+
+
+@app.command("compare")
+def compare_command(
+    revisions: list[str] | None = typer.Argument(
+        None, metavar="REV_OR_EXP",
+        help="Git revisions (main, HEAD~1, a tag or commit), `dvc exp` experiment names, or "
+        "`workspace`. None: main against the workspace; one: it against the workspace.",
+    ),
+    out: Path = typer.Option(Path("reports/compare.md"), "--out", "-o",
+                             help="Markdown report; its images go into the folder beside it "
+                             "named after it (reports/compare/N-REV/)."),
+) -> None:
+    """Put the grids, params and metrics of several revisions side by side in one report.
+
+    For each revision its committed grids (reports/grid_single.png, reports/grid_multi.png)
+    in one table row; then `dvc params diff --md` and `dvc metrics diff --md` of every
+    further revision against the first. Reads committed results only and retrains nothing;
+    a revision without rendered reports is an error that names it. Post the report on a pull
+    request with `cml comment create --pr reports/compare.md` (see README).
+    """
+    from pipeline.compare import CompareError, write_comparison
+
+    try:
+        report = write_comparison(revisions or [], out)
+    except CompareError as err:
+        _fail(err)
+    typer.echo(f"wrote {report}")

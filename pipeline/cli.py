@@ -368,6 +368,11 @@ def compare_command(
     out: Path = typer.Option(Path("reports/compare.md"), "--out", "-o",
                              help="Markdown report; its images go into the folder beside it "
                              "named after it (reports/compare/N-REV/)."),
+    skip_missing: bool = typer.Option(
+        False, "--skip-missing",
+        help="A revision that does not exist or has no rendered reports: say so and exit 0 "
+        "without a report (for CI scripts, e.g. `compare HEAD~1` on a first commit).",
+    ),
 ) -> None:
     """Put the grids, params and metrics of several revisions side by side in one report.
 
@@ -377,10 +382,15 @@ def compare_command(
     a revision without rendered reports is an error that names it. Post the report on a pull
     request with `cml comment create --pr reports/compare.md` (see README).
     """
-    from pipeline.compare import CompareError, write_comparison
+    from pipeline.compare import CompareError, MissingRevisionError, write_comparison
 
     try:
         report = write_comparison(revisions or [], out)
+    except MissingRevisionError as err:
+        if not skip_missing:
+            _fail(err)
+        typer.echo(f"compare skipped: {err}")
+        return
     except CompareError as err:
         _fail(err)
     typer.echo(f"wrote {report}")

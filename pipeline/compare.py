@@ -33,7 +33,11 @@ _OUR_IMAGE_DIR = re.compile(r"^\d+-")
 
 
 class CompareError(Exception):
-    """A revision that cannot be compared (unknown, or without reports), or a failed tool."""
+    """A revision that cannot be compared, or a failed tool (git, dvc)."""
+
+
+class MissingRevisionError(CompareError):
+    """A revision that does not exist or has no rendered reports."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +102,7 @@ def resolve(name: str, root: Path) -> Revision:
         if commit is None and (commit := _commit(f"origin/{name}", root)):
             dvc_rev = f"origin/{name}"
     if commit is None:
-        raise CompareError(f"unknown revision {name!r}: not a git revision, a `dvc exp` "
+        raise MissingRevisionError(f"unknown revision {name!r}: not a git revision, a `dvc exp` "
                            "experiment (see `dvc exp list --all-commits`) or a branch of origin")
     subject = _git(["log", "-1", "--format=%s", commit], root) or ""
     return Revision(name, commit, dvc_rev, subject)
@@ -159,7 +163,7 @@ def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"
             if data is None:
                 where = ("the workspace" if rev.commit is None
                          else f"revision {rev.name!r} ({rev.commit[:7]})")
-                raise CompareError(f"{where} has no {path}: no reports were rendered there "
+                raise MissingRevisionError(f"{where} has no {path}: no reports were rendered there "
                                    "(run `dvc repro`, and commit reports/)")
             images.setdefault(title, []).append(data)
     for title, path in OPTIONAL_IMAGES:

@@ -157,6 +157,16 @@ def test_a_revision_without_reports_is_a_clear_error(repo: Path, monkeypatch) ->
     assert "unknown revision 'no-such-branch'" in result.output
 
 
+def test_skip_missing_exits_0_without_a_report_for_ci(repo: Path, monkeypatch) -> None:
+    monkeypatch.chdir(repo)
+    (repo / "reports" / "compare.md").unlink(missing_ok=True)
+    for revision in ("main~2", "main~9"):  # no reports there / no such commit
+        result = CliRunner().invoke(app, ["compare", revision, "--skip-missing"])
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("compare skipped: ") and revision in result.output
+    assert not (repo / "reports" / "compare.md").exists()
+
+
 def test_a_branch_known_only_on_origin_resolves_there(repo: Path, tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)

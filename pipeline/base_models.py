@@ -209,9 +209,20 @@ def _from_pretrained(load, source: str, kind: str):
                if offline else f"could not be fetched from the Hugging Face Hub: {err}")
         raise BaseModelError(
             f"base.{kind}: {source!r} is not a local folder and {why}.\n"
-            f"On a machine with network run `huggingface-cli download {source} --local-dir DIR`, "
+            f"On a machine with network run `hf download {source} --local-dir DIR`, "
             f"then set base.{kind} to DIR in params.yaml (or use `builtin`)."
         ) from err
+
+
+def _source(name: str, kind: str, base_dir: Path) -> str:
+    """What `from_pretrained` gets for base.KIND; the builtin folders must have been built."""
+    source = resolve(name, kind, base_dir)
+    if name == BUILTIN and not Path(source).is_dir():
+        raise BaseModelError(
+            f"base.{kind}: builtin: {source} does not exist yet. The builtin base models are "
+            f"built by the world stage: run `deprojector world` (or `dvc repro world`) first."
+        )
+    return source
 
 
 @dataclass
@@ -238,16 +249,27 @@ class ClipText:
 
 
 def load_tokenizer(name: str, base_dir: Path = BASE_DIR) -> CLIPTokenizer:
-    tokenizer = _from_pretrained(CLIPTokenizer.from_pretrained, resolve(name, "clip", base_dir),
-                                 "clip")
+    from pipeline.base_checks import check_tokenizer_files
+
+    source = _source(name, "clip", base_dir)
+    if Path(source).is_dir():  # transformers would make a 2-token tokenizer of a bare folder
+        check_tokenizer_files(Path(source), name)
+    tokenizer = _from_pretrained(CLIPTokenizer.from_pretrained, source, "clip")
     tokenizer.model_max_length = min(tokenizer.model_max_length, MAX_LENGTH)
     return tokenizer
 
 
 def load_clip(name: str, device: str = "cpu", base_dir: Path = BASE_DIR) -> ClipText:
+    """Tokenizer + text model with projection; a folder without either fails, naming it."""
+    from pipeline.base_checks import check_clip_folder, source_folder
+
+    source = _source(name, "clip", base_dir)
+    if Path(source).is_dir():
+        check_clip_folder(Path(source), name)
     tokenizer = load_tokenizer(name, base_dir)
-    model = _from_pretrained(CLIPTextModelWithProjection.from_pretrained,
-                             resolve(name, "clip", base_dir), "clip")
+    model = _from_pretrained(CLIPTextModelWithProjection.from_pretrained, source, "clip")
+    if not Path(source).is_dir():  # a hub id: check the snapshot it was loaded from
+        check_clip_folder(source_folder(source, "config.json"), name)
     return ClipText(tokenizer, model.to(device).eval())
 
 
@@ -255,12 +277,15 @@ def load_sd_pipeline(name: str, device: str = "cpu", dtype: torch.dtype = torch.
                      base_dir: Path = BASE_DIR):
     """The diffusers StableDiffusionPipeline named by `base.sd` (safety checker off)."""
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" would cut in
 
     def load(source: str, **kwargs):
         return StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
         )
 
-    pipe = _from_pretrained(load, resolve(name, "sd", base_dir), "sd")
+    pipe = _from_pretrained(load, _source(name, "sd", base_dir), "sd")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

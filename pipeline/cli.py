@@ -66,27 +66,27 @@ def _run(step):
 @app.command("base")
 def base_command(
     params: Path = ParamsOption,
-    out: Path = typer.Option(Path("models/base"), help="Folder for the builtin base models."),
+    out: Path = typer.Option(Path("models/base.json"), help="Where to write the record."),
 ) -> None:
-    """Build the embedded default base models (`base.clip/sd: builtin`) or check the named ones.
+    """Check the base models `base.clip` and `base.sd` and record their fingerprint.
 
-    builtin: writes OUT/clip (CLIP tokenizer + text model with projection) and OUT/sd (a small
-    Stable Diffusion pipeline), offline and deterministically from `base.seed`. A hub id or a
-    local folder is loaded once to fail early, and OUT/base.json records what was named.
+    Loads the CLIP tokenizer + text model with projection and the Stable Diffusion pipeline
+    (`builtin`: the trained world in models/world/, built by `deprojector world`; otherwise a
+    hub id or a local folder) and checks what transformers and diffusers let pass silently:
+    tokenizer files present, text_projection weights present, pooling at the EOS token, UNet
+    cross-attention width = CLIP hidden size. OUT records the names, widths and a fingerprint
+    of every config, tokenizer and weight file loaded; later stages depend on it, so they
+    rerun exactly when the weights change (the stage is always re-run by `dvc repro`).
     """
-    from pipeline.base_models import BUILTIN, build_builtin, load_clip, load_sd_pipeline
+    from pipeline.base_checks import check_base
 
     def step():
         p = _params(params).base
-        out.mkdir(parents=True, exist_ok=True)
-        if p.clip == BUILTIN or p.sd == BUILTIN:
-            build_builtin(out, p.seed)
-        if p.clip != BUILTIN:
-            load_clip(p.clip, base_dir=out)
-        if p.sd != BUILTIN:
-            load_sd_pipeline(p.sd, base_dir=out)
-        (out / "base.json").write_text(json.dumps({"clip": p.clip, "sd": p.sd}, indent=2) + "\n")
-        typer.echo(f"base models ready in {out} (clip: {p.clip}, sd: {p.sd})")
+        report = check_base(p.clip, p.sd)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        typer.echo(f"base models checked (clip: {p.clip}, sd: {p.sd}, D={report.hidden_size}); "
+                   f"fingerprint {report.fingerprint['fingerprint'][:16]} in {out}")
 
     _run(step)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.base_checks import check_deprojector_fits
 from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts
@@ -127,7 +128,7 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     models = {}
     for name in MODEL_NAMES:
         model = load_deprojector(models_dir / name)
-        model.check_base(clip.hidden_size, clip.projection_size)
+        check_deprojector_fits(model, clip)  # another width: one-line error, as encode
         models[name] = model
     pairs = combination_pairs(read_split(captions_dir, "test"), e.combination_pairs,
                               e.seed, clip)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from pipeline.base_checks import check_cross_attention, check_deprojector_fits
 from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
 from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
 from pipeline.jsonio import write_json
@@ -59,16 +60,15 @@ def load_pipeline(sd: str, r: RenderParams):
 
 def load_checked_deprojector(path: Path, clip: ClipText, device: str = "cpu") -> Deprojector:
     model = load_deprojector(path, device=device)
-    try:
-        model.check_base(clip.hidden_size, clip.projection_size)
-    except ValueError as err:
-        raise RenderError(f"{err}; retrain it or set base.clip to its base model") from err
+    check_deprojector_fits(model, clip)
     return model
 
 
 def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                     r: RenderParams) -> list[Image.Image]:
     """One image per row of prompt_embeds [N, 77, D], all from seed `r.seed`."""
+    # A UNet of another width would fail deep inside diffusers with a matmul shape error.
+    check_cross_attention(pipe.unet.config.cross_attention_dim, prompt_embeds.shape[-1])
     n = len(prompt_embeds)
     # One generator per image, seeded alike: each image starts from the noise it would get if
     # generated alone with generator=torch.Generator().manual_seed(seed).

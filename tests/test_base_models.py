@@ -65,7 +65,7 @@ def test_deprojection_recovers_pooled(clip):
 
 def test_unreachable_hub_id_fails_with_instructions(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(BaseModelError, match="huggingface-cli download .* --local-dir"):
+    with pytest.raises(BaseModelError, match="`hf download .* --local-dir DIR`"):
         load_clip("no-such-org/no-such-clip")
 
 

@@ -25,10 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
-from pipeline.models import MODELS, build_deprojector  # noqa: E402
+from pipeline.models import ARCHITECTURES, build_deprojector  # noqa: E402
 
 D, LAYERS, HEADS, INTERMEDIATE, POSITIONS, VOCAB = 768, 12, 12, 3072, 77, 49408
-HPARAMS = {"transformer": {"num_heads": HEADS, "intermediate_size": INTERMEDIATE}}
 
 
 def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -64,15 +63,16 @@ def run(batch: int, repeats: int) -> dict:
     input_ids = torch.randint(0, VOCAB, (batch, POSITIONS))
     constants = {"sos": torch.randn(D), "null": torch.randn(D), "deprojection": torch.randn(D, D)}
     embeds = torch.randn(batch, D)
+    # Every registered architecture at its defaults, shaped (and initialised) by the CLIP-L
+    # sized text model as training would do it.
     models = {
-        name: build_deprojector(name, D, D, constants, **HPARAMS.get(name, {})).eval()
-        for name in MODELS
+        name: build_deprojector(name, D, D, constants, base=clip).eval()
+        for name in ARCHITECTURES
     }
-    transformer = models["transformer"]
     fns: dict[str, Callable[[], object]] = {"encoder": lambda: clip(input_ids=input_ids)}
     for name, model in models.items():
         fns[name] = lambda m=model: m.generate(embeds)
-    fns["transformer-naive"] = lambda: transformer.generate_states_naive(embeds - transformer.null)
+        fns[f"{name}-naive"] = lambda m=model: m.generate_states_naive(embeds - m.null)
 
     with torch.inference_mode():
         seconds = _median_seconds(fns, repeats)
@@ -83,14 +83,13 @@ def run(batch: int, repeats: int) -> dict:
         "threads": torch.get_num_threads(),
         "clip_encoder_forward_s": encoder_s,
         "models": {
-            name: {"generate_s": seconds[name], "ratio_to_encoder": seconds[name] / encoder_s}
+            name: {"generate_s": seconds[name], "ratio_to_encoder": seconds[name] / encoder_s,
+                   # re-running the teacher-forced model on the prefix for every position
+                   "naive_generate_s": seconds[f"{name}-naive"],
+                   "cache_speedup": seconds[f"{name}-naive"] / seconds[name]}
             for name in models
         },
     }
-    result["models"]["transformer"]["naive_generate_s"] = seconds["transformer-naive"]
-    result["models"]["transformer"]["cache_speedup"] = (
-        seconds["transformer-naive"] / seconds["transformer"]
-    )
     return result
 
 
@@ -117,12 +116,9 @@ def main() -> None:
             f"{name:<20} generate {entry['generate_s'] * 1e3:9.1f} ms"
             f"  = {entry['ratio_to_encoder']:.3f} x encoder  {verdict}"
         )
-    t = result["models"]["transformer"]
-    verdict = "ok" if t["cache_speedup"] >= 15 else "MISSED (target >= 15)"
-    print(
-        f"transformer naive generate {t['naive_generate_s'] * 1e3:9.1f} ms"
-        f"  kv-cache speedup {t['cache_speedup']:.1f}x  {verdict}"
-    )
+    for name, entry in result["models"].items():
+        print(f"{name:<20} naive generate {entry['naive_generate_s'] * 1e3:9.1f} ms"
+              f"  fast-path speedup {entry['cache_speedup']:.1f}x")
 
 
 if __name__ == "__main__":

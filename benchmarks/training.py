@@ -53,7 +53,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.losses import weighted_mse  # noqa: E402
 from pipeline.models import Deprojector, build_deprojector  # noqa: E402
-from pipeline.models.base import quick_gelu  # noqa: E402
 from pipeline.shards import SEQ_LEN, Batch, ShardReader  # noqa: E402
 
 BATCH = 100
@@ -66,8 +65,7 @@ SMALL_MODEL = ("vicinity-batch", {"vicinity": 3, "norm": "layer"})
 # Item 2: CLIP ViT-L/14 text sizes.
 D_L, HEADS_L, INTERMEDIATE_L = 768, 12, 3072
 STEP_MODELS = {
-    "transformer": {"num_heads": HEADS_L, "intermediate_size": INTERMEDIATE_L,
-                    "freeze_attention": True},
+    "transformer": {"num_heads": HEADS_L, "intermediate_size": INTERMEDIATE_L},
     "vicinity-batch": {"vicinity": 3, "norm": "batch"},
     "vicinity-individual": {"vicinity": 3, "norm": "batch"},
 }
@@ -184,6 +182,10 @@ def input_overhead(split_dir: Path, constants: dict[str, torch.Tensor], projecti
 
 # --- 2. plain reference models ------------------------------------------------------------
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
 def plain_weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
                        mask_weight: float) -> torch.Tensor:
     weights = torch.where(mask > 0, mask_weight, 1.0)
@@ -193,10 +195,10 @@ def plain_weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Ten
 
 
 class PlainTransformer(nn.Module):
-    """SPEC 2.1 written out: separate q/k/v Linear modules and explicit causal attention."""
+    """The original's block written out (docs/architectures.md): separate q/k/v Linear
+    modules, explicit causal attention, the position embedding on the attention's input."""
 
-    def __init__(self, D: int, heads: int, intermediate: int, eps: float = 1e-5,
-                 freeze_attention: bool = True) -> None:
+    def __init__(self, D: int, heads: int, intermediate: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.heads = heads
         self.register_buffer("sos", torch.zeros(D))
@@ -208,17 +210,16 @@ class PlainTransformer(nn.Module):
         self.ln2 = nn.LayerNorm(D, eps=eps)
         self.fc1, self.fc2 = nn.Linear(D, intermediate), nn.Linear(intermediate, D)
         self.ln_final = nn.LayerNorm(D, eps=eps)
-        if freeze_attention:
-            for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-                proj.requires_grad_(False)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):  # out_proj is trained
+            proj.requires_grad_(False)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         B, _, D = hidden.shape
         T, H = SEQ_LEN - 1, self.heads
         e = embeds - self.null
         prev = hidden[:, 1:T] - self.null  # s_1 .. s_75
-        x = torch.cat([e[:, None], prev], dim=1) + self.position_embedding
-        a = self.ln1(x)
+        x = torch.cat([e[:, None], prev], dim=1)
+        a = self.ln1(x + self.position_embedding)
         q = self.q_proj(a).view(B, T, H, D // H).transpose(1, 2)
         k = self.k_proj(a).view(B, T, H, D // H).transpose(1, 2)
         v = self.v_proj(a).view(B, T, H, D // H).transpose(1, 2)
@@ -289,8 +290,8 @@ class PlainVicinity(nn.Module):
 def plain_reference(name: str, ours: Deprojector) -> nn.Module:
     c = ours.config
     if name == "transformer":
-        ref = PlainTransformer(c.hidden_size, c.num_heads, c.intermediate_size, c.layer_norm_eps,
-                               c.freeze_attention)
+        assert (c.freeze, c.position) == ("qkv", "attention_input"), "the original's choices"
+        ref = PlainTransformer(c.hidden_size, c.num_heads, c.intermediate_size, c.layer_norm_eps)
     else:
         ref = PlainVicinity(name == "vicinity-individual", c.hidden_size, c.vicinity, c.norm,
                             c.mlp_layers, c.mlp_ratio)

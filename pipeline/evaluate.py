@@ -21,7 +21,7 @@ from pipeline.clip_encode import encode_texts
 from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position, mse, weighted_mse
 from pipeline.models import Deprojector, load_deprojector
-from pipeline.params import MODEL_NAMES, Params
+from pipeline.params import Params
 from pipeline.shards import ShardReader, load_constants
 
 NULL_BASELINE = "null-baseline"
@@ -126,7 +126,7 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     reader = ShardReader(shards_dir / "test")
     clip = load_clip(params.base.clip)
     models = {}
-    for name in MODEL_NAMES:
+    for name in params.models:
         model = load_deprojector(models_dir / name)
         check_deprojector_fits(model, clip)  # another width: one-line error, as encode
         models[name] = model
@@ -135,7 +135,7 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     combination = combination_scores(models, pairs, clip, constants["null"]) if pairs else {}
 
     results, curves = {}, {}
-    for name in tqdm([NULL_BASELINE, *MODEL_NAMES], desc="evaluate", unit="model"):
+    for name in tqdm([NULL_BASELINE, *params.models], desc="evaluate", unit="model"):
         model = models.get(name)
         metrics, curves[name] = score_model(model, reader, constants, e.batch_size,
                                             t.mask_weight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,14 +71,31 @@ class EvaluateParams:
     seed: int = 0
 
 
-MODEL_NAMES = ("transformer", "vicinity-batch", "vicinity-individual")
+# A run name is a folder name (models/NAME, reports/metrics/NAME.json) and a dvc.yaml stage
+# key (train@NAME); these names are taken by other outputs or rows.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+RESERVED_RUN_NAMES = ("base", "null-baseline", "reference")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of `models:`: a registered architecture and its hyperparameters."""
+
+    type: str
+    hparams: dict[str, Any] = field(default_factory=dict)
 
 # The article's comparison prompts (SPEC §4).
 ARTICLE_PROMPTS_SINGLE = ("cat maid", "1girl red hair blue eye black skirt",
                           "1boy 1girl in class room")
 ARTICLE_PROMPTS_MULTI = ("cat, maid", "1girl, red hair, blue eye, black skirt",
                          "1boy, 1girl, in class room")
-SCHEDULERS = ("pndm", "ddim", "euler", "euler-a", "dpm++")
+SCHEDULERS = {  # render.scheduler -> diffusers class
+    "pndm": "PNDMScheduler",
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+}
 
 
 @dataclass(frozen=True)
@@ -103,8 +121,8 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     render: RenderParams = field(default_factory=RenderParams)
-    # Per-model hyperparameters; each model's config validates its own keys.
-    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Run name -> architecture and hyperparameters: every entry is trained, scored, rendered.
+    models: dict[str, ModelSpec] = field(default_factory=dict)
     # Sections owned by later stages stay plain dicts until their stage reads them.
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -152,7 +170,8 @@ def _check_render(r: RenderParams) -> None:
     for key in ("height", "width"):
         value = getattr(r, key)
         _check(value > 0 and value % 8 == 0, f"render.{key}", "a positive multiple of 8", value)
-    _check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {SCHEDULERS}", r.scheduler)
+    _check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}",
+           r.scheduler)
 
 
 def validate(p: Params) -> Params:
@@ -185,10 +204,34 @@ def validate(p: Params) -> Params:
     _check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
            p.evaluate.combination_pairs)
     _check_render(p.render)
-    for name, hparams in p.models.items():
-        _check(name in MODEL_NAMES, f"models.{name}", f"one of {MODEL_NAMES}", name)
-        _check(isinstance(hparams, dict), f"models.{name}", "a mapping", hparams)
     return p
+
+
+def parse_models(raw: Any) -> dict[str, ModelSpec]:
+    """`models:` -> run name -> ModelSpec; types and hyperparameter names checked by key."""
+    from pipeline.models import ARCHITECTURES, hyperparameters  # imports torch: only here
+
+    raw = raw or {}
+    _check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
+    known = ", ".join(sorted(ARCHITECTURES))
+    specs = {}
+    for name, entry in raw.items():
+        _check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None
+               and name not in RESERVED_RUN_NAMES, f"models.{name}",
+               f"a run name of letters, digits, '.', '_', '-' other than "
+               f"{', '.join(RESERVED_RUN_NAMES)}", name)
+        _check(isinstance(entry, dict), f"models.{name}",
+               f"a mapping with `type` (one of {known}) and its hyperparameters", entry)
+        hparams = dict(entry)
+        model_type = hparams.pop("type", None)
+        _check(model_type in ARCHITECTURES, f"models.{name}.type", f"one of {known}",
+               model_type)
+        allowed = hyperparameters(model_type)
+        for key in hparams:
+            _check(key in allowed, f"models.{name}.{key}",
+                   f"a hyperparameter of {model_type} ({', '.join(allowed)})", key)
+        specs[name] = ModelSpec(model_type, hparams)
+    return specs
 
 
 SECTIONS = {
@@ -204,8 +247,7 @@ SECTIONS = {
 
 def parse_params(raw: dict[str, Any]) -> Params:
     parsed = {name: _section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    models = raw.get("models") or {}
-    _check(isinstance(models, dict), "models", "a mapping of model name to settings", models)
+    models = parse_models(raw.get("models"))
     extra = {k: v for k, v in raw.items() if k not in SECTIONS and k != "models"}
     return validate(Params(**parsed, models=models, extra=extra))
 

@@ -21,23 +21,15 @@ from tqdm import tqdm
 
 from pipeline.base_checks import check_cross_attention, check_deprojector_fits
 from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
+from pipeline.evaluate import NULL_BASELINE
 from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
 from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position
 from pipeline.models import Deprojector, load_deprojector
-from pipeline.params import MODEL_NAMES, Params, RenderParams
+from pipeline.params import SCHEDULERS, Params, RenderParams
 from pipeline.prompts import conditioning, negative_conditioning
 
 REFERENCE = "reference"
-ROWS = (REFERENCE, *MODEL_NAMES)
-SCHEDULERS = {  # render.scheduler -> diffusers class
-    "pndm": "PNDMScheduler",
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler-a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-}
-METRICS_ORDER = ("null-baseline", *MODEL_NAMES)
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
 
 
@@ -153,9 +145,11 @@ def _wrap(text: str, face: ImageFont.FreeTypeFont, width: int) -> list[str]:
     return [*lines, current]
 
 
-def make_grid(columns: list[Column], rows: tuple[str, ...] = ROWS, gap: int = 6,
+def make_grid(columns: list[Column], rows: tuple[str, ...] | None = None, gap: int = 6,
               text_size: int = 16) -> tuple[Image.Image, GridLayout]:
-    """Rows of images under their prompts, row names on the left."""
+    """Rows of images under their prompts, row names on the left (default: every row of the
+    columns, in their order: the reference, then the models as params list them)."""
+    rows = rows or tuple(columns[0].images)
     sizes = {c.images[row].size for c in columns for row in rows}
     if len(sizes) != 1:
         raise RenderError(f"grid cells differ in size: {sorted(sizes)}")
@@ -251,13 +245,15 @@ METRIC_ROWS = (
 )
 
 
-def read_metrics(metrics_dir: Path) -> dict[str, dict]:
-    files = sorted(metrics_dir.glob("*.json")) if metrics_dir.is_dir() else []
-    if not files:
-        raise RenderError(f"no metrics in {metrics_dir}: run the evaluate stage first")
-    metrics = {f.stem: json.loads(f.read_text()) for f in files}
-    order = [n for n in METRICS_ORDER if n in metrics] + sorted(set(metrics) - set(METRICS_ORDER))
-    return {name: metrics[name] for name in order}
+def read_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
+    """The evaluate stage's metrics of the null baseline and of `names`, in that order."""
+    metrics = {}
+    for name in [NULL_BASELINE, *names]:
+        path = metrics_dir / f"{name}.json"
+        if not path.is_file():
+            raise RenderError(f"{path} not found: run the evaluate stage first")
+        metrics[name] = json.loads(path.read_text())
+    return metrics
 
 
 def _number(value: float) -> str:
@@ -370,13 +366,13 @@ class Rendered:
 def run_render_stage(params: Params, models_dir: Path = Path("models"),
                      reports_dir: Path = Path("reports")) -> Rendered:
     r = params.render
-    metrics = read_metrics(reports_dir / "metrics")
+    metrics = read_metrics(reports_dir / "metrics", list(params.models))
     curve_file = reports_dir / "plots" / "cosine_per_position.json"
     if not curve_file.exists():
         raise RenderError(f"{curve_file} not found: run the evaluate stage first")
     clip = load_clip(params.base.clip, device=r.device)
     models = {name: load_checked_deprojector(models_dir / name, clip, r.device)
-              for name in MODEL_NAMES}
+              for name in params.models}
     pipe = load_pipeline(params.base.sd, r)
 
     done = Rendered({}, {}, {})

@@ -19,36 +19,38 @@ from tqdm import tqdm
 from pipeline.base_models import load_clip
 from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
-from pipeline.models import Deprojector, build_deprojector
-from pipeline.params import Params, ParamsError
+from pipeline.models import Deprojector, architecture, build_deprojector
+from pipeline.params import ModelSpec, Params, ParamsError
 from pipeline.shards import ShardError, ShardReader, load_constants, read_meta
 
 
+def model_spec(name: str, params: Params) -> ModelSpec:
+    """The `models.NAME` entry of params, or an error listing the names params define."""
+    if name not in params.models:
+        raise ParamsError(f"params: no `models.{name}` (defined: "
+                          f"{', '.join(params.models) or 'none'})")
+    return params.models[name]
+
+
 def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
+    """A fresh `models.NAME` deprojector for the shards' base model.
+
+    The architecture takes what it needs from the base CLIP text model through its own
+    hooks (shape defaults, initial weights); explicit hyperparameters win.
+    """
+    spec = model_spec(name, params)
     meta = read_meta(shards_dir)
     if meta["base_clip"] != params.base.clip:
         raise ShardError(f"{shards_dir}: extracted with base.clip={meta['base_clip']!r}, but "
                          f"params name {params.base.clip!r}; rerun `deprojector extract`")
     constants = load_constants(shards_dir / "constants.safetensors")
-    hparams = dict(params.models.get(name, {}))
-    clip = None
-    if name == "transformer":
-        # The transformer starts from the base CLIP's last encoder layer (SPEC §2.1), so its
-        # shape comes from that model unless params say otherwise.
-        clip = load_clip(params.base.clip).model
-        c = clip.config
-        for key, value in (("num_heads", c.num_attention_heads),
-                           ("intermediate_size", c.intermediate_size),
-                           ("layer_norm_eps", c.layer_norm_eps), ("activation", c.hidden_act)):
-            hparams.setdefault(key, value)
+    model_class = architecture(spec.type)
+    clip = load_clip(params.base.clip).model if model_class.uses_base_model else None
     try:
-        model = build_deprojector(name, meta["hidden_size"], meta["projection_size"], constants,
-                                  **hparams)
+        return build_deprojector(spec.type, meta["hidden_size"], meta["projection_size"],
+                                 constants, base=clip, **spec.hparams)
     except (TypeError, ValueError) as err:
-        raise ParamsError(f"params: models.{name}: {err}") from err
-    if clip is not None:
-        model.init_from_clip(clip)
-    return model
+        raise ParamsError(f"params: models.{name} ({spec.type}): {err}") from err
 
 
 @torch.no_grad()
@@ -67,7 +69,7 @@ def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask
 def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
     """What a checkpoint must match to be resumed: the model's params and the data."""
     meta = (shards_dir / "meta.json").read_text()
-    blob = json.dumps([name, asdict(params.train), params.models.get(name, {}), meta],
+    blob = json.dumps([name, asdict(params.train), asdict(model_spec(name, params)), meta],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

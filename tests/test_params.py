@@ -18,7 +18,12 @@ from pipeline.params import ParamsError, load_params, parse_params
     ({"extract": {"dtype": "bfloat8"}}, "extract.dtype"),
     ({"train": {"precision": "fp8"}}, "train.precision"),
     ({"extract": {"num_workers": 2, "worker_index": 2}}, "extract.worker_index"),
-    ({"models": {"transfomer": {}}}, "models.transfomer"),
+    ({"models": {"transfomer": {}}}, "models.transfomer.type"),
+    ({"models": {"foo": {"type": "mlp"}}}, "models.foo.type"),
+    ({"models": {"foo": {"type": "vicinity-batch", "vicinityy": 2}}}, "models.foo.vicinityy"),
+    ({"models": {"foo": 3}}, "models.foo"),
+    ({"models": {"base": {"type": "vicinity-batch"}}}, "models.base"),
+    ({"models": {"a/b": {"type": "vicinity-batch"}}}, "models.a/b"),
     ({"captions": {"train_size": "many"}}, "captions.train_size"),
     ({"captions": {"trian_size": 3}}, "captions.trian_size"),
 ])
@@ -37,13 +42,11 @@ def test_the_file_is_named(tmp_path):
 
 
 def test_vicinity_below_one_is_rejected_when_training_starts(tmp_path, small_shards):
-    import dataclasses
-
     from pipeline.train import build_model
     from tests.conftest import small_params
 
-    p = dataclasses.replace(small_params(), models={"vicinity-batch": {"vicinity": 0}})
-    with pytest.raises(ParamsError, match=r"models\.vicinity-batch: vicinity must be >= 1"):
+    p = small_params(models={"vicinity-batch": {"type": "vicinity-batch", "vicinity": 0}})
+    with pytest.raises(ParamsError, match=r"models\.vicinity-batch .*vicinity must be >= 1"):
         build_model("vicinity-batch", p, small_shards)
 
 
@@ -52,7 +55,8 @@ def test_shards_of_another_base_model_are_refused(small_shards):
     from pipeline.train import build_model
     from tests.conftest import small_params
 
-    p = small_params(base={"clip": "openai/clip-vit-large-patch14"})
+    p = small_params(base={"clip": "openai/clip-vit-large-patch14"},
+                     models={"transformer": {"type": "transformer"}})
     with pytest.raises(ShardError, match="extracted with base.clip='builtin'"):
         build_model("transformer", p, small_shards)
 

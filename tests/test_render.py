@@ -21,12 +21,11 @@ from pipeline.cli import app
 from pipeline.clip_encode import encode_texts
 from pipeline.image_metrics import PSNR_CAP_DB
 from pipeline.models import build_deprojector
-from pipeline.params import MODEL_NAMES, ParamsError, load_params, parse_params
+from pipeline.params import ParamsError, load_params, parse_params
 from pipeline.prompts import negative_conditioning
 from pipeline.render import (
     MIN_CELL,
     REFERENCE,
-    ROWS,
     SCHEDULERS,
     RenderError,
     load_pipeline,
@@ -37,9 +36,13 @@ from tests.conftest import project_dir
 
 SIZE = 16  # px: the smallest image SSIM's 11 x 11 window fits comfortably
 RENDER = {"steps": 2, "height": SIZE, "width": SIZE, "seed": 3}
-HPARAMS = {"transformer": {"num_heads": 4, "intermediate_size": 256},
-           "vicinity-batch": {"vicinity": 2},
-           "vicinity-individual": {"vicinity": 2, "norm": "layer"}}
+# params.yaml's `models:`: every run gets a row, a second vicinity-batch run included.
+RUNS = {"transformer": {"type": "transformer", "num_heads": 4, "intermediate_size": 256},
+        "vicinity-batch": {"type": "vicinity-batch", "vicinity": 2},
+        "vicinity-individual": {"type": "vicinity-individual", "vicinity": 2, "norm": "layer"},
+        "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 1, "norm": "layer"}}
+MODEL_NAMES = tuple(RUNS)
+ROWS = (REFERENCE, *MODEL_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +51,10 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     work = project_dir(tmp_path_factory.mktemp("render"), base_dir)
     constants = load_file(str(small_shards / "constants.safetensors"))
     torch.manual_seed(0)
-    for name in MODEL_NAMES:
-        model = build_deprojector(name, clip.hidden_size, clip.projection_size, constants,
-                                  **HPARAMS[name])
+    for name, spec in RUNS.items():
+        hparams = {k: v for k, v in spec.items() if k != "type"}
+        model = build_deprojector(spec["type"], clip.hidden_size, clip.projection_size,
+                                  constants, **hparams)
         model.eval().save_pretrained(work / "models" / name)
     (work / "reports" / "metrics").mkdir(parents=True)
     (work / "reports" / "plots").mkdir()
@@ -62,7 +66,8 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     curve = [{"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in MODEL_NAMES}}
              for i in range(1, MAX_LENGTH)]
     (work / "reports" / "plots" / "cosine_per_position.json").write_text(json.dumps(curve))
-    (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER}))
+    (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER, "models": RUNS},
+                                                     sort_keys=False))  # rows in this order
     return work
 
 
@@ -103,15 +108,16 @@ def test_stage_writes_every_output(project, rendered) -> None:
 
 
 @pytest.mark.parametrize("what", ["single", "multi"])
-def test_grid_has_4_rows_and_3_equal_columns(project, rendered, what: str) -> None:
+def test_grid_has_a_row_per_run_and_3_equal_columns(project, rendered, what: str) -> None:
     layout = rendered.layouts[what]
     columns = rendered.columns[what]
     grid = Image.open(project / "reports" / f"grid_{what}.png").convert("RGB")
-    assert (layout.rows, layout.cols) == (4, 3) and grid.size == layout.size
+    rows = len(ROWS)
+    assert (layout.rows, layout.cols) == (rows, 3) and grid.size == layout.size
     assert layout.cell_width == layout.cell_height >= MIN_CELL
-    boxes = [layout.cell_box(i, j) for i in range(4) for j in range(3)]
+    boxes = [layout.cell_box(i, j) for i in range(rows) for j in range(3)]
     assert {(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes} == {(layout.cell_width,) * 2}
-    assert len({b[0] for b in boxes}) == 3 and len({b[1] for b in boxes}) == 4
+    assert len({b[0] for b in boxes}) == 3 and len({b[1] for b in boxes}) == rows
     # Each cell shows its own image, upscaled without blending pixels.
     for i, row in enumerate(ROWS):
         for j, column in enumerate(columns):
@@ -181,7 +187,7 @@ def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
 def test_scheduler_names_match_params(pipe) -> None:
     import diffusers
 
-    assert tuple(SCHEDULERS) == params_module.SCHEDULERS
+    assert SCHEDULERS is params_module.SCHEDULERS  # one table
     for class_name in SCHEDULERS.values():
         getattr(diffusers, class_name).from_config(pipe.scheduler.config)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,12 +12,15 @@ import torch
 from pipeline import train as train_module
 from pipeline.evaluate import run_evaluate_stage
 from pipeline.models import load_deprojector
-from pipeline.params import MODEL_NAMES, ParamsError
+from pipeline.params import ParamsError
 from pipeline.train import train_model
 from tests.conftest import project_dir, small_params
 
 TRAIN = {"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0}
-TINY_MODELS = {"vicinity-batch": {"norm": "layer"}, "vicinity-individual": {"norm": "layer"}}
+# params.yaml's `models:` (run name -> type and hyperparameters), as a user writes it.
+TINY_MODELS = {"transformer": {"type": "transformer"},
+               "vicinity-batch": {"type": "vicinity-batch", "norm": "layer"},
+               "vicinity-individual": {"type": "vicinity-individual", "norm": "layer"}}
 
 
 @pytest.fixture
@@ -30,9 +32,9 @@ def project(tmp_path, base_dir, small_shards, monkeypatch):
     return work
 
 
-def params(**train):
-    p = small_params(train={**TRAIN, **train}, evaluate={"combination_pairs": 8})
-    return dataclasses.replace(p, models=TINY_MODELS)
+def params(models: dict | None = None, **train):
+    return small_params(train={**TRAIN, **train}, evaluate={"combination_pairs": 8},
+                        models=models or TINY_MODELS)
 
 
 def test_training_saves_a_loadable_model_and_a_loss_curve(project):
@@ -75,16 +77,21 @@ def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
 
 
 def test_unknown_model_setting_is_rejected_naming_the_key(project):
-    p = dataclasses.replace(params(), models={"vicinity-batch": {"vicinityy": 2}})
-    with pytest.raises(ParamsError, match=r"models\.vicinity-batch: .*'vicinityy'"):
-        train_model("vicinity-batch", p)
+    with pytest.raises(ParamsError, match=r"`models\.vicinity-batch\.vicinityy`"):
+        params({"vicinity-batch": {"type": "vicinity-batch", "vicinityy": 2}})
+    with pytest.raises(ParamsError, match=r"no `models\.vicinity-batch-v3` \(defined: transformer"):
+        train_model("vicinity-batch-v3", params())
 
 
 def test_evaluate_writes_every_metric_and_is_deterministic(project):
+    # A run added in params only (another vicinity-batch) is trained and scored like the rest.
+    runs = {**TINY_MODELS, "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2}}
+    MODEL_NAMES = tuple(runs)
     for name in MODEL_NAMES:
-        train_model(name, params(epochs=1))
-    first = run_evaluate_stage(params())
-    second = run_evaluate_stage(params())
+        train_model(name, params(runs, epochs=1))
+    assert load_deprojector(project / "models" / "vicinity-batch-v2").config.vicinity == 2
+    first = run_evaluate_stage(params(runs))
+    second = run_evaluate_stage(params(runs))
     assert first == second
     for name in ("null-baseline", *MODEL_NAMES):
         saved = json.loads((project / "reports" / "metrics" / f"{name}.json").read_text())

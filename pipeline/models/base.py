@@ -3,7 +3,10 @@
 A deprojector maps one pooled CLIP text embedding e [D] to the 77 x D last hidden state H.
 Position 0 of H is the same `sos` vector for every prompt, so it is prepended, not predicted.
 Inputs are taken relative to `null` (the pooled embedding of the empty prompt); outputs are
-absolute hidden states. Subclasses implement only `predict` and `generate_states`.
+absolute hidden states. An architecture is one module of this package: a config dataclass and
+a `Deprojector` subclass implementing `predict` (teacher-forced) and `generate_states` (its
+fast autoregressive path), decorated with `@register`. What it takes from the base CLIP text
+model is its own hook (`config_from_base`, `init_from_base`). See docs/architectures.md.
 """
 
 from __future__ import annotations
@@ -13,20 +16,25 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.activations import ACT2FN
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The base model's constants every deprojector carries (set_constants), by name.
+CONSTANTS = ("sos", "null", "deprojection")
+
+# Activations by the names CLIP's config uses for `hidden_act` ("quick_gelu", "gelu", ...).
+ACTIVATIONS = ACT2FN
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    # CLIP's activation: a cheap sigmoid approximation of GELU.
-    return x * torch.sigmoid(1.702 * x)
+def check_activation(name: str) -> None:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is unknown (known: {', '.join(ACTIVATIONS)})")
 
 
 Linear = Callable[..., torch.Tensor]  # (x, weight, bias) -> x @ weight.T + bias, like F.linear
@@ -44,8 +52,6 @@ def few_rows_linear(
     y = weight @ x_t if bias is None else torch.addmm(bias[:, None], weight, x_t)
     return y.T  # a transposed view; elementwise ops and the next call take it as it is
 
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 # Config fields are plain scalars; values arrive from YAML and JSON, so check them by type.
 _SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
@@ -89,9 +95,24 @@ class DeprojectorConfig:
         return cls(**d)
 
 
+ARCHITECTURES: dict[str, type[Deprojector]] = {}  # model_type -> class, filled by @register
+
+D_ = TypeVar("D_", bound="type[Deprojector]")
+
+
+def register(cls: D_) -> D_:
+    """Class decorator: make an architecture buildable and loadable by its `model_type`."""
+    if not cls.model_type or cls.model_type in ARCHITECTURES:
+        raise ValueError(f"{cls.__name__}: model_type {cls.model_type!r} is empty or taken")
+    ARCHITECTURES[cls.model_type] = cls
+    return cls
+
+
 class Deprojector(nn.Module):
-    model_type: str = ""  # set by each subclass; the key in pipeline.models.MODELS
+    model_type: str = ""  # set by each registered subclass; its key in ARCHITECTURES
     config_class: type[DeprojectorConfig] = DeprojectorConfig
+    # True: training passes the base CLIP text model to config_from_base and init_from_base.
+    uses_base_model: bool = False
 
     def __init__(self, config: DeprojectorConfig) -> None:
         super().__init__()
@@ -117,6 +138,32 @@ class Deprojector(nn.Module):
     def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
         """Autoregressive: e - null [B,D] -> s_1..s_76 [B,76,D], each fed back as input."""
         raise NotImplementedError
+
+    @classmethod
+    def config_from_base(cls, text_config: Any) -> dict[str, Any]:
+        """Hyperparameters taken from the base CLIP text model's config (params override)."""
+        return {}
+
+    def init_from_base(self, text_model: nn.Module) -> None:
+        """Start from the base CLIP text model's weights (no-op for a fresh architecture)."""
+
+    @classmethod
+    def tiny_config(cls) -> dict[str, Any]:
+        """Hyperparameters for tests and quick runs at a tiny width (D = 32)."""
+        return {}
+
+    def generate_states_naive(self, e_rel: torch.Tensor) -> torch.Tensor:
+        """Reference generation: re-run `predict` on the whole prefix for every position.
+
+        Quadratic, but plainly what generation means; `generate_states` must give the same.
+        """
+        prev = e_rel.new_zeros(e_rel.shape[0], 0, e_rel.shape[1])
+        states = []
+        for _ in range(self.config.num_positions - 1):
+            s = self.predict(e_rel, prev)[:, -1]
+            states.append(s)
+            prev = torch.cat([prev, (s - self.null)[:, None]], dim=1)
+        return torch.stack(states, dim=1)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -179,7 +226,7 @@ class Deprojector(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Deprojector:
         """Load any saved deprojector (dispatching on model_type), in eval mode."""
-        from pipeline.models import MODELS  # the registry imports this module
+        from pipeline.models import ARCHITECTURES  # filled once every architecture is imported
 
         folder = Path(path)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -187,12 +234,12 @@ class Deprojector(nn.Module):
                 raise FileNotFoundError(f"no deprojector in {folder}: {name} is missing")
         raw = json.loads((folder / CONFIG_FILE).read_text())
         model_type = raw.get("model_type")
-        if model_type not in MODELS:
+        if model_type not in ARCHITECTURES:
             raise ValueError(
                 f"{folder / CONFIG_FILE}: unknown model_type {model_type!r} "
-                f"(known: {', '.join(MODELS)})"
+                f"(known: {', '.join(ARCHITECTURES)})"
             )
-        model_class = MODELS[model_type]
+        model_class = ARCHITECTURES[model_type]
         if not issubclass(model_class, cls):
             raise ValueError(f"{folder} holds a {model_type!r} model, not a {cls.__name__}")
         model = model_class(model_class.config_class.from_dict(raw))

@@ -1,4 +1,6 @@
-"""Vicinity deprojectors (SPEC 2.2, 2.3): attention replaced by a network over a local window.
+"""Vicinity deprojectors: attention replaced by a network over a local window.
+
+See docs/architectures.md.
 
 The state at position i is predicted from e - null and the `vicinity` states just before i,
 s_{i-1} - null, ..., s_{i-v} - null. Where the window runs past position 1, zero vectors stand
@@ -29,7 +31,9 @@ from pipeline.models.base import (
     Deprojector,
     DeprojectorConfig,
     Linear,
+    check_activation,
     few_rows_linear,
+    register,
 )
 
 NORMS = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
@@ -53,10 +57,7 @@ class VicinityConfig(DeprojectorConfig):
             raise ValueError(f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
         if self.norm not in NORMS:
             raise ValueError(f"norm {self.norm!r} is unknown (known: {', '.join(NORMS)})")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(
-                f"activation {self.activation!r} is unknown (known: {', '.join(ACTIVATIONS)})"
-            )
+        check_activation(self.activation)
 
 
 class MLPBlock(nn.Module):
@@ -137,6 +138,7 @@ class VicinityDeprojector(Deprojector):
         return states
 
 
+@register
 class VicinityBatchDeprojector(VicinityDeprojector):
     """一括適用: one MLP over the concatenated embedding and window."""
 
@@ -156,6 +158,7 @@ class VicinityBatchDeprojector(VicinityDeprojector):
         return linear(self.act(z), self.proj.weight, self.proj.bias)
 
 
+@register
 class VicinityIndividualDeprojector(VicinityDeprojector):
     """個別適用: a separate linear map per input (one shared over the window), then the mix."""
 

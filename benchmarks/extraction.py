@@ -5,10 +5,11 @@ distinct text once) with the same batch size; the bare side is only the model fo
 pre-tokenised batches. Repeats are interleaved and the median ratio is reported, since this
 machine is noisy. Target: <= 1.15.
 
-Two cases: the builtin CLIP (`--base builtin`, or a hub id / folder), and `--clip-l`, a
-random-weight CLIPTextModelWithProjection with openai/clip-vit-large-patch14's text config
-(D = 768, 12 layers) and the builtin tokenizer, whose shard bytes per row and captions per
-second give the article-scale (50,000 captions) extrapolation.
+Two cases: the base.clip of `--base` (default `builtin`: the world stage's models/world/clip;
+or a hub id / folder), and `--clip-l`, a random-weight CLIPTextModelWithProjection with
+openai/clip-vit-large-patch14's text config (D = 768, 12 layers) and a BPE tokenizer trained on
+the builtin captions, whose shard bytes per row and captions per second give the
+article-scale (50,000 captions) extrapolation.
 
     python benchmarks/extraction.py [--captions 1000] [--repeats 5] [--json]
     python benchmarks/extraction.py --clip-l [--captions 64] [--repeats 1]
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.base_models import ClipText, build_builtin, load_clip
+from pipeline.base_models import ClipText, load_clip
 from pipeline.builtin_captions import generate_captions
 from pipeline.clip_encode import encode_tokens, token_ids, tokenize
 from pipeline.extract import compute_constants, extract_split, plan_rows
@@ -40,14 +41,12 @@ CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
 
 
 def clip_l_random() -> ClipText:
-    """CLIP-L's text tower with random weights and the builtin tokenizer (ids < 49408)."""
+    """CLIP-L's text tower with random weights and a 2,048-token BPE (ids < 49408)."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    try:
-        from pipeline.base_models import build_builtin_tokenizer
-    except ImportError:  # the builder moves with the trained world
-        from pipeline.world.tokenizer import build_builtin_tokenizer
-    tokenizer = build_builtin_tokenizer(0)
+    from pipeline.world.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(generate_captions(20_000, seed=1), 2048)
     config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=tokenizer.pad_token_id, **CLIP_L_TEXT)
@@ -92,7 +91,13 @@ def measure(clip: ClipText, base: str, captions: int, repeats: int, batch: int =
         else:  # a large model: one small forward warms the kernels
             tok = tokenize(clip, shard_texts[0][:8])
             encode_tokens(clip, tok["input_ids"], tok["attention_mask"])
-        pairs = [(extract(), bare()) for _ in range(repeats)]
+        pairs = []
+        for k in range(repeats):  # alternate which side runs first
+            if k % 2:
+                b = bare()
+                pairs.append((extract(), b))
+            else:
+                pairs.append((extract(), bare()))
         shard_bytes = sum(f.stat().st_size for f in (work / "shards").glob("*.arrow"))
         extract_s = statistics.median(e for e, _ in pairs)
         return {
@@ -119,15 +124,8 @@ def article_scale(result: dict, captions: int = ARTICLE_CAPTIONS) -> dict:
 
 
 def run(captions: int = 1000, repeats: int = 5, base: str = "builtin") -> dict:
-    """The builtin CLIP (or the base.clip `base`): the stage's own model."""
-    work = Path(tempfile.mkdtemp(prefix="bench-base-"))
-    try:
-        if base == "builtin":
-            build_builtin(work / "base", seed=0)
-        clip = load_clip(base, base_dir=work / "base")
-        return measure(clip, base, captions, repeats)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    """The base.clip `base` (builtin: models/world/clip, built by `deprojector world`)."""
+    return measure(load_clip(base), base, captions, repeats)
 
 
 def run_clip_l(captions: int = 64, repeats: int = 1) -> dict:

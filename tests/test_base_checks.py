@@ -286,3 +286,50 @@ def test_evaluate_refuses_deprojectors_of_another_width(tmp_path, models, monkey
     result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml")])
     assert_known_error(result, "trained for D=16", f"base model has D={WIDTH}",
                        "retrain it or set base.clip to its base model")
+
+
+def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
+    """`folder` as the Hugging Face cache holds a download of `repo`: blobs named by their
+    sha256, a snapshot of symlinks to them, refs/main naming the snapshot."""
+    import hashlib
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    commit = "0" * 40
+    (root / "blobs").mkdir(parents=True)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    for path in folder.iterdir():
+        blob = hashlib.sha256(path.read_bytes()).hexdigest()
+        shutil.copyfile(path, root / "blobs" / blob)
+        (root / "snapshots" / commit / path.name).symlink_to(f"../../blobs/{blob}")
+
+
+def test_hub_ids_are_checked_and_fingerprinted_from_the_local_cache(tmp_path, models,
+                                                                    monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache, "tiny-org/tiny-clip", models["clip"])
+    fake_hub_cache(cache, "tiny-org/text-encoder-only", models["sd"] / "text_encoder")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    result, out = run_base(tmp_path, "tiny-org/tiny-clip", models["sd"])
+    assert result.exit_code == 0, result.output
+    files = json.loads(out.read_text())["files"]
+    assert files["clip/model.safetensors"].startswith("etag:")  # the blob name, not re-hashed
+    result, _ = run_base(tmp_path, "tiny-org/text-encoder-only", models["sd"])
+    assert_known_error(result, "models--tiny-org--text-encoder-only", "has no tokenizer files")
+
+
+def test_dvc_reruns_the_users_of_the_base_models_when_the_fingerprint_changes():
+    """dvc.yaml: `base` always runs and writes models/base.json; the stages that load the
+    base models depend on that file, not on the folder names in params.yaml."""
+    stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
+    base = stages["base"]
+    assert base["always_changed"] is True
+    assert base["outs"] == [{"models/base.json": {"cache": False}}]
+    for name in ("captions", "extract"):
+        assert "models/base.json" in stages[name]["deps"], name
+    for name, stage in stages.items():
+        assert "models/base" not in stage.get("deps", stage.get("do", {}).get("deps", [])), name

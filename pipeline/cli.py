@@ -328,10 +328,15 @@ def generate_command(
 def bench_command(
     repeats: int = typer.Option(3, min=1, help="Repeats per measurement; medians are quoted."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    clip_l_captions: int = typer.Option(
+        64, min=0, help="Captions of the CLIP-L-width extraction case (0 skips it; about a "
+        "minute per repeat per 64 captions on a 2-core CPU)."),
 ) -> None:
     """Run every benchmark in this process and print ratios (medians over repeats).
 
-    1. extraction wall time / bare CLIP text-encoder forward (target <= 1.15);
+    1. extraction wall time / bare CLIP text-encoder forward (target <= 1.15), with the builtin
+       CLIP and with a random-weight CLIP-L text tower (D=768), whose captions per second and
+       shard bytes per row are extrapolated to the article's 50,000 captions;
     2. a training epoch streamed from shards / the same steps on in-memory tensors (<= 1.10);
     3. at CLIP-L sizes (D=768, random weights), batch 16: each model's generate / the encoder
        forward (<= 0.25), and the transformer's key/value-cached vs naive generation (>= 15);
@@ -345,6 +350,8 @@ def bench_command(
     _quiet_libraries()
     results = {
         "extraction": extraction.run(repeats=repeats),
+        **({"extraction_clip_l": extraction.run_clip_l(clip_l_captions, repeats)}
+           if clip_l_captions else {}),
         "generation": generation.run(batch=16, repeats=repeats),
         "training": training.run(repeats=repeats),
     }

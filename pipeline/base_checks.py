@@ -21,7 +21,10 @@ from pipeline.base_models import BASE_DIR, BaseModelError, ClipText, load_clip, 
 
 CLIP_CHECKPOINT = "openai/clip-vit-large-patch14"  # the CLIP SD 1.x's text encoder was cut from
 MIN_CLIP_VOCAB = 2 * 256 + 2  # the 256 bytes, the same with `</w>`, BOS and EOS
-WEIGHT_STEMS = ("model", "diffusion_pytorch_model")  # what from_pretrained reads by default
+# What from_pretrained reads by default (transformers, diffusers), safetensors first; each
+# may be sharded with a NAME.index.json beside it.
+WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
+                "pytorch_model.bin", "diffusion_pytorch_model.bin")
 SKIPPED_SD_PARTS = {"safety_checker"}  # loaded with safety_checker=None
 PROBE_PROMPTS = ("a red circle on a white background", "two dogs playing in the snow")
 # Files over this size are fingerprinted by size + first and last MiB (a multi-GB checkpoint
@@ -52,14 +55,13 @@ def check_tokenizer_files(folder: Path, name: str) -> None:
 
 def weight_files(folder: Path) -> list[Path]:
     """The weight files `from_pretrained` reads from `folder` (safetensors preferred)."""
-    for suffix in (".safetensors", ".bin"):
-        for stem in WEIGHT_STEMS:
-            index = folder / f"{stem}{suffix}.index.json"
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [folder / shard for shard in shards]
-            if (folder / f"{stem}{suffix}").is_file():
-                return [folder / f"{stem}{suffix}"]
+    for name in WEIGHT_NAMES:
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / shard for shard in shards]
+        if (folder / name).is_file():
+            return [folder / name]
     return []
 
 
@@ -73,7 +75,7 @@ def weight_names(folder: Path) -> set[str]:
             with safe_open(str(path), framework="pt") as f:
                 names.update(f.keys())
         else:
-            names.update(torch.load(path, map_location="meta", weights_only=True, mmap=True))
+            names.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
     return names
 
 

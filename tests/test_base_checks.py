@@ -333,3 +333,32 @@ def test_dvc_reruns_the_users_of_the_base_models_when_the_fingerprint_changes():
         assert "models/base.json" in stages[name]["deps"], name
     for name, stage in stages.items():
         assert "models/base" not in stage.get("deps", stage.get("do", {}).get("deps", [])), name
+
+
+def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, models):
+    """pytorch_model.bin and model.safetensors.index.json checkpoints are read too."""
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.base_checks import check_text_projection, weight_files
+    from pipeline.base_models import BaseModelError
+
+    tensors = load_file(models["clip"] / "model.safetensors")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(tensors, binary / "pytorch_model.bin")
+    check_text_projection(binary, "bin")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2],
+              "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(sharded / shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}))
+    assert [p.name for p in weight_files(sharded)] == sorted(halves)
+    check_text_projection(sharded, "sharded")
+    torch.save({k: v for k, v in tensors.items() if "text_projection" not in k},
+               binary / "pytorch_model.bin")
+    with pytest.raises(BaseModelError, match=r"no text_projection weights \(in pytorch_model"):
+        check_text_projection(binary, "bin")

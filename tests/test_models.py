@@ -28,6 +28,12 @@ CASES = [(name, tiny(name)) for name in ARCHITECTURES] + [
     ("vicinity-individual", {"norm": "layer", "mlp_layers": 2, "vicinity": 5}),
     ("transformer", {**tiny("transformer"), "freeze": "qkvo", "position": "residual",
                      "position_init_std": 0.02}),
+    ("vicinity-transformer", {**tiny("vicinity-transformer"), "vicinity_block": "gate",
+                              "vicinity": 3}),
+    ("vicinity-transformer", {**tiny("vicinity-transformer"), "vicinity_block": "mlp",
+                              "num_layers": 1, "vicinity": 1}),
+    ("lstm", {"cell": "layernorm", "num_layers": 2}),
+    ("lstm", {"num_layers": 1}),
 ]
 CASE_IDS = [f"{name}-{i}" for i, (name, _) in enumerate(CASES)]
 
@@ -360,3 +366,50 @@ def test_activations_are_clips_by_name() -> None:
     x = torch.linspace(-3, 3, 7)
     torch.testing.assert_close(ACTIVATIONS["quick_gelu"](x), x * torch.sigmoid(1.702 * x))
     assert {"quick_gelu", "gelu"} <= set(ACTIVATIONS)
+
+
+# --- vicinity-transformer and LSTM ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", ["linear", "mlp", "gate"])
+def test_vicinity_transformer_starts_as_clips_last_layers(block: str) -> None:
+    from pipeline.models.vicinity_transformer import VicinityTransformerDeprojector
+
+    clip = tiny_clip().text_model
+    model = build_deprojector("vicinity-transformer", D, P, make_constants()[0], base=clip,
+                              num_layers=2, vicinity_block=block)
+    assert isinstance(model, VicinityTransformerDeprojector)
+    for ours, theirs in zip(model.layers, clip.encoder.layers, strict=True):
+        assert torch.equal(ours.q_proj.weight, theirs.self_attn.q_proj.weight)
+        assert torch.equal(ours.out_proj.bias, theirs.self_attn.out_proj.bias)
+        assert torch.equal(ours.fc2.weight, theirs.mlp.fc2.weight)
+        assert torch.equal(ours.ln_out.weight, clip.final_layer_norm.weight)
+        # The vicinity block adds nothing yet, whatever the window holds.
+        assert not ours.vicinity(torch.randn(5, D * 3)).any()
+
+
+def test_vicinity_transformer_sees_embedding_and_window_only_through_its_inputs() -> None:
+    model = make_model("vicinity-transformer", **tiny("vicinity-transformer"))
+    e, hidden = embeds(), torch.randn(3, N, D)
+    i = 30
+    later = hidden.clone()
+    later[:, i:] += torch.randn(3, N - i, D)  # s_i and after: causal, must not matter
+    with torch.no_grad():
+        out = model(e, hidden)
+        torch.testing.assert_close(model(e, later)[:, : i], out[:, : i], atol=1e-6, rtol=0)
+        assert not torch.allclose(model(e, later)[:, i + 1], out[:, i + 1])
+
+
+def test_lstm_starts_from_the_embedding() -> None:
+    model = make_model("lstm", num_layers=1)
+    e = embeds()
+    with torch.no_grad():
+        h0, c0 = model._start(e - model.null)
+    torch.testing.assert_close(h0[0], e - model.null)
+    assert not c0.any()
+
+
+def test_lstm_final_norm_from_clip() -> None:
+    clip = tiny_clip()
+    model = build_deprojector("lstm", D, P, make_constants()[0], base=clip)
+    assert torch.equal(model.ln_final.weight, clip.text_model.final_layer_norm.weight)

@@ -96,9 +96,12 @@ def check_text_projection(folder: Path, name: str) -> None:
 
 
 def check_clip_folder(folder: Path, name: str) -> None:
-    """The static checks, run before transformers gets a chance to load a wrong folder."""
-    check_tokenizer_files(folder, name)
+    """The static checks, run before transformers gets a chance to load a wrong folder.
+
+    The projection first: SD's text_encoder folder lacks tokenizer files too, and "no
+    projection, use the CLIP it was cut from" is the advice that fixes both."""
     check_text_projection(folder, name)
+    check_tokenizer_files(folder, name)
 
 
 # --- checks of the loaded models ----------------------------------------------------------

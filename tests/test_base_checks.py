@@ -168,16 +168,16 @@ def test_clip_model_folder_without_tokenizer_files(tmp_path, models):
 
 
 def test_text_encoder_without_projection(tmp_path, models):
-    # SD's own text_encoder folder: a CLIPTextModel, no text_projection.
-    result, _ = run_base(tmp_path, models["sd"] / "text_encoder", models["sd"])
-    # (the SD text_encoder folder has no tokenizer files either: that is reported first)
-    assert_known_error(result, "has no tokenizer files")
-    folder = save_clip(tmp_path / "text-encoder", model_class=CLIPTextModel)
-    result, _ = run_base(tmp_path, folder, models["sd"])
-    assert_known_error(result, f"base.clip: '{folder}' has no text_projection weights",
-                       "initialise the projection at random",
-                       "Stable Diffusion's text_encoder folder",
-                       "openai/clip-vit-large-patch14 for SD 1.x")
+    # SD's own text_encoder folder: a CLIPTextModel, no text_projection (and no tokenizer).
+    sd_text_encoder = models["sd"] / "text_encoder"
+    # A text encoder with tokenizer files beside it.
+    with_tokenizer = save_clip(tmp_path / "text-encoder", model_class=CLIPTextModel)
+    for folder in (sd_text_encoder, with_tokenizer):
+        result, _ = run_base(tmp_path, folder, models["sd"])
+        assert_known_error(result, f"base.clip: '{folder}' has no text_projection weights",
+                           "(in model.safetensors)", "initialise the projection at random",
+                           "Stable Diffusion's text_encoder folder",
+                           "openai/clip-vit-large-patch14 for SD 1.x")
 
 
 def test_unet_of_another_width(tmp_path, models):
@@ -319,7 +319,11 @@ def test_hub_ids_are_checked_and_fingerprinted_from_the_local_cache(tmp_path, mo
     files = json.loads(out.read_text())["files"]
     assert files["clip/model.safetensors"].startswith("etag:")  # the blob name, not re-hashed
     result, _ = run_base(tmp_path, "tiny-org/text-encoder-only", models["sd"])
-    assert_known_error(result, "models--tiny-org--text-encoder-only", "has no tokenizer files")
+    assert_known_error(result, "'tiny-org/text-encoder-only' has no text_projection weights")
+    shutil.rmtree(cache / "models--tiny-org--tiny-clip")  # gone from the cache, and offline
+    result, _ = run_base(tmp_path, "tiny-org/tiny-clip", models["sd"])
+    assert_known_error(result, "Hub is not reachable (offline)", "hf download tiny-org/tiny-clip",
+                       lines=2)
 
 
 def test_dvc_reruns_the_users_of_the_base_models_when_the_fingerprint_changes():

@@ -36,6 +36,11 @@ EDGE = 2**20
 
 # --- static checks of a CLIP folder (cheap: file names and safetensors headers) -------------
 
+def _named(folder: Path, name: str) -> str:
+    """Name base.clip beside the folder where they differ (builtin, a hub snapshot)."""
+    return "" if str(folder) == name else f" (base.clip = {name!r})"
+
+
 def has_tokenizer_files(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
@@ -44,7 +49,7 @@ def has_tokenizer_files(folder: Path) -> bool:
 def check_tokenizer_files(folder: Path, name: str) -> None:
     if not has_tokenizer_files(folder):
         raise BaseModelError(
-            f"base.clip: the folder {str(folder)!r} (base.clip = {name!r}) has no tokenizer "
+            f"base.clip: the folder {str(folder)!r}{_named(folder, name)} has no tokenizer "
             f"files: a CLIP tokenizer needs tokenizer.json, or vocab.json and merges.txt "
             f"(with tokenizer_config.json and special_tokens_map.json). Without them "
             f"transformers makes a 2-token tokenizer that maps every character to one id. "
@@ -83,8 +88,8 @@ def check_text_projection(folder: Path, name: str) -> None:
     files = weight_files(folder)
     if not files:
         raise BaseModelError(
-            f"base.clip: the folder {str(folder)!r} (base.clip = {name!r}) has no weights "
-            f"(model.safetensors, its .index.json, or pytorch_model.bin)")
+            f"base.clip: the folder {str(folder)!r}{_named(folder, name)} has no weights "
+            f"({', '.join(WEIGHT_NAMES[::2])} or their .index.json)")
     if not any(n.endswith("text_projection.weight") for n in weight_names(folder)):
         raise BaseModelError(
             f"base.clip: {name!r} has no text_projection weights (in "

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_path
 from pipeline.base_models import MAX_LENGTH, load_tokenizer
 from pipeline.builtin_captions import generate_captions
 from pipeline.params import Params
@@ -207,9 +208,8 @@ def write_captions(out_dir: Path, captions: list[str], train: list[int], test: l
             "id": pa.array(indices, pa.int64()),
             "text": pa.array([captions[i] for i in indices], pa.string()),
         })
-        tmp = out_dir / f".{name}.parquet.tmp"
-        pq.write_table(table, tmp)
-        tmp.replace(out_dir / f"{name}.parquet")
+        with atomic_path(out_dir / f"{name}.parquet") as tmp:
+            pq.write_table(table, tmp)
     (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
 

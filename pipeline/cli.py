@@ -343,9 +343,10 @@ def bench_command(
     4. at CLIP-L sizes, batch 100: each model's training step / a plain reference
        implementation of the same math (<= 1.0);
     5. peak anonymous memory (RssAnon) of a training epoch over 4N rows / over N rows (<= 1.2).
-    The code lives in benchmarks/ (each file also runs alone); the machine must be quiet.
+    The code lives in pipeline/benchmarks/ (each module also runs alone with
+    `python -m pipeline.benchmarks.NAME`); the machine must be quiet.
     """
-    from benchmarks import extraction, generation, training
+    from pipeline.benchmarks import extraction, generation, training
 
     _quiet_libraries()
     results = {

@@ -32,6 +32,11 @@ def token_ids(clip: ClipText, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in clip.raw_tokenizer.encode_batch(texts)]
 
 
+def token_counts(clip: ClipText, texts: list[str]) -> list[int]:
+    """Tokens of each text, BOS and EOS included, before truncation (CLIP keeps MAX_LENGTH)."""
+    return [len(ids) for ids in token_ids(clip, texts)]
+
+
 def tokenize(clip: ClipText, texts: list[str]) -> dict[str, torch.Tensor]:
     """As `tokenizer(texts, padding="max_length", max_length=77, truncation=True)`."""
     eos, pad = clip.tokenizer.eos_token_id, clip.tokenizer.pad_token_id

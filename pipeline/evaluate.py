@@ -17,9 +17,16 @@ from tqdm import tqdm
 from pipeline.base_checks import check_deprojector_fits
 from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
 from pipeline.captions import read_split
-from pipeline.clip_encode import encode_texts
+from pipeline.clip_encode import encode_texts, token_counts
+from pipeline.conventions import combine_embeddings
 from pipeline.jsonio import write_json
-from pipeline.losses import cosine_per_position, mse, weighted_mse
+from pipeline.losses import (
+    cosine_per_position,
+    masked_cosine,
+    mse,
+    predicted_in_mask,
+    weighted_mse,
+)
 from pipeline.models import Deprojector, load_deprojector
 from pipeline.params import Params
 from pipeline.shards import ShardReader, load_constants
@@ -45,8 +52,7 @@ class Scores:
         self.sums["weighted_mse"] += weighted_mse(pred, target, mask, mask_weight).item() * n
         cos = cosine_per_position(pred, target)
         self.cosine += cos.sum(dim=0).cpu()
-        inside = mask.clone()
-        inside[:, 0] = 0  # position 0 (sos) is prepended, never predicted
+        inside = predicted_in_mask(mask)
         self.masked_cosine += (cos * inside).sum().item()
         self.masked_count += inside.sum().item()
 
@@ -88,15 +94,9 @@ def combination_pairs(captions: list[str], count: int, seed: int, clip: ClipText
         if len(pairs) == count or len(captions) < 2:
             break
         a, b = rng.sample(captions, 2)
-        if len(clip.tokenizer(f"{a} {b}", truncation=False)["input_ids"]) <= MAX_LENGTH:
+        if token_counts(clip, [f"{a} {b}"])[0] <= MAX_LENGTH:
             pairs.append((a, b))
     return pairs
-
-
-def masked_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    inside = mask.float().clone()
-    inside[:, 0] = 0
-    return ((cosine_per_position(pred, target) * inside).sum() / inside.sum()).item()
 
 
 @torch.no_grad()
@@ -106,11 +106,11 @@ def combination_scores(models: dict[str, Deprojector], pairs: list, clip: ClipTe
     a = encode_texts(clip, [p[0] for p in pairs])
     b = encode_texts(clip, [p[1] for p in pairs])
     joined = encode_texts(clip, [f"{x} {y}" for x, y in pairs])
-    embeds = (a.pooled - null) + (b.pooled - null) + null
-    blend = masked_cosine((a.hidden + b.hidden) / 2, joined.hidden, joined.mask)
+    embeds = combine_embeddings(torch.stack([a.pooled, b.pooled], dim=1), null)
+    blend = masked_cosine((a.hidden + b.hidden) / 2, joined.hidden, joined.mask).item()
     return {
         name: {"deprojector_cosine": masked_cosine(model.generate(embeds), joined.hidden,
-                                                   joined.mask),
+                                                   joined.mask).item(),
                "blend_cosine": blend, "pairs": len(pairs)}
         for name, model in models.items()
     }

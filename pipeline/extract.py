@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
 from pipeline.captions import read_split
-from pipeline.clip_encode import encode_texts, encode_tokens, token_ids, tokenize
+from pipeline.clip_encode import encode_texts, encode_tokens, token_counts, tokenize
+from pipeline.conventions import combine_embeddings
 from pipeline.params import Params
 from pipeline.shards import (
     SEQ_LEN,
@@ -133,9 +134,8 @@ def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype:
 
     embeds = np.empty((len(rows), width), np.float32)
     for r, row in enumerate(rows):
-        parts = [pooled[index[p]] for p in row.parts]
-        # Σ(e_k − null) + null; for a single part this is e itself.
-        embeds[r] = (sum(p - null for p in parts) + null).numpy()
+        parts = torch.stack([pooled[index[p]] for p in row.parts])
+        embeds[r] = combine_embeddings(parts, null).numpy()
     target_rows = np.array([target_slot[index[r.target_text]] for r in rows])
     target_texts = np.array([index[r.target_text] for r in rows])
     value_type = schema.field("hidden").type.value_type.value_type
@@ -171,7 +171,7 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
     e, a = params.extract, params.augment
     rows, skipped = plan_rows(
         captions, a.split, a.combine, split_seed,
-        lambda texts: [len(ids) for ids in token_ids(clip, texts)],
+        lambda texts: token_counts(clip, texts),
     )
     width = clip.hidden_size
     context = {"base": params.base.clip, "base_digest": model_digest(clip), "dtype": e.dtype,

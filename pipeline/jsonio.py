@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from pipeline.atomic import atomic_path
 
 SIGNIFICANT_DIGITS = 6
 
@@ -40,12 +41,5 @@ def dumps(data: Any, indent: int = 2) -> str:
 def write_json(path: Path, data: Any, indent: int = 2) -> None:
     """Write `data` to `path` (parents created) atomically: a temporary file in the same
     folder, renamed over `path` when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(dumps(data, indent), encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -43,3 +43,16 @@ def cosine_per_position(pred: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     """[B, 77] cosine similarity along D."""
     target = _check(pred, target)
     return F.cosine_similarity(pred.float(), target.float(), dim=-1)
+
+
+def predicted_in_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, 77] float: 1 at the in-mask positions a deprojector predicts (1..n; not sos)."""
+    inside = mask.float().clone()
+    inside[:, 0] = 0.0
+    return inside
+
+
+def masked_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over the in-mask positions 1..n of every row."""
+    inside = predicted_in_mask(mask)
+    return (cosine_per_position(pred, target) * inside).sum() / inside.sum()

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.base_models import MAX_LENGTH, ClipText
-from pipeline.clip_encode import encode_texts
+from pipeline.clip_encode import encode_texts, token_ids
+from pipeline.conventions import combine_embeddings
 from pipeline.models import Deprojector
 
 
@@ -40,7 +41,7 @@ def split_prompt(prompt: str) -> list[str]:
 
 def truncated_text(clip: ClipText, text: str) -> str:
     """The words of `text` beyond CLIP's 75-token limit ("" if it fits)."""
-    ids = clip.tokenizer(text, truncation=False)["input_ids"]
+    ids = token_ids(clip, [text])[0]
     if len(ids) <= MAX_LENGTH:
         return ""
     # ids = BOS, tokens..., EOS; the encoder keeps BOS, 75 tokens and puts EOS last.
@@ -82,7 +83,7 @@ def conditioning(
     if combine:
         info = ConditioningInfo("combined", parts)
         pooled = _encode(clip, parts, info)[0].to(null)
-        embeds = (pooled - null).sum(dim=0, keepdim=True) + null
+        embeds = combine_embeddings(pooled, null)[None]
     else:
         info = ConditioningInfo("whole", [prompt])
         embeds = _encode(clip, [prompt], info)[0].to(null)

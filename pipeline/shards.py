@@ -7,7 +7,6 @@ so both `datasets` and plain pyarrow open them without loading a split into RAM.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +16,10 @@ import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_path
+from pipeline.conventions import CONSTANT_NAMES
+
 SEQ_LEN = 77
-CONSTANT_NAMES = ("sos", "null", "deprojection")
 
 
 class ShardError(RuntimeError):
@@ -50,13 +51,10 @@ def shard_path(split_dir: Path, index: int) -> Path:
 
 def write_shard_atomic(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
     """Write to a temporary name, fsync, then rename: no half-written shard is ever visible."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+            pa.ipc.new_stream(sink, schema) as writer:
         for batch in batches:
             writer.write_batch(batch)
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def open_shard(path: Path) -> pa.Table:

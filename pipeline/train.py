@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_path
 from pipeline.base_models import load_clip
 from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
@@ -139,12 +140,10 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         log(accelerator, f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
                          f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
         if accelerator.is_main_process:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                        "history": history, "best": best}, tmp)
-            tmp.replace(checkpoint)
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                            "history": history, "best": best}, tmp)
 
     if accelerator.is_main_process:
         model.load_state_dict(best["state"])

@@ -61,3 +61,43 @@ def test_cosine_per_position() -> None:
     torch.testing.assert_close(cosine_per_position(-target, target), -torch.ones(2, N))
     torch.testing.assert_close(cosine_per_position(3 * target, target.half()), torch.ones(2, N),
                                atol=1e-3, rtol=0)
+
+
+def test_masked_cosine_averages_the_predicted_in_mask_positions() -> None:
+    from pipeline.losses import masked_cosine, predicted_in_mask
+
+    mask = mask_of([3, 1])  # row 0: sos + 2 positions; row 1: sos only
+    target = torch.randn(2, N, 8)
+    pred = target.clone()
+    pred[0, 2] = -target[0, 2]  # cosine -1 at one of the 3 counted positions
+    pred[:, 0] = -target[:, 0]  # sos is never counted
+    pred[:, 3:] = torch.randn(2, N - 3, 8)  # padding is not counted
+    assert predicted_in_mask(mask).sum() == 2
+    torch.testing.assert_close(masked_cosine(pred, target, mask), torch.tensor(0.0))
+
+
+def test_combine_embeddings_adds_parts_relative_to_null() -> None:
+    from pipeline.conventions import combine_embeddings
+
+    null, a, b = torch.randn(3, 8)
+    torch.testing.assert_close(combine_embeddings(torch.stack([a, b]), null), a + b - null)
+    torch.testing.assert_close(combine_embeddings(a[None], null), a)  # one part: itself
+    batch = torch.stack([torch.stack([a, b]), torch.stack([b, b])])  # [2, K=2, D]
+    torch.testing.assert_close(combine_embeddings(batch, null)[1], 2 * b - null)
+
+
+def test_atomic_path_replaces_only_when_complete(tmp_path) -> None:
+    import pytest
+
+    from pipeline.atomic import atomic_path
+
+    target = tmp_path / "sub" / "x.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("one")
+        assert not target.exists()
+    assert target.read_text() == "one"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "one"
+    assert list(target.parent.iterdir()) == [target]  # no temporary file left

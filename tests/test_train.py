@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from pipeline import train as train_module
 from pipeline.evaluate import run_evaluate_stage
-from pipeline.models import load_deprojector
+from pipeline.models import ARCHITECTURES, load_deprojector
 from pipeline.params import ParamsError
 from pipeline.train import train_model
 from tests.conftest import project_dir, small_params
@@ -129,3 +130,25 @@ def test_two_process_training_matches_one_process(project):
     for a, b in zip(single, double, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
+def test_every_architecture_trains_end_to_end_through_the_cli(project, architecture):
+    """`deprojector train NAME` for a run of each registered architecture at its defaults
+    (shaped by the base model), one epoch on the small shards."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.conftest import SMALL
+
+    run = f"my-{architecture}"
+    raw = {**SMALL, "train": {**TRAIN, "epochs": 1}, "models": {run: {"type": architecture}}}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["train", run])
+    assert result.exit_code == 0, result.output
+    model = load_deprojector(project / "models" / run)
+    assert model.model_type == architecture
+    history = json.loads((project / "reports" / "train" / f"{run}.json").read_text())
+    assert len(history) == 1 and math.isfinite(history[0]["test_loss"])
+    assert torch.isfinite(model.generate(torch.randn(2, model.config.hidden_size))).all()

@@ -1,1 +1,2 @@
-"""Benchmarks of the pipeline's stages; each file runs on its own (`python benchmarks/X.py`)."""
+"""Benchmarks of the pipeline's stages; each module also runs on its own
+(`python -m pipeline.benchmarks.X`, with --help)."""

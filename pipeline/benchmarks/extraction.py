@@ -11,8 +11,8 @@ openai/clip-vit-large-patch14's text config (D = 768, 12 layers) and a BPE token
 the builtin captions, whose shard bytes per row and captions per second give the
 article-scale (50,000 captions) extrapolation.
 
-    python benchmarks/extraction.py [--captions 1000] [--repeats 5] [--json]
-    python benchmarks/extraction.py --clip-l [--captions 64] [--repeats 1]
+    python -m pipeline.benchmarks.extraction [--captions 1000] [--repeats 5] [--json]
+    python -m pipeline.benchmarks.extraction --clip-l [--captions 64] [--repeats 1]
 """
 
 from __future__ import annotations

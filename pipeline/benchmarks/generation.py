@@ -4,7 +4,7 @@ A deprojector replaces one CLIP text encoder call in image generation, so its ge
 is reported relative to the encoder's forward pass (target: <= 0.25), and the transformer's
 key/value cache against re-running the prefix each step (target: speedup >= 15).
 
-    python benchmarks/generation.py [--batch 16] [--repeats 5] [--threads N] [--json]
+    python -m pipeline.benchmarks.generation [--batch 16] [--repeats 5] [--threads N] [--json]
 
 On a shared machine, other processes slow the many small steps of generation far more than
 the encoder's large matmuls (the threads of each small op wait for each other); compare
@@ -16,16 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from pipeline.models import ARCHITECTURES, build_deprojector  # noqa: E402
+from pipeline.models import ARCHITECTURES, build_deprojector
 
 D, LAYERS, HEADS, INTERMEDIATE, POSITIONS, VOCAB = 768, 12, 12, 3072, 77, 49408
 

@@ -21,7 +21,7 @@
 Every timed comparison interleaves its variants within each repeat (alternating which goes
 first) and reports the median of the per-repeat ratios, since this machine is noisy.
 
-    python benchmarks/training.py [--repeats 3] [--threads N] [--json]
+    python -m pipeline.benchmarks.training [--repeats 3] [--threads N] [--json]
 
 On a shared 2-core machine, torch's default of 2 threads makes every op wait for the thread
 that lost its core to another process: small ops run several times slower and vary more,
@@ -49,11 +49,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-
-from pipeline.losses import weighted_mse  # noqa: E402
-from pipeline.models import Deprojector, build_deprojector  # noqa: E402
-from pipeline.shards import SEQ_LEN, Batch, ShardReader  # noqa: E402
+from pipeline.losses import weighted_mse
+from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector
+from pipeline.shards import SEQ_LEN, Batch, ShardReader
 
 BATCH = 100
 LR = 1e-3
@@ -62,13 +60,11 @@ TARGETS = {"input_overhead": 1.10, "step": 1.0, "memory": 1.2}
 
 # Item 1 and 3: the pipeline's vicinity-batch (params.yaml uses LayerNorm) on builtin data.
 SMALL_MODEL = ("vicinity-batch", {"vicinity": 3, "norm": "layer"})
-# Item 2: CLIP ViT-L/14 text sizes.
-D_L, HEADS_L, INTERMEDIATE_L = 768, 12, 3072
-STEP_MODELS = {
-    "transformer": {"num_heads": HEADS_L, "intermediate_size": INTERMEDIATE_L},
-    "vicinity-batch": {"vicinity": 3, "norm": "batch"},
-    "vicinity-individual": {"vicinity": 3, "norm": "batch"},
-}
+# Item 2: CLIP ViT-L/14 text sizes; every registered architecture at its defaults (which are
+# CLIP-L's shape), the vicinity models with the article's window and BatchNorm.
+D_L = 768
+STEP_OVERRIDES = {"vicinity-batch": {"vicinity": 3, "norm": "batch"},
+                  "vicinity-individual": {"vicinity": 3, "norm": "batch"}}
 
 
 # --- the training step (as pipeline.train.train_model runs it) ------------------------------
@@ -108,7 +104,7 @@ def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str,
 def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor], int]:
     """Builtin base models and the shards of `captions` builtin captions (one split)."""
     from pipeline.base_models import build_builtin, load_clip
-    from pipeline.builtin_captions import generate_captions
+    from pipeline.world.scenes import generate_captions
     from pipeline.extract import compute_constants, extract_split
     from pipeline.params import parse_params
 
@@ -287,14 +283,112 @@ class PlainVicinity(nn.Module):
         return torch.cat([self.sos.expand(B, 1, D), out], dim=1)
 
 
+class PlainVicinityTransformer(nn.Module):
+    """The vicinity-transformer written out: explicit masked attention per layer, every
+    slot's window concat(e, s_{t-1}, ..., s_{t-v}) gathered in a Python loop."""
+
+    def __init__(self, D: int, heads: int, intermediate: int, layers: int, v: int,
+                 eps: float = 1e-5) -> None:
+        super().__init__()
+        self.heads, self.v = heads, v
+        self.register_buffer("sos", torch.zeros(D))
+        self.register_buffer("null", torch.zeros(D))
+        self.ln_embed = nn.LayerNorm(D, eps=eps)
+        self.position_embedding = nn.Parameter(torch.zeros(SEQ_LEN, D))
+        self.layers = nn.ModuleList()
+        for _ in range(layers):
+            layer = nn.Module()
+            layer.ln1, layer.ln2, layer.ln_out = (nn.LayerNorm(D, eps=eps) for _ in range(3))
+            layer.q_proj, layer.k_proj = nn.Linear(D, D), nn.Linear(D, D)
+            layer.v_proj, layer.out_proj = nn.Linear(D, D), nn.Linear(D, D)
+            layer.vicinity = nn.Module()
+            layer.vicinity.inner = nn.Linear(D * (1 + v), D, bias=False)
+            layer.fc1, layer.fc2 = nn.Linear(D, intermediate), nn.Linear(intermediate, D)
+            self.layers.append(layer)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        B, _, D = hidden.shape
+        T, H = SEQ_LEN, self.heads
+        e = embeds - self.null
+        s = hidden - self.null  # s[:, j] = s_j - null
+        zero = e.new_zeros(B, D)
+        slots = [self.ln_embed(e), zero] + [s[:, j] for j in range(1, T - 1)]
+        windows = [torch.cat([e] + [s[:, t - k] if t - k >= 1 else zero
+                                    for k in range(1, self.v + 1)], dim=1)
+                   for t in range(T)]
+        x = torch.stack(slots, dim=1) + self.position_embedding
+        z = torch.stack(windows, dim=1)
+        causal = torch.full((T, T), float("-inf")).triu(1)
+        for layer in self.layers:
+            a = layer.ln1(x)
+            q, k, v = (p(a).view(B, T, H, D // H).transpose(1, 2)
+                       for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+            y = torch.softmax(q @ k.transpose(-2, -1) * (D // H) ** -0.5 + causal, dim=-1) @ v
+            h = x + layer.out_proj(y.transpose(1, 2).reshape(B, T, D)) + layer.vicinity.inner(z)
+            h = h + layer.fc2(quick_gelu(layer.fc1(layer.ln2(h))))
+            x = layer.ln_out(h)
+        return torch.cat([self.sos.expand(B, 1, D), x[:, 1:]], dim=1)
+
+
+class PlainLSTM(nn.Module):
+    """The LSTM deprojector (one layer, standard cell) as a loop of explicit cell equations."""
+
+    def __init__(self, D: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.register_buffer("sos", torch.zeros(D))
+        self.register_buffer("null", torch.zeros(D))
+        self.lstm = nn.Module()
+        self.lstm.weight_ih_l0 = nn.Parameter(torch.zeros(4 * D, D))
+        self.lstm.weight_hh_l0 = nn.Parameter(torch.zeros(4 * D, D))
+        self.lstm.bias_ih_l0 = nn.Parameter(torch.zeros(4 * D))
+        self.lstm.bias_hh_l0 = nn.Parameter(torch.zeros(4 * D))
+        self.ln_final = nn.LayerNorm(D, eps=eps)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        B, _, D = hidden.shape
+        L = self.lstm
+        h, c = embeds - self.null, torch.zeros_like(embeds)
+        outs = []
+        for t in range(1, SEQ_LEN):
+            x = hidden[:, t - 1] - self.null if t >= 2 else torch.zeros_like(h)
+            gates = x @ L.weight_ih_l0.T + L.bias_ih_l0 + h @ L.weight_hh_l0.T + L.bias_hh_l0
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(self.ln_final(h + x))
+        return torch.cat([self.sos.expand(B, 1, D), torch.stack(outs, dim=1)], dim=1)
+
+
+def _plain_transformer(c) -> nn.Module:
+    assert (c.freeze, c.position) == ("qkv", "attention_input"), "the original's choices"
+    return PlainTransformer(c.hidden_size, c.num_heads, c.intermediate_size, c.layer_norm_eps)
+
+
+def _plain_vicinity_transformer(c) -> nn.Module:
+    assert c.vicinity_block == "linear", "the plain reference writes out the linear block"
+    return PlainVicinityTransformer(c.hidden_size, c.num_heads, c.intermediate_size,
+                                    c.num_layers, c.vicinity, c.layer_norm_eps)
+
+
+def _plain_lstm(c) -> nn.Module:
+    assert (c.cell, c.num_layers, c.embed_linear) == ("standard", 1, False), "the defaults"
+    return PlainLSTM(c.hidden_size, c.layer_norm_eps)
+
+
+# Independent code by definition: an architecture without an entry is reported, not timed.
+PLAIN_REFERENCES = {
+    "transformer": _plain_transformer,
+    "vicinity-batch": lambda c: PlainVicinity(False, c.hidden_size, c.vicinity, c.norm,
+                                              c.mlp_layers, c.mlp_ratio),
+    "vicinity-individual": lambda c: PlainVicinity(True, c.hidden_size, c.vicinity, c.norm,
+                                                   c.mlp_layers, c.mlp_ratio),
+    "vicinity-transformer": _plain_vicinity_transformer,
+    "lstm": _plain_lstm,
+}
+
+
 def plain_reference(name: str, ours: Deprojector) -> nn.Module:
-    c = ours.config
-    if name == "transformer":
-        assert (c.freeze, c.position) == ("qkv", "attention_input"), "the original's choices"
-        ref = PlainTransformer(c.hidden_size, c.num_heads, c.intermediate_size, c.layer_norm_eps)
-    else:
-        ref = PlainVicinity(name == "vicinity-individual", c.hidden_size, c.vicinity, c.norm,
-                            c.mlp_layers, c.mlp_ratio)
+    ref = PLAIN_REFERENCES[name](ours.config)
     theirs = ours.state_dict()
     with torch.no_grad():
         for key, value in ref.state_dict().items():
@@ -327,6 +421,10 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
     """Ours vs the plain reference for one model (its tensors are freed on return)."""
     torch.manual_seed(0)
     ours = build_deprojector(name, D_L, D_L, constants, **hparams).train()
+    with torch.no_grad():  # zero-started weights (vicinity blocks) as after some training
+        for p in ours.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
     ref = plain_reference(name, ours).train()
     opt_ours, opt_ref = adam(ours), adam(ref)
     assert len(opt_ours.param_groups[0]["params"]) == len(opt_ref.param_groups[0]["params"])
@@ -364,10 +462,11 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
 def step_vs_reference(repeats: int) -> dict:
     batch = random_batch(BATCH, D_L)
     constants = random_constants(D_L, D_L)
-    models = {name: _step_one(name, hparams, batch, constants, repeats)
-              for name, hparams in STEP_MODELS.items()}
+    models = {name: _step_one(name, STEP_OVERRIDES.get(name, {}), batch, constants, repeats)
+              for name in ARCHITECTURES if name in PLAIN_REFERENCES}
     return {"batch_size": BATCH, "hidden_size": D_L, "projection_size": D_L,
             "threads": torch.get_num_threads(), "repeats": repeats, "models": models,
+            "no_plain_reference": [n for n in ARCHITECTURES if n not in PLAIN_REFERENCES],
             "pass": all(m["pass"] for m in models.values())}
 
 
@@ -428,7 +527,7 @@ def memory_probe(split_dir: Path) -> dict:
 
 def _probe_subprocess(split_dir: Path) -> dict:
     done = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--memory-probe", str(split_dir),
+        [sys.executable, "-m", "pipeline.benchmarks.training", "--memory-probe", str(split_dir),
          "--threads", str(torch.get_num_threads())],
         capture_output=True, text=True, check=False)
     if done.returncode:

@@ -23,10 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
+from pipeline.conventions import CONSTANT_NAMES
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # The base model's constants every deprojector carries (set_constants), by name.
-CONSTANTS = ("sos", "null", "deprojection")
+CONSTANTS = CONSTANT_NAMES
 
 # Activations by the names CLIP's config uses for `hidden_act` ("quick_gelu", "gelu", ...).
 ACTIVATIONS = ACT2FN

@@ -1,4 +1,6 @@
-"""The `evaluate` stage: test-set metrics of every trained deprojector (SPEC §3).
+"""The `evaluate` stage: test-set metrics of every trained deprojector.
+
+The metrics are described in docs/architectures.md (training data and loss).
 
 For each model: loss and cosine similarity, teacher-forced and autoregressive; the
 combination test (does deprojecting Σ(e_k − null) + null beat blending hidden states?);

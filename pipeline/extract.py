@@ -1,6 +1,6 @@
 """The `extract` stage: CLIP hidden states of every caption (and its augmentations) into shards.
 
-Each row pairs an input embedding with a target hidden-state sequence (SPEC §3):
+Each row pairs an input embedding with a target hidden-state sequence (docs/architectures.md):
 - plain:   e(T) → H(T)
 - split:   T cut at a random word into A, B:  (e_A − null) + (e_B − null) + null → H(T)
 - combine: captions A, B joined as "A B":     (e_A − null) + (e_B − null) + null → H("A B")

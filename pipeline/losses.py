@@ -1,4 +1,4 @@
-"""Losses and metrics over [B, 77, D] hidden-state sequences (SPEC 3).
+"""Losses and metrics over [B, 77, D] hidden-state sequences (docs/architectures.md).
 
 Position 0 (sos) is prepended by every deprojector, never predicted, so it is left out.
 Targets may be stored as float16; they are compared in the prediction's dtype.

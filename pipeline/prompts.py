@@ -1,8 +1,8 @@
 """Prompts to Stable Diffusion conditioning: ordinary CLIP states or deprojected embeddings.
 
-SPEC §4: the reference is the CLIP last hidden state of the whole prompt; a deprojector turns
-one pooled embedding into that sequence, either of the whole prompt or of the comma-separated
-parts combined as Σ(e_k − null) + null.
+The reference is the CLIP last hidden state of the whole prompt; a deprojector turns one
+pooled embedding into that sequence, either of the whole prompt or of the comma-separated
+parts combined as Σ(e_k − null) + null (docs/architectures.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The `render` stage: the article's comparison grids and the report (SPEC §4).
+"""The `render` stage: the article's comparison grids and the report (docs/architectures.md).
 
 For each prompt (a column) the reference row is generated from the ordinary CLIP states and
 each model's row from its deprojected conditioning, all from the same seed, so a cell differs

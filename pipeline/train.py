@@ -1,4 +1,6 @@
-"""The `train` stage: teacher-forced training of one deprojector from the shards (SPEC §3).
+"""The `train` stage: teacher-forced training of one deprojector from the shards.
+
+The loss and data are described in docs/architectures.md.
 
 Adam on the position-weighted squared error, batches streamed from the memory-mapped shards
 in a per-epoch seeded order, early stopping on the test loss. A checkpoint after every epoch

@@ -1,4 +1,4 @@
-"""Shards: contents match a direct forward, augmentation follows SPEC §3, reading is mmap'd."""
+"""Shards: contents match a direct forward, augmentation as docs/architectures.md, mmap'd."""
 
 from __future__ import annotations
 

@@ -317,7 +317,8 @@ def test_transformer_matches_the_original_block() -> None:
 
 def vicinity_reference(model: VicinityDeprojector, e: torch.Tensor, hidden: torch.Tensor,
                        i: int) -> torch.Tensor:
-    """Prediction at position i written straight from SPEC 2.2 / 2.3, one position at a time."""
+    """Prediction at position i written straight from docs/architectures.md, position by
+    position."""
     v, null = model.config.vicinity, model.null
     zero = torch.zeros_like(e)
     window = [hidden[:, i - k] - null if i - k >= 1 else zero for k in range(1, v + 1)]

@@ -1,4 +1,4 @@
-"""Prompt parsing and the conditioning built from it (SPEC §4)."""
+"""Prompt parsing and the conditioning built from it (docs/architectures.md)."""
 
 from __future__ import annotations
 

@@ -239,7 +239,8 @@ class PlainMLPBlock(nn.Module):
 
 
 class PlainVicinity(nn.Module):
-    """SPEC 2.2 / 2.3 written out: one window per position, built in a Python loop."""
+    """The vicinity models written out (docs/architectures.md): one window per position,
+    built in a Python loop."""
 
     def __init__(self, individual: bool, D: int, vicinity: int, norm: str,
                  mlp_layers: int = 1, mlp_ratio: int = 4) -> None:

@@ -52,8 +52,10 @@ class Revision:
         if self.commit is None:
             return f"**{WORKSPACE}** (files on disk)"
         via = f" via `{self.dvc_rev}`" if self.dvc_rev != self.name else ""
-        subject = self.subject.replace("|", "\\|")
-        return f"**{self.name}**{via} `{self.commit[:7]}` {subject}".rstrip()
+        sha = "" if self.commit.startswith(self.name) else f" `{self.commit[:7]}`"
+        subject = self.subject if len(self.subject) <= 72 else self.subject[:71] + "…"
+        subject = subject.replace("|", "\\|")
+        return f"**{self.name}**{via}{sha} {subject}".rstrip()
 
 
 def _run(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:

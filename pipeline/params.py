@@ -62,6 +62,10 @@ class TrainParams:
     device: str = "cpu"
     precision: str = "fp32"
     resume: bool = True
+    # Free-running training: after the teacher-forced pass, this many more passes feed the
+    # model its own (detached) predictions; after k passes positions 1..k+1 see exactly what
+    # generation feeds them. The loss averages all passes. 0 = teacher forcing (the article).
+    rollout: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +203,7 @@ def validate(p: Params) -> Params:
     _check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
     _check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
     _check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
+    _check(t.rollout >= 0, "train.rollout", "0 (teacher forcing) or more", t.rollout)
     _check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
            p.evaluate.batch_size)
     _check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",

@@ -126,8 +126,15 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         for batch in tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{t.epochs}",
                           unit="batch", leave=False, disable=not accelerator.is_main_process):
             hidden, mask = batch.hidden.to(device), batch.mask.to(device)
-            pred = ddp_model(batch.embeds.to(device), hidden)
+            embeds = batch.embeds.to(device)
+            pred = ddp_model(embeds, hidden)
             loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+            for _ in range(t.rollout):
+                # Free-running: the model's own predictions as inputs, the gradient truncated
+                # at each pass (docs/architectures.md, training data and loss).
+                pred = ddp_model(embeds, pred.detach())
+                loss = loss + weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+            loss = loss / (1 + t.rollout)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             optimizer.step()

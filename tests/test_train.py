@@ -152,3 +152,24 @@ def test_every_architecture_trains_end_to_end_through_the_cli(project, architect
     history = json.loads((project / "reports" / "train" / f"{run}.json").read_text())
     assert len(history) == 1 and math.isfinite(history[0]["test_loss"])
     assert torch.isfinite(model.generate(torch.randn(2, model.config.hidden_size))).all()
+
+
+def test_free_running_rollout_trains_on_own_predictions(project, monkeypatch):
+    """train.rollout: k extra passes whose inputs are the previous pass's predictions."""
+    from pipeline.models.base import Deprojector
+
+    seen = []
+    real_forward = Deprojector.forward
+
+    def spy(self, embeds, hidden):
+        seen.append(hidden)
+        return real_forward(self, embeds, hidden)
+
+    monkeypatch.setattr(Deprojector, "forward", spy)
+    history = train_model("vicinity-batch", params(epochs=1, rollout=2))
+    assert math.isfinite(history[0]["train_loss"])
+    # Each training step: the true states, then two passes on the model's own predictions.
+    first, second, third = seen[:3]
+    assert not first.requires_grad
+    assert not torch.equal(second, first) and not torch.equal(third, second)
+    assert not second.requires_grad and not third.requires_grad  # truncated gradient

@@ -414,3 +414,14 @@ def test_lstm_final_norm_from_clip() -> None:
     clip = tiny_clip()
     model = build_deprojector("lstm", D, P, make_constants()[0], base=clip)
     assert torch.equal(model.ln_final.weight, clip.text_model.final_layer_norm.weight)
+
+
+def test_vicinity_rnn_later_states_see_only_the_window() -> None:
+    model = make_model("vicinity-rnn", **tiny("vicinity-rnn"))
+    v = model.config.vicinity
+    e, hidden = embeds(), torch.randn(3, N, D)
+    with torch.no_grad():
+        out = model(e, hidden)
+        other_e = model(embeds(seed=7), hidden)
+    assert not torch.allclose(other_e[:, 1 : v + 1], out[:, 1 : v + 1])  # from the embedding
+    torch.testing.assert_close(other_e[:, v + 1 :], out[:, v + 1 :], atol=0, rtol=0)

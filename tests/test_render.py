@@ -41,8 +41,8 @@ RUNS = {"transformer": {"type": "transformer", "num_heads": 4, "intermediate_siz
         "vicinity-batch": {"type": "vicinity-batch", "vicinity": 2},
         "vicinity-individual": {"type": "vicinity-individual", "vicinity": 2, "norm": "layer"},
         "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 1, "norm": "layer"}}
-MODEL_NAMES = tuple(RUNS)
-ROWS = (REFERENCE, *MODEL_NAMES)
+RUN_NAMES = tuple(RUNS)
+ROWS = (REFERENCE, *RUN_NAMES)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +58,12 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
         model.eval().save_pretrained(work / "models" / name)
     (work / "reports" / "metrics").mkdir(parents=True)
     (work / "reports" / "plots").mkdir()
-    for k, name in enumerate(("null-baseline", *MODEL_NAMES)):
+    for k, name in enumerate(("null-baseline", *RUN_NAMES)):
         scores = {"mse": 0.5 - k / 10, "weighted_mse": 0.4, "cosine": 0.2 + k / 5,
                   "cosine_masked": 0.3 + k / 5}
         metrics = {"teacher_forced": scores, "autoregressive": scores}
         (work / "reports" / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
-    curve = [{"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in MODEL_NAMES}}
+    curve = [{"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in RUN_NAMES}}
              for i in range(1, MAX_LENGTH)]
     (work / "reports" / "plots" / "cosine_per_position.json").write_text(json.dumps(curve))
     (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER, "models": RUNS},
@@ -101,7 +101,7 @@ def test_stage_writes_every_output(project, rendered) -> None:
     fidelity = json.loads((reports / "fidelity.json").read_text())
     assert fidelity == json.loads(json.dumps(rendered.fidelity))
     for what in ("single", "multi"):
-        assert list(fidelity[what]) == list(MODEL_NAMES)
+        assert list(fidelity[what]) == list(RUN_NAMES)
         for scores in fidelity[what].values():
             assert set(scores) == {"cosine", "psnr", "ssim", "per_prompt"}
             assert len(scores["per_prompt"]) == 3
@@ -170,7 +170,7 @@ def test_images_are_deterministic(clip, pipe, rendered) -> None:
 
 def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> None:
     report = (project / "reports" / "report.md").read_text()
-    header = "| metric | null-baseline | " + " | ".join(MODEL_NAMES) + " |"
+    header = "| metric | null-baseline | " + " | ".join(RUN_NAMES) + " |"
     for needle in ("![single-embedding grid](grid_single.png)",
                    "![multiple-embedding grid](grid_multi.png)",
                    "(plots/cosine_per_position.png)", "positions 1..76", header,

@@ -87,14 +87,14 @@ def test_unknown_model_setting_is_rejected_naming_the_key(project):
 def test_evaluate_writes_every_metric_and_is_deterministic(project):
     # A run added in params only (another vicinity-batch) is trained and scored like the rest.
     runs = {**TINY_MODELS, "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2}}
-    MODEL_NAMES = tuple(runs)
-    for name in MODEL_NAMES:
+    names = tuple(runs)
+    for name in names:
         train_model(name, params(runs, epochs=1))
     assert load_deprojector(project / "models" / "vicinity-batch-v2").config.vicinity == 2
     first = run_evaluate_stage(params(runs))
     second = run_evaluate_stage(params(runs))
     assert first == second
-    for name in ("null-baseline", *MODEL_NAMES):
+    for name in ("null-baseline", *names):
         saved = json.loads((project / "reports" / "metrics" / f"{name}.json").read_text())
         for mode in ("teacher_forced", "autoregressive"):
             assert set(saved[mode]) == {"mse", "weighted_mse", "cosine", "cosine_masked"}
@@ -103,7 +103,7 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project):
     assert combination["pairs"] > 0
     curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())
     assert [row["position"] for row in curve] == list(range(1, 77))
-    assert set(curve[0]) == {"position", "null-baseline", *MODEL_NAMES}
+    assert set(curve[0]) == {"position", "null-baseline", *names}
 
 
 @pytest.mark.slow

@@ -87,6 +87,8 @@ class ModelSpec:
 
     type: str
     hparams: dict[str, Any] = field(default_factory=dict)
+    # `train:` settings of this run only (e.g. {rollout: 2}); the others come from `train:`.
+    train: dict[str, Any] = field(default_factory=dict)
 
 # The article's comparison prompts (SPEC §4).
 ARTICLE_PROMPTS_SINGLE = ("cat maid", "1girl red hair blue eye black skirt",
@@ -229,13 +231,15 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
                f"a mapping with `type` (one of {known}) and its hyperparameters", entry)
         hparams = dict(entry)
         model_type = hparams.pop("type", None)
+        train = hparams.pop("train", None) or {}
         _check(model_type in ARCHITECTURES, f"models.{name}.type", f"one of {known}",
                model_type)
+        _section(TrainParams, train, f"models.{name}.train")  # known keys of the right types
         allowed = hyperparameters(model_type)
         for key in hparams:
             _check(key in allowed, f"models.{name}.{key}",
-                   f"a hyperparameter of {model_type} ({', '.join(allowed)})", key)
-        specs[name] = ModelSpec(model_type, hparams)
+                   f"a hyperparameter of {model_type} ({', '.join(allowed)}) or `train`", key)
+        specs[name] = ModelSpec(model_type, hparams, dict(train))
     return specs
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from pipeline.base_models import load_clip
 from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
 from pipeline.models import Deprojector, architecture, build_deprojector
-from pipeline.params import ModelSpec, Params, ParamsError
+from pipeline.params import ModelSpec, Params, ParamsError, TrainParams, validate
 from pipeline.shards import ShardError, ShardReader, load_constants, read_meta
 
 
@@ -33,6 +33,16 @@ def model_spec(name: str, params: Params) -> ModelSpec:
         raise ParamsError(f"params: no `models.{name}` (defined: "
                           f"{', '.join(params.models) or 'none'})")
     return params.models[name]
+
+
+def run_train_params(name: str, params: Params) -> TrainParams:
+    """`train:` with this run's own `models.NAME.train` settings over it, validated."""
+    t = replace(params.train, **model_spec(name, params).train)
+    try:
+        validate(replace(params, train=t))
+    except ParamsError as err:
+        raise ParamsError(f"models.{name}.train: {err}") from err
+    return t
 
 
 def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
@@ -88,7 +98,7 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     """
     from accelerate import Accelerator
 
-    t = params.train
+    t = run_train_params(name, params)
     out_dir = out_dir or Path("models") / name
     mixed_precision = "no" if t.precision == "fp32" else t.precision
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=mixed_precision)

@@ -173,3 +173,16 @@ def test_free_running_rollout_trains_on_own_predictions(project, monkeypatch):
     assert not first.requires_grad
     assert not torch.equal(second, first) and not torch.equal(third, second)
     assert not second.requires_grad and not third.requires_grad  # truncated gradient
+
+
+def test_a_run_may_override_train_settings(project):
+    runs = {"vb-free": {"type": "vicinity-batch", "norm": "layer", "train": {"rollout": 1}}}
+    p = params(runs)
+    assert p.models["vb-free"].train == {"rollout": 1}
+    assert train_module.run_train_params("vb-free", p).rollout == 1
+    assert p.train.rollout == 0  # the other runs keep the global setting
+    with pytest.raises(ParamsError, match=r"`models\.vb-free\.train\.rollouts`"):
+        params({"vb-free": {"type": "vicinity-batch", "train": {"rollouts": 1}}})
+    bad = params({"vb-free": {"type": "vicinity-batch", "train": {"rollout": -1}}})
+    with pytest.raises(ParamsError, match=r"models\.vb-free\.train: .*`train\.rollout`"):
+        train_model("vb-free", bad)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.base_models import MAX_LENGTH, load_tokenizer
-from pipeline.builtin_captions import generate_captions
+from pipeline.world.scenes import generate_captions
 from pipeline.params import Params
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")

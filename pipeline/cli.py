@@ -63,6 +63,42 @@ def _run(step):
         _fail(err)
 
 
+@app.command("world")
+def world_command(
+    params: Path = ParamsOption,
+    out: Path = typer.Option(Path("models/world"), help="Folder of the trained world."),
+    work: Path = typer.Option(Path("data/world-work"),
+                              help="Checkpoints and finished parts of a build in progress."),
+    part: list[str] = typer.Option(
+        None, help="Train only this part (repeatable): clip, vae, unet, judge. The world is "
+        "assembled once every part is done."),
+) -> None:
+    """Train the embedded world (`world.*`): the builtin base models, offline.
+
+    Draws `world.scenes` scenes (a background colour and 1-3 coloured shapes) with captions,
+    trains a BPE tokenizer and a small CLIPModel (text + vision towers) contrastively, a VAE
+    and a UNet as Stable Diffusion was (frozen CLIP text tower, 10 % empty captions), and a
+    judge that reads colours and shapes back. Writes OUT/clip (CLIPModel, tokenizer,
+    image processor), OUT/sd (a StableDiffusionPipeline folder), OUT/judge and OUT/world.json
+    (accuracies). Deterministic for one seed; an interrupted build resumes from WORK.
+    """
+    from pipeline.world.build import PARTS, build_world
+
+    def step():
+        unknown = [p for p in part or () if p not in PARTS]
+        if unknown:
+            raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
+                                     f"(known: {', '.join(PARTS)})", param_hint="--part")
+        summary = build_world(out, _params(params).world, work, tuple(part or PARTS))
+        if summary is None:
+            typer.echo(f"parts {', '.join(part)} trained in {work}; run again without --part "
+                       "to assemble the world")
+            return
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2))
+
+    _run(step)
+
+
 @app.command("base")
 def base_command(
     params: Path = ParamsOption,

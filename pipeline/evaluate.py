@@ -34,6 +34,7 @@ from pipeline.params import Params
 from pipeline.shards import ShardReader, load_constants
 
 NULL_BASELINE = "null-baseline"
+ADHERENCE = "adherence"  # reports/metrics/adherence.json: pictures judged, per row
 
 
 class Scores:
@@ -151,4 +152,18 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     rows = [{"position": i + 1, **{n: c[i] for n, c in curves.items()}}
             for i in range(MAX_LENGTH - 1)]
     write_json(plots_dir / "cosine_per_position.json", rows, indent=1)
+    if e.adherence_prompts:
+        results[ADHERENCE] = run_adherence(params, clip, models)
+        write_json(metrics_dir / f"{ADHERENCE}.json", results[ADHERENCE])
     return results
+
+
+def run_adherence(params: Params, clip: ClipText, models: dict[str, Deprojector]) -> dict:
+    """Pictures of held-out prompts, judged: see pipeline/adherence.py."""
+    from pipeline.adherence import Scorer, evaluate_adherence
+    from pipeline.render import load_pipeline  # render imports this module
+
+    pipe = load_pipeline(params.base.sd, params.render)
+    scorer = Scorer.load(params.base.clip, params.base.sd)
+    single, multi = params.render.prompts(params.base.clip)
+    return evaluate_adherence(params, clip, models, pipe, scorer, set(single) | set(multi))

@@ -21,7 +21,30 @@ class ParamsError(ValueError):
 class BaseParams:
     clip: str = "builtin"
     sd: str = "builtin"
+
+
+@dataclass(frozen=True)
+class WorldParams:
+    """The embedded world (pipeline/world/): sizes, steps and seeds of its trained parts."""
+
     seed: int = 0
+    scenes: int = 20000  # drawn training scenes
+    vocab_size: int = 1000  # BPE vocabulary trained on the captions
+    width: int = 128  # D: the CLIP text tower's hidden size
+    clip_steps: int = 600
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    vae_steps: int = 2500
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 2500
+    unet_batch: int = 48
+    unet_lr: float = 5e-4
+    captions_per_scene: int = 1  # the UNet's caption bank, encoded once
+    judge_steps: int = 1500
+    judge_batch: int = 64
+    judge_lr: float = 1e-3
+    held_out: int = 1000  # drawn scenes of another seed for the judge's and CLIP's accuracy
 
 
 @dataclass(frozen=True)
@@ -73,12 +96,14 @@ class EvaluateParams:
     batch_size: int = 100
     combination_pairs: int = 100
     seed: int = 0
+    # Held-out prompts per kind (single, comma-combined) whose pictures are judged; 0 = off.
+    adherence_prompts: int = 48
 
 
 # A run name is a folder name (models/NAME, reports/metrics/NAME.json) and a dvc.yaml stage
 # key (train@NAME); these names are taken by other outputs or rows.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED_RUN_NAMES = ("base", "null-baseline", "reference")
+RESERVED_RUN_NAMES = ("base", "world", "null-baseline", "reference", "adherence")
 
 
 @dataclass(frozen=True)
@@ -90,11 +115,18 @@ class ModelSpec:
     # `train:` settings of this run only (e.g. {rollout: 2}); the others come from `train:`.
     train: dict[str, Any] = field(default_factory=dict)
 
-# The article's comparison prompts (SPEC §4).
+# The grid prompts of the embedded world, mirroring the article's three pairs: two words
+# that make one thing; one thing with several attributes; two things and a place.
+WORLD_PROMPTS_SINGLE = ("red circle", "big yellow star black background",
+                        "red circle blue square white background")
+WORLD_PROMPTS_MULTI = ("red, circle", "big, yellow star, black background",
+                       "red circle, blue square, white background")
+# The article's comparison prompts (SPEC §4), for real base models.
 ARTICLE_PROMPTS_SINGLE = ("cat maid", "1girl red hair blue eye black skirt",
                           "1boy 1girl in class room")
 ARTICLE_PROMPTS_MULTI = ("cat, maid", "1girl, red hair, blue eye, black skirt",
                          "1boy, 1girl, in class room")
+PROMPT_SETS = ("auto", "world", "article")
 SCHEDULERS = {  # render.scheduler -> diffusers class
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
@@ -107,20 +139,34 @@ SCHEDULERS = {  # render.scheduler -> diffusers class
 @dataclass(frozen=True)
 class RenderParams:
     # Lists, not tuples: the values come from YAML lists and are type-checked against these.
-    prompts_single: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_SINGLE))
-    prompts_multi: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_MULTI))
+    prompt_set: str = "auto"  # world | article | auto (world with the builtin base models)
+    world_prompts_single: list[str] = field(default_factory=lambda: list(WORLD_PROMPTS_SINGLE))
+    world_prompts_multi: list[str] = field(default_factory=lambda: list(WORLD_PROMPTS_MULTI))
+    article_prompts_single: list[str] = field(
+        default_factory=lambda: list(ARTICLE_PROMPTS_SINGLE))
+    article_prompts_multi: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_MULTI))
     seed: int = 0
     steps: int = 20
     guidance_scale: float = 7.5
-    height: int = 48
-    width: int = 48
+    height: int = 32
+    width: int = 32
     scheduler: str = "pndm"
     device: str = "cpu"
+
+    def prompts(self, base_clip: str) -> tuple[list[str], list[str]]:
+        """The (single, multi) grid prompts for the base model `base.clip`."""
+        chosen = self.prompt_set
+        if chosen == "auto":
+            chosen = "world" if base_clip == "builtin" else "article"
+        if chosen == "world":
+            return self.world_prompts_single, self.world_prompts_multi
+        return self.article_prompts_single, self.article_prompts_multi
 
 
 @dataclass(frozen=True)
 class Params:
     base: BaseParams = field(default_factory=BaseParams)
+    world: WorldParams = field(default_factory=WorldParams)
     captions: CaptionParams = field(default_factory=CaptionParams)
     augment: AugmentParams = field(default_factory=AugmentParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
@@ -164,7 +210,10 @@ def _check(condition: bool, key: str, expected: str, value: Any) -> None:
 
 
 def _check_render(r: RenderParams) -> None:
-    for key in ("prompts_single", "prompts_multi"):
+    _check(r.prompt_set in PROMPT_SETS, "render.prompt_set", f"one of {PROMPT_SETS}",
+           r.prompt_set)
+    for key in ("world_prompts_single", "world_prompts_multi", "article_prompts_single",
+                "article_prompts_multi"):
         prompts = getattr(r, key)
         _check(len(prompts) > 0 and all(isinstance(p, str) and p.replace(",", " ").strip()
                                         for p in prompts),
@@ -180,8 +229,23 @@ def _check_render(r: RenderParams) -> None:
            r.scheduler)
 
 
+def _check_world(w: WorldParams) -> None:
+    for f in fields(w):
+        value = getattr(w, f.name)
+        if f.name != "seed":
+            _check(value > 0, f"world.{f.name}", "positive", value)
+    for part in ("clip", "vae", "unet", "judge"):
+        batch = getattr(w, f"{part}_batch")
+        _check(batch <= w.scenes, f"world.{part}_batch", f"at most world.scenes = {w.scenes}",
+               batch)
+    _check(w.width % 4 == 0, "world.width", "a multiple of 4 (4 attention heads)", w.width)
+
+
 def validate(p: Params) -> Params:
     c, a, e = p.captions, p.augment, p.extract
+    _check_world(p.world)
+    _check(p.evaluate.adherence_prompts >= 0, "evaluate.adherence_prompts", "0 (off) or more",
+           p.evaluate.adherence_prompts)
     _check(c.train_size > 0, "captions.train_size", "a positive integer", c.train_size)
     _check(c.test_size > 0, "captions.test_size", "a positive integer", c.test_size)
     _check(0.0 <= a.split <= 1.0, "augment.split", "in [0, 1]", a.split)
@@ -245,6 +309,7 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
 
 SECTIONS = {
     "base": BaseParams,
+    "world": WorldParams,
     "captions": CaptionParams,
     "augment": AugmentParams,
     "extract": ExtractParams,

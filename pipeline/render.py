@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +19,10 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from pipeline.adherence import REFERENCE, Scorer, with_ratios
 from pipeline.base_checks import check_cross_attention, check_deprojector_fits
 from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
-from pipeline.evaluate import NULL_BASELINE
+from pipeline.evaluate import ADHERENCE, NULL_BASELINE
 from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
 from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position
@@ -29,7 +30,6 @@ from pipeline.models import Deprojector, load_deprojector
 from pipeline.params import SCHEDULERS, Params, RenderParams
 from pipeline.prompts import conditioning, negative_conditioning
 
-REFERENCE = "reference"
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
 
 
@@ -85,6 +85,14 @@ class Column:
     prompt: str
     images: dict[str, Image.Image]
     conds: dict[str, torch.Tensor]  # [1, 77, D]
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # clip_score, adherence
+
+    def label(self, row: str) -> str:
+        """The score line under a cell: adherence (world only) and CLIP score."""
+        s = self.scores.get(row, {})
+        parts = [f"adh {s['adherence']:.2f}"] if "adherence" in s else []
+        parts += [f"CLIP {s['clip_score']:.1f}"] if "clip_score" in s else []
+        return " · ".join(parts)
 
     def fidelity(self, row: str) -> dict[str, float]:
         """Conditioning cosine (mean over positions 1..76) and image PSNR/SSIM vs reference."""
@@ -95,12 +103,17 @@ class Column:
 
 
 def render_column(pipe, clip: ClipText, models: dict[str, Deprojector], prompt: str,
-                  combine: bool, negative: torch.Tensor, r: RenderParams) -> Column:
+                  combine: bool, negative: torch.Tensor, r: RenderParams,
+                  scorer: Scorer | None = None) -> Column:
     conds = {REFERENCE: conditioning(prompt, clip, None)[0]}
     for name, model in models.items():
         conds[name] = conditioning(prompt, clip, model, combine)[0]
     images = generate_images(pipe, torch.cat([c.float() for c in conds.values()]), negative, r)
-    return Column(prompt, dict(zip(conds, images, strict=True)), conds)
+    column = Column(prompt, dict(zip(conds, images, strict=True)), conds)
+    if scorer is not None:
+        scores = scorer.score(images, [prompt] * len(images))
+        column.scores = dict(zip(conds, scores, strict=True))
+    return column
 
 
 # --- pictures -----------------------------------------------------------------------------
@@ -120,15 +133,17 @@ class GridLayout:
     left: int  # width of the row-name column
     top: int  # height of the prompt header
     gap: int
+    label: int = 0  # height of the score line under each cell
 
     @property
     def size(self) -> tuple[int, int]:
         return (self.left + self.cols * (self.cell_width + self.gap) + self.gap,
-                self.top + self.rows * (self.cell_height + self.gap) + self.gap)
+                self.top + self.rows * (self.cell_height + self.label + self.gap) + self.gap)
 
     def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
+        """The image of a cell; its score line is the `label` px below it."""
         x = self.left + self.gap + col * (self.cell_width + self.gap)
-        y = self.top + self.gap + row * (self.cell_height + self.gap)
+        y = self.top + self.gap + row * (self.cell_height + self.label + self.gap)
         return x, y, x + self.cell_width, y + self.cell_height
 
 
@@ -160,7 +175,9 @@ def make_grid(columns: list[Column], rows: tuple[str, ...] | None = None, gap: i
     headers = [_wrap(c.prompt, face, w * scale - 4) for c in columns]
     left = int(max(face.getlength(name) for name in rows)) + 2 * gap
     top = max(len(lines) for lines in headers) * line + 2 * gap
-    layout = GridLayout(len(rows), len(columns), w * scale, h * scale, left, top, gap)
+    small = font(text_size - 3)
+    label = line if any(c.scores for c in columns) else 0
+    layout = GridLayout(len(rows), len(columns), w * scale, h * scale, left, top, gap, label)
     grid = Image.new("RGB", layout.size, "white")
     draw = ImageDraw.Draw(grid)
     for j, (column, lines) in enumerate(zip(columns, headers, strict=True)):
@@ -169,7 +186,11 @@ def make_grid(columns: list[Column], rows: tuple[str, ...] | None = None, gap: i
             draw.text(((x0 + x1) / 2, gap + k * line), text, fill="black", font=face, anchor="ma")
         for i, row in enumerate(rows):
             image = column.images[row].resize((w * scale, h * scale), Image.Resampling.NEAREST)
-            grid.paste(image, layout.cell_box(i, j)[:2])
+            x0, _, x1, y1 = layout.cell_box(i, j)
+            grid.paste(image, (x0, y1 - h * scale))
+            if label:
+                draw.text(((x0 + x1) / 2, y1 + 2), column.label(row), fill="black", font=small,
+                          anchor="ma")
     for i, row in enumerate(rows):
         _, y0, _, y1 = layout.cell_box(i, 0)
         draw.text((gap, (y0 + y1) / 2), row, fill="black", font=face, anchor="lm")
@@ -294,8 +315,103 @@ def grid_fidelity(columns: list[Column], models: list[str]) -> dict[str, dict]:
     return result
 
 
+def grid_scores(columns: list[Column]) -> dict[str, dict]:
+    """Per row: mean adherence and CLIP score over the columns, ratios to the reference row,
+    and each column's scores."""
+    rows = {}
+    for row in columns[0].scores:
+        per_prompt = {c.prompt: c.scores[row] for c in columns}
+        rows[row] = {k: float(np.mean([s[k] for s in per_prompt.values()]))
+                     for k in next(iter(per_prompt.values()))}
+        rows[row]["per_prompt"] = per_prompt
+    return with_ratios(rows) if rows else {}
+
+
+def _score(scores: dict, key: str) -> str:
+    value, ratio = scores.get(key), scores.get(f"{key}_ratio")
+    if value is None:
+        return "—"
+    text = f"{value:.1f}" if key == "clip_score" else f"{value:.3f}"
+    return text if ratio is None else f"{text} ({ratio:.2f}×)"
+
+
+def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) -> str:
+    """Rows × kinds: mean adherence and CLIP score, with each ratio to the reference row."""
+    kinds = [k for k in ("single", "multi") if by_kind.get(k)]
+    head = "| row | " + " | ".join(f"{k}: adherence | {k}: CLIP score" for k in kinds)
+    lines = [head + (" | multi: every part shown |" if all_parts else " |")]
+    lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
+    for row in by_kind[kinds[0]]:
+        cells = [f"{_score(by_kind[k][row], 'adherence')} | {_score(by_kind[k][row], 'clip_score')}"
+                 for k in kinds]
+        if all_parts:
+            cells.append(f"{by_kind['multi'][row].get('all_parts', float('nan')):.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
+    """Horizontal bars: mean held-out adherence (or CLIP score without a judge) per row."""
+    key = "adherence" if "adherence" in next(iter(by_kind["single"].values())) else "clip_score"
+    top = 1.0 if key == "adherence" else 100.0
+    rows = list(by_kind["single"])
+    face, small = font(16), font(13)
+    bar, margin_l, width = 14, 190, 720
+    height = 60 + len(rows) * (2 * bar + 14) + 30
+    chart = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(chart)
+    title = "Held-out prompts: " + ("adherence (judge)" if key == "adherence" else "CLIP score")
+    draw.text((width / 2, 10), title, fill="black", font=face, anchor="ma")
+    plot_w = width - margin_l - 80
+    for i, row in enumerate(rows):
+        y = 50 + i * (2 * bar + 14)
+        draw.text((margin_l - 10, y + bar), row, fill="black", font=small, anchor="rm")
+        for k, (kind, color) in enumerate((("single", COLORS[1]), ("multi", COLORS[2]))):
+            value = by_kind[kind][row][key]
+            x1 = margin_l + plot_w * max(0.0, min(value / top, 1.0))
+            draw.rectangle([margin_l, y + k * bar, x1, y + (k + 1) * bar - 2], fill=color)
+            draw.text((x1 + 4, y + k * bar + bar / 2), f"{value:.2f}", fill="black", font=small,
+                      anchor="lm")
+    y = height - 22
+    for k, (kind, color) in enumerate((("single embedding", COLORS[1]),
+                                       ("comma-combined", COLORS[2]))):
+        x = margin_l + k * 200
+        draw.rectangle([x, y, x + 14, y + 12], fill=color)
+        draw.text((x + 20, y + 6), kind, fill="black", font=small, anchor="lm")
+    return chart
+
+
+def pictures_section(scores: dict[str, dict], held_out: dict | None) -> str:
+    if not scores["single"]:
+        return ""
+    text = """## Do the pictures show the prompt?
+
+Each cell of the grids is labelled with its *adherence* (the fraction of the attributes the
+prompt states — background colour, each object's colour and shape — that the world's judge
+finds in the picture; only with the builtin world) and its *CLIP score*, 100 × max(0,
+cos(image_embeds, text_embeds)) with the base CLIP. Means over the grid's prompts, with each
+row's ratio to the reference row:
+
+""" + picture_table(scores)
+    if held_out:
+        e = next(iter(held_out["single"].values()))["prompts"]
+        text += f"""
+
+Held-out prompts ({e} per kind, scenes of 1–3 objects with a background, none of them a grid
+prompt; the same seed per prompt in every row; `reports/metrics/adherence.json`). *single*
+deprojects the pooled embedding of the whole prompt (tags without commas); *multi* splits
+the same tags at commas and deprojects Σ(e_k − null) + null. "Every part shown" counts the
+comma-combined prompts whose every stated attribute the judge finds:
+
+{picture_table(held_out, all_parts="all_parts" in next(iter(held_out["multi"].values())))}
+
+![adherence](plots/adherence.png)"""
+    return text + "\n"
+
+
 def write_report(path: Path, params: Params, metrics: dict[str, dict],
-                 fidelity: dict[str, dict]) -> None:
+                 fidelity: dict[str, dict], scores: dict[str, dict],
+                 held_out: dict | None) -> None:
     r = params.render
     text = f"""# CLIP Text Deprojector: comparison report
 
@@ -329,7 +445,7 @@ luminance) of the image against the reference image of the same column. PSNR is 
 
 {fidelity_table(fidelity["multi"])}
 
-## Test-set metrics (`reports/metrics/`)
+{pictures_section(scores, held_out)}## Test-set metrics (`reports/metrics/`)
 
 {metrics_table(metrics)}
 
@@ -347,10 +463,10 @@ combined embedding and with the average of the two captions' states.
 # --- the stage ----------------------------------------------------------------------------
 
 def render_grid(pipe, clip: ClipText, models: dict[str, Deprojector], prompts: list[str],
-                combine: bool, r: RenderParams) -> list[Column]:
+                combine: bool, r: RenderParams, scorer: Scorer | None = None) -> list[Column]:
     negative = negative_conditioning(clip)
     what = "multi" if combine else "single"
-    return [render_column(pipe, clip, models, prompt, combine, negative, r)
+    return [render_column(pipe, clip, models, prompt, combine, negative, r, scorer)
             for prompt in tqdm(prompts, desc=f"render {what}", unit="prompt")]
 
 
@@ -361,6 +477,7 @@ class Rendered:
     columns: dict[str, list[Column]]
     layouts: dict[str, GridLayout]
     fidelity: dict[str, dict]
+    scores: dict[str, dict] = field(default_factory=dict)  # grid -> row -> clip/adherence
 
 
 def run_render_stage(params: Params, models_dir: Path = Path("models"),
@@ -374,16 +491,27 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
     models = {name: load_checked_deprojector(models_dir / name, clip, r.device)
               for name in params.models}
     pipe = load_pipeline(params.base.sd, r)
+    scorer = Scorer.load(params.base.clip, params.base.sd)
 
     done = Rendered({}, {}, {})
-    for what, prompts, combine in (("single", r.prompts_single, False),
-                                   ("multi", r.prompts_multi, True)):
-        columns = render_grid(pipe, clip, models, prompts, combine, r)
+    single, multi = r.prompts(params.base.clip)
+    for what, prompts, combine in (("single", single, False), ("multi", multi, True)):
+        columns = render_grid(pipe, clip, models, prompts, combine, r, scorer)
         grid, done.layouts[what] = make_grid(columns)
         grid.save(reports_dir / f"grid_{what}.png")
         done.columns[what] = columns
         done.fidelity[what] = grid_fidelity(columns, list(models))
+        done.scores[what] = grid_scores(columns)
     cosine_chart(json.loads(curve_file.read_text())).save(curve_file.with_suffix(".png"))
+    held_out_file = reports_dir / "metrics" / f"{ADHERENCE}.json"
+    held_out = json.loads(held_out_file.read_text()) if held_out_file.is_file() else None
+    chart = reports_dir / "plots" / "adherence.png"
+    if held_out:
+        adherence_chart(held_out).save(chart)
+    else:
+        chart.unlink(missing_ok=True)
     write_json(reports_dir / "fidelity.json", done.fidelity)
-    write_report(reports_dir / "report.md", params, metrics, done.fidelity)
+    write_json(reports_dir / "grid_scores.json", done.scores)
+    write_report(reports_dir / "report.md", params, metrics, done.fidelity, done.scores,
+                 held_out)
     return done

@@ -1,4 +1,5 @@
-"""Shared fixtures: the builtin base models and a small extracted dataset, built once."""
+"""Shared fixtures: a micro-world as the builtin base models and a small extracted dataset,
+built once per test session."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.base_models import build_builtin, load_clip
+from pipeline.base_models import load_clip
+from pipeline.world.build import build_micro_world
 from pipeline.params import Params, parse_params
 
 SMALL = {
@@ -25,8 +27,8 @@ def small_params(**sections: dict) -> Params:
 
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("base")
-    build_builtin(folder, seed=0)
+    folder = tmp_path_factory.mktemp("base") / "world"
+    build_micro_world(folder, seed=0)
     return folder
 
 
@@ -36,9 +38,9 @@ def clip(base_dir):
 
 
 def project_dir(work: Path, base_dir: Path) -> Path:
-    """A project-shaped folder (models/base linked to the session's builtin models)."""
+    """A project-shaped folder (models/world linked to the session's micro-world)."""
     (work / "models").mkdir(parents=True, exist_ok=True)
-    link = work / "models" / "base"
+    link = work / "models" / "world"
     if not link.exists():
         link.symlink_to(base_dir, target_is_directory=True)
     return work

@@ -1,42 +1,15 @@
-"""The builtin base models load like real ones and have the CLIP properties the design uses."""
+"""The builtin base models have the CLIP properties the design uses (loading: test_world.py)."""
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipeline.base_models import BaseModelError, build_builtin, load_clip, load_sd_pipeline
+from pipeline.base_models import BaseModelError, load_clip
 from pipeline.clip_encode import encode_texts
 from pipeline.extract import compute_constants
 
 PROMPTS = ["cat maid", "1girl red hair blue eye black skirt", "1boy 1girl in class room"]
-
-
-def test_builtin_folders_load_through_from_pretrained(base_dir):
-    tokenizer = CLIPTokenizer.from_pretrained(base_dir / "clip")
-    model = CLIPTextModelWithProjection.from_pretrained(base_dir / "clip")
-    assert model.config.max_position_embeddings == 77
-    assert model.config.projection_dim == model.config.hidden_size  # square, as CLIP-L
-    assert model.config.eos_token_id == tokenizer.eos_token_id
-    ids = tokenizer("cat maid")["input_ids"]
-    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
-    # SD's text encoder folder holds a CLIPTextModel with the same weights.
-    text_encoder = CLIPTextModel.from_pretrained(base_dir / "sd" / "text_encoder")
-    a = text_encoder.text_model if hasattr(text_encoder, "text_model") else text_encoder
-    assert torch.equal(a.final_layer_norm.weight, model.text_model.final_layer_norm.weight)
-    pipe = load_sd_pipeline("builtin", base_dir=base_dir)
-    assert pipe.unet.config.cross_attention_dim == model.config.hidden_size
-
-
-def test_builtin_build_is_deterministic(tmp_path, base_dir):
-    build_builtin(tmp_path, seed=0)
-    for name in ("clip/model.safetensors", "clip/tokenizer.json",
-                 "sd/unet/diffusion_pytorch_model.safetensors"):
-        digest = [hashlib.sha256((d / name).read_bytes()).hexdigest() for d in (tmp_path, base_dir)]
-        assert digest[0] == digest[1], name
 
 
 def test_pooled_is_hidden_at_eos(clip):

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.builtin_captions import generate_captions
 from pipeline.captions import (
     CaptionSourceError,
     clean_captions,
     read_caption_file,
     split_train_test,
 )
+from pipeline.world.scenes import generate_captions
 
 
 def words(texts):
@@ -89,12 +89,17 @@ def test_split_is_deterministic_and_disjoint():
         split_train_test(captions[:5], 10, 5, seed=0)
 
 
-def test_builtin_generator_is_deterministic_and_covers_the_grid_vocabulary():
+def test_builtin_generator_is_deterministic_and_covers_the_grid_prompts():
+    from pipeline.params import WORLD_PROMPTS_MULTI, WORLD_PROMPTS_SINGLE
+
     captions = generate_captions(5000, seed=0)
     assert captions == generate_captions(5000, seed=0)
     vocabulary = {w for c in captions for w in c.replace(",", " ").split()}
-    grid = "cat maid 1girl red hair blue eye black skirt 1boy in class room".split()
-    assert set(grid) <= vocabulary
+    grid = {w for p in WORLD_PROMPTS_SINGLE for w in p.split()}
+    assert grid <= vocabulary
+    # The comma-separated parts of the grid prompts are captions the world writes.
+    parts = {part.strip() for p in WORLD_PROMPTS_MULTI for part in p.split(",")}
+    assert parts <= set(generate_captions(50_000, seed=1))
 
 
 @given(st.lists(st.text(alphabet=st.sampled_from(list("ab c,\t\n\u00e9\U0001f431")), max_size=12),

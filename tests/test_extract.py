@@ -136,12 +136,12 @@ def test_two_workers_write_exactly_the_single_worker_shards(tmp_path, base_dir, 
 
 
 def test_a_rebuilt_base_model_of_the_same_name_invalidates_the_shards(tmp_path, base_dir):
-    from pipeline.base_models import build_builtin
+    from pipeline.world.build import build_micro_world
 
-    other_base = tmp_path / "other-base"
-    build_builtin(other_base, seed=1)
+    other_base = tmp_path / "other-world"
+    build_micro_world(other_base, seed=1)
     work = tmp_path / "p"
     first = digest(run_small_pipeline(work, base_dir))
-    (work / "models" / "base").unlink()  # same name `builtin`, other weights
+    (work / "models" / "world").unlink()  # same name `builtin`, other weights
     assert digest(run_small_pipeline(work, other_base))["train/shard-00000.arrow"] != \
         first["train/shard-00000.arrow"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline.base_models import ClipText, load_clip
-from pipeline.builtin_captions import generate_captions
+from pipeline.world.scenes import generate_captions
 from pipeline.clip_encode import encode_tokens, token_ids, tokenize
 from pipeline.extract import compute_constants, extract_split, plan_rows
 from pipeline.params import parse_params

@@ -1,0 +1,154 @@
+"""Does a picture show what its prompt asks for? The judge's adherence and the CLIP score.
+
+- CLIP score (any base CLIP, the real CLIP-L included): 100 x max(0, cos(image_embeds,
+  text_embeds)) with the base CLIP's own towers, the definition SD papers and torchmetrics use.
+- Adherence (the embedded world only): the fraction of the attributes the prompt states
+  (background colour, each object's colour and shape) that the world's judge finds.
+
+`evaluate_adherence` scores held-out world prompts, single-embedding and comma-combined, for
+the reference row (ordinary CLIP states) and every deprojector, all from the same seeds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.base_models import BASE_DIR, BUILTIN, ClipText, resolve
+from pipeline.models import Deprojector
+from pipeline.params import Params
+from pipeline.prompts import conditioning, negative_conditioning
+from pipeline.world import scenes as world
+from pipeline.world.judge import Judge
+
+REFERENCE = "reference"
+KINDS = ("single", "multi")  # whole prompt deprojected; comma-separated parts combined
+
+
+@dataclass
+class Scorer:
+    """The base CLIP's two towers (CLIP score) and, for the builtin world, the judge."""
+
+    model: object  # transformers.CLIPModel
+    processor: object  # transformers.CLIPImageProcessor
+    tokenizer: object
+    judge: Judge | None
+
+    @classmethod
+    def load(cls, base_clip: str, base_sd: str, base_dir: Path = BASE_DIR) -> Scorer:
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        source = resolve(base_clip, "clip", base_dir)
+        judge = Judge.from_pretrained(base_dir / "judge") \
+            if base_clip == BUILTIN and base_sd == BUILTIN else None
+        return cls(CLIPModel.from_pretrained(source).eval(),
+                   CLIPImageProcessor.from_pretrained(source),
+                   CLIPTokenizer.from_pretrained(source), judge)
+
+    @torch.no_grad()
+    def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt")["input_ids"]
+        image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
+                            dim=-1)
+        text = F.normalize(self.model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        return (100 * (image * text).sum(-1).clamp(min=0)).tolist()
+
+    def adherence(self, images: list[Image.Image], prompts: list[str]) -> list[float] | None:
+        return None if self.judge is None else self.judge.adherence(images, prompts)
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[dict[str, float]]:
+        """Per image: clip_score, and adherence where a judge is available."""
+        clip = self.clip_scores(images, prompts)
+        adherence = self.adherence(images, prompts)
+        return [{"clip_score": c, **({} if adherence is None else {"adherence": a})}
+                for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
+
+
+def held_out_prompts(count: int, seed: int, exclude: set[str]) -> dict[str, list[str]]:
+    """`count` prompts per kind describing fresh scenes in full (every object's colour and
+    shape, the background): as tags without commas (single) and with commas (multi)."""
+    rng = random.Random(f"adherence-{seed}")
+    single, multi = [], []
+    while len(single) < count:
+        scene = world.random_scene(rng)
+        tags = [f"{t.color} {t.shape}" for t in scene.things]
+        tags.append(f"{scene.background} background")
+        if " ".join(tags) in exclude or ", ".join(tags) in exclude:
+            continue
+        single.append(" ".join(tags))
+        multi.append(", ".join(tags))
+    return {"single": single, "multi": multi}
+
+
+def conditionings(prompts: list[str], clip: ClipText, model: Deprojector | None,
+                  combine: bool) -> torch.Tensor:
+    return torch.cat([conditioning(p, clip, model, combine)[0].float() for p in prompts])
+
+
+def generate(pipe, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int],
+             params: Params, batch: int = 64) -> list[Image.Image]:
+    r = params.render
+    images: list[Image.Image] = []
+    for begin in range(0, len(embeds), batch):
+        chunk = embeds[begin:begin + batch]
+        images += pipe(prompt_embeds=chunk.to(pipe.device),
+                       negative_prompt_embeds=negative.to(pipe.device).expand(len(chunk), -1, -1),
+                       generator=[torch.Generator().manual_seed(s)
+                                  for s in seeds[begin:begin + batch]],
+                       num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
+                       height=r.height, width=r.width, output_type="pil").images
+    return images
+
+
+def summarise(scores: list[dict[str, float]], objects: list[int]) -> dict[str, float]:
+    """Means over prompts; `all_parts`: how often every stated attribute was found; and the
+    mean adherence of prompts with 1, 2, 3 objects."""
+    out = {"clip_score": float(np.mean([s["clip_score"] for s in scores])),
+           "prompts": len(scores)}
+    if scores and "adherence" in scores[0]:
+        out["adherence"] = float(np.mean([s["adherence"] for s in scores]))
+        out["all_parts"] = float(np.mean([s["adherence"] == 1.0 for s in scores]))
+        for k in sorted(set(objects)):
+            picked = [s["adherence"] for s, n in zip(scores, objects, strict=True) if n == k]
+            out[f"adherence_{k}_object{'s' if k > 1 else ''}"] = float(np.mean(picked))
+    return out
+
+
+def with_ratios(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Adds each row's ratio to the reference row (adherence and CLIP score)."""
+    reference = rows[REFERENCE]
+    for scores in rows.values():
+        for key in ("adherence", "clip_score"):
+            if key in scores and reference.get(key):
+                scores[f"{key}_ratio"] = scores[key] / reference[key]
+    return rows
+
+
+def evaluate_adherence(params: Params, clip: ClipText, models: dict[str, Deprojector], pipe,
+                       scorer: Scorer, exclude: set[str]) -> dict[str, dict]:
+    """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind."""
+    e = params.evaluate
+    prompts = held_out_prompts(e.adherence_prompts, e.seed, exclude)
+    seeds = [e.seed * 100_000 + i for i in range(e.adherence_prompts)]  # same seed per prompt
+    negative = negative_conditioning(clip)
+    result: dict[str, dict] = {}
+    rows = {REFERENCE: None, **models}
+    for kind in KINDS:
+        texts = prompts[kind]
+        objects = [len(world.parse_prompt(p).objects) for p in texts]
+        summary = {}
+        for name, model in tqdm(rows.items(), desc=f"adherence {kind}", unit="row"):
+            embeds = conditionings(texts, clip, model, combine=kind == "multi")
+            images = generate(pipe, embeds, negative, seeds, params)
+            summary[name] = summarise(scorer.score(images, texts), objects)
+        result[kind] = with_ratios(summary)
+    return result

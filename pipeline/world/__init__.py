@@ -1,0 +1,1 @@
+"""The embedded world: a small trained CLIP, Stable Diffusion and judge (see build.py)."""

@@ -1,0 +1,203 @@
+"""Train the embedded world, part by part, into models/world/{clip,sd,judge} + world.json.
+
+Parts: `clip` (BPE tokenizer + CLIPModel), `vae`, `unet` (needs clip and vae), `judge`. Each
+trains into the work folder and marks itself done with a fingerprint of its settings; an
+interrupted build resumes from the last checkpoint of the running part and keeps the done
+ones. The work folder is removed once the world is assembled, so the next build retrains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from pipeline.params import WorldParams
+from pipeline.world import clip as world_clip
+from pipeline.world import diffusion, judge
+from pipeline.world import scenes as world
+from pipeline.world.tokenizer import save_tokenizer, train_tokenizer
+
+PARTS = ("clip", "vae", "unet", "judge")
+
+
+DEPENDS = {"clip": (), "vae": (), "unet": ("clip", "vae"), "judge": ()}
+SETTINGS = {  # the params each part's result depends on (besides seed and scenes)
+    "clip": ("vocab_size", "clip_steps", "clip_batch", "clip_lr", "width"),
+    "vae": ("vae_steps", "vae_batch", "vae_lr"),
+    "unet": ("unet_steps", "unet_batch", "unet_lr", "captions_per_scene"),
+    "judge": ("judge_steps", "judge_batch", "judge_lr"),
+}
+
+
+def _fingerprint(part: str, p: WorldParams) -> str:
+    settings = {k: getattr(p, k) for k in ("seed", "scenes", *SETTINGS[part])}
+    deps = [_fingerprint(d, p) for d in DEPENDS[part]]
+    blob = json.dumps([part, settings, deps], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class WorldBuild:
+    def __init__(self, p: WorldParams, work: Path) -> None:
+        self.p, self.work = p, work
+        self._data: tuple[np.ndarray, list[world.Scene]] | None = None
+
+    @property
+    def data(self) -> tuple[np.ndarray, list[world.Scene]]:
+        if self._data is None:
+            self._data = world.draw_scenes(self.p.scenes, self.p.seed)
+        return self._data
+
+    def done(self, part: str) -> bool:
+        marker = self.work / part / "done.json"
+        return marker.exists() and \
+            json.loads(marker.read_text())["fingerprint"] == _fingerprint(part, self.p)
+
+    def mark_done(self, part: str, info: dict) -> None:
+        info = {"fingerprint": _fingerprint(part, self.p), **info}
+        (self.work / part / "done.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def info(self, part: str) -> dict:
+        return json.loads((self.work / part / "done.json").read_text())
+
+    def checkpoint(self, part: str) -> Path:
+        return self.work / f"{part}-{_fingerprint(part, self.p)}.pt"
+
+    # --- parts ------------------------------------------------------------------------------
+
+    def train_clip(self) -> dict:
+        p, folder = self.p, self.work / "clip"
+        images, scenes = self.data
+        corpus = world.generate_captions(20_000, seed=p.seed + 1)
+        tokenizer = train_tokenizer(corpus, p.vocab_size)
+        model = world_clip.build_clip(tokenizer, world_clip.ClipSizes(width=p.width), p.seed)
+        losses = world_clip.train_clip(model, tokenizer, images, scenes, p.clip_steps,
+                                       p.clip_batch, p.clip_lr, p.seed, self.checkpoint("clip"))
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder)
+        save_tokenizer(tokenizer, folder)
+        world_clip.image_processor().save_pretrained(folder)
+        single_images, single = world.draw_scenes(p.held_out, p.seed + 2, max_things=1)
+        return {"final_loss": float(np.mean(losses[-50:])),
+                "zero_shot": world_clip.zero_shot_accuracy(model, tokenizer, single_images,
+                                                           single)}
+
+    def train_vae(self) -> dict:
+        p, folder = self.p, self.work / "vae"
+        images, _ = self.data
+        vae = diffusion.build_vae(diffusion.DiffusionSizes(), p.seed + 3)
+        losses = diffusion.train_vae(vae, images, p.vae_steps, p.vae_batch, p.vae_lr, p.seed,
+                                     self.checkpoint("vae"))
+        means, stds = diffusion.encode_latents(vae, images)
+        vae.register_to_config(scaling_factor=diffusion.measure_scaling_factor(means, stds,
+                                                                               p.seed))
+        vae.save_pretrained(folder)
+        held_out, _ = world.draw_scenes(p.held_out, p.seed + 4)
+        return {"final_loss": float(np.mean(losses[-50:])),
+                "scaling_factor": vae.config.scaling_factor,
+                "reconstruction_psnr_db": diffusion.reconstruction_psnr(vae, held_out)}
+
+    def train_unet(self) -> dict:
+        p, folder = self.p, self.work / "unet"
+        images, scenes = self.data
+        clip_dir = self.work / "clip"
+        tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+        text_encoder = CLIPTextModel.from_pretrained(clip_dir)
+        vae = AutoencoderKL.from_pretrained(self.work / "vae")
+        means, stds = diffusion.encode_latents(vae, images)
+        unet = diffusion.build_unet(diffusion.DiffusionSizes(), p.width, p.seed + 5)
+        ema, losses = diffusion.train_unet(unet, text_encoder, tokenizer, means, stds,
+                                           vae.config.scaling_factor, scenes, p.captions_per_scene,
+                                           p.unet_steps, p.unet_batch, p.unet_lr, p.seed,
+                                           self.checkpoint("unet"))
+        ema.save_pretrained(folder)
+        return {"final_loss": float(np.mean(losses[-50:]))}
+
+    def train_judge(self) -> dict:
+        p, folder = self.p, self.work / "judge"
+        images, scenes = self.data
+        torch.manual_seed(p.seed + 6)
+        net = judge.JudgeNet()
+        losses = judge.train_judge(net, images, scenes, p.judge_steps, p.judge_batch, p.judge_lr,
+                                   p.seed, self.checkpoint("judge"))
+        trained = judge.Judge(net)
+        trained.save_pretrained(folder)
+        held_images, held = world.draw_scenes(p.held_out, p.seed + 1)
+        return {"final_loss": float(np.mean(losses[-50:])),
+                "accuracy": judge.accuracy(trained, held_images, held)}
+
+    # --- assembly ---------------------------------------------------------------------------
+
+    def run(self, parts: tuple[str, ...] = PARTS) -> None:
+        trainers = {"clip": self.train_clip, "vae": self.train_vae, "unet": self.train_unet,
+                    "judge": self.train_judge}
+        for part in PARTS:
+            if part not in parts or self.done(part):
+                continue
+            missing = [d for d in DEPENDS[part] if not self.done(d)]
+            if missing:
+                raise RuntimeError(f"world part {part!r} needs {', '.join(missing)} first")
+            (self.work / part).mkdir(parents=True, exist_ok=True)
+            start = time.perf_counter()
+            info = trainers[part]()
+            tqdm.write(f"world: {part} done in {time.perf_counter() - start:.0f} s: "
+                       f"{json.dumps(info)}")
+            self.mark_done(part, info)
+
+    def assemble(self, out: Path) -> dict:
+        """Copy the done parts into `out` as the folders users load; returns world.json."""
+        missing = [part for part in PARTS if not self.done(part)]
+        if missing:
+            raise RuntimeError(f"world parts not trained yet: {', '.join(missing)}")
+        if out.exists():
+            shutil.rmtree(out)
+        (out / "clip").mkdir(parents=True)
+        for item in (self.work / "clip").iterdir():
+            if item.name != "done.json":
+                shutil.copy2(item, out / "clip" / item.name)
+        clip_dir = out / "clip"
+        diffusion.save_pipeline(
+            out / "sd", AutoencoderKL.from_pretrained(self.work / "vae"),
+            UNet2DConditionModel.from_pretrained(self.work / "unet"),
+            CLIPTextModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(clip_dir))
+        judge.Judge.from_pretrained(self.work / "judge").save_pretrained(out / "judge")
+        summary = {"params": dataclasses.asdict(self.p),
+                   **{part: {k: v for k, v in self.info(part).items() if k != "fingerprint"}
+                      for part in PARTS}}
+        (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+# A world that trains in seconds, for tests and benchmarks: real shapes, almost no training.
+MICRO = WorldParams(scenes=256, vocab_size=600, clip_steps=4, clip_batch=16, vae_steps=4,
+                    vae_batch=8, unet_steps=4, unet_batch=8, judge_steps=4, judge_batch=8,
+                    held_out=32)
+
+
+def build_world(out: Path, p: WorldParams, work: Path,
+                parts: tuple[str, ...] = PARTS) -> dict | None:
+    """Train the requested parts; once all are done, assemble `out` and clear `work`."""
+    build = WorldBuild(p, work)
+    build.run(parts)
+    if not all(build.done(part) for part in PARTS):
+        return None
+    summary = build.assemble(out)
+    shutil.rmtree(work)
+    return summary
+
+
+def build_micro_world(out: Path, seed: int = 0) -> dict:
+    """The MICRO world (seeded) in `out`: every folder a trained world has, in seconds."""
+    work = out.parent / f".{out.name}-work"
+    summary = build_world(out, dataclasses.replace(MICRO, seed=seed), work)
+    assert summary is not None  # every part was requested
+    return summary

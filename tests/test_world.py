@@ -1,0 +1,169 @@
+"""The embedded world: scenes and captions, prompt parsing, the judge's arithmetic, and a
+micro-world whose folders load like the real CLIP ViT-L/14 and SD 1.5 ones."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from pipeline.base_models import load_sd_pipeline
+from pipeline.params import SCHEDULERS, WORLD_PROMPTS_MULTI, WORLD_PROMPTS_SINGLE
+from pipeline.world import loop
+from pipeline.world import scenes as world
+from pipeline.world.build import MICRO, WorldBuild, build_micro_world
+from pipeline.world.clip import pixels
+from pipeline.world.judge import Judge, found_fraction
+
+
+def test_scenes_are_deterministic_and_keep_their_ground_truth():
+    images, scenes = world.draw_scenes(20, seed=3)
+    again, same = world.draw_scenes(20, seed=3)
+    assert np.array_equal(images, again) and scenes == same
+    assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
+    for image, scene in zip(images, scenes, strict=True):
+        assert 1 <= len(scene.things) <= 3
+        assert all(t.color != scene.background for t in scene.things)
+        # The corner pixel is background: no object reaches the corners.
+        assert tuple(image[0, 0]) == world.COLORS[scene.background]
+        for thing in scene.things:  # each object's colour is drawn at its centre
+            x, y = world.PLACES[thing.place]
+            centre = image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).astype(int)
+            assert (np.abs(centre - world.COLORS[thing.color]).sum(1) < 60).any(), thing
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31))
+def test_every_caption_states_only_what_its_scene_has(seed):
+    rng = random.Random(seed)
+    scene = world.random_scene(rng)
+    text = world.caption(scene, rng)
+    stated = world.parse_prompt(text)
+    required = world.required_bits(stated)
+    assert required & world.scene_bits(scene) == required, (text, scene)
+
+
+@pytest.mark.parametrize("prompt, background, objects", [
+    ("red circle", None, [("red", "circle")]),
+    ("red, circle", None, [("red", "circle")]),
+    ("star, yellow, big, black background", "black", [("yellow", "star")]),
+    ("big yellow star black background", "black", [("yellow", "star")]),
+    ("a big red circle left of a small blue square on a white background", "white",
+     [("red", "circle"), ("blue", "square")]),
+    ("yellow star, black background", "black", [("yellow", "star")]),
+    ("a red circle and a blue square", None, [("red", "circle"), ("blue", "square")]),
+    ("circle", None, [(None, "circle")]),
+    ("green", None, [("green", None)]),
+    ("big", None, []),
+])
+def test_prompts_of_every_style_parse_into_their_attributes(prompt, background, objects):
+    stated = world.parse_prompt(prompt)
+    assert (stated.background, stated.objects) == (background, objects)
+
+
+def test_grid_prompts_and_their_parts_are_world_captions():
+    captions = set(world.generate_captions(50_000, seed=1))
+    for prompt in WORLD_PROMPTS_SINGLE:
+        assert world.parse_prompt(prompt).count() > 0
+    for prompt in WORLD_PROMPTS_MULTI:
+        for part in prompt.split(","):
+            assert part.strip() in captions, part
+
+
+def test_found_fraction_counts_stated_attributes():
+    seen = world.Stated("white", [("red", "circle"), ("blue", "square")])
+    assert found_fraction(seen, world.parse_prompt("red circle blue square white background")) == 1
+    assert found_fraction(seen, world.parse_prompt("red square, white background")) == 0.5
+    assert found_fraction(seen, world.parse_prompt("blue, circle")) == 1  # loose parts pair up
+    assert found_fraction(seen, world.parse_prompt("green star black background")) == 0
+    assert found_fraction(seen, world.parse_prompt("big")) == 1  # nothing stated
+
+
+def test_micro_world_loads_like_clip_vit_l_and_sd(base_dir):
+    clip_dir = base_dir / "clip"
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    full = CLIPModel.from_pretrained(clip_dir)
+    text = CLIPTextModelWithProjection.from_pretrained(clip_dir)
+    vision = CLIPVisionModelWithProjection.from_pretrained(clip_dir)
+    processor = CLIPImageProcessor.from_pretrained(clip_dir)
+    assert text.config.eos_token_id == tokenizer.eos_token_id
+    assert text.config.projection_dim == text.config.hidden_size  # square, as CLIP-L
+    torch.testing.assert_close(text.text_projection.weight, full.text_projection.weight)
+    torch.testing.assert_close(vision.visual_projection.weight, full.visual_projection.weight)
+    images, _ = world.draw_scenes(3, seed=0)
+    processed = processor(images=[Image.fromarray(i) for i in images],
+                          return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processed, pixels(images), atol=1e-5, rtol=0)
+    # SD's text encoder is a CLIPTextModel with the same weights.
+    encoder = CLIPTextModel.from_pretrained(base_dir / "sd" / "text_encoder")
+    torch.testing.assert_close(encoder.text_model.final_layer_norm.weight,
+                               text.text_model.final_layer_norm.weight)
+    Judge.from_pretrained(base_dir / "judge")
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_render_scheduler_runs_on_the_world_pipeline(base_dir, scheduler):
+    import diffusers
+
+    pipe = load_sd_pipeline("builtin", base_dir=base_dir)
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
+    image = pipe("red circle", num_inference_steps=2, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (32, 32)  # the UNet's sample size x the VAE's factor 4
+
+
+def test_world_build_is_deterministic(tmp_path, base_dir):
+    build_micro_world(tmp_path / "world", seed=0)
+    for name in ("clip/model.safetensors", "clip/tokenizer.json", "judge/model.safetensors",
+                 "sd/unet/diffusion_pytorch_model.safetensors",
+                 "sd/vae/diffusion_pytorch_model.safetensors", "world.json"):
+        digests = [hashlib.sha256((d / name).read_bytes()).hexdigest()
+                   for d in (tmp_path / "world", base_dir)]
+        assert digests[0] == digests[1], name
+
+
+def test_an_interrupted_part_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "CHECKPOINT_EVERY", 2)
+    p = dataclasses.replace(MICRO, vae_steps=6)
+    clean = WorldBuild(p, tmp_path / "clean")
+    clean.run(("vae",))
+
+    interrupted = WorldBuild(p, tmp_path / "interrupted")
+    real = loop.train_steps
+
+    def crash_at_step_5(*args, **kwargs):
+        step_fn = args[5]
+
+        def crashing(step):
+            if step == 5:
+                raise KeyboardInterrupt
+            return step_fn(step)
+
+        return real(*args[:5], crashing, *args[6:], **kwargs)
+
+    monkeypatch.setattr("pipeline.world.diffusion.train_steps", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.run(("vae",))
+    assert interrupted.checkpoint("vae").exists() and not interrupted.done("vae")
+    monkeypatch.setattr("pipeline.world.diffusion.train_steps", real)
+    interrupted.run(("vae",))
+    for build in (clean, interrupted):
+        assert build.done("vae")
+    name = "vae/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "clean" / name).read_bytes() == \
+        (tmp_path / "interrupted" / name).read_bytes()

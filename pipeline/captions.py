@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.base_models import MAX_LENGTH, load_tokenizer
-from pipeline.world.scenes import generate_captions
 from pipeline.params import Params
+from pipeline.world.scenes import generate_captions
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 SUPPORTED_SUFFIXES = (".txt", *TABLE_SUFFIXES)

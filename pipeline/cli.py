@@ -72,6 +72,8 @@ def world_command(
     part: list[str] = typer.Option(
         None, help="Train only this part (repeatable): clip, vae, unet, judge. The world is "
         "assembled once every part is done."),
+    jobs: int = typer.Option(2, min=1, help="Processes for the parts that need no other "
+                             "(vae, clip, judge); the weights do not depend on it."),
 ) -> None:
     """Train the embedded world (`world.*`): the builtin base models, offline.
 
@@ -89,7 +91,7 @@ def world_command(
         if unknown:
             raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
                                      f"(known: {', '.join(PARTS)})", param_hint="--part")
-        summary = build_world(out, _params(params).world, work, tuple(part or PARTS))
+        summary = build_world(out, _params(params).world, work, tuple(part or PARTS), jobs)
         if summary is None:
             typer.echo(f"parts {', '.join(part)} trained in {work}; run again without --part "
                        "to assemble the world")
@@ -207,15 +209,22 @@ def evaluate_command(
     Teacher-forced and autoregressive mse, weighted_mse, cosine and cosine_masked; the
     combination test (deprojected Σ(e_k − null) + null vs blended hidden states); the
     autoregressive cosine per position in reports/plots/cosine_per_position.json; and the
-    null-baseline (predicting `null` everywhere) for comparison.
+    null-baseline (predicting `null` everywhere) for comparison. With evaluate.adherence_prompts
+    > 0: pictures of held-out prompts from the reference row and every run, judged
+    (adherence, with the builtin world) and CLIP-scored, in reports/metrics/adherence.json.
     """
-    from pipeline.evaluate import run_evaluate_stage
+    from pipeline.evaluate import ADHERENCE, run_evaluate_stage
 
     results = _run(lambda: run_evaluate_stage(_params(params), shards))
+    pictures = results.pop(ADHERENCE, {})
     for name, metrics in results.items():
         free = metrics["autoregressive"]
         typer.echo(f"{name:>20}: autoregressive cosine_masked {free['cosine_masked']:.4f}, "
                    f"weighted_mse {free['weighted_mse']:.5f}")
+    for kind, rows in pictures.items():
+        for name, s in rows.items():
+            adherence = f"adherence {s['adherence']:.3f}, " if "adherence" in s else ""
+            typer.echo(f"{kind:>6} {name:>20}: {adherence}CLIP score {s['clip_score']:.2f}")
 
 
 @app.command("render")

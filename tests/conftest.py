@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.base_models import load_clip
-from pipeline.world.build import build_micro_world
 from pipeline.params import Params, parse_params
+from pipeline.world.build import build_micro_world
 
 SMALL = {
     "captions": {"train_size": 48, "test_size": 12, "seed": 0},

@@ -33,7 +33,9 @@ def test_deprojection_recovers_pooled(clip):
     deprojection = compute_constants(clip)["deprojection"]
     assert deprojection.shape == (clip.hidden_size, clip.projection_size)
     recovered = out.text_embeds @ deprojection.T
-    assert (recovered - out.pooled).abs().max() < 1e-4
+    # float32 rounding through a trained (less well-conditioned) projection: about 1e-4 of
+    # values of size ~2; a wrong inverse would be off by O(1).
+    torch.testing.assert_close(recovered, out.pooled, rtol=1e-3, atol=1e-3)
 
 
 def test_unreachable_hub_id_fails_with_instructions(monkeypatch):

@@ -89,7 +89,9 @@ def test_found_fraction_counts_stated_attributes():
     seen = world.Stated("white", [("red", "circle"), ("blue", "square")])
     assert found_fraction(seen, world.parse_prompt("red circle blue square white background")) == 1
     assert found_fraction(seen, world.parse_prompt("red square, white background")) == 0.5
-    assert found_fraction(seen, world.parse_prompt("blue, circle")) == 1  # loose parts pair up
+    # Loose parts bind (`blue, circle` is a blue circle), and there is none.
+    assert found_fraction(seen, world.parse_prompt("blue, circle")) == 0
+    assert found_fraction(seen, world.parse_prompt("circle")) == 1
     assert found_fraction(seen, world.parse_prompt("green star black background")) == 0
     assert found_fraction(seen, world.parse_prompt("big")) == 1  # nothing stated
 
@@ -111,7 +113,7 @@ def test_micro_world_loads_like_clip_vit_l_and_sd(base_dir):
     torch.testing.assert_close(processed, pixels(images), atol=1e-5, rtol=0)
     # SD's text encoder is a CLIPTextModel with the same weights.
     encoder = CLIPTextModel.from_pretrained(base_dir / "sd" / "text_encoder")
-    torch.testing.assert_close(encoder.text_model.final_layer_norm.weight,
+    torch.testing.assert_close(encoder.final_layer_norm.weight,
                                text.text_model.final_layer_norm.weight)
     Judge.from_pretrained(base_dir / "judge")
 
@@ -127,8 +129,8 @@ def test_every_render_scheduler_runs_on_the_world_pipeline(base_dir, scheduler):
     assert image.size == (32, 32)  # the UNet's sample size x the VAE's factor 4
 
 
-def test_world_build_is_deterministic(tmp_path, base_dir):
-    build_micro_world(tmp_path / "world", seed=0)
+def test_world_build_is_deterministic_and_independent_of_jobs(tmp_path, base_dir):
+    build_micro_world(tmp_path / "world", seed=0, jobs=2)  # base_dir: jobs=1
     for name in ("clip/model.safetensors", "clip/tokenizer.json", "judge/model.safetensors",
                  "sd/unet/diffusion_pytorch_model.safetensors",
                  "sd/vae/diffusion_pytorch_model.safetensors", "world.json"):

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 from pipeline.base_models import ClipText, load_clip
-from pipeline.world.scenes import generate_captions
 from pipeline.clip_encode import encode_tokens, token_ids, tokenize
 from pipeline.extract import compute_constants, extract_split, plan_rows
 from pipeline.params import parse_params
+from pipeline.world.scenes import generate_captions
 
 ARTICLE_CAPTIONS = 50_000
 # openai/clip-vit-large-patch14's text_config (vocab 49408, 77 positions, quick_gelu).

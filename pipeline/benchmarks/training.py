@@ -104,9 +104,9 @@ def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str,
 def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor], int]:
     """Builtin base models and the shards of `captions` builtin captions (one split)."""
     from pipeline.base_models import build_builtin, load_clip
-    from pipeline.world.scenes import generate_captions
     from pipeline.extract import compute_constants, extract_split
     from pipeline.params import parse_params
+    from pipeline.world.scenes import generate_captions
 
     # extract_split reports through tqdm on stdout; keep stdout for --json.
     with contextlib.redirect_stdout(sys.stderr):

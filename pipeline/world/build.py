@@ -31,6 +31,9 @@ PARTS = ("clip", "vae", "unet", "judge")
 
 
 DEPENDS = {"clip": (), "vae": (), "unet": ("clip", "vae"), "judge": ()}
+# Torch threads per part. Fixed, so that floating-point reductions, and with them the
+# weights, do not depend on the machine's core count; the small parts gain little from more.
+THREADS = {"clip": 1, "vae": 1, "unet": 2, "judge": 1}
 SETTINGS = {  # the params each part's result depends on (besides seed and scenes)
     "clip": ("vocab_size", "clip_steps", "clip_batch", "clip_lr", "width"),
     "vae": ("vae_steps", "vae_batch", "vae_lr"),
@@ -148,7 +151,12 @@ class WorldBuild:
                 raise RuntimeError(f"world part {part!r} needs {', '.join(missing)} first")
             (self.work / part).mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
-            info = trainers[part]()
+            threads = torch.get_num_threads()
+            torch.set_num_threads(THREADS[part])
+            try:
+                info = trainers[part]()
+            finally:
+                torch.set_num_threads(threads)
             tqdm.write(f"world: {part} done in {time.perf_counter() - start:.0f} s: "
                        f"{json.dumps(info)}")
             self.mark_done(part, info)
@@ -183,10 +191,26 @@ MICRO = WorldParams(scenes=256, vocab_size=600, clip_steps=4, clip_batch=16, vae
                     held_out=32)
 
 
-def build_world(out: Path, p: WorldParams, work: Path,
-                parts: tuple[str, ...] = PARTS) -> dict | None:
-    """Train the requested parts; once all are done, assemble `out` and clear `work`."""
+def _train_part(job: tuple[WorldParams, Path, str]) -> None:
+    p, work, part = job
+    WorldBuild(p, work).run((part,))
+
+
+def build_world(out: Path, p: WorldParams, work: Path, parts: tuple[str, ...] = PARTS,
+                jobs: int = 1) -> dict | None:
+    """Train the requested parts; once all are done, assemble `out` and clear `work`.
+
+    With jobs > 1 the parts that need no other (vae, clip, judge) train in that many worker
+    processes first; each part runs with its own fixed thread count, so the weights are the
+    same as with jobs = 1.
+    """
     build = WorldBuild(p, work)
+    independent = [x for x in ("vae", "clip", "judge") if x in parts and not build.done(x)]
+    if jobs > 1 and len(independent) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(jobs, len(independent))) as pool:
+            pool.map(_train_part, [(p, work, x) for x in independent], chunksize=1)
     build.run(parts)
     if not all(build.done(part) for part in PARTS):
         return None
@@ -195,9 +219,9 @@ def build_world(out: Path, p: WorldParams, work: Path,
     return summary
 
 
-def build_micro_world(out: Path, seed: int = 0) -> dict:
+def build_micro_world(out: Path, seed: int = 0, jobs: int = 1) -> dict:
     """The MICRO world (seeded) in `out`: every folder a trained world has, in seconds."""
     work = out.parent / f".{out.name}-work"
-    summary = build_world(out, dataclasses.replace(MICRO, seed=seed), work)
+    summary = build_world(out, dataclasses.replace(MICRO, seed=seed), work, jobs=jobs)
     assert summary is not None  # every part was requested
     return summary

@@ -36,8 +36,11 @@ class ClipSizes:
 
 
 def build_clip(tokenizer: CLIPTokenizer, sizes: ClipSizes, seed: int) -> CLIPModel:
+    # projection_dim in each tower's config too: CLIPTextModelWithProjection and
+    # CLIPVisionModelWithProjection read it from there when they load this folder.
     common = dict(hidden_size=sizes.width, intermediate_size=4 * sizes.width,
-                  num_attention_heads=sizes.heads, hidden_act="quick_gelu")
+                  num_attention_heads=sizes.heads, hidden_act="quick_gelu",
+                  projection_dim=sizes.width)
     config = CLIPConfig(
         text_config=dict(
             vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH,

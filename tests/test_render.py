@@ -106,6 +106,14 @@ def test_stage_writes_every_output(project, rendered) -> None:
         for scores in fidelity[what].values():
             assert set(scores) == {"cosine", "psnr", "ssim", "per_prompt"}
             assert len(scores["per_prompt"]) == 3
+    # Every cell's adherence (the world's judge) and CLIP score, per-row means and ratios.
+    pictures = json.loads((reports / "grid_scores.json").read_text())
+    for what in ("single", "multi"):
+        assert list(pictures[what]) == [REFERENCE, *RUN_NAMES]
+        for row in pictures[what].values():
+            assert 0 <= row["adherence"] <= 1 and 0 <= row["clip_score"] <= 100
+            assert len(row["per_prompt"]) == 3
+        assert rendered.layouts[what].label > 0  # the score line under each cell
 
 
 @pytest.mark.parametrize("what", ["single", "multi"])
@@ -175,7 +183,8 @@ def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> Non
     for needle in ("![single-embedding grid](grid_single.png)",
                    "![multiple-embedding grid](grid_multi.png)",
                    "(plots/cosine_per_position.png)", "positions 1..76", header,
-                   "autoregressive cosine (in mask)", "`cat, maid`", "`cat maid`"):
+                   "autoregressive cosine (in mask)", "`red, circle`", "`red circle`",
+                   "## Do the pictures show the prompt?", "| reference | "):
         assert needle in report, needle
 
 
@@ -196,7 +205,8 @@ def test_scheduler_names_match_params(pipe) -> None:
 @pytest.mark.parametrize(("render", "key"), [
     ({"height": 30}, "render.height"),
     ({"scheduler": "lms"}, "render.scheduler"),
-    ({"prompts_multi": [" , "]}, "render.prompts_multi"),
+    ({"world_prompts_multi": [" , "]}, "render.world_prompts_multi"),
+    ({"prompt_set": "mine"}, "render.prompt_set"),
     ({"steps": 0}, "render.steps"),
 ])
 def test_bad_render_params_name_the_key(render: dict, key: str) -> None:

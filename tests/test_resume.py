@@ -69,7 +69,7 @@ def test_extraction_killed_midway_resumes_to_identical_shards(tmp_path, base_dir
 @pytest.mark.slow
 def test_training_killed_midway_resumes_to_identical_weights(tmp_path, base_dir, small_shards):
     settings = {"train": {"epochs": 12, "batch_size": 16, "patience": 0},
-                "models": {"vicinity-batch": {"norm": "layer"}}}
+                "models": {"vicinity-batch": {"type": "vicinity-batch", "norm": "layer"}}}
     results = {}
     for name in ("reference", "killed"):
         work = project_dir(tmp_path / name, base_dir)

@@ -96,6 +96,17 @@ def test_found_fraction_counts_stated_attributes():
     assert found_fraction(seen, world.parse_prompt("big")) == 1  # nothing stated
 
 
+def test_ratios_to_the_reference_row():
+    from pipeline.adherence import with_ratios
+
+    rows = with_ratios({"reference": {"adherence": 0.5, "clip_score": 20.0},
+                        "model": {"adherence": 0.25, "clip_score": 30.0}})
+    assert rows["reference"]["adherence_ratio"] == 1.0
+    assert rows["model"]["adherence_ratio"] == 0.5 and rows["model"]["clip_score_ratio"] == 1.5
+    # A reference that shows nothing gives no ratio (not a division by zero).
+    assert "adherence_ratio" not in with_ratios({"reference": {"adherence": 0.0}})["reference"]
+
+
 def test_micro_world_loads_like_clip_vit_l_and_sd(base_dir):
     clip_dir = base_dir / "clip"
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)

@@ -231,11 +231,14 @@ def evaluate_command(
 def render_command(params: Path = ParamsOption) -> None:
     """Generate the comparison grids of the article and the report (`render.*`).
 
-    For render.prompts_single (whole prompt deprojected) and render.prompts_multi (split at
-    commas, combined as Σ(e_k − null) + null): one column per prompt, rows reference (ordinary
-    CLIP states) and every model of params' `models:`, all from seed render.seed.
+    Single (whole prompt deprojected) and multi (split at commas, combined as
+    Σ(e_k − null) + null) grids of render.world_prompts_* (builtin world) or
+    render.article_prompts_* (real base models; render.prompt_set forces one): one column per
+    prompt, rows reference (ordinary CLIP states) and every run of params' `models:`, all from
+    seed render.seed, each cell labelled with its adherence (the world's judge) and CLIP score.
     Writes reports/grid_single.png, reports/grid_multi.png, reports/fidelity.json,
-    reports/plots/cosine_per_position.png and reports/report.md.
+    reports/grid_scores.json, reports/plots/cosine_per_position.png,
+    reports/plots/adherence.png and reports/report.md.
     """
     from pipeline.render import run_render_stage
 

@@ -200,7 +200,7 @@ def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"
         "",
         "Results as committed (`deprojector compare` retrains nothing). Grids: rows "
         "`reference` (plain CLIP states), then each deprojector; columns the prompts "
-        "(`render.prompts_single` / `render.prompts_multi`).",
+        "(`render.world_prompts_*` or `render.article_prompts_*`).",
         "",
         "| revision | " + " | ".join(images) + " |",
         "| --- | " + " | ".join("---" for _ in images) + " |",

@@ -22,6 +22,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.base_models import BASE_DIR, BUILTIN, ClipText, resolve
+from pipeline.generation import generate_images
+from pipeline.image_prompts import ImageTower, ModalityGap
 from pipeline.models import Deprojector
 from pipeline.params import Params
 from pipeline.prompts import conditioning, negative_conditioning
@@ -73,40 +75,34 @@ class Scorer:
                 for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
 
 
-def held_out_prompts(count: int, seed: int, exclude: set[str]) -> dict[str, list[str]]:
-    """`count` prompts per kind describing fresh scenes in full (every object's colour and
-    shape, the background): as tags without commas (single) and with commas (multi)."""
+def held_out_scenes(count: int, seed: int, exclude: set[str]) -> list[world.Scene]:
+    """`count` fresh scenes whose full descriptions (`describe`) are not in `exclude`."""
     rng = random.Random(f"adherence-{seed}")
-    single, multi = [], []
-    while len(single) < count:
+    scenes: list[world.Scene] = []
+    while len(scenes) < count:
         scene = world.random_scene(rng)
-        tags = [f"{t.color} {t.shape}" for t in scene.things]
-        tags.append(f"{scene.background} background")
-        if " ".join(tags) in exclude or ", ".join(tags) in exclude:
-            continue
-        single.append(" ".join(tags))
-        multi.append(", ".join(tags))
-    return {"single": single, "multi": multi}
+        if describe(scene, " ") not in exclude and describe(scene, ", ") not in exclude:
+            scenes.append(scene)
+    return scenes
+
+
+def describe(scene: world.Scene, separator: str) -> str:
+    """Every object's colour and shape, then the background, as tags joined by `separator`."""
+    tags = [f"{t.color} {t.shape}" for t in scene.things]
+    return separator.join([*tags, f"{scene.background} background"])
+
+
+def held_out_prompts(count: int, seed: int, exclude: set[str]) -> dict[str, list[str]]:
+    """`count` prompts per kind describing fresh scenes in full: as tags without commas
+    (single) and with commas (multi)."""
+    scenes = held_out_scenes(count, seed, exclude)
+    return {"single": [describe(s, " ") for s in scenes],
+            "multi": [describe(s, ", ") for s in scenes]}
 
 
 def conditionings(prompts: list[str], clip: ClipText, model: Deprojector | None,
                   combine: bool) -> torch.Tensor:
     return torch.cat([conditioning(p, clip, model, combine)[0].float() for p in prompts])
-
-
-def generate(pipe, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int],
-             params: Params, batch: int = 64) -> list[Image.Image]:
-    r = params.render
-    images: list[Image.Image] = []
-    for begin in range(0, len(embeds), batch):
-        chunk = embeds[begin:begin + batch]
-        images += pipe(prompt_embeds=chunk.to(pipe.device),
-                       negative_prompt_embeds=negative.to(pipe.device).expand(len(chunk), -1, -1),
-                       generator=[torch.Generator().manual_seed(s)
-                                  for s in seeds[begin:begin + batch]],
-                       num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
-                       height=r.height, width=r.width, output_type="pil").images
-    return images
 
 
 def summarise(scores: list[dict[str, float]], objects: list[int]) -> dict[str, float]:
@@ -133,12 +129,17 @@ def with_ratios(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]
     return rows
 
 
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """The noise seed of each held-out prompt: the same for every row."""
+    return [seed * 100_000 + i for i in range(count)]
+
+
 def evaluate_adherence(params: Params, clip: ClipText, models: dict[str, Deprojector], pipe,
                        scorer: Scorer, exclude: set[str]) -> dict[str, dict]:
     """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind."""
     e = params.evaluate
     prompts = held_out_prompts(e.adherence_prompts, e.seed, exclude)
-    seeds = [e.seed * 100_000 + i for i in range(e.adherence_prompts)]  # same seed per prompt
+    seeds = prompt_seeds(e.seed, e.adherence_prompts)
     negative = negative_conditioning(clip)
     result: dict[str, dict] = {}
     rows = {REFERENCE: None, **models}
@@ -148,7 +149,45 @@ def evaluate_adherence(params: Params, clip: ClipText, models: dict[str, Deproje
         summary = {}
         for name, model in tqdm(rows.items(), desc=f"adherence {kind}", unit="row"):
             embeds = conditionings(texts, clip, model, combine=kind == "multi")
-            images = generate(pipe, embeds, negative, seeds, params)
+            images = generate_images(pipe, embeds, negative, params.render, seeds)
             summary[name] = summarise(scorer.score(images, texts), objects)
         result[kind] = with_ratios(summary)
+    return result
+
+
+def evaluate_image_prompts(params: Params, clip: ClipText, models: dict[str, Deprojector],
+                           pipe, scorer: Scorer, tower: ImageTower, gap: ModalityGap,
+                           exclude: set[str]) -> dict[str, dict]:
+    """Drawn held-out scenes as the only prompt, judged against their descriptions.
+
+    Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
+    (the scene through the vision tower, gap-corrected) and `image_no_gap` (uncorrected), and
+    image_to_text = image adherence / text adherence; `reference`: the description's
+    ordinary CLIP states. Same scenes and noise seeds for every row.
+    """
+    from pipeline.prompt_encoder import PromptEncoder
+
+    e = params.evaluate
+    scenes = held_out_scenes(e.image_prompts, e.seed + 1, exclude)
+    texts = [describe(scene, " ") for scene in scenes]
+    rng = random.Random(e.seed)
+    drawn = [Image.fromarray(world.draw(scene, [(rng.uniform(-1, 1), rng.uniform(-1, 1))
+                                                for _ in scene.things])) for scene in scenes]
+    objects = [len(scene.things) for scene in scenes]
+    seeds = prompt_seeds(e.seed + 1, len(scenes))
+    negative = negative_conditioning(clip)
+
+    def judged(embeds: torch.Tensor) -> dict[str, float]:
+        images = generate_images(pipe, embeds, negative, params.render, seeds)
+        return summarise(scorer.score(images, texts), objects)
+
+    result = {REFERENCE: {"text": judged(conditionings(texts, clip, None, combine=False))}}
+    for name, model in tqdm(models.items(), desc="image prompts", unit="model"):
+        encoder = PromptEncoder(clip, model, tower, gap)
+        rows = {"text": judged(conditionings(texts, clip, model, combine=False))}
+        for key, correct in (("image", True), ("image_no_gap", False)):
+            rows[key] = judged(model.generate(encoder.image_embedding(drawn, correct)))
+        if rows["text"].get("adherence"):
+            rows["image_to_text"] = rows["image"]["adherence"] / rows["text"]["adherence"]
+        result[name] = rows
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
@@ -45,13 +46,14 @@ def _fail(err: Exception) -> None:
 def _expected_errors() -> tuple[type[Exception], ...]:
     from pipeline.base_models import BaseModelError
     from pipeline.captions import CaptionSourceError
+    from pipeline.image_prompts import ImagePromptError
     from pipeline.params import ParamsError
     from pipeline.prompts import PromptError
     from pipeline.render import RenderError
     from pipeline.shards import ShardError
 
     return (ParamsError, CaptionSourceError, BaseModelError, ShardError, FileNotFoundError,
-            PromptError, RenderError)
+            PromptError, RenderError, ImagePromptError)
 
 
 def _run(step):
@@ -125,6 +127,31 @@ def base_command(
         out.write_text(json.dumps(report.as_json(), indent=2) + "\n")
         typer.echo(f"base models checked (clip: {p.clip}, sd: {p.sd}, D={report.hidden_size}); "
                    f"fingerprint {report.fingerprint['fingerprint'][:16]} in {out}")
+
+    _run(step)
+
+
+@app.command("gap")
+def gap_command(
+    params: Path = ParamsOption,
+    out: Path = typer.Option(Path("data/gap"), help="Output folder."),
+) -> None:
+    """Measure the modality gap of base.clip for image prompts (`gap.*`).
+
+    Encodes `gap.pairs` image/caption pairs with both CLIP towers and writes the mean text
+    and image embeddings and the mean text-embedding norm to OUT/modality_gap.safetensors
+    (used by --image), with a summary in OUT/modality_gap.json (paired cosine before and
+    after the correction). Builtin base: drawn world scenes and their captions (seed
+    `gap.seed`). A real CLIP: the images of `gap.folder` with a NAME.txt caption beside
+    each; without any, only the .json is written, saying so.
+    """
+    from pipeline.image_prompts import run_gap_stage
+
+    def step():
+        p = _params(params)
+        summary = run_gap_stage(p.base.clip, p.gap.pairs, p.gap.seed, p.gap.folder, out,
+                                p.render.device)
+        typer.echo(json.dumps(summary, indent=2))
 
     _run(step)
 
@@ -212,11 +239,15 @@ def evaluate_command(
     null-baseline (predicting `null` everywhere) for comparison. With evaluate.adherence_prompts
     > 0: pictures of held-out prompts from the reference row and every run, judged
     (adherence, with the builtin world) and CLIP-scored, in reports/metrics/adherence.json.
+    With evaluate.image_prompts > 0 and the builtin world: drawn held-out scenes used as the
+    only prompt (gap-corrected and not) against their descriptions as text prompts, judged,
+    in reports/metrics/image_prompts.json.
     """
-    from pipeline.evaluate import ADHERENCE, run_evaluate_stage
+    from pipeline.evaluate import ADHERENCE, IMAGE_PROMPTS, run_evaluate_stage
 
     results = _run(lambda: run_evaluate_stage(_params(params), shards))
     pictures = results.pop(ADHERENCE, {})
+    image_prompts = results.pop(IMAGE_PROMPTS, {})
     for name, metrics in results.items():
         free = metrics["autoregressive"]
         typer.echo(f"{name:>20}: autoregressive cosine_masked {free['cosine_masked']:.4f}, "
@@ -225,6 +256,9 @@ def evaluate_command(
         for name, s in rows.items():
             adherence = f"adherence {s['adherence']:.3f}, " if "adherence" in s else ""
             typer.echo(f"{kind:>6} {name:>20}: {adherence}CLIP score {s['clip_score']:.2f}")
+    for name, rows in image_prompts.items():
+        typer.echo(f"image prompts {name:>20}: " + ", ".join(
+            f"{key} {s['adherence']:.3f}" for key, s in rows.items() if isinstance(s, dict)))
 
 
 @app.command("render")
@@ -249,9 +283,21 @@ def render_command(params: Path = ParamsOption) -> None:
                        f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} (vs reference)")
 
 
+# Paragraphs of one line each: the help formatter keeps line breaks as they are.
+PROMPT_GRAMMAR = "\n\n".join([
+    "Prompt grammar: parts separated by commas, each optionally weighted with ':WEIGHT' "
+    "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract). With a "
+    "deprojector the parts combine as Σ w_k (e_k − null) + null. A colon always starts a "
+    "weight.",
+    "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the modality-gap "
+    "correction (data/gap, from `deprojector gap`), the pseudo-inverse of the text "
+    "projection. A prompt of only images is allowed (pass '').",
+    "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
+    "PROMPT_B around null, linearly or with --slerp.",
+])
 PromptArgument = typer.Argument(
-    ..., help="The prompt, e.g. 'cat, maid'. Commas separate the parts that --combine adds up."
-)
+    ..., help="The prompt, e.g. 'cat, maid' or 'red circle:1.2, blue square:0.6' ('' with "
+    "--image only). Commas separate the parts that --combine adds up.")
 ModelOption = typer.Option(
     Path("models/transformer"), "--model", "-m",
     help="Deprojector folder (config.json + model.safetensors), e.g. models/vicinity-batch.",
@@ -262,9 +308,30 @@ NoDeprojectorOption = typer.Option(
 )
 CombineOption = typer.Option(
     True, "--combine/--no-combine",
-    help="Encode the comma-separated parts and deproject Σ(e_k − null) + null, or deproject "
-    "the pooled embedding of the whole prompt.",
+    help="Encode the comma-separated parts and deproject Σ w_k (e_k − null) + null, or "
+    "deproject the pooled embedding of the whole prompt.",
 )
+ImageOption = typer.Option(
+    None, "--image", metavar="PATH[:WEIGHT]",
+    help="An RGB image as a prompt part (repeatable), e.g. scene.png:0.8.")
+MixOption = typer.Option(None, "--mix", metavar="PROMPT_B",
+                         help="Interpolate from PROMPT to this prompt (same grammar).")
+MixImageOption = typer.Option(None, "--mix-image", metavar="PATH[:WEIGHT]",
+                              help="An image part of PROMPT_B (repeatable).")
+TOption = typer.Option(None, "--t", help="Interpolation fraction (0 = PROMPT, 1 = PROMPT_B; "
+                       "repeatable for a strip; default 0.5).")
+SlerpOption = typer.Option(False, "--slerp",
+                           help="Spherical interpolation around null instead of linear.")
+NegativeOption = typer.Option(
+    None, "--negative", metavar="TEXT",
+    help="Negative prompt (default ''), deprojected like the prompt (weights allowed).")
+NegativeReferenceOption = typer.Option(
+    False, "--negative-reference",
+    help="Use the ordinary CLIP states of --negative instead of deprojecting it.")
+GapOption = typer.Option(Path("data/gap"), "--gap",
+                         help="Modality-gap statistics (the `gap` stage's folder).")
+NoGapOption = typer.Option(False, "--no-gap-correction",
+                           help="Deproject image embeddings as they are (no gap correction).")
 
 
 def _multiple_of_8(value: int | None) -> int | None:
@@ -281,57 +348,146 @@ def _scheduler_name(value: str | None) -> str | None:
     return value
 
 
-def _prompt_embeds(prompt: str, params, model: Path, no_deprojector: bool, combine: bool):
-    """The conditioning of PROMPT and the CLIP model; truncation warnings as one line each."""
+@dataclass
+class PromptOptions:
+    """What encode and generate take to build conditioning."""
+
+    prompt: str
+    model: Path
+    no_deprojector: bool = False
+    combine: bool = True
+    images: list[str] = field(default_factory=list)
+    mix: str | None = None
+    mix_images: list[str] = field(default_factory=list)
+    ts: list[float] = field(default_factory=list)
+    slerp: bool = False
+    negative: str | None = None
+    negative_reference: bool = False
+    gap: Path = Path("data/gap")
+    no_gap_correction: bool = False
+
+    def check(self) -> None:
+        extras = [flag for flag, used in (
+            ("--image", self.images), ("--mix", self.mix is not None),
+            ("--mix-image", self.mix_images), ("--t", self.ts), ("--slerp", self.slerp))
+            if used]
+        if extras and self.no_deprojector:
+            raise typer.BadParameter(f"{extras[0]} needs a deprojector (drop --no-deprojector)")
+        if extras and not self.combine:
+            raise typer.BadParameter(f"{extras[0]} works on combined parts (drop --no-combine)")
+        if (self.ts or self.mix_images or self.slerp) and self.mix is None:
+            raise typer.BadParameter("--t, --mix-image and --slerp need --mix PROMPT_B")
+        bad = [t for t in self.ts if not 0.0 <= t <= 1.0]
+        if bad:
+            raise typer.BadParameter(f"--t must lie in [0, 1], got {bad[0]}")
+
+
+def _conditionings(o: PromptOptions, params):
+    """(prompt_embeds [N, 77, D], negative_prompt_embeds [1, 77, D], one label per row)."""
     import warnings
 
     from pipeline.base_models import load_clip
-    from pipeline.prompts import conditioning
-    from pipeline.render import load_checked_deprojector
+    from pipeline.generation import load_checked_deprojector
+    from pipeline.image_prompts import ImageTower, ModalityGap
+    from pipeline.prompt_encoder import ImagePart, PromptEncoder
+    from pipeline.prompts import conditioning, negative_conditioning
 
+    o.check()
     device = params.render.device
     clip = load_clip(params.base.clip, device=device)
-    deprojector = None if no_deprojector else load_checked_deprojector(model, clip, device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        embeds, _ = conditioning(prompt, clip, deprojector, combine)
+        if o.no_deprojector:
+            embeds = conditioning(o.prompt, clip, None)[0]
+            negative = conditioning(o.negative, clip, None)[0] if o.negative \
+                else negative_conditioning(clip)
+            labels = ["reference"]
+        else:
+            deprojector = load_checked_deprojector(o.model, clip, device)
+            images = [ImagePart.parse(a) for a in o.images]
+            mix_images = [ImagePart.parse(a) for a in o.mix_images]
+            tower = ImageTower.load(params.base.clip, device) if images or mix_images else None
+            gap = ModalityGap.load(o.gap) if tower and not o.no_gap_correction else None
+            encoder = PromptEncoder(clip, deprojector, tower, gap)
+            correct = not o.no_gap_correction
+            if o.mix is not None:
+                ts = o.ts or [0.5]
+                start = encoder.embedding(o.prompt, images, correct)[0]
+                end = encoder.embedding(o.mix, mix_images, correct)[0]
+                embeds = encoder.interpolate(start, end, ts, o.slerp)
+                labels = [f"t = {t:g}" for t in ts]
+            elif o.combine:
+                embeds, labels = encoder.encode_prompt(o.prompt, images, correct), ["deprojected"]
+            else:
+                embeds, labels = conditioning(o.prompt, clip, deprojector, False)[0], ["whole"]
+            negative = encoder.encode_negative(o.negative or "", not o.negative_reference)
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    return embeds, clip
+    return embeds, negative, labels
 
 
-@app.command("encode")
+@app.command("encode", help="\n\n".join([
+    "Write the Stable Diffusion conditioning of PROMPT: {'prompt_embeds': [N, 77, D]} (N = 1, "
+    "or one row per --t), plus 'negative_prompt_embeds' [1, 77, D] with --negative.",
+    "Load it with safetensors.torch.load_file and pass the tensors to a "
+    "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds. The CLIP model is "
+    "base.clip of the params file.", PROMPT_GRAMMAR]))
 def encode_command(
     prompt: str = PromptArgument,
     model: Path = ModelOption,
     no_deprojector: bool = NoDeprojectorOption,
     combine: bool = CombineOption,
+    image: list[str] | None = ImageOption,
+    mix: str | None = MixOption,
+    mix_image: list[str] | None = MixImageOption,
+    t: list[float] | None = TOption,
+    slerp: bool = SlerpOption,
+    negative: str | None = NegativeOption,
+    negative_reference: bool = NegativeReferenceOption,
+    gap: Path = GapOption,
+    no_gap_correction: bool = NoGapOption,
     out: Path = typer.Option(Path("cond.safetensors"), "--out", "-o",
                              help="Output safetensors file."),
     params: Path = ParamsOption,
 ) -> None:
-    """Write the Stable Diffusion conditioning of PROMPT: {"prompt_embeds": [1, 77, D]}.
-
-    Load it with safetensors.torch.load_file and pass the tensor to a StableDiffusionPipeline
-    as its prompt_embeds argument. The CLIP model is base.clip of the params file.
-    """
     from safetensors.torch import save_file
 
+    options = PromptOptions(prompt, model, no_deprojector, combine, image or [], mix,
+                            mix_image or [], t or [], slerp, negative, negative_reference, gap,
+                            no_gap_correction)
+
     def step():
-        embeds, _ = _prompt_embeds(prompt, _params(params), model, no_deprojector, combine)
+        embeds, negative_embeds, _ = _conditionings(options, _params(params))
+        tensors = {"prompt_embeds": embeds}
+        if negative is not None:
+            tensors["negative_prompt_embeds"] = negative_embeds
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt_embeds": embeds.float().contiguous().cpu()}, str(out))
-        typer.echo(f"wrote {out} (prompt_embeds {list(embeds.shape)})")
+        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(out))
+        typer.echo(f"wrote {out} (" + ", ".join(f"{k} {list(v.shape)}" for k, v in
+                                               tensors.items()) + ")")
 
     _run(step)
 
 
-@app.command("generate")
+@app.command("generate", help="\n\n".join([
+    "Generate an image of PROMPT with base.sd, conditioned through a deprojector; with "
+    "several --t, a strip of images from PROMPT to --mix PROMPT_B.",
+    "Unset options come from the render section of the params file; the negative prompt is "
+    "'' unless --negative gives one.", PROMPT_GRAMMAR]))
 def generate_command(
     prompt: str = PromptArgument,
     model: Path = ModelOption,
     no_deprojector: bool = NoDeprojectorOption,
     combine: bool = CombineOption,
+    image: list[str] | None = ImageOption,
+    mix: str | None = MixOption,
+    mix_image: list[str] | None = MixImageOption,
+    t: list[float] | None = TOption,
+    slerp: bool = SlerpOption,
+    negative: str | None = NegativeOption,
+    negative_reference: bool = NegativeReferenceOption,
+    gap: Path = GapOption,
+    no_gap_correction: bool = NoGapOption,
     seed: int | None = typer.Option(None, min=0, help="Noise seed (default: render.seed)."),
     steps: int | None = typer.Option(None, min=1, help="Denoising steps (default: render.steps)."),
     guidance: float | None = typer.Option(
@@ -348,26 +504,32 @@ def generate_command(
     out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Output image file."),
     params: Path = ParamsOption,
 ) -> None:
-    """Generate one image of PROMPT with base.sd, conditioned through a deprojector.
+    from pipeline.generation import generate_images, load_pipeline
+    from pipeline.render import Column, make_grid
 
-    Unset options come from the render section of the params file; the negative prompt is "".
-    """
-    import dataclasses
-
-    from pipeline.prompts import negative_conditioning
-    from pipeline.render import generate_images, load_pipeline
+    options = PromptOptions(prompt, model, no_deprojector, combine, image or [], mix,
+                            mix_image or [], t or [], slerp, negative, negative_reference, gap,
+                            no_gap_correction)
 
     def step():
         p = _params(params)
         overrides = {"seed": seed, "steps": steps, "guidance_scale": guidance, "height": height,
                      "width": width, "scheduler": scheduler}
         r = dataclasses.replace(p.render, **{k: v for k, v in overrides.items() if v is not None})
-        embeds, clip = _prompt_embeds(prompt, p, model, no_deprojector, combine)
+        embeds, negative_embeds, labels = _conditionings(options, p)
         pipe = load_pipeline(p.base.sd, r)
-        image = generate_images(pipe, embeds, negative_conditioning(clip), r)[0]
+        images = generate_images(pipe, embeds, negative_embeds, r)
+        if len(images) == 1:
+            picture = images[0]
+        else:  # an interpolation strip, one column per t
+            row = model.name
+            columns = [Column(label, {row: image}, {}) for label, image in
+                       zip(labels, images, strict=True)]
+            picture = make_grid(columns)[0]
         out.parent.mkdir(parents=True, exist_ok=True)
-        image.save(out)
-        typer.echo(f"wrote {out} ({r.width}x{r.height}, seed {r.seed}, {r.steps} steps)")
+        picture.save(out)
+        typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)} of "
+                   f"{r.width}x{r.height}, seed {r.seed}, {r.steps} steps)")
 
     _run(step)
 

@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.base_checks import check_deprojector_fits
-from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
+from pipeline.base_models import BUILTIN, MAX_LENGTH, ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, token_counts
 from pipeline.conventions import combine_embeddings
@@ -35,6 +35,7 @@ from pipeline.shards import ShardReader, load_constants
 
 NULL_BASELINE = "null-baseline"
 ADHERENCE = "adherence"  # reports/metrics/adherence.json: pictures judged, per row
+IMAGE_PROMPTS = "image_prompts"  # reports/metrics/image_prompts.json: drawn scenes as prompts
 
 
 class Scores:
@@ -123,7 +124,8 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
                        captions_dir: Path = Path("data/captions"),
                        models_dir: Path = Path("models"),
                        metrics_dir: Path = Path("reports/metrics"),
-                       plots_dir: Path = Path("reports/plots")) -> dict:
+                       plots_dir: Path = Path("reports/plots"),
+                       gap_dir: Path = Path("data/gap")) -> dict:
     e, t = params.evaluate, params.train
     constants = load_constants(shards_dir / "constants.safetensors")
     reader = ShardReader(shards_dir / "test")
@@ -152,18 +154,36 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     rows = [{"position": i + 1, **{n: c[i] for n, c in curves.items()}}
             for i in range(MAX_LENGTH - 1)]
     write_json(plots_dir / "cosine_per_position.json", rows, indent=1)
-    if e.adherence_prompts:
-        results[ADHERENCE] = run_adherence(params, clip, models)
-        write_json(metrics_dir / f"{ADHERENCE}.json", results[ADHERENCE])
+    pictures = run_pictures(params, clip, models, gap_dir)
+    for name in (ADHERENCE, IMAGE_PROMPTS):
+        (metrics_dir / f"{name}.json").unlink(missing_ok=True)
+        if name in pictures:
+            results[name] = pictures[name]
+            write_json(metrics_dir / f"{name}.json", pictures[name])
     return results
 
 
-def run_adherence(params: Params, clip: ClipText, models: dict[str, Deprojector]) -> dict:
-    """Pictures of held-out prompts, judged: see pipeline/adherence.py."""
-    from pipeline.adherence import Scorer, evaluate_adherence
-    from pipeline.render import load_pipeline  # render imports this module
+def run_pictures(params: Params, clip: ClipText, models: dict[str, Deprojector],
+                 gap_dir: Path) -> dict:
+    """Pictures of held-out prompts and of drawn scenes as prompts (the world only), judged:
+    see pipeline/adherence.py."""
+    from pipeline.adherence import Scorer, evaluate_adherence, evaluate_image_prompts
+    from pipeline.generation import load_pipeline
+    from pipeline.image_prompts import ImageTower, ModalityGap
 
+    e = params.evaluate
+    world = params.base.clip == BUILTIN and params.base.sd == BUILTIN
+    if not e.adherence_prompts and not (world and e.image_prompts):
+        return {}
     pipe = load_pipeline(params.base.sd, params.render)
     scorer = Scorer.load(params.base.clip, params.base.sd)
     single, multi = params.render.prompts(params.base.clip)
-    return evaluate_adherence(params, clip, models, pipe, scorer, set(single) | set(multi))
+    exclude = set(single) | set(multi)
+    results = {}
+    if e.adherence_prompts:
+        results[ADHERENCE] = evaluate_adherence(params, clip, models, pipe, scorer, exclude)
+    if world and e.image_prompts:
+        tower = ImageTower.load(params.base.clip, params.render.device)
+        results[IMAGE_PROMPTS] = evaluate_image_prompts(
+            params, clip, models, pipe, scorer, tower, ModalityGap.load(gap_dir), exclude)
+    return results

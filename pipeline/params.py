@@ -98,6 +98,17 @@ class EvaluateParams:
     seed: int = 0
     # Held-out prompts per kind (single, comma-combined) whose pictures are judged; 0 = off.
     adherence_prompts: int = 48
+    # Held-out drawn scenes used as image prompts and judged against their captions; 0 = off.
+    image_prompts: int = 48
+
+
+@dataclass(frozen=True)
+class GapParams:
+    """Paired data for the modality-gap statistics of image prompts (the `gap` stage)."""
+
+    pairs: int = 1000  # image/caption pairs averaged
+    seed: int = 7  # world scenes of a seed no world part trains on (builtin base)
+    folder: str = "data/gap-pairs"  # real CLIP: NAME.png/.jpg + NAME.txt caption pairs
 
 
 # A run name is a folder name (models/NAME, reports/metrics/NAME.json) and a dvc.yaml stage
@@ -152,6 +163,17 @@ class RenderParams:
     width: int = 32
     scheduler: str = "pndm"
     device: str = "cpu"
+    # The run shown in the grid's image-prompt row and the interpolation strip ("": the first
+    # entry of `models`). World prompts only: they need drawn scenes and the judge.
+    showcase_model: str = ""
+    interpolation_from: str = "red circle"
+    interpolation_to: str = "blue square"
+    interpolation_steps: int = 9  # t = 0, 1/(n-1), ..., 1
+    interpolation_seeds: int = 8  # images per t, judged and averaged
+    interpolation_slerp: bool = True  # spherical around null (else linear)
+
+    def showcase(self, models: list[str]) -> str:
+        return self.showcase_model or models[0]
 
     def prompts(self, base_clip: str) -> tuple[list[str], list[str]]:
         """The (single, multi) grid prompts for the base model `base.clip`."""
@@ -173,6 +195,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     render: RenderParams = field(default_factory=RenderParams)
+    gap: GapParams = field(default_factory=GapParams)
     # Run name -> architecture and hyperparameters: every entry is trained, scored, rendered.
     models: dict[str, ModelSpec] = field(default_factory=dict)
     # Sections owned by later stages stay plain dicts until their stage reads them.
@@ -227,6 +250,10 @@ def _check_render(r: RenderParams) -> None:
         _check(value > 0 and value % 8 == 0, f"render.{key}", "a positive multiple of 8", value)
     _check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}",
            r.scheduler)
+    _check(r.interpolation_steps >= 2, "render.interpolation_steps", "2 or more",
+           r.interpolation_steps)
+    _check(r.interpolation_seeds >= 1, "render.interpolation_seeds", "1 or more",
+           r.interpolation_seeds)
 
 
 def _check_world(w: WorldParams) -> None:
@@ -275,6 +302,12 @@ def validate(p: Params) -> Params:
     _check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
            p.evaluate.combination_pairs)
     _check_render(p.render)
+    _check(p.render.showcase_model in ("", *p.models), "render.showcase_model",
+           f"'' (the first run) or a run of `models` ({', '.join(p.models)})",
+           p.render.showcase_model)
+    _check(p.evaluate.image_prompts >= 0, "evaluate.image_prompts", "0 (off) or more",
+           p.evaluate.image_prompts)
+    _check(p.gap.pairs > 0, "gap.pairs", "a positive integer", p.gap.pairs)
     return p
 
 
@@ -316,6 +349,7 @@ SECTIONS = {
     "train": TrainParams,
     "evaluate": EvaluateParams,
     "render": RenderParams,
+    "gap": GapParams,
 }
 
 

@@ -20,14 +20,17 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pipeline.adherence import REFERENCE, Scorer, with_ratios
-from pipeline.base_checks import check_cross_attention, check_deprojector_fits
-from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
-from pipeline.evaluate import ADHERENCE, NULL_BASELINE
+from pipeline.base_models import ClipText, load_clip
+from pipeline.evaluate import ADHERENCE, IMAGE_PROMPTS, NULL_BASELINE
+from pipeline.generation import generate_images, load_checked_deprojector, load_pipeline
 from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
+from pipeline.image_prompts import ImageTower, ModalityGap, scene_image
+from pipeline.interpolation import fractions, run_interpolation
 from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position
-from pipeline.models import Deprojector, load_deprojector
-from pipeline.params import SCHEDULERS, Params, RenderParams
+from pipeline.models import Deprojector
+from pipeline.params import Params, RenderParams
+from pipeline.prompt_encoder import PromptEncoder
 from pipeline.prompts import conditioning, negative_conditioning
 
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
@@ -35,47 +38,6 @@ MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, t
 
 class RenderError(RuntimeError):
     """An input of the render stage is missing or does not fit; the message says which."""
-
-
-# --- generation ---------------------------------------------------------------------------
-
-def load_pipeline(sd: str, r: RenderParams):
-    """The SD pipeline of `base.sd` in float32 with the scheduler `render.scheduler`."""
-    import diffusers
-
-    diffusers.utils.logging.disable_progress_bar()  # its loading bar would cut into ours
-    pipe = load_sd_pipeline(sd, device=r.device, dtype=torch.float32)
-    scheduler_class = getattr(diffusers, SCHEDULERS[r.scheduler])
-    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
-    return pipe
-
-
-def load_checked_deprojector(path: Path, clip: ClipText, device: str = "cpu") -> Deprojector:
-    model = load_deprojector(path, device=device)
-    check_deprojector_fits(model, clip)
-    return model
-
-
-def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                    r: RenderParams) -> list[Image.Image]:
-    """One image per row of prompt_embeds [N, 77, D], all from seed `r.seed`."""
-    # A UNet of another width would fail deep inside diffusers with a matmul shape error.
-    check_cross_attention(pipe.unet.config.cross_attention_dim, prompt_embeds.shape[-1])
-    n = len(prompt_embeds)
-    # One generator per image, seeded alike: each image starts from the noise it would get if
-    # generated alone with generator=torch.Generator().manual_seed(seed).
-    generators = [torch.Generator().manual_seed(r.seed) for _ in range(n)]
-    device = pipe.device
-    return pipe(
-        prompt_embeds=prompt_embeds.to(device),
-        negative_prompt_embeds=negative_embeds.to(device).expand(n, -1, -1),
-        generator=generators,
-        num_inference_steps=r.steps,
-        guidance_scale=r.guidance_scale,
-        height=r.height,
-        width=r.width,
-        output_type="pil",
-    ).images
 
 
 @dataclass
@@ -244,6 +206,14 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
     return chart
 
 
+def notice(text: str, size: tuple[int, int] = (640, 80)) -> Image.Image:
+    """A white image with one line of text: an output that has nothing to show."""
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).text((size[0] / 2, size[1] / 2), text, fill="black", font=font(14),
+                               anchor="mm")
+    return image
+
+
 def cosine_chart(rows: list[dict]) -> Image.Image:
     """The evaluate stage's autoregressive cosine per position, one line per model."""
     names = [key for key in rows[0] if key != "position"]
@@ -342,8 +312,9 @@ def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) 
     lines = [head + (" | multi: every part shown |" if all_parts else " |")]
     lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
     for row in by_kind[kinds[0]]:
+        # Rows only one grid has (the image-prompt rows) are blank in the others.
         cells = [f"{_score(by_kind[k][row], 'adherence')} | {_score(by_kind[k][row], 'clip_score')}"
-                 for k in kinds]
+                 if row in by_kind[k] else "– | –" for k in kinds]
         if all_parts:
             cells.append(f"{by_kind['multi'][row].get('all_parts', float('nan')):.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -409,9 +380,63 @@ comma-combined prompts whose every stated attribute the judge finds:
     return text + "\n"
 
 
+def _adherence(rows: dict, key: str) -> str:
+    return f"{rows[key]['adherence']:.3f}" if key in rows and "adherence" in rows[key] else "–"
+
+
+def extras_section(showcase: str | None, image_prompts: dict | None,
+                   curves: dict[str, dict] | None, r: RenderParams) -> str:
+    """Images as prompts and the judged interpolation (the world only)."""
+    text = ""
+    if showcase:
+        text += f"""## Images as prompts
+
+The single-embedding grid's last two rows: `scene` is a drawn scene with everything the
+column's prompt states, `image prompt` the picture generated from that scene alone through
+`{showcase}` (render.showcase_model): CLIP vision tower → image_embeds → modality-gap
+correction (data/gap) → pseudo-inverse of the text projection → deprojector.
+
+"""
+    if image_prompts:
+        lines = ["| run | text prompt | image prompt | image, no gap correction | image / text |",
+                 "| --- | ---: | ---: | ---: | ---: |"]
+        for name, rows in image_prompts.items():
+            ratio = f"{rows['image_to_text']:.2f}" if "image_to_text" in rows else "–"
+            lines.append(f"| {name} | {_adherence(rows, 'text')} | {_adherence(rows, 'image')} "
+                         f"| {_adherence(rows, 'image_no_gap')} | {ratio} |")
+        count = next(iter(image_prompts.values()))["text"]["prompts"]
+        text += f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
+descriptions; the text prompt is the description's pooled embedding deprojected (the
+reference row: its ordinary CLIP states). Mean adherence (`reports/metrics/image_prompts.json`):
+
+""" + "\n".join(lines) + "\n\n"
+    if curves:
+        mode = "spherical" if r.interpolation_slerp else "linear"
+        lines = ["| run | balance t=0 | t=0.5 | t=1 | max jump | reversals |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, c in curves.items():
+            middle = c["balance"][len(c["balance"]) // 2]
+            lines.append(f"| {name} | {c['balance'][0]:+.2f} | {middle:+.2f} | "
+                         f"{c['balance'][-1]:+.2f} | {c['max_jump']:.2f} | {c['reversals']} |")
+        text += f"""## Interpolation: {r.interpolation_from} → {r.interpolation_to}
+
+The combined embeddings of the two prompts interpolated around null ({mode}), deprojected by
+each run; one row per run, seed {r.seed}:
+
+![interpolation](interpolation.png)
+
+Judged over {r.interpolation_seeds} seeds per t: balance = adherence to
+"{r.interpolation_to}" − adherence to "{r.interpolation_from}" (−1: only A, +1: only B). A
+gradual change has small jumps between neighbouring t and no reversals
+(`reports/interpolation.json`):
+
+""" + "\n".join(lines) + "\n\n![interpolation balance](plots/interpolation.png)\n\n"
+    return text
+
+
 def write_report(path: Path, params: Params, metrics: dict[str, dict],
                  fidelity: dict[str, dict], scores: dict[str, dict],
-                 held_out: dict | None) -> None:
+                 held_out: dict | None, extras: str = "") -> None:
     r = params.render
     text = f"""# CLIP Text Deprojector: comparison report
 
@@ -445,7 +470,7 @@ luminance) of the image against the reference image of the same column. PSNR is 
 
 {fidelity_table(fidelity["multi"])}
 
-{pictures_section(scores, held_out)}## Test-set metrics (`reports/metrics/`)
+{pictures_section(scores, held_out)}{extras}## Test-set metrics (`reports/metrics/`)
 
 {metrics_table(metrics)}
 
@@ -478,10 +503,12 @@ class Rendered:
     layouts: dict[str, GridLayout]
     fidelity: dict[str, dict]
     scores: dict[str, dict] = field(default_factory=dict)  # grid -> row -> clip/adherence
+    interpolation: dict[str, dict] | None = None  # run -> judged curve (the world only)
 
 
 def run_render_stage(params: Params, models_dir: Path = Path("models"),
-                     reports_dir: Path = Path("reports")) -> Rendered:
+                     reports_dir: Path = Path("reports"),
+                     gap_dir: Path = Path("data/gap")) -> Rendered:
     r = params.render
     metrics = read_metrics(reports_dir / "metrics", list(params.models))
     curve_file = reports_dir / "plots" / "cosine_per_position.json"
@@ -495,8 +522,15 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
 
     done = Rendered({}, {}, {})
     single, multi = r.prompts(params.base.clip)
+    # The world's extras: drawn scenes as image prompts, the judged interpolation strip.
+    world = scorer.judge is not None and single == r.world_prompts_single
+    showcase = r.showcase(list(models))
     for what, prompts, combine in (("single", single, False), ("multi", multi, True)):
         columns = render_grid(pipe, clip, models, prompts, combine, r, scorer)
+        if world and what == "single":
+            add_image_prompt_rows(columns, pipe, clip, models[showcase], r, scorer,
+                                  ImageTower.load(params.base.clip, r.device),
+                                  ModalityGap.load(gap_dir))
         grid, done.layouts[what] = make_grid(columns)
         grid.save(reports_dir / f"grid_{what}.png")
         done.columns[what] = columns
@@ -510,8 +544,55 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
         adherence_chart(held_out).save(chart)
     else:
         chart.unlink(missing_ok=True)
+    if world:
+        done.interpolation = render_interpolation(pipe, clip, models, scorer, r, reports_dir)
+    else:  # outputs DVC expects, saying why they are empty
+        why = "interpolation is judged with the builtin world only (base.clip/sd: builtin)"
+        for image in ("interpolation.png", "plots/interpolation.png"):
+            notice(why).save(reports_dir / image)
+        write_json(reports_dir / "interpolation.json", {"available": False, "why": why})
     write_json(reports_dir / "fidelity.json", done.fidelity)
     write_json(reports_dir / "grid_scores.json", done.scores)
+    image_prompts_file = reports_dir / "metrics" / f"{IMAGE_PROMPTS}.json"
+    image_prompts = json.loads(image_prompts_file.read_text()) \
+        if image_prompts_file.is_file() else None
     write_report(reports_dir / "report.md", params, metrics, done.fidelity, done.scores,
-                 held_out)
+                 held_out, extras_section(showcase if world else None, image_prompts,
+                                          done.interpolation, r))
     return done
+
+
+IMAGE_ROWS = ("scene", "image prompt")  # the drawn scene; its image-prompt picture
+
+
+def add_image_prompt_rows(columns: list[Column], pipe, clip: ClipText, model: Deprojector,
+                          r: RenderParams, scorer: Scorer, tower: ImageTower,
+                          gap: ModalityGap) -> None:
+    """Rows `scene` (a drawn scene with everything the column's prompt states) and `image
+    prompt` (that scene as the only prompt of `model`, gap-corrected), scored like the rest."""
+    scenes = [scene_image(c.prompt, r.seed) for c in columns]
+    embeds = PromptEncoder(clip, model, tower, gap).image_embedding(scenes)
+    conds = model.generate(embeds)
+    pictures = generate_images(pipe, conds, negative_conditioning(clip), r)
+    for k, column in enumerate(columns):
+        shown = scenes[k].resize(pictures[k].size, Image.Resampling.BOX)  # grid cells match
+        column.images.update(zip(IMAGE_ROWS, (shown, pictures[k]), strict=True))
+        column.conds[IMAGE_ROWS[1]] = conds[k:k + 1]
+        scores = scorer.score([scenes[k], pictures[k]], [column.prompt] * 2)
+        column.scores.update(zip(IMAGE_ROWS, scores, strict=True))
+
+
+def render_interpolation(pipe, clip: ClipText, models: dict[str, Deprojector], scorer: Scorer,
+                         r: RenderParams, reports_dir: Path) -> dict[str, dict]:
+    """reports/interpolation.png (one strip per run), the judged curves in
+    reports/interpolation.json and their balance chart in reports/plots/interpolation.png."""
+    curves, strips = run_interpolation(pipe, clip, models, scorer, r)
+    columns = [Column(f"t = {t:.3g}", {name: strip[k] for name, strip in strips.items()}, {})
+               for k, t in enumerate(fractions(r.interpolation_steps))]
+    make_grid(columns)[0].save(reports_dir / "interpolation.png")
+    write_json(reports_dir / "interpolation.json", curves)
+    line_chart({name: list(zip(c["t"], c["balance"], strict=True)) for name, c in curves.items()},
+               f"{r.interpolation_from} -> {r.interpolation_to}: judge's balance "
+               f"({r.interpolation_seeds} seeds per t)", "t",
+               "adherence to B - adherence to A").save(reports_dir / "plots" / "interpolation.png")
+    return curves

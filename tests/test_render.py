@@ -19,31 +19,33 @@ from pipeline import params as params_module
 from pipeline.base_models import MAX_LENGTH
 from pipeline.cli import app
 from pipeline.clip_encode import encode_texts
+from pipeline.generation import SCHEDULERS, load_pipeline
 from pipeline.image_metrics import PSNR_CAP_DB
+from pipeline.image_prompts import run_gap_stage
 from pipeline.jsonio import round_floats
 from pipeline.models import build_deprojector
 from pipeline.params import ParamsError, load_params, parse_params
 from pipeline.prompts import negative_conditioning
 from pipeline.render import (
+    IMAGE_ROWS,
     MIN_CELL,
     REFERENCE,
-    SCHEDULERS,
     RenderError,
-    load_pipeline,
     render_column,
     run_render_stage,
 )
 from tests.conftest import project_dir
 
 SIZE = 16  # px: the smallest image SSIM's 11 x 11 window fits comfortably
-RENDER = {"steps": 2, "height": SIZE, "width": SIZE, "seed": 3}
+RENDER = {"steps": 2, "height": SIZE, "width": SIZE, "seed": 3, "interpolation_steps": 3,
+          "interpolation_seeds": 2}
 # params.yaml's `models:`: every run gets a row, a second vicinity-batch run included.
 RUNS = {"transformer": {"type": "transformer", "num_heads": 4, "intermediate_size": 256},
         "vicinity-batch": {"type": "vicinity-batch", "vicinity": 2},
         "vicinity-individual": {"type": "vicinity-individual", "vicinity": 2, "norm": "layer"},
         "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 1, "norm": "layer"}}
 RUN_NAMES = tuple(RUNS)
-ROWS = (REFERENCE, *RUN_NAMES)
+ROWS = {"single": (REFERENCE, *RUN_NAMES, *IMAGE_ROWS), "multi": (REFERENCE, *RUN_NAMES)}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,8 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     (work / "reports" / "plots" / "cosine_per_position.json").write_text(json.dumps(curve))
     (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER, "models": RUNS},
                                                      sort_keys=False))  # rows in this order
+    with in_dir(work):  # modality-gap statistics for the image-prompt rows
+        run_gap_stage("builtin", 32, 7, "data/gap-pairs", work / "data" / "gap")
     return work
 
 
@@ -109,11 +113,40 @@ def test_stage_writes_every_output(project, rendered) -> None:
     # Every cell's adherence (the world's judge) and CLIP score, per-row means and ratios.
     pictures = json.loads((reports / "grid_scores.json").read_text())
     for what in ("single", "multi"):
-        assert list(pictures[what]) == [REFERENCE, *RUN_NAMES]
+        assert list(pictures[what]) == list(ROWS[what])
         for row in pictures[what].values():
             assert 0 <= row["adherence"] <= 1 and 0 <= row["clip_score"] <= 100
             assert len(row["per_prompt"]) == 3
         assert rendered.layouts[what].label > 0  # the score line under each cell
+
+
+def test_world_extras_image_prompt_rows_and_interpolation(project, rendered, base_dir) -> None:
+    from pipeline.image_prompts import scene_image
+    from pipeline.prompt_encoder import PromptEncoder
+
+    reports = project / "reports"
+    curves = json.loads((reports / "interpolation.json").read_text())
+    assert list(curves) == list(RUN_NAMES)
+    for curve in curves.values():
+        assert curve["t"] == [0.0, 0.5, 1.0]
+        assert all(-1 <= b <= 1 for b in curve["balance"])
+        assert curve["balance"] == pytest.approx(np.subtract(curve["to"], curve["from"]))
+        assert curve["max_jump"] == pytest.approx(np.abs(np.diff(curve["balance"])).max())
+    strip = Image.open(reports / "interpolation.png")
+    assert strip.height > len(RUN_NAMES) * MIN_CELL  # one strip per run
+    assert (reports / "plots" / "interpolation.png").is_file()
+    report = (reports / "report.md").read_text()
+    assert "## Images as prompts" in report
+    assert "## Interpolation: red circle → blue square" in report
+    # The image-prompt row is the showcase run (the first) deprojecting the drawn scene of its
+    # column, exactly what the Python API gives for that scene.
+    column = rendered.columns["single"][2]
+    scene = scene_image(column.prompt, RENDER["seed"])
+    encoder = PromptEncoder.from_pretrained(project / "models" / RUN_NAMES[0],
+                                            gap=project / "data" / "gap", base_dir=base_dir)
+    expected = encoder.deprojector.generate(encoder.image_embedding([scene]))
+    torch.testing.assert_close(column.conds["image prompt"], expected)
+    assert column.images["scene"].size == (SIZE, SIZE)
 
 
 @pytest.mark.parametrize("what", ["single", "multi"])
@@ -121,14 +154,14 @@ def test_grid_has_a_row_per_run_and_3_equal_columns(project, rendered, what: str
     layout = rendered.layouts[what]
     columns = rendered.columns[what]
     grid = Image.open(project / "reports" / f"grid_{what}.png").convert("RGB")
-    rows = len(ROWS)
+    rows = len(ROWS[what])
     assert (layout.rows, layout.cols) == (rows, 3) and grid.size == layout.size
     assert layout.cell_width == layout.cell_height >= MIN_CELL
     boxes = [layout.cell_box(i, j) for i in range(rows) for j in range(3)]
     assert {(x1 - x0, y1 - y0) for x0, y0, x1, y1 in boxes} == {(layout.cell_width,) * 2}
     assert len({b[0] for b in boxes}) == 3 and len({b[1] for b in boxes}) == rows
     # Each cell shows its own image, upscaled without blending pixels.
-    for i, row in enumerate(ROWS):
+    for i, row in enumerate(ROWS[what]):
         for j, column in enumerate(columns):
             cell = np.asarray(grid.crop(layout.cell_box(i, j)))
             scale = layout.cell_width // SIZE

@@ -206,6 +206,16 @@ class Deprojector(nn.Module):
             embeds = self._check_embeds(embeds, self.config.hidden_size, "embeds")
         return self._with_sos(self.generate_states(embeds - self.null))
 
+    def encode_prompt(self, prompt: str, clip: Any = "builtin") -> torch.Tensor:
+        """prompt_embeds [1, 77, D] of a (weighted) prompt, for
+        StableDiffusionPipeline(prompt_embeds=...). clip: a loaded ClipText or a base.clip
+        name. Image parts, interpolation and negatives: pipeline.PromptEncoder."""
+        from pipeline.base_models import load_clip
+        from pipeline.prompt_encoder import PromptEncoder
+
+        text = load_clip(clip, device=str(self.null.device)) if isinstance(clip, str) else clip
+        return PromptEncoder(text, self).encode_prompt(prompt)
+
     def check_base(self, hidden_size: int, projection_size: int) -> None:
         """Raise if this deprojector does not fit a base model of the given widths."""
         for what, trained, base in (

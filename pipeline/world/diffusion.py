@@ -195,6 +195,9 @@ def save_pipeline(folder: Path, vae: AutoencoderKL, unet: UNet2DConditionModel,
     """An ordinary SD 1.x pipeline folder; PNDM with SD 1.5's settings is the default."""
     scheduler = PNDMScheduler(**SD_SCHEDULE, skip_prk_steps=True, steps_offset=1,
                               set_alpha_to_one=False)
+    # SD 1.5's scheduler config says clip_sample: false too. Without it DDIM (whose default is
+    # true) clips its x0 estimates to [-1, 1], but scaled latents have unit std.
+    scheduler.register_to_config(clip_sample=False)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -1,0 +1,319 @@
+"""Prompts beyond one text: the weight grammar, the formulas, image prompts and the modality
+gap, the Python API, and the CLI that must give the same tensors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from pipeline.base_models import BaseModelError
+from pipeline.cli import app
+from pipeline.clip_encode import encode_texts
+from pipeline.conventions import combine_embeddings, interpolate_embeddings
+from pipeline.image_prompts import (
+    GAP_FILE,
+    ImagePromptError,
+    ImageTower,
+    ModalityGap,
+    folder_pairs,
+    load_image,
+    run_gap_stage,
+    scene_image,
+)
+from pipeline.models import build_deprojector
+from pipeline.prompt_encoder import ImagePart, PromptEncoder
+from pipeline.prompts import PromptError, WeightedPart, format_weighted, parse_weighted
+from pipeline.world import scenes as world
+from tests.conftest import project_dir
+
+# --- the grammar --------------------------------------------------------------------------
+
+
+def test_weights_default_to_one_and_may_be_negative() -> None:
+    assert parse_weighted("red circle:1.2, blue square:-0.6, white background") == [
+        WeightedPart("red circle", 1.2, True), WeightedPart("blue square", -0.6, True),
+        WeightedPart("white background", 1.0, False)]
+    assert parse_weighted(" a : .5 ,, b:2e-1 ") == [WeightedPart("a", 0.5, True),
+                                                    WeightedPart("b", 0.2, True)]
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("red:abc", r"prompt part 1 'red:abc': .* character 5 'a' is not part of a number"),
+    ("red:", r"prompt part 1 'red:': ':' at character 4 is followed by no weight"),
+    ("cat, red: 1.2x", r"prompt part 2 'red: 1.2x': .* character 14 'x'"),
+    ("a, b:1..2", r"prompt part 2 'b:1..2': .* '1..2' is not a number"),
+    ("a:1:2", r"prompt part 1 'a:1:2': .* character 4 ':'"),
+    (":2", r"prompt part 1 ':2': a weight without text"),
+    (" , ", r"has no text"),
+])
+def test_malformed_weights_name_the_part_and_the_character(prompt: str, message: str) -> None:
+    with pytest.raises(PromptError, match=message):
+        parse_weighted(prompt)
+
+
+@given(st.text(max_size=40))
+def test_parsing_never_crashes(prompt: str) -> None:
+    try:
+        parts = parse_weighted(prompt)
+    except PromptError:
+        return
+    for part in parts:
+        assert part.text == part.text.strip() and part.text
+        assert "," not in part.text and ":" not in part.text and math.isfinite(part.weight)
+
+
+words = st.text(st.characters(blacklist_characters=",:", blacklist_categories=("Cs",)),
+                min_size=1, max_size=10).filter(lambda t: t.strip() == t and t)
+weights = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
+
+
+@given(st.lists(st.tuples(words, st.one_of(st.none(), weights)), min_size=1, max_size=5))
+def test_weights_round_trip(parts: list[tuple[str, float | None]]) -> None:
+    written = [WeightedPart(t, 1.0 if w is None else w, w is not None) for t, w in parts]
+    assert parse_weighted(format_weighted(written)) == written
+
+
+# --- the formulas -------------------------------------------------------------------------
+
+def test_weighted_combination_scales_offsets_from_null() -> None:
+    torch.manual_seed(0)
+    null, a, b = torch.randn(3, 8)
+    combined = combine_embeddings(torch.stack([a, b]), null, torch.tensor([1.5, -0.5]))
+    torch.testing.assert_close(combined, 1.5 * (a - null) - 0.5 * (b - null) + null)
+    torch.testing.assert_close(combine_embeddings(torch.stack([a, b]), null, torch.ones(2)),
+                               combine_embeddings(torch.stack([a, b]), null))
+
+
+def test_interpolation_ends_and_slerp_keeps_the_norm_around_null() -> None:
+    torch.manual_seed(0)
+    null, u, v = torch.randn(3, 1, 8)
+    v = v * u.norm() / v.norm()  # equal norms around null
+    a, b = null + u, null + v
+    for spherical in (False, True):
+        torch.testing.assert_close(interpolate_embeddings(a, b, null, 0.0, spherical), a)
+        torch.testing.assert_close(interpolate_embeddings(a, b, null, 1.0, spherical), b)
+    torch.testing.assert_close(interpolate_embeddings(a, b, null, 0.5), (a + b) / 2)
+    for t in (0.25, 0.5, 0.8):
+        middle = interpolate_embeddings(a, b, null, t, spherical=True)
+        torch.testing.assert_close((middle - null).norm(), u.norm())
+    assert (interpolate_embeddings(a, b, null, 0.5) - null).norm() < u.norm()  # the chord
+    # Parallel offsets fall back to the straight line instead of dividing by sin 0.
+    torch.testing.assert_close(interpolate_embeddings(a, null + 2 * u, null, 0.5, True),
+                               null + 1.5 * u)
+
+
+def test_modality_gap_moves_image_embeddings_onto_their_texts() -> None:
+    torch.manual_seed(0)
+    text = torch.randn(64, 8) + 3.0
+    image = text + torch.tensor([9.0] + [0.0] * 7)  # the same things, across a gap
+    gap = ModalityGap.measure(text, image)
+    torch.testing.assert_close(gap.mean_image - gap.mean_text,
+                               torch.tensor([9.0] + [0.0] * 7), atol=1e-5, rtol=0)
+    corrected = gap.correct(image)
+    torch.testing.assert_close(corrected.norm(dim=-1), torch.full((64,), gap.text_norm))
+    before = torch.nn.functional.cosine_similarity(text, image).mean()
+    after = torch.nn.functional.cosine_similarity(text, corrected).mean()
+    assert after > 0.9999 and before < 0.9
+
+
+# --- image prompts and the gap stage --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
+    """A project with an untrained deprojector and the micro-world's gap statistics."""
+    work = project_dir(tmp_path_factory.mktemp("prompts"), base_dir)
+    constants = load_file(str(small_shards / "constants.safetensors"))
+    torch.manual_seed(0)
+    build_deprojector("vicinity-batch", clip.hidden_size, clip.projection_size, constants,
+                      vicinity=2).eval().save_pretrained(work / "models" / "vb")
+    scene_image("red circle blue square white background", 0).save(work / "scene.png")
+    (work / "params.yaml").write_text("render:\n  steps: 2\n")
+    previous = os.getcwd()
+    os.chdir(work)
+    try:
+        run_gap_stage("builtin", 48, 7, "data/gap-pairs", Path("data/gap"))
+    finally:
+        os.chdir(previous)
+    return work
+
+
+@pytest.fixture(scope="module")
+def encoder(project, base_dir) -> PromptEncoder:
+    return PromptEncoder.from_pretrained(project / "models" / "vb", clip="builtin",
+                                         gap=project / "data" / "gap", base_dir=base_dir)
+
+
+def test_gap_stage_writes_statistics_and_is_deterministic(project, tmp_path) -> None:
+    summary = json.loads((project / "data" / "gap" / "modality_gap.json").read_text())
+    assert summary["computed"] and summary["pairs"] == 48
+    assert summary["source"] == "world scenes (seed 7)"
+    gap = ModalityGap.load(project / "data" / "gap")
+    width = gap.mean_text.shape[0]
+    assert gap.mean_image.shape == (width,) and gap.text_norm > 0
+    os.chdir(project)
+    try:
+        run_gap_stage("builtin", 48, 7, "data/gap-pairs", tmp_path / "again")
+    finally:
+        os.chdir(Path(__file__).parent.parent)
+    assert (tmp_path / "again" / GAP_FILE).read_bytes() == \
+        (project / "data" / "gap" / GAP_FILE).read_bytes()
+
+
+def test_gap_without_pairs_for_a_real_clip_says_so(tmp_path) -> None:
+    summary = run_gap_stage("some/real-clip", 10, 7, str(tmp_path / "empty"), tmp_path / "gap")
+    assert summary["computed"] is False and "--no-gap-correction" in summary["why"]
+    assert not (tmp_path / "gap" / GAP_FILE).exists()
+    with pytest.raises(ImagePromptError, match="no modality-gap statistics"):
+        ModalityGap.load(tmp_path / "gap")
+
+
+def test_gap_folder_pairs_need_captions(tmp_path) -> None:
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    with pytest.raises(ImagePromptError, match=r"a.png: no caption file a.txt"):
+        folder_pairs(tmp_path, 10)
+    (tmp_path / "a.txt").write_text("a red square\n")
+    images, captions = folder_pairs(tmp_path, 10)
+    assert captions == ["a red square"] and images[0].mode == "RGB"
+
+
+def test_image_files_get_specific_errors(tmp_path) -> None:
+    with pytest.raises(ImagePromptError, match="'.*missing.png': no such file"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImagePromptError, match="not an image file Pillow can read"):
+        load_image(tmp_path / "text.png")
+    Image.new("RGBA", (8, 8)).save(tmp_path / "alpha.png")
+    with pytest.raises(ImagePromptError, match="mode 'RGBA' \\(an alpha channel\\), not RGB"):
+        load_image(tmp_path / "alpha.png")
+    Image.new("L", (8, 8)).save(tmp_path / "grey.png")
+    with pytest.raises(ImagePromptError, match="mode 'L' \\(not three colour channels\\)"):
+        load_image(tmp_path / "grey.png")
+
+
+def test_a_clip_without_vision_tower_is_named(tmp_path, base_dir) -> None:
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = tmp_path / "text-only"
+    CLIPTextModelWithProjection.from_pretrained(base_dir / "clip").save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(base_dir / "clip").save_pretrained(folder)
+    with pytest.raises(BaseModelError, match="has no vision tower .*clip_text_model"):
+        ImageTower.load(str(folder))
+
+
+def test_image_part_argument_parsing() -> None:
+    assert ImagePart.parse("scene.png:0.5") == ImagePart("scene.png", 0.5)
+    assert ImagePart.parse("scene.png") == ImagePart("scene.png", 1.0)
+    assert ImagePart.parse("C:/images/a.png") == ImagePart("C:/images/a.png", 1.0)
+    assert ImagePart.parse("dir:x/a.png:-1") == ImagePart("dir:x/a.png", -1.0)
+
+
+def test_image_part_enters_pooled_space_through_the_gap_and_pinv(encoder, project) -> None:
+    scene = load_image(project / "scene.png")
+    projected = encoder.tower.embed([scene])
+    expected = encoder.gap.correct(projected) @ encoder.deprojector.deprojection.T
+    torch.testing.assert_close(encoder.image_embedding([scene]), expected)
+    raw = encoder.image_embedding([scene], gap_correction=False)
+    torch.testing.assert_close(raw, projected @ encoder.deprojector.deprojection.T)
+    # Mixed with text parts and weights: Σ w_k (e_k − null) + null over all of them.
+    null = encoder.deprojector.null
+    text = encode_texts(encoder.clip, ["red circle"]).pooled
+    embeds, info = encoder.embedding("red circle:0.5", [ImagePart(project / "scene.png", 2.0)])
+    torch.testing.assert_close(embeds, 0.5 * (text - null) + 2.0 * (expected - null) + null)
+    assert info.parts == ["red circle", f"image {project / 'scene.png'}"]
+
+
+def test_without_statistics_image_prompts_say_what_to_do(project, base_dir) -> None:
+    bare = PromptEncoder.from_pretrained(project / "models" / "vb", gap=project / "nowhere",
+                                         base_dir=base_dir)
+    with pytest.raises(ImagePromptError, match="run `deprojector gap`.*no-gap-correction"):
+        bare.encode_prompt("", [ImagePart(project / "scene.png")])
+    embeds = bare.encode_prompt("", [ImagePart(project / "scene.png")], gap_correction=False)
+    assert embeds.shape == (1, 77, bare.clip.hidden_size)
+
+
+# --- the API and the CLI agree --------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def _cli(project: Path, *args: str):
+    previous = os.getcwd()
+    os.chdir(project)
+    try:
+        return runner.invoke(app, list(args))
+    finally:
+        os.chdir(previous)
+
+
+def test_cli_encode_equals_the_python_api(project, encoder) -> None:
+    prompt = "red circle:1.2, blue square:-0.4"
+    result = _cli(project, "encode", prompt, "-m", "models/vb", "--image", "scene.png:0.7",
+                  "--negative", "black background", "-o", "cond.safetensors")
+    assert result.exit_code == 0, result.output
+    saved = load_file(str(project / "cond.safetensors"))
+    expected = encoder.encode_prompt(prompt, [ImagePart(project / "scene.png", 0.7)])
+    torch.testing.assert_close(saved["prompt_embeds"], expected, rtol=0, atol=0)
+    torch.testing.assert_close(saved["negative_prompt_embeds"],
+                               encoder.encode_negative("black background"), rtol=0, atol=0)
+
+
+def test_cli_interpolation_strip_equals_the_api(project, encoder) -> None:
+    result = _cli(project, "encode", "red circle", "-m", "models/vb", "--mix", "blue square",
+                  "--t", "0", "--t", "0.5", "--t", "1", "--slerp", "-o", "strip.safetensors")
+    assert result.exit_code == 0, result.output
+    embeds = load_file(str(project / "strip.safetensors"))["prompt_embeds"]
+    start, end = encoder.embedding("red circle")[0], encoder.embedding("blue square")[0]
+    torch.testing.assert_close(embeds, encoder.interpolate(start, end, [0, 0.5, 1], True))
+    torch.testing.assert_close(embeds[0:1], encoder.encode_prompt("red circle"))
+    result = _cli(project, "generate", "red circle", "-m", "models/vb", "--mix", "blue square",
+                  "--t", "0", "--t", "1", "--steps", "2", "-o", "strip.png")
+    assert result.exit_code == 0, result.output
+    assert "2 images" in result.output and Image.open(project / "strip.png").width > 64
+
+
+def test_deprojector_encode_prompt_is_one_call(project, clip, encoder) -> None:
+    from pipeline.models import Deprojector
+
+    model = Deprojector.from_pretrained(project / "models" / "vb")
+    torch.testing.assert_close(model.encode_prompt("red circle:1.2, blue square", clip=clip),
+                               encoder.encode_prompt("red circle:1.2, blue square"))
+
+
+def test_negative_prompt_deprojected_or_ordinary(encoder) -> None:
+    torch.testing.assert_close(encoder.encode_negative("black background", deproject=False),
+                               encode_texts(encoder.clip, ["black background"]).hidden)
+    torch.testing.assert_close(encoder.encode_negative(""),
+                               encoder.deprojector.generate(encoder.deprojector.null[None]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["red:abc"], "character 5 'a' is not part of a number"),
+    (["x", "--image", "missing.png"], "image prompt 'missing.png': no such file"),
+    (["x", "--image", "scene.png", "--no-deprojector"], "--image needs a deprojector"),
+    (["x", "--image", "scene.png", "--no-combine"], "--image works on combined parts"),
+    (["x", "--t", "0.3"], "--t, --mix-image and --slerp need --mix"),
+    (["x", "--mix", "y", "--t", "1.5"], "--t must lie in [0, 1], got 1.5"),
+    (["x:2", "--no-deprojector"], "the weight of 'x' needs a deprojector"),
+    (["x", "--image", "scene.png", "--gap", "nowhere"], "no modality-gap statistics"),
+])
+def test_cli_errors_are_one_clear_line(project, args: list[str], message: str) -> None:
+    result = _cli(project, "encode", *args, "-m", "models/vb", "-o", "e.safetensors")
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split())
+    assert "Traceback" not in result.output
+
+
+def test_scene_image_has_what_the_prompt_states() -> None:
+    image = scene_image("red circle blue square white background", 3)
+    assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and image.mode == "RGB"
+    assert image.getpixel((0, 0)) == world.COLORS["white"]  # the background, in a corner

@@ -317,3 +317,22 @@ def test_scene_image_has_what_the_prompt_states() -> None:
     image = scene_image("red circle blue square white background", 3)
     assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and image.mode == "RGB"
     assert image.getpixel((0, 0)) == world.COLORS["white"]  # the background, in a corner
+
+
+def test_readme_python_example_runs(project, tmp_path) -> None:
+    """The README's Python API example, run as written in a project with the micro-world."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    example = next(block.split("```")[0] for block in readme.split("```python\n")[1:]
+                   if "PromptEncoder.from_pretrained" in block)
+    (project / "models" / "vicinity-batch").mkdir(exist_ok=True)
+    for item in (project / "models" / "vb").iterdir():
+        (project / "models" / "vicinity-batch" / item.name).write_bytes(item.read_bytes())
+    previous = os.getcwd()
+    os.chdir(project)
+    try:
+        scope: dict = {}
+        exec(compile(example, "README.md", "exec"), scope)
+    finally:
+        os.chdir(previous)
+    assert (project / "weighted.png").is_file() and len(scope["images"]) == 4
+    assert scope["strip"].shape[0] == 3

@@ -140,6 +140,21 @@ def test_every_render_scheduler_runs_on_the_world_pipeline(base_dir, scheduler):
     assert image.size == (32, 32)  # the UNet's sample size x the VAE's factor 4
 
 
+def test_ddim_does_not_clip_the_latents(base_dir):
+    """SD 1.5's scheduler config says clip_sample: false; DDIM's default (true) would clip its
+    x0 estimates to [-1, 1] although scaled latents have unit std (adherence fell to 0.15)."""
+    from diffusers import DDIMScheduler
+
+    pipe = load_sd_pipeline("builtin", base_dir=base_dir)
+    ddim = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert ddim.config.clip_sample is False
+    ddim.set_timesteps(10)
+    sample = torch.full((1, 4, 8, 8), 3.0)
+    # Zero predicted noise: x0 = x_t / sqrt(alpha_bar_t), far outside [-1, 1], kept unclipped.
+    step = ddim.step(torch.zeros_like(sample), ddim.timesteps[0], sample)
+    assert step.pred_original_sample.abs().max() > 2.9
+
+
 def test_world_build_is_deterministic_and_independent_of_jobs(tmp_path, base_dir):
     build_micro_world(tmp_path / "world", seed=0, jobs=2)  # base_dir: jobs=1
     for name in ("clip/model.safetensors", "clip/tokenizer.json", "judge/model.safetensors",

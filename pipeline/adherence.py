@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.base_models import BASE_DIR, BUILTIN, ClipText, resolve
+from pipeline.base_models import BASE_DIR, BUILTIN, MAX_LENGTH, ClipText, resolve
 from pipeline.generation import generate_images
 from pipeline.image_prompts import ImageTower, ModalityGap
 from pipeline.models import Deprojector
@@ -57,7 +57,7 @@ class Scorer:
     @torch.no_grad()
     def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True,
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
                              return_tensors="pt")["input_ids"]
         image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
                             dim=-1)

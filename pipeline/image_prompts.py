@@ -1,6 +1,7 @@
 """Images as prompts: the base CLIP's vision tower, the modality-gap correction, and its stats.
 
-An image enters the deprojector's pooled space as (docs/architectures.md, "Image prompts")
+An image enters the deprojector's pooled space as (docs/architectures.md, "Prompts beyond one
+text")
 
     image_embeds  = visual_projection(vision tower(image))            [P]
     corrected     = image_embeds − mean_image + mean_text              (shift across the gap)

@@ -23,7 +23,7 @@ from pipeline.adherence import REFERENCE, Scorer, with_ratios
 from pipeline.base_models import ClipText, load_clip
 from pipeline.evaluate import ADHERENCE, IMAGE_PROMPTS, NULL_BASELINE
 from pipeline.generation import generate_images, load_checked_deprojector, load_pipeline
-from pipeline.image_metrics import PSNR_CAP_DB, psnr, ssim
+from pipeline.image_metrics import psnr, ssim
 from pipeline.image_prompts import ImageTower, ModalityGap, scene_image
 from pipeline.interpolation import fractions, run_interpolation
 from pipeline.jsonio import write_json
@@ -32,6 +32,7 @@ from pipeline.models import Deprojector
 from pipeline.params import Params, RenderParams
 from pipeline.prompt_encoder import PromptEncoder
 from pipeline.prompts import conditioning, negative_conditioning
+from pipeline.report import extras_section, write_report
 
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
 
@@ -224,18 +225,6 @@ def cosine_chart(rows: list[dict]) -> Image.Image:
 
 # --- report -------------------------------------------------------------------------------
 
-METRIC_ROWS = (
-    ("teacher_forced", "cosine_masked", "teacher-forced cosine (in mask)"),
-    ("teacher_forced", "weighted_mse", "teacher-forced weighted MSE"),
-    ("teacher_forced", "mse", "teacher-forced MSE"),
-    ("autoregressive", "cosine_masked", "autoregressive cosine (in mask)"),
-    ("autoregressive", "weighted_mse", "autoregressive weighted MSE"),
-    ("autoregressive", "mse", "autoregressive MSE"),
-    ("combination", "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
-    ("combination", "blend_cosine", "combination: blended hidden states"),
-)
-
-
 def read_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
     """The evaluate stage's metrics of the null baseline and of `names`, in that order."""
     metrics = {}
@@ -245,33 +234,6 @@ def read_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
             raise RenderError(f"{path} not found: run the evaluate stage first")
         metrics[name] = json.loads(path.read_text())
     return metrics
-
-
-def _number(value: float) -> str:
-    # A diverging model's squared errors reach 1e13: scientific notation keeps columns narrow.
-    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
-
-
-def metrics_table(metrics: dict[str, dict]) -> str:
-    lines = ["| metric | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
-    for group, key, label in METRIC_ROWS:
-        cells = []
-        for m in metrics.values():
-            value = m.get(group, {}).get(key)
-            cells.append("—" if value is None else _number(value))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def fidelity_table(fidelity: dict[str, dict]) -> str:
-    prompts = list(next(iter(fidelity.values()))["per_prompt"])
-    head = "| model | " + " | ".join(f"`{p}`" for p in prompts) + " | mean |"
-    lines = [head, "| --- |" + " --- |" * (len(prompts) + 1)]
-    for name, scores in fidelity.items():
-        cells = [scores["per_prompt"][p] for p in prompts] + [scores]
-        lines.append(f"| {name} | " + " | ".join(
-            f"{c['cosine']:.3f} / {c['psnr']:.1f} dB / {c['ssim']:.3f}" for c in cells) + " |")
-    return "\n".join(lines)
 
 
 def grid_fidelity(columns: list[Column], models: list[str]) -> dict[str, dict]:
@@ -295,30 +257,6 @@ def grid_scores(columns: list[Column]) -> dict[str, dict]:
                      for k in next(iter(per_prompt.values()))}
         rows[row]["per_prompt"] = per_prompt
     return with_ratios(rows) if rows else {}
-
-
-def _score(scores: dict, key: str) -> str:
-    value, ratio = scores.get(key), scores.get(f"{key}_ratio")
-    if value is None:
-        return "—"
-    text = f"{value:.1f}" if key == "clip_score" else f"{value:.3f}"
-    return text if ratio is None else f"{text} ({ratio:.2f}×)"
-
-
-def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) -> str:
-    """Rows × kinds: mean adherence and CLIP score, with each ratio to the reference row."""
-    kinds = [k for k in ("single", "multi") if by_kind.get(k)]
-    head = "| row | " + " | ".join(f"{k}: adherence | {k}: CLIP score" for k in kinds)
-    lines = [head + (" | multi: every part shown |" if all_parts else " |")]
-    lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
-    for row in by_kind[kinds[0]]:
-        # Rows only one grid has (the image-prompt rows) are blank in the others.
-        cells = [f"{_score(by_kind[k][row], 'adherence')} | {_score(by_kind[k][row], 'clip_score')}"
-                 if row in by_kind[k] else "– | –" for k in kinds]
-        if all_parts:
-            cells.append(f"{by_kind['multi'][row].get('all_parts', float('nan')):.3f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
@@ -350,139 +288,6 @@ def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
         draw.rectangle([x, y, x + 14, y + 12], fill=color)
         draw.text((x + 20, y + 6), kind, fill="black", font=small, anchor="lm")
     return chart
-
-
-def pictures_section(scores: dict[str, dict], held_out: dict | None) -> str:
-    if not scores["single"]:
-        return ""
-    text = """## Do the pictures show the prompt?
-
-Each cell of the grids is labelled with its *adherence* (the fraction of the attributes the
-prompt states — background colour, each object's colour and shape — that the world's judge
-finds in the picture; only with the builtin world) and its *CLIP score*, 100 × max(0,
-cos(image_embeds, text_embeds)) with the base CLIP. Means over the grid's prompts, with each
-row's ratio to the reference row:
-
-""" + picture_table(scores)
-    if held_out:
-        e = next(iter(held_out["single"].values()))["prompts"]
-        text += f"""
-
-Held-out prompts ({e} per kind, scenes of 1–3 objects with a background, none of them a grid
-prompt; the same seed per prompt in every row; `reports/metrics/adherence.json`). *single*
-deprojects the pooled embedding of the whole prompt (tags without commas); *multi* splits
-the same tags at commas and deprojects Σ(e_k − null) + null. "Every part shown" counts the
-comma-combined prompts whose every stated attribute the judge finds:
-
-{picture_table(held_out, all_parts="all_parts" in next(iter(held_out["multi"].values())))}
-
-![adherence](plots/adherence.png)"""
-    return text + "\n"
-
-
-def _adherence(rows: dict, key: str) -> str:
-    return f"{rows[key]['adherence']:.3f}" if key in rows and "adherence" in rows[key] else "–"
-
-
-def extras_section(showcase: str | None, image_prompts: dict | None,
-                   curves: dict[str, dict] | None, r: RenderParams) -> str:
-    """Images as prompts and the judged interpolation (the world only)."""
-    text = ""
-    if showcase:
-        text += f"""## Images as prompts
-
-The single-embedding grid's last two rows: `scene` is a drawn scene with everything the
-column's prompt states, `image prompt` the picture generated from that scene alone through
-`{showcase}` (render.showcase_model): CLIP vision tower → image_embeds → modality-gap
-correction (data/gap) → pseudo-inverse of the text projection → deprojector.
-
-"""
-    if image_prompts:
-        lines = ["| run | text prompt | image prompt | image, no gap correction | image / text |",
-                 "| --- | ---: | ---: | ---: | ---: |"]
-        for name, rows in image_prompts.items():
-            ratio = f"{rows['image_to_text']:.2f}" if "image_to_text" in rows else "–"
-            lines.append(f"| {name} | {_adherence(rows, 'text')} | {_adherence(rows, 'image')} "
-                         f"| {_adherence(rows, 'image_no_gap')} | {ratio} |")
-        count = next(iter(image_prompts.values()))["text"]["prompts"]
-        text += f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
-descriptions; the text prompt is the description's pooled embedding deprojected (the
-reference row: its ordinary CLIP states). Mean adherence (`reports/metrics/image_prompts.json`):
-
-""" + "\n".join(lines) + "\n\n"
-    if curves:
-        mode = "spherical" if r.interpolation_slerp else "linear"
-        lines = ["| run | balance t=0 | t=0.5 | t=1 | max jump | reversals |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
-        for name, c in curves.items():
-            middle = c["balance"][len(c["balance"]) // 2]
-            lines.append(f"| {name} | {c['balance'][0]:+.2f} | {middle:+.2f} | "
-                         f"{c['balance'][-1]:+.2f} | {c['max_jump']:.2f} | {c['reversals']} |")
-        text += f"""## Interpolation: {r.interpolation_from} → {r.interpolation_to}
-
-The combined embeddings of the two prompts interpolated around null ({mode}), deprojected by
-each run; one row per run, seed {r.seed}:
-
-![interpolation](interpolation.png)
-
-Judged over {r.interpolation_seeds} seeds per t: balance = adherence to
-"{r.interpolation_to}" − adherence to "{r.interpolation_from}" (−1: only A, +1: only B). A
-gradual change has small jumps between neighbouring t and no reversals
-(`reports/interpolation.json`):
-
-""" + "\n".join(lines) + "\n\n![interpolation balance](plots/interpolation.png)\n\n"
-    return text
-
-
-def write_report(path: Path, params: Params, metrics: dict[str, dict],
-                 fidelity: dict[str, dict], scores: dict[str, dict],
-                 held_out: dict | None, extras: str = "") -> None:
-    r = params.render
-    text = f"""# CLIP Text Deprojector: comparison report
-
-Written by `deprojector render`. Base models: clip `{params.base.clip}`, sd `{params.base.sd}`.
-Every image: {r.width}×{r.height} px, {r.steps} steps of `{r.scheduler}`, guidance scale
-{r.guidance_scale}, seed {r.seed} (the same for every cell of a column), negative prompt "".
-Rows: `reference` is conditioned on the ordinary CLIP last hidden state of the prompt; the
-other rows on the hidden states their deprojector generated from one embedding.
-
-## Single embedding: the whole prompt's pooled embedding, deprojected
-
-![single-embedding grid](grid_single.png)
-
-## Multiple embeddings: the prompt split at commas, combined as Σ(e_k − null) + null
-
-![multiple-embedding grid](grid_multi.png)
-
-## Fidelity of each cell to the reference of its column
-
-Each cell reads *cosine / PSNR / SSIM*: the cosine similarity between the model's
-conditioning and the reference conditioning, averaged over positions 1..76 (position 0 is
-the constant start-of-text state, equal in both), then PSNR and SSIM (Gaussian window,
-luminance) of the image against the reference image of the same column. PSNR is capped at
-{PSNR_CAP_DB:.0f} dB, the value identical images get. Also in `fidelity.json`.
-
-### Single embedding
-
-{fidelity_table(fidelity["single"])}
-
-### Multiple embeddings
-
-{fidelity_table(fidelity["multi"])}
-
-{pictures_section(scores, held_out)}{extras}## Test-set metrics (`reports/metrics/`)
-
-{metrics_table(metrics)}
-
-Cosines are averaged over the positions inside the attention mask; the combination rows
-compare, on held-out caption pairs A, B, the states of "A B" with the deprojection of the
-combined embedding and with the average of the two captions' states.
-
-## Autoregressive cosine per position
-
-![cosine per position](plots/cosine_per_position.png)
-"""
-    path.write_text(text, encoding="utf-8")
 
 
 # --- the stage ----------------------------------------------------------------------------

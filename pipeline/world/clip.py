@@ -126,9 +126,8 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray,
                                 positives)
 
     model.train()
-    losses = train_steps("world: CLIP", {"model": model}, optimizer, steps, lr, step_fn,
-                         checkpoint)
-    return losses
+    return train_steps("world: CLIP", {"model": model}, optimizer, steps, lr, step_fn,
+                       checkpoint)
 
 
 @torch.no_grad()

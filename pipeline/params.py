@@ -31,13 +31,13 @@ class WorldParams:
     scenes: int = 20000  # drawn training scenes
     vocab_size: int = 1000  # BPE vocabulary trained on the captions
     width: int = 128  # D: the CLIP text tower's hidden size
-    clip_steps: int = 600
+    clip_steps: int = 1400
     clip_batch: int = 128
     clip_lr: float = 1e-3
     vae_steps: int = 2500
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 2500
+    unet_steps: int = 3600
     unet_batch: int = 48
     unet_lr: float = 5e-4
     captions_per_scene: int = 1  # the UNet's caption bank, encoded once

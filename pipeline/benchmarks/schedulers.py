@@ -1,0 +1,68 @@
+"""Reference-row adherence of the builtin world per scheduler, steps and guidance scale.
+
+The world's UNet is the limit of every adherence number; this shows how much of it the
+sampling settings (`render.scheduler`, `render.steps`, `render.guidance_scale`) move, on
+held-out prompts (ordinary CLIP states, no deprojector), with the same noise seeds throughout.
+
+    python -m pipeline.benchmarks.schedulers [--prompts 96] [--seed 1] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from pipeline.adherence import Scorer, conditionings, held_out_prompts, summarise
+from pipeline.base_models import BUILTIN, load_clip
+from pipeline.generation import generate_images, load_pipeline
+from pipeline.params import RenderParams
+from pipeline.prompts import negative_conditioning
+from pipeline.world import scenes as world
+
+SETTINGS = (  # scheduler, steps, guidance scale
+    ("pndm", 20, 7.5), ("pndm", 20, 5.0), ("pndm", 20, 3.0), ("pndm", 20, 12.0),
+    ("ddim", 50, 7.5), ("euler", 30, 7.5), ("dpm++", 20, 7.5),
+)
+
+
+def run(prompts: int = 96, seed: int = 1) -> list[dict]:
+    clip = load_clip(BUILTIN)
+    scorer = Scorer.load(BUILTIN, BUILTIN)
+    texts = held_out_prompts(prompts, seed, set())["single"]
+    objects = [len(world.parse_prompt(t).objects) for t in texts]
+    embeds = conditionings(texts, clip, None, combine=False)
+    negative = negative_conditioning(clip)
+    rows = []
+    for scheduler, steps, guidance in SETTINGS:
+        r = dataclasses.replace(RenderParams(), scheduler=scheduler, steps=steps,
+                                guidance_scale=guidance)
+        images = generate_images(load_pipeline(BUILTIN, r), embeds, negative, r,
+                                 list(range(prompts)))
+        summary = summarise(scorer.score(images, texts), objects)
+        rows.append({"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
+                     **{k: round(v, 3) for k, v in summary.items()}})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    rows = run(args.prompts, args.seed)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    keys = ("adherence", "adherence_1_object", "adherence_2_objects", "adherence_3_objects",
+            "all_parts", "clip_score")
+    print("| scheduler | steps | guidance | " + " | ".join(keys) + " |")
+    print("| --- | ---: | ---: |" + " ---: |" * len(keys))
+    for row in rows:
+        print(f"| {row['scheduler']} | {row['steps']} | {row['guidance_scale']} | "
+              + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()

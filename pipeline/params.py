@@ -163,9 +163,9 @@ class RenderParams:
     width: int = 32
     scheduler: str = "pndm"
     device: str = "cpu"
-    # The run shown in the grid's image-prompt row and the interpolation strip ("": the first
-    # entry of `models`). World prompts only: they need drawn scenes and the judge.
-    showcase_model: str = ""
+    # The run shown in the grid's image-prompt row (`first`: the first entry of `models`).
+    # World prompts only: it needs drawn scenes and the judge.
+    showcase_model: str = "first"
     interpolation_from: str = "red circle"
     interpolation_to: str = "blue square"
     interpolation_steps: int = 9  # t = 0, 1/(n-1), ..., 1
@@ -173,7 +173,7 @@ class RenderParams:
     interpolation_slerp: bool = True  # spherical around null (else linear)
 
     def showcase(self, models: list[str]) -> str:
-        return self.showcase_model or models[0]
+        return self.showcase_model if self.showcase_model in models else models[0]
 
     def prompts(self, base_clip: str) -> tuple[list[str], list[str]]:
         """The (single, multi) grid prompts for the base model `base.clip`."""
@@ -302,8 +302,8 @@ def validate(p: Params) -> Params:
     _check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
            p.evaluate.combination_pairs)
     _check_render(p.render)
-    _check(p.render.showcase_model in ("", *p.models), "render.showcase_model",
-           f"'' (the first run) or a run of `models` ({', '.join(p.models)})",
+    _check(p.render.showcase_model in ("first", *p.models), "render.showcase_model",
+           f"first (the first run) or a run of `models` ({', '.join(p.models)})",
            p.render.showcase_model)
     _check(p.evaluate.image_prompts >= 0, "evaluate.image_prompts", "0 (off) or more",
            p.evaluate.image_prompts)

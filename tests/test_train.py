@@ -12,6 +12,7 @@ import torch
 
 from pipeline import train as train_module
 from pipeline.evaluate import run_evaluate_stage
+from pipeline.image_prompts import run_gap_stage
 from pipeline.jsonio import round_floats
 from pipeline.models import ARCHITECTURES, load_deprojector
 from pipeline.params import ParamsError
@@ -35,7 +36,8 @@ def project(tmp_path, base_dir, small_shards, monkeypatch):
 
 
 def params(models: dict | None = None, **train):
-    return small_params(train={**TRAIN, **train}, evaluate={"combination_pairs": 8},
+    return small_params(train={**TRAIN, **train},
+                        evaluate={"combination_pairs": 8, "image_prompts": 6},
                         models=models or TINY_MODELS)
 
 
@@ -92,6 +94,7 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project):
     for name in names:
         train_model(name, params(runs, epochs=1))
     assert load_deprojector(project / "models" / "vicinity-batch-v2").config.vicinity == 2
+    run_gap_stage("builtin", 32, 7, "data/gap-pairs", Path("data/gap"))  # for image prompts
     first = run_evaluate_stage(params(runs))
     second = run_evaluate_stage(params(runs))
     assert first == second
@@ -105,6 +108,13 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project):
     curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())
     assert [row["position"] for row in curve] == list(range(1, 77))
     assert set(curve[0]) == {"position", "null-baseline", *names}
+    # Drawn scenes as the only prompt, judged against their descriptions, per run.
+    images = json.loads((project / "reports" / "metrics" / "image_prompts.json").read_text())
+    assert list(images) == ["reference", *names]
+    assert set(images["reference"]) == {"text"}
+    for name in names:
+        assert set(images[name]) >= {"text", "image", "image_no_gap"}
+        assert images[name]["image"]["prompts"] == 6
 
 
 @pytest.mark.slow

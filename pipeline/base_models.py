@@ -15,13 +15,14 @@ import torch
 from tokenizers import Tokenizer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
+from pipeline.errors import DeprojectorError
 from pipeline.world.tokenizer import MAX_LENGTH
 
 BUILTIN = "builtin"
 BASE_DIR = Path("models/world")  # the world stage's output: clip/, sd/, judge/
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(DeprojectorError, RuntimeError):
     """A base model could not be built or loaded; the message says what to do."""
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
 from pipeline.base_models import MAX_LENGTH, load_tokenizer
+from pipeline.errors import DeprojectorError
 from pipeline.params import Params
 from pipeline.world.scenes import generate_captions
 
@@ -22,7 +23,7 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 SUPPORTED_SUFFIXES = (".txt", *TABLE_SUFFIXES)
 
 
-class CaptionSourceError(ValueError):
+class CaptionSourceError(DeprojectorError, ValueError):
     """A caption source cannot be read; the message names the file, line or column."""
 
 

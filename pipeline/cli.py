@@ -43,25 +43,14 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _expected_errors() -> tuple[type[Exception], ...]:
-    from pipeline.base_models import BaseModelError
-    from pipeline.captions import CaptionSourceError
-    from pipeline.image_prompts import ImagePromptError
-    from pipeline.params import ParamsError
-    from pipeline.prompts import PromptError
-    from pipeline.render import RenderError
-    from pipeline.shards import ShardError
-
-    return (ParamsError, CaptionSourceError, BaseModelError, ShardError, FileNotFoundError,
-            PromptError, RenderError, ImagePromptError)
-
-
 def _run(step):
     """Run a stage; known failure classes print one clear line instead of a traceback."""
     _quiet_libraries()
+    from pipeline.errors import DeprojectorError
+
     try:
         return step()
-    except _expected_errors() as err:
+    except (DeprojectorError, FileNotFoundError) as err:
         _fail(err)
 
 
@@ -598,7 +587,8 @@ def compare_command(
     a revision without rendered reports is an error that names it. Post the report on a pull
     request with `cml comment create --pr reports/compare.md` (see README).
     """
-    from pipeline.compare import CompareError, MissingRevisionError, write_comparison
+    from pipeline.compare import MissingRevisionError, write_comparison
+    from pipeline.errors import DeprojectorError
 
     try:
         report = write_comparison(revisions or [], out)
@@ -607,6 +597,6 @@ def compare_command(
             _fail(err)
         typer.echo(f"compare skipped: {err}")
         return
-    except CompareError as err:
+    except DeprojectorError as err:
         _fail(err)
     typer.echo(f"wrote {report}")

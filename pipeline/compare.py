@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.errors import DeprojectorError
+
 WORKSPACE = "workspace"
 DEFAULT_BASELINE = "main"
 # Images shown per revision: (column title, path in the project). A revision must have the
@@ -32,7 +34,7 @@ _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _OUR_IMAGE_DIR = re.compile(r"^\d+-")
 
 
-class CompareError(Exception):
+class CompareError(DeprojectorError):
     """A revision that cannot be compared, or a failed tool (git, dvc)."""
 
 

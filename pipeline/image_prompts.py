@@ -35,12 +35,13 @@ from pipeline.base_models import (
     _source,
 )
 from pipeline.clip_encode import encode_texts
+from pipeline.errors import DeprojectorError
 
 GAP_FILE = "modality_gap.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-class ImagePromptError(ValueError):
+class ImagePromptError(DeprojectorError, ValueError):
     """An image prompt that cannot be used; the message names the file and what is wrong."""
 
 

@@ -9,11 +9,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.errors import DeprojectorError
+
 STORAGE_DTYPES = ("float16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class ParamsError(ValueError):
+class ParamsError(DeprojectorError, ValueError):
     """A value in params.yaml is missing, of the wrong type or out of range."""
 
 

@@ -23,10 +23,11 @@ import torch
 from pipeline.base_models import MAX_LENGTH, ClipText
 from pipeline.clip_encode import encode_texts, token_ids
 from pipeline.conventions import combine_embeddings
+from pipeline.errors import DeprojectorError
 from pipeline.models import Deprojector
 
 
-class PromptError(ValueError):
+class PromptError(DeprojectorError, ValueError):
     """A prompt that cannot be turned into conditioning (e.g. no text at all)."""
 
 

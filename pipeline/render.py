@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pipeline.adherence import REFERENCE, Scorer, with_ratios
 from pipeline.base_models import ClipText, load_clip
+from pipeline.errors import DeprojectorError
 from pipeline.evaluate import ADHERENCE, IMAGE_PROMPTS, NULL_BASELINE
 from pipeline.generation import generate_images, load_checked_deprojector, load_pipeline
 from pipeline.image_metrics import psnr, ssim
@@ -37,7 +38,7 @@ from pipeline.report import extras_section, write_report
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
 
 
-class RenderError(RuntimeError):
+class RenderError(DeprojectorError, RuntimeError):
     """An input of the render stage is missing or does not fit; the message says which."""
 
 

@@ -18,11 +18,12 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_path
 from pipeline.conventions import CONSTANT_NAMES
+from pipeline.errors import DeprojectorError
 
 SEQ_LEN = 77
 
 
-class ShardError(RuntimeError):
+class ShardError(DeprojectorError, RuntimeError):
     """A shard or constants file is missing, corrupt or from another base model."""
 
 

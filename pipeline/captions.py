@@ -14,10 +14,11 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.base_models import MAX_LENGTH, load_tokenizer
+from pipeline.base_models import load_tokenizer
+from pipeline.conventions import MAX_LENGTH
 from pipeline.errors import DeprojectorError
 from pipeline.params import Params
-from pipeline.world.scenes import generate_captions
+from pipeline.world.embedded import World
 
 TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 SUPPORTED_SUFFIXES = (".txt", *TABLE_SUFFIXES)
@@ -189,7 +190,7 @@ def split_train_test(captions: list[str], train_size: int, test_size: int,
 def collect_raw(source: str, column: str, hub_split: str, needed: int, seed: int) -> list[str]:
     if source == "builtin":
         # Over-generate: the generator repeats short captions, cleaning removes duplicates.
-        return generate_captions(needed * 3, seed)
+        return World.captions(needed * 3, seed)
     path = Path(source)
     if path.suffix.lower() in SUPPORTED_SUFFIXES or path.exists():
         return read_caption_file(path, column)

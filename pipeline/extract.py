@@ -23,10 +23,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
+from pipeline.base_models import ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, encode_tokens, token_counts, tokenize
-from pipeline.conventions import combine_embeddings
+from pipeline.conventions import MAX_LENGTH, combine_embeddings
 from pipeline.params import Params
 from pipeline.shards import (
     SEQ_LEN,

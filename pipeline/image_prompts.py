@@ -16,26 +16,17 @@ image/caption pairs for a real CLIP.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
-from pipeline.base_models import (
-    BASE_DIR,
-    BUILTIN,
-    BaseModelError,
-    ClipText,
-    _from_pretrained,
-    _source,
-)
-from pipeline.clip_encode import encode_texts
+from pipeline.base_files import BaseModelError
+from pipeline.base_models import base_source, load_or_explain
 from pipeline.errors import DeprojectorError
+from pipeline.world.config import WORLD_DIR
 
 GAP_FILE = "modality_gap.safetensors"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -76,19 +67,19 @@ class ImageTower:
     processor: object  # transformers.CLIPImageProcessor
 
     @classmethod
-    def load(cls, name: str, device: str = "cpu", base_dir: Path = BASE_DIR) -> ImageTower:
+    def load(cls, name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> ImageTower:
         """The vision tower of `base.clip`; a text-only checkpoint fails naming the fix."""
         from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
-        source = _source(name, "clip", base_dir)
-        config = _from_pretrained(AutoConfig.from_pretrained, source, "clip")
+        source = base_source(name, "clip", base_dir)
+        config = load_or_explain(AutoConfig.from_pretrained, source, "clip")
         if getattr(config, "vision_config", None) is None:
             raise BaseModelError(
                 f"base.clip {name!r} has no vision tower (its config.json is a "
                 f"{config.model_type!r}, not a full 'clip' model): image prompts need a "
                 "CLIPModel checkpoint with both towers, e.g. openai/clip-vit-large-patch14")
-        model = _from_pretrained(CLIPVisionModelWithProjection.from_pretrained, source, "clip")
-        processor = _from_pretrained(CLIPImageProcessor.from_pretrained, source, "clip")
+        model = load_or_explain(CLIPVisionModelWithProjection.from_pretrained, source, "clip")
+        processor = load_or_explain(CLIPImageProcessor.from_pretrained, source, "clip")
         return cls(model.to(device).eval(), processor)
 
     @torch.no_grad()
@@ -136,17 +127,7 @@ class ModalityGap:
         return cls(tensors["mean_text"], tensors["mean_image"], tensors["text_norm"].item())
 
 
-# --- the gap stage --------------------------------------------------------------------------
-
-def world_pairs(count: int, seed: int) -> tuple[list[Image.Image], list[str]]:
-    """`count` drawn world scenes with a caption each (a seed the world's training never used)."""
-    from pipeline.world import scenes as world
-
-    images, scenes = world.draw_scenes(count, seed)
-    captioner = random.Random(seed)
-    return ([Image.fromarray(image) for image in images],
-            [world.caption(scene, captioner) for scene in scenes])
-
+# --- paired data ------------------------------------------------------------------------------
 
 def pair_images(folder: Path) -> list[Path]:
     """The image files of `folder`, sorted ([] if it is not a folder)."""
@@ -174,67 +155,3 @@ def folder_pairs(folder: Path, limit: int) -> tuple[list[Image.Image], list[str]
             images.append(image.convert("RGB"))
         captions.append(caption)
     return images, captions
-
-
-def measure_gap(clip: ClipText, tower: ImageTower, images: list[Image.Image],
-                captions: list[str], batch: int = 64) -> tuple[ModalityGap, dict]:
-    """The statistics and a summary: paired cosine before and after the correction."""
-    text, image = [], []
-    for begin in tqdm(range(0, len(images), batch), desc="gap", unit="batch"):
-        text.append(encode_texts(clip, captions[begin:begin + batch]).text_embeds.float().cpu())
-        image.append(tower.embed(images[begin:begin + batch]))
-    text_embeds, image_embeds = torch.cat(text), torch.cat(image)
-    gap = ModalityGap.measure(text_embeds, image_embeds)
-    summary = {
-        "pairs": len(captions),
-        "gap_norm": (gap.mean_text - gap.mean_image).norm().item(),
-        "text_norm": gap.text_norm,
-        "image_norm": image_embeds.norm(dim=-1).mean().item(),
-        "paired_cosine": F.cosine_similarity(text_embeds, image_embeds).mean().item(),
-        "paired_cosine_corrected":
-            F.cosine_similarity(text_embeds, gap.correct(image_embeds)).mean().item(),
-    }
-    return gap, summary
-
-
-def run_gap_stage(base_clip: str, pairs: int, seed: int, folder: str, out_dir: Path,
-                  device: str = "cpu") -> dict:
-    """Write out_dir/modality_gap.safetensors and .json. Builtin: world scenes; a real CLIP:
-    the pairs in `folder`, and without any only the .json saying so (image prompts then
-    need --no-gap-correction)."""
-    from pipeline.base_models import load_clip
-    from pipeline.jsonio import write_json
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / GAP_FILE).unlink(missing_ok=True)
-    builtin = base_clip == BUILTIN
-    if not builtin and not pair_images(Path(folder)):
-        summary = {"base_clip": base_clip, "computed": False,
-                   "why": f"gap.folder {folder!r} has no image/caption pairs: image prompts "
-                          "with this base.clip need --no-gap-correction until it has"}
-        write_json(out_dir / "modality_gap.json", summary)
-        return summary
-    clip = load_clip(base_clip, device=device)
-    tower = ImageTower.load(base_clip, device=device)
-    images, captions = world_pairs(pairs, seed) if builtin \
-        else folder_pairs(Path(folder), pairs)
-    gap, summary = measure_gap(clip, tower, images, captions)
-    gap.save(out_dir / GAP_FILE)
-    summary = {"base_clip": base_clip, "computed": True,
-               "source": f"world scenes (seed {seed})" if builtin else folder, **summary}
-    write_json(out_dir / "modality_gap.json", summary)
-    return summary
-
-
-def scene_image(prompt: str, seed: int) -> Image.Image:
-    """A drawn world scene that has everything `prompt` states (background, colours, shapes)."""
-    from pipeline.world import scenes as world
-
-    required = world.required_bits(world.parse_prompt(prompt))
-    rng = random.Random(seed)
-    for _ in range(200_000):
-        scene = world.random_scene(rng)
-        if world.scene_bits(scene) & required == required:
-            offsets = [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in scene.things]
-            return Image.fromarray(world.draw(scene, offsets))
-    raise ImagePromptError(f"no world scene has everything {prompt!r} states")

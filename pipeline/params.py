@@ -9,7 +9,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pipeline.conventions import BUILTIN
 from pipeline.errors import DeprojectorError
+from pipeline.models import ARCHITECTURES, hyperparameters
+from pipeline.names import RESERVED_RUN_NAMES
+from pipeline.world.config import WorldParams
 
 STORAGE_DTYPES = ("float16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -23,30 +27,6 @@ class ParamsError(DeprojectorError, ValueError):
 class BaseParams:
     clip: str = "builtin"
     sd: str = "builtin"
-
-
-@dataclass(frozen=True)
-class WorldParams:
-    """The embedded world (pipeline/world/): sizes, steps and seeds of its trained parts."""
-
-    seed: int = 0
-    scenes: int = 20000  # drawn training scenes
-    vocab_size: int = 1000  # BPE vocabulary trained on the captions
-    width: int = 128  # D: the CLIP text tower's hidden size
-    clip_steps: int = 1400
-    clip_batch: int = 128
-    clip_lr: float = 1e-3
-    vae_steps: int = 2500
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    unet_steps: int = 3600
-    unet_batch: int = 48
-    unet_lr: float = 5e-4
-    captions_per_scene: int = 1  # the UNet's caption bank, encoded once
-    judge_steps: int = 1500
-    judge_batch: int = 64
-    judge_lr: float = 1e-3
-    held_out: int = 1000  # drawn scenes of another seed for the judge's and CLIP's accuracy
 
 
 @dataclass(frozen=True)
@@ -114,9 +94,8 @@ class GapParams:
 
 
 # A run name is a folder name (models/NAME, reports/metrics/NAME.json) and a dvc.yaml stage
-# key (train@NAME); these names are taken by other outputs or rows.
+# key (train@NAME); pipeline.names lists the names other outputs and rows take.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED_RUN_NAMES = ("base", "world", "null-baseline", "reference", "adherence")
 
 
 @dataclass(frozen=True)
@@ -177,12 +156,13 @@ class RenderParams:
     def showcase(self, models: list[str]) -> str:
         return self.showcase_model if self.showcase_model in models else models[0]
 
-    def prompts(self, base_clip: str) -> tuple[list[str], list[str]]:
-        """The (single, multi) grid prompts for the base model `base.clip`."""
-        chosen = self.prompt_set
-        if chosen == "auto":
-            chosen = "world" if base_clip == "builtin" else "article"
-        if chosen == "world":
+    def world_prompts(self, world: bool) -> bool:
+        """Are the grid prompts the world's (`auto`: when the base models are the world)?"""
+        return self.prompt_set == "world" or (self.prompt_set == "auto" and world)
+
+    def prompts(self, world: bool) -> tuple[list[str], list[str]]:
+        """The (single, multi) grid prompts, `world`: the base models are the world's."""
+        if self.world_prompts(world):
             return self.world_prompts_single, self.world_prompts_multi
         return self.article_prompts_single, self.article_prompts_multi
 
@@ -200,8 +180,6 @@ class Params:
     gap: GapParams = field(default_factory=GapParams)
     # Run name -> architecture and hyperparameters: every entry is trained, scored, rendered.
     models: dict[str, ModelSpec] = field(default_factory=dict)
-    # Sections owned by later stages stay plain dicts until their stage reads them.
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 T = TypeVar("T")
@@ -272,6 +250,10 @@ def _check_world(w: WorldParams) -> None:
 
 def validate(p: Params) -> Params:
     c, a, e = p.captions, p.augment, p.extract
+    # One rule for "is this the embedded world?" (pipeline.world.embedded.World.named).
+    _check((p.base.clip == BUILTIN) == (p.base.sd == BUILTIN), "base",
+           "`builtin` for both clip and sd (the embedded world) or for neither",
+           {"clip": p.base.clip, "sd": p.base.sd})
     _check_world(p.world)
     _check(p.evaluate.adherence_prompts >= 0, "evaluate.adherence_prompts", "0 (off) or more",
            p.evaluate.adherence_prompts)
@@ -315,8 +297,6 @@ def validate(p: Params) -> Params:
 
 def parse_models(raw: Any) -> dict[str, ModelSpec]:
     """`models:` -> run name -> ModelSpec; types and hyperparameter names checked by key."""
-    from pipeline.models import ARCHITECTURES, hyperparameters  # imports torch: only here
-
     raw = raw or {}
     _check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
     known = ", ".join(sorted(ARCHITECTURES))
@@ -356,10 +336,12 @@ SECTIONS = {
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
+    unknown = [key for key in raw if key not in SECTIONS and key != "models"]
+    if unknown:
+        raise ParamsError(f"params: unknown section `{unknown[0]}` (known: "
+                          f"{', '.join([*SECTIONS, 'models'])})")
     parsed = {name: _section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    models = parse_models(raw.get("models"))
-    extra = {k: v for k, v in raw.items() if k not in SECTIONS and k != "models"}
-    return validate(Params(**parsed, models=models, extra=extra))
+    return validate(Params(**parsed, models=parse_models(raw.get("models"))))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -189,7 +189,7 @@ def test_unet_of_another_width(tmp_path, models):
 
 def test_unet_of_another_width_is_refused_when_generating():
     from pipeline.base_checks import check_cross_attention
-    from pipeline.base_models import BaseModelError
+    from pipeline.base_files import BaseModelError
 
     with pytest.raises(BaseModelError, match="cross-attends to 768-wide .* are 128 wide"):
         check_cross_attention(768, 128)
@@ -221,21 +221,24 @@ def test_weights_replaced_at_the_same_path_change_the_fingerprint(tmp_path, mode
 
 
 def test_large_files_are_fingerprinted_by_size_and_edges(tmp_path, monkeypatch):
-    from pipeline import base_checks
+    from pipeline import base_files
 
-    monkeypatch.setattr(base_checks, "FULL_HASH_LIMIT", 4 * base_checks.EDGE)
+    monkeypatch.setattr(base_files, "FULL_HASH_LIMIT", 4 * base_files.EDGE)
     path = tmp_path / "big.safetensors"
-    data = bytearray(8 * base_checks.EDGE)
+    data = bytearray(8 * base_files.EDGE)
     path.write_bytes(bytes(data))
-    first = base_checks.file_digest(path)
+    first = base_files.file_digest(path)
     assert first.startswith("size+edges:")
     data[-1] = 1  # a change in the last MiB is seen
     path.write_bytes(bytes(data))
-    assert base_checks.file_digest(path) != first
+    assert base_files.file_digest(path) != first
 
 
 def test_missing_builtin_models_name_the_world_stage(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    from pipeline.world import config
+
+    monkeypatch.chdir(tmp_path)  # no models/world here, and none in the checkout either
+    monkeypatch.setattr(config, "CHECKOUT_WORLD_DIR", tmp_path / "no-checkout-world")
     for args in (("base",), ("captions",)):
         result = run_cli(tmp_path, *args, clip="builtin", sd="builtin")
         output = assert_known_error(result, "base.clip: builtin:", "does not exist yet",
@@ -246,7 +249,7 @@ def test_missing_builtin_models_name_the_world_stage(tmp_path, monkeypatch):
 
 def test_offline_hub_id_advises_hf_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = run_cli(tmp_path, "base", clip="no-such-org/no-such-clip", sd="builtin")
+    result = run_cli(tmp_path, "base", clip="no-such-org/no-such-clip", sd="no-such-org/no-sd")
     assert_known_error(result, "'no-such-org/no-such-clip' is not a local folder",
                        "`hf download no-such-org/no-such-clip --local-dir DIR`", lines=2)
 
@@ -285,7 +288,7 @@ def test_evaluate_refuses_deprojectors_of_another_width(tmp_path, models, monkey
          "models": {"vb": {"type": "vicinity-batch"}}}))
     result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml")])
     assert_known_error(result, "trained for D=16", f"base model has D={WIDTH}",
-                       "retrain it or set base.clip to its base model")
+                       "retrain it or use its base CLIP")
 
 
 def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
@@ -343,8 +346,7 @@ def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, model
     """pytorch_model.bin and model.safetensors.index.json checkpoints are read too."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.base_checks import check_text_projection, weight_files
-    from pipeline.base_models import BaseModelError
+    from pipeline.base_files import BaseModelError, check_text_projection, weight_files
 
     tensors = load_file(models["clip"] / "model.safetensors")
     binary = tmp_path / "bin"

@@ -98,11 +98,12 @@ def test_generate_is_self_consistent(model: Deprojector) -> None:
     torch.testing.assert_close(teacher_forced, generated, atol=1e-5, rtol=0)
 
 
-def test_from_projected_inverts_the_projection(model: Deprojector) -> None:
+def test_deprojection_constant_inverts_the_projection(model: Deprojector) -> None:
+    """What image prompts rely on: projected embeddings @ deprojection.T are pooled ones."""
     e = embeds()
     _, projection = make_constants()
-    from_projected = model.generate(e @ projection.T, from_projected=True)
-    torch.testing.assert_close(from_projected, model.generate(e), atol=1e-4, rtol=1e-4)
+    pooled = (e @ projection.T) @ model.deprojection.T
+    torch.testing.assert_close(model.generate(pooled), model.generate(e), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -118,12 +119,6 @@ def test_generate_rejects_bad_embeddings(bad: torch.Tensor, match: str) -> None:
     model = make_model("vicinity-batch")
     with pytest.raises(ValueError, match=match):
         model.generate(bad)
-
-
-def test_from_projected_checks_the_projected_width() -> None:
-    model = make_model("vicinity-batch")
-    with pytest.raises(ValueError, match=rf"projected embeds must have shape \[B, {P}\]"):
-        model.generate(torch.zeros(2, D), from_projected=True)
 
 
 def test_forward_checks_hidden_shape() -> None:

@@ -26,10 +26,23 @@ from pipeline.params import ParamsError, load_params, parse_params
     ({"models": {"a/b": {"type": "vicinity-batch"}}}, "models.a/b"),
     ({"captions": {"train_size": "many"}}, "captions.train_size"),
     ({"captions": {"trian_size": 3}}, "captions.trian_size"),
+    ({"captoins": {"train_size": 3}}, "captoins"),
+    ({"base": {"clip": "builtin", "sd": "some/sd"}}, "base"),
+    ({"base": {"clip": "some/clip"}}, "base"),
 ])
 def test_invalid_values_name_their_key(raw, key):
     with pytest.raises(ParamsError, match=re.escape(f"`{key}`")):
         parse_params(raw)
+
+
+def test_reserved_run_names_are_every_name_another_output_or_row_takes():
+    from pipeline.names import IMAGE_ROWS, RESERVED_RUN_NAMES
+
+    for name in ("null-baseline", "adherence", "image_prompts", "reference", "world", "base",
+                 *IMAGE_ROWS):
+        assert name in RESERVED_RUN_NAMES
+        with pytest.raises(ParamsError, match=re.escape(f"`models.{name}`")):
+            parse_params({"models": {name: {"type": "vicinity-batch"}}})
 
 
 def test_the_file_is_named(tmp_path):
@@ -55,7 +68,7 @@ def test_shards_of_another_base_model_are_refused(small_shards):
     from pipeline.train import build_model
     from tests.conftest import small_params
 
-    p = small_params(base={"clip": "openai/clip-vit-large-patch14"},
+    p = small_params(base={"clip": "openai/clip-vit-large-patch14", "sd": "some/sd"},
                      models={"transformer": {"type": "transformer"}})
     with pytest.raises(ShardError, match="extracted with base.clip='builtin'"):
         build_model("transformer", p, small_shards)

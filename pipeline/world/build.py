@@ -21,10 +21,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.params import WorldParams
 from pipeline.world import clip as world_clip
 from pipeline.world import diffusion, judge
 from pipeline.world import scenes as world
+from pipeline.world.config import WorldParams
 from pipeline.world.tokenizer import save_tokenizer, train_tokenizer
 
 PARTS = ("clip", "vae", "unet", "judge")

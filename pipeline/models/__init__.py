@@ -20,6 +20,7 @@ from pipeline.models.base import (
     CONSTANTS,
     Deprojector,
     DeprojectorConfig,
+    ModelFileError,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -95,6 +96,7 @@ __all__ = [
     "CONSTANTS",
     "Deprojector",
     "DeprojectorConfig",
+    "ModelFileError",
     "architecture",
     "build_deprojector",
     "check_hyperparameters",

@@ -113,9 +113,16 @@ class GapParams:
     folder: str = "data/gap-pairs"  # real CLIP: NAME.png/.jpg + NAME.txt caption pairs
 
 
-# A run name is a folder name (models/NAME, reports/metrics/NAME.json) and a dvc.yaml stage
-# key (train@NAME); these names are taken by other outputs or rows.
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# A run name is a folder name (models/NAME, reports/metrics/NAME.json), a word of a shell
+# command (`deprojector train NAME`), a dvc.yaml stage key (train@NAME) and a params key DVC
+# addresses with dots (models.NAME, `dvc exp run -S models.NAME.lr=...`). DVC refuses
+# punctuation other than '_' and '-' in stage names; '.' splits the params key, '@' and ':'
+# split stage targets (`dvc.yaml:train@NAME`), '/' makes a subfolder. So: letters, digits,
+# '_' and '-'. These names are taken by other outputs or rows.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+RUN_NAME_RULE = ("letters, digits, '_' and '-', starting with a letter or digit (DVC "
+                 "addresses a run as the stage train@NAME and the param models.NAME: '.' would "
+                 "split the key, '@', ':', '/', spaces and other punctuation the stage name)")
 RESERVED_RUN_NAMES = ("base", "world", "null-baseline", "reference", "adherence")
 
 
@@ -322,10 +329,15 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
     known = ", ".join(sorted(ARCHITECTURES))
     specs = {}
     for name, entry in raw.items():
-        _check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None
-               and name not in RESERVED_RUN_NAMES, f"models.{name}",
-               f"a run name of letters, digits, '.', '_', '-' other than "
-               f"{', '.join(RESERVED_RUN_NAMES)}", name)
+        _check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None,
+               f"models.{name}", f"a run name of {RUN_NAME_RULE}", name)
+        _check(name not in RESERVED_RUN_NAMES, f"models.{name}",
+               f"a run name other than {', '.join(RESERVED_RUN_NAMES)} (taken by other "
+               f"outputs)", name)
+        twin = next((other for other in specs if other.lower() == name.lower()), None)
+        _check(twin is None, f"models.{name}",
+               f"a run name that differs from {twin!r} in more than letter case (models/NAME "
+               f"folders would be one on a case-insensitive file system)", name)
         _check(isinstance(entry, dict), f"models.{name}",
                f"a mapping with `type` (one of {known}) and its hyperparameters", entry)
         hparams = dict(entry)
@@ -362,13 +374,44 @@ def parse_params(raw: dict[str, Any]) -> Params:
     return validate(Params(**parsed, models=models, extra=extra))
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with YAML 1.2's float syntax.
+
+    PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `1e-06` (what
+    `dvc exp run -S train.lr=0.000001` writes), `1e-4`, `1E5` and `+.5` stay strings. DVC
+    itself reads params.yaml as YAML 1.2, where all of them are floats; so do we. Integers,
+    booleans and everything else resolve as before.
+    """
+
+
+_FLOAT = re.compile(r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+  | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+  | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+  | [-+]?\.(?:inf|Inf|INF)
+  | \.(?:nan|NaN|NAN)
+)$""", re.VERBOSE)
+FLOAT_TAG = "tag:yaml.org,2002:float"
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver(FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """Parse params YAML (ParamsLoader: floats as YAML 1.2 and DVC read them)."""
+    return yaml.load(text, Loader=ParamsLoader)  # safe: a SafeLoader subclass
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; the error names the file and the key."""
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the project root or pass --params)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(raw, dict):

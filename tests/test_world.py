@@ -195,3 +195,22 @@ def test_an_interrupted_part_resumes_to_the_same_weights(tmp_path, monkeypatch):
     name = "vae/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "clean" / name).read_bytes() == \
         (tmp_path / "interrupted" / name).read_bytes()
+
+
+@pytest.mark.parametrize("name, keep, message", [
+    ("model.safetensors", 0.5, r"judge/model\.safetensors: incomplete or corrupt safetensors "
+                               r"file .*; rebuild the world"),
+    ("config.json", 0.5, r"judge/config\.json:\d+: not valid JSON .*incomplete or corrupt"),
+])
+def test_a_damaged_judge_names_the_file(tmp_path, base_dir, name, keep, message):
+    import shutil
+
+    from pipeline.errors import DeprojectorError
+    from pipeline.world.judge import Judge
+
+    folder = tmp_path / "judge"
+    shutil.copytree(base_dir / "judge", folder)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(DeprojectorError, match=message):
+        Judge.from_pretrained(folder)

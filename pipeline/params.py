@@ -400,6 +400,25 @@ ParamsLoader.yaml_implicit_resolvers = {
 ParamsLoader.add_implicit_resolver(FLOAT_TAG, _FLOAT, list("-+0123456789."))
 
 
+def _unique_mapping(loader: ParamsLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: PyYAML keeps the last of two equal keys silently (a
+    run listed twice under `models:` would merge); YAML forbids it and DVC refuses it."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first on line {seen[key]})",
+                key_node.start_mark)
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+ParamsLoader.add_constructor("tag:yaml.org,2002:map", _unique_mapping)
+
+
 def load_yaml(text: str):
     """Parse params YAML (ParamsLoader: floats as YAML 1.2 and DVC read them)."""
     return yaml.load(text, Loader=ParamsLoader)  # safe: a SafeLoader subclass
@@ -408,12 +427,26 @@ def load_yaml(text: str):
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; the error names the file and the key."""
     path = Path(path)
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a folder, expected a params YAML file")
     if not path.exists():
         raise ParamsError(f"{path}: not found (run from the project root or pass --params)")
+    data = path.read_bytes()
     try:
-        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ParamsError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start}: "
+                          f"{data[err.start:err.start + 1]!r}); save it as UTF-8") from err
+    try:
+        raw = load_yaml(text) or {}
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        what = ", ".join(part for part in (err.context, err.problem) if part)
+        raise ParamsError(f"{path}{where}: not valid YAML ({what})") from err
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
     try:

@@ -160,3 +160,24 @@ def test_every_run_name_in_params_yaml_is_a_valid_dvc_stage_name():
         assert not is_valid_name(name) and RUN_NAME.fullmatch(name) is None, name
     assert is_valid_name("a b") and RUN_NAME.fullmatch("a b") is None
     assert is_valid_name("ok_1-x") and RUN_NAME.fullmatch("ok_1-x")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("models:\n  vb: {type: vicinity-batch}\n  vb: {type: transformer}\n",
+     r"params\.yaml:3:3: not valid YAML \(duplicate key 'vb' \(first on line 2\)\)"),
+    ("train:\n  lr: 1e-3\n  epochs: 2\n  lr: 1e-4\n",
+     r"params\.yaml:4:3: not valid YAML \(duplicate key 'lr' \(first on line 2\)\)"),
+    ("train:\n  lr: [1, 2\n", r"params\.yaml:3:1: not valid YAML \(while parsing a flow"),
+    (b"train:\n  lr: 1e-3 # \xe9\n", r"params\.yaml:2: not valid UTF-8 \(byte offset 20: "
+                                     r"b'\\xe9'\)"),
+])
+def test_a_bad_params_file_names_line_and_column(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_a_folder_given_as_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"params\.yaml: is a folder, expected a params YAML"):
+        (tmp_path / "params.yaml").mkdir() or load_params(tmp_path / "params.yaml")

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from huggingface_hub import try_to_load_from_cache
 
-from pipeline.errors import DeprojectorError
+from pipeline.errors import DeprojectorError, read_json, safetensors_names
 
 
 class BaseModelError(DeprojectorError, RuntimeError):
@@ -35,6 +36,7 @@ SKIPPED_SD_PARTS = {"safety_checker"}  # loaded with safety_checker=None
 # by its blob name, which is the etag: the sha256 of the content for LFS weight files.
 FULL_HASH_LIMIT = 64 * 2**20
 EDGE = 2**20
+REDOWNLOAD = "download the model again (an interrupted download leaves files incomplete)"
 
 
 # --- static checks of a CLIP folder (cheap: file names and safetensors headers) -------------
@@ -49,7 +51,15 @@ def has_tokenizer_files(folder: Path) -> bool:
         (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
 
 
+def check_json_files(folder: Path) -> None:
+    """Every JSON file of the folder (config, tokenizer, index) parses: transformers' own
+    error for a cut one names neither the file nor the cause."""
+    for path in sorted(folder.glob("*.json")):
+        read_json(path, BaseModelError, REDOWNLOAD, expect=object)
+
+
 def check_tokenizer_files(folder: Path, name: str) -> None:
+    check_json_files(folder)
     if not has_tokenizer_files(folder):
         raise BaseModelError(
             f"base.clip: the folder {str(folder)!r}{_named(folder, name)} has no tokenizer "
@@ -66,8 +76,18 @@ def weight_files(folder: Path) -> list[Path]:
     for name in WEIGHT_NAMES:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / shard for shard in shards]
+            weight_map = read_json(index, BaseModelError, REDOWNLOAD).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) for v in weight_map.values()):
+                raise BaseModelError(f"{index}: expected a \"weight_map\" object of tensor name "
+                                     f"to file name, found {type(weight_map).__name__}; "
+                                     f"{REDOWNLOAD}")
+            shards = [folder / shard for shard in sorted(set(weight_map.values()))]
+            missing = [shard.name for shard in shards if not shard.is_file()]
+            if missing:
+                raise BaseModelError(f"{index}: names {', '.join(missing)}, not in the folder; "
+                                     f"{REDOWNLOAD}")
+            return shards
         if (folder / name).is_file():
             return [folder / name]
     return []
@@ -75,15 +95,16 @@ def weight_files(folder: Path) -> list[Path]:
 
 def weight_names(folder: Path) -> set[str]:
     """Tensor names in the checkpoint of `folder`, read from headers / the index only."""
-    from safetensors import safe_open
-
     names: set[str] = set()
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                names.update(f.keys())
-        else:
+            names.update(safetensors_names(path, BaseModelError, REDOWNLOAD))
+            continue
+        try:
             names.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+            raise BaseModelError(f"{path}: incomplete or corrupt PyTorch checkpoint ({err}); "
+                                 f"{REDOWNLOAD}") from err
     return names
 
 
@@ -141,7 +162,7 @@ def loaded_files(folder: Path) -> list[Path]:
 def sd_files(folder: Path) -> list[Path]:
     """model_index.json and the files of every component the pipeline loads."""
     index = folder / "model_index.json"
-    parts = [k for k, v in json.loads(index.read_text()).items()
+    parts = [k for k, v in read_json(index, BaseModelError, REDOWNLOAD).items()
              if isinstance(v, list) and v[0] is not None and k not in SKIPPED_SD_PARTS]
     return [index, *(f for part in sorted(parts) if (folder / part).is_dir()
                      for f in loaded_files(folder / part))]

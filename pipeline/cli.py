@@ -82,14 +82,18 @@ def world_command(
     image processor), OUT/sd (a StableDiffusionPipeline folder), OUT/judge and OUT/world.json
     (accuracies). Deterministic for one seed; an interrupted build resumes from WORK.
     """
+    from pipeline.sections import load_section
     from pipeline.world.build import PARTS, build_world
+    from pipeline.world.config import WorldParams
 
     def step():
         unknown = [p for p in part or () if p not in PARTS]
         if unknown:
             raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
                                      f"(known: {', '.join(PARTS)})", param_hint="--part")
-        summary = build_world(out, _params(params).world, work, tuple(part or PARTS), jobs)
+        # Only `world:` is read: the world depends on nothing of the pipeline above it.
+        world = load_section(params, "world", WorldParams).validate()
+        summary = build_world(out, world, work, tuple(part or PARTS), jobs)
         if summary is None:
             typer.echo(f"parts {', '.join(part)} trained in {work}; run again without --part "
                        "to assemble the world")

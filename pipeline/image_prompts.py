@@ -16,16 +16,18 @@ image/caption pairs for a real CLIP.
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors.torch import save_file
 
 from pipeline.base_files import BaseModelError
 from pipeline.base_models import base_source, load_or_explain
-from pipeline.errors import DeprojectorError
+from pipeline.errors import DeprojectorError, read_safetensors
 from pipeline.world.config import WORLD_DIR
 
 GAP_FILE = "modality_gap.safetensors"
@@ -36,18 +38,55 @@ class ImagePromptError(DeprojectorError, ValueError):
     """An image prompt that cannot be used; the message names the file and what is wrong."""
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB image file, or an ImagePromptError naming the file and the problem."""
+# Pillow's own limit (about 89.5 million pixels); larger images are refused before decoding.
+MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def read_image(path: str | Path, what: str = "image") -> Image.Image:
+    """The one way the project reads an image file: decoded, and turned upright as its EXIF
+    orientation says (a phone photo stored sideways is embedded the way it is shown).
+
+    A missing file, a folder, a file Pillow cannot decode and a header claiming more than
+    MAX_IMAGE_PIXELS pixels raise ImagePromptError naming `what` and the file."""
     path = Path(path)
+    name = f"{what} {str(path)!r}"
+    if path.is_dir():
+        raise ImagePromptError(f"{name}: is a folder, expected an image file")
     if not path.is_file():
-        raise ImagePromptError(f"image prompt {str(path)!r}: no such file")
+        raise ImagePromptError(f"{name}: no such file")
     try:
-        with Image.open(path) as image:
-            image.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise ImagePromptError(f"image prompt {str(path)!r}: not an image file Pillow can "
-                               f"read ({err})") from err
-    return checked_rgb(image, str(path))
+        with warnings.catch_warnings():
+            # Pillow warns between its limit and twice it (we refuse those below, naming the
+            # size) and raises above twice it, in open(), before we see the size.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise ImagePromptError(_too_large(name, f"{width} × {height} = ",
+                                                      width * height))
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+    except ImagePromptError:
+        raise
+    except Image.DecompressionBombError as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow checks in open()
+        raise ImagePromptError(_too_large(name, "", int(found.group(1)) if found else None)) \
+            from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImagePromptError(f"{name}: not an image file Pillow can read ({err})") from err
+    return upright
+
+
+def _too_large(name: str, size: str, pixels: int | None) -> str:
+    claimed = f"{size}{pixels:,} pixels" if pixels else "a larger image"
+    return (f"{name}: its header claims {claimed}, more than the limit of "
+            f"{MAX_IMAGE_PIXELS:,} pixels (a corrupt or hostile file, or a picture far larger "
+            "than CLIP's input: scale it down first)")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image prompt, upright (read_image), or an ImagePromptError naming the file."""
+    return checked_rgb(read_image(path, "image prompt"), str(path))
 
 
 def checked_rgb(image: Image.Image, name: str) -> Image.Image:
@@ -120,10 +159,16 @@ class ModalityGap:
             raise ImagePromptError(
                 f"{file}: no modality-gap statistics; run `deprojector gap` (the `gap` stage) "
                 "for this base.clip, or turn the correction off (--no-gap-correction)")
-        tensors = load_file(str(file))
+        advice = "run `deprojector gap` again to rewrite it"
+        tensors = read_safetensors(file, ImagePromptError, advice)
         missing = {"mean_text", "mean_image", "text_norm"} - set(tensors)
         if missing:
-            raise ImagePromptError(f"{file}: missing tensors {sorted(missing)}")
+            raise ImagePromptError(f"{file}: missing tensors {sorted(missing)}; {advice}")
+        shapes = {k: tuple(v.shape) for k, v in sorted(tensors.items())}
+        if len(shapes["mean_text"]) != 1 or shapes["mean_image"] != shapes["mean_text"] \
+                or tensors["text_norm"].numel() != 1:
+            raise ImagePromptError(f"{file}: tensors of shapes {shapes}, expected mean_text "
+                                   f"[P], mean_image [P] and text_norm [1]; {advice}")
         return cls(tensors["mean_text"], tensors["mean_image"], tensors["text_norm"].item())
 
 
@@ -148,10 +193,27 @@ def folder_pairs(folder: Path, limit: int) -> tuple[list[Image.Image], list[str]
         if not caption_file.is_file():
             raise ImagePromptError(f"{file}: no caption file {caption_file.name} beside it "
                                    "(gap.folder pairs each image with NAME.txt)")
-        caption = caption_file.read_text(encoding="utf-8").strip()
+        caption = read_caption_text(caption_file)
         if not caption:
             raise ImagePromptError(f"{caption_file}: empty caption")
-        with Image.open(file) as image:
-            images.append(image.convert("RGB"))
+        images.append(read_image(file, "gap.folder image").convert("RGB"))
         captions.append(caption)
     return images, captions
+
+
+def read_caption_text(path: Path) -> str:
+    """The caption of a gap.folder pair: UTF-8 text without NUL bytes, whitespace-stripped."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ImagePromptError(
+            f"{path}:{line}: not valid UTF-8 (byte offset {err.start} is "
+            f"{data[err.start:err.start + 1]!r}); re-encode the caption as UTF-8") from err
+    if "\x00" in text:
+        offset = data.index(b"\x00")
+        line = data.count(b"\n", 0, offset) + 1
+        raise ImagePromptError(f"{path}:{line}: contains a NUL byte (byte offset {offset}); "
+                               "expected UTF-8 text")
+    return text.removeprefix("\ufeff").strip()

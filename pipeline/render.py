@@ -9,7 +9,6 @@ reports/report.md. Run on CPU in float32 the images are the same bytes on every 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from pipeline.drawing import (
     make_grid,
     notice,
 )
-from pipeline.errors import DeprojectorError
+from pipeline.errors import DeprojectorError, read_json
 from pipeline.generation import generate_images, load_encoders, load_pipeline
 from pipeline.image_metrics import psnr, ssim
 from pipeline.interpolation import fractions, run_interpolation
@@ -90,6 +89,9 @@ def render_column(pipe, encoders: dict[str, PromptEncoder], prompt: str, combine
 
 # --- report -------------------------------------------------------------------------------
 
+RERUN_EVALUATE = "rerun `deprojector evaluate` to rewrite it"
+
+
 def read_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
     """The evaluate stage's metrics of the null baseline and of `names`, in that order."""
     metrics = {}
@@ -97,7 +99,7 @@ def read_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
         path = metrics_dir / f"{name}.json"
         if not path.is_file():
             raise RenderError(f"{path} not found: run the evaluate stage first")
-        metrics[name] = json.loads(path.read_text())
+        metrics[name] = read_json(path, RenderError, RERUN_EVALUATE)
     return metrics
 
 
@@ -173,9 +175,11 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
         done.columns[what] = columns
         done.fidelity[what] = grid_fidelity(columns, list(runs))
         done.scores[what] = grid_scores(columns)
-    cosine_chart(json.loads(curve_file.read_text())).save(curve_file.with_suffix(".png"))
+    cosine_chart(read_json(curve_file, RenderError, RERUN_EVALUATE, expect=list)).save(
+        curve_file.with_suffix(".png"))
     held_out_file = reports_dir / "metrics" / f"{ADHERENCE}.json"
-    held_out = json.loads(held_out_file.read_text()) if held_out_file.is_file() else None
+    held_out = read_json(held_out_file, RenderError, RERUN_EVALUATE) \
+        if held_out_file.is_file() else None
     chart = reports_dir / "plots" / "adherence.png"
     if held_out:
         adherence_chart(held_out).save(chart)
@@ -191,7 +195,7 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
     write_json(reports_dir / "fidelity.json", done.fidelity)
     write_json(reports_dir / "grid_scores.json", done.scores)
     image_prompts_file = reports_dir / "metrics" / f"{IMAGE_PROMPTS}.json"
-    image_prompts = json.loads(image_prompts_file.read_text()) \
+    image_prompts = read_json(image_prompts_file, RenderError, RERUN_EVALUATE) \
         if image_prompts_file.is_file() else None
     write_report(reports_dir / "report.md", params, metrics, done.fidelity, done.scores,
                  held_out, extras_section(showcase if extras else None, image_prompts,

@@ -132,8 +132,10 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     history: list[dict] = []
     best = {"loss": math.inf, "state": None, "epoch": -1}
     if t.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["fingerprint"] == fingerprint:
+        state = read_checkpoint(checkpoint, device)
+        if state is None:
+            log(accelerator, f"{name}: {checkpoint} is incomplete or corrupt; starting over")
+        elif state["fingerprint"] == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -194,6 +196,24 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return history
+
+
+CHECKPOINT_KEYS = ("fingerprint", "model", "optimizer", "rng", "history", "best")
+
+
+def read_checkpoint(path: Path, device: torch.device | str) -> dict | None:
+    """A training checkpoint, or None where the file is cut short or corrupt (the run then
+    starts over, as with a checkpoint of other params: it only saves time)."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile):
+        return None
+    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) \
+        else None
 
 
 def log(accelerator, message: str) -> None:

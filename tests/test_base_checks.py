@@ -368,3 +368,73 @@ def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, model
                binary / "pytorch_model.bin")
     with pytest.raises(BaseModelError, match=r"no text_projection weights \(in pytorch_model"):
         check_text_projection(binary, "bin")
+
+
+def cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda clip: cut(clip / "model.safetensors"),
+     ["clip/model.safetensors: incomplete or corrupt safetensors file", "download the model "
+      "again"]),
+    (lambda clip: (clip / "model.safetensors").write_bytes(b"\x00" * 4),
+     ["clip/model.safetensors: incomplete or corrupt safetensors file (Error while "
+      "deserializing header: header too small)"]),
+    (lambda clip: cut(clip / "config.json"), ["clip/config.json:", "not valid JSON"]),
+    (lambda clip: cut(clip / "tokenizer.json"), ["clip/tokenizer.json", "incomplete or corrupt"]),
+])
+def test_damaged_clip_files_name_the_file(tmp_path, models, damage, fragments):
+    clip = tmp_path / "clip"
+    shutil.copytree(models["clip"], clip)
+    damage(clip)
+    result, out = run_base(tmp_path, clip, models["sd"])
+    assert_known_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_damaged_sharded_and_bin_checkpoints_name_the_file(tmp_path, models):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.base_files import check_text_projection
+    from pipeline.base_models import BaseModelError
+
+    tensors = load_file(models["clip"] / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file(tensors, str(sharded / "model-00001-of-00002.safetensors"))
+    index = sharded / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"')
+    with pytest.raises(BaseModelError, match=r"model\.safetensors\.index\.json:1: not valid JSON "
+                                             r"\(.*\); the file is incomplete or corrupt"):
+        check_text_projection(sharded, "sharded")
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(BaseModelError, match=r"index\.json: names model-00002-of-00002\."
+                                             r"safetensors, not in the folder"):
+        check_text_projection(sharded, "sharded")
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(BaseModelError, match=r'index\.json: expected a "weight_map" object'):
+        check_text_projection(sharded, "sharded")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(tensors, binary / "pytorch_model.bin")
+    cut(binary / "pytorch_model.bin")
+    with pytest.raises(BaseModelError, match=r"pytorch_model\.bin: incomplete or corrupt "
+                                             r"PyTorch checkpoint"):
+        check_text_projection(binary, "bin")
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda sd: cut(sd / "model_index.json"), ["model_index.json"]),
+    (lambda sd: cut(sd / "unet" / "diffusion_pytorch_model.safetensors"),
+     ["unet/diffusion_pytorch_model.safetensors"]),
+])
+def test_damaged_sd_files_name_the_file(tmp_path, models, damage, fragments):
+    sd = tmp_path / "sd"
+    shutil.copytree(models["sd"], sd)
+    damage(sd)
+    result, out = run_base(tmp_path, models["clip"], sd)
+    assert_known_error(result, *fragments)
+    assert not out.exists()

@@ -22,7 +22,9 @@ LAYERS = {
     "pipeline.names": (),
     "pipeline.atomic": (),
     "pipeline.models": ("pipeline.models", "pipeline.conventions", "pipeline.errors"),
-    "pipeline.world": ("pipeline.world", "pipeline.conventions", "pipeline.errors"),
+    "pipeline.world": ("pipeline.world", "pipeline.conventions", "pipeline.errors",
+                       "pipeline.atomic", "pipeline.sections"),
+    "pipeline.sections": ("pipeline.errors",),
     "pipeline.prompts": ("pipeline.errors",),
     "pipeline.base_files": ("pipeline.errors",),
 }
@@ -108,7 +110,9 @@ def command_roots(command: str) -> set[str]:
     source = ast.parse(Path(cli.__file__).read_text())
     definition = next(node for node in ast.walk(source)
                       if isinstance(node, ast.FunctionDef) and node.name == function.__name__)
-    helpers = {"pipeline.params", "pipeline.errors"}  # `_params` and `_run` of every command
+    helpers = {"pipeline.errors"}  # `_run` of every command
+    if "_params(" in ast.unparse(definition):  # reads the whole params file
+        helpers.add("pipeline.params")
     return (imports("pipeline.cli", definition.body) | helpers) - set(CLI_MODULES)
 
 

@@ -155,6 +155,43 @@ def test_loading_reports_the_missing_file(tmp_path) -> None:
         load_deprojector(tmp_path)
 
 
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: truncate(f / "model.safetensors"),
+     r"model\.safetensors: incomplete or corrupt safetensors file \(.*\); save or train"),
+    (lambda f: (f / "model.safetensors").write_bytes(b""),
+     r"model\.safetensors: incomplete or corrupt safetensors file \(.*header too small"),
+    (lambda f: truncate(f / "config.json"),
+     r"config\.json:\d+: not valid JSON \(.*, column \d+\); the file is incomplete or corrupt"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "vicinity-batch"}'),
+     r"config\.json: missing keys hidden_size, projection_size \(a vicinity-batch config"),
+    (lambda f: (f / "config.json").write_text('["vicinity-batch"]'),
+     r"config\.json: expected a JSON object, found a list"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "mlp", "hidden_size": 3}'),
+     r"config\.json: unknown model_type 'mlp'"),
+    (lambda f: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": "32"')),
+     r"config\.json: VicinityConfig\.hidden_size must be int, got '32'"),
+    (lambda f: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": 16')),
+     r"model\.safetensors: its tensors do not fit .*config\.json \(.*size mismatch"),
+])
+def test_a_damaged_deprojector_folder_names_the_file(tmp_path, damage, message) -> None:
+    from pipeline.errors import DeprojectorError
+    from pipeline.models import ModelFileError
+
+    make_model("vicinity-batch").save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ModelFileError, match=message) as caught:
+        load_deprojector(tmp_path)
+    assert isinstance(caught.value, DeprojectorError)  # the CLI prints one `error:` line
+    assert str(tmp_path) in str(caught.value)
+
+
 def test_loading_through_the_wrong_subclass_fails(tmp_path) -> None:
     make_model("vicinity-batch").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="vicinity-batch"):

@@ -209,6 +209,85 @@ def test_image_files_get_specific_errors(tmp_path) -> None:
         load_image(tmp_path / "grey.png")
 
 
+def header_only_png(width: int, height: int) -> bytes:
+    """A 45-byte PNG: signature, an IHDR claiming width × height RGB pixels, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def sideways_jpeg(path: Path) -> None:
+    """A 40 × 20 picture, blue left half, stored as 20 × 40 with EXIF orientation 8 (turn
+    90° clockwise to show), as a phone writes a photo taken upright."""
+    upright = Image.new("RGB", (40, 20), "red")
+    upright.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    upright.transpose(Image.Transpose.ROTATE_270).save(path, exif=exif, quality=95)
+
+
+def test_images_are_read_upright_as_their_exif_says(tmp_path) -> None:
+    sideways_jpeg(tmp_path / "photo.jpg")
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        assert stored.size == (20, 40)  # what Pillow decodes without the EXIF turn
+    image = load_image(tmp_path / "photo.jpg")
+    assert image.size == (40, 20) and image.mode == "RGB"
+    left, right = image.getpixel((5, 10)), image.getpixel((35, 10))
+    assert left[2] > 200 > left[0] and right[0] > 200 > right[2]
+    # gap.folder pairs are read by the same function.
+    (tmp_path / "photo.txt").write_text("a blue and red picture\n")
+    images, _ = folder_pairs(tmp_path, 10)
+    assert images[0].size == (40, 20) and images[0].getpixel((5, 10)) == left
+
+
+def test_a_header_claiming_a_giant_image_is_refused_naming_the_size(tmp_path) -> None:
+    from pipeline.image_prompts import MAX_IMAGE_PIXELS
+
+    (tmp_path / "bomb.png").write_bytes(header_only_png(20_000, 10_000))
+    assert len((tmp_path / "bomb.png").read_bytes()) == 45
+    with pytest.raises(ImagePromptError, match=r"image prompt '.*bomb\.png': its header claims "
+                       rf"200,000,000 pixels, more than the limit of {MAX_IMAGE_PIXELS:,}"):
+        load_image(tmp_path / "bomb.png")
+    # Between Pillow's limit and twice it Pillow only warns: refused too, with the size.
+    (tmp_path / "big.png").write_bytes(header_only_png(10_000, 9_000))
+    with pytest.raises(ImagePromptError, match=r"big\.png': its header claims 10000 × 9000 = "
+                                               r"90,000,000 pixels, more than the limit"):
+        load_image(tmp_path / "big.png")
+    (tmp_path / "big.txt").write_text("big")
+    with pytest.raises(ImagePromptError, match=r"gap\.folder image '.*big\.png': its header"):
+        folder_pairs(tmp_path, 10)
+
+
+def test_bad_gap_folder_files_name_the_file(tmp_path) -> None:
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"a red\nsq\xe9are\n")
+    with pytest.raises(ImagePromptError, match=r"a\.txt:2: not valid UTF-8 \(byte offset 8 "):
+        folder_pairs(tmp_path, 10)
+    (tmp_path / "a.txt").write_bytes(b"a red\x00square")
+    with pytest.raises(ImagePromptError, match=r"a\.txt:1: contains a NUL byte \(byte offset 5"):
+        folder_pairs(tmp_path, 10)
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImagePromptError, match=r"'.*folder\.png': is a folder, expected an image"):
+        load_image(tmp_path / "folder.png")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"modality_gap\.safetensors: incomplete or corrupt safetensors file"),
+    (None, r"modality_gap\.safetensors: incomplete or corrupt .*run `deprojector gap` again"),
+])
+def test_a_damaged_gap_file_names_the_file(project, tmp_path, content, message) -> None:
+    data = (project / "data" / "gap" / GAP_FILE).read_bytes()
+    (tmp_path / GAP_FILE).write_bytes(data[:len(data) - 7] if content is None else content)
+    with pytest.raises(ImagePromptError, match=message):
+        ModalityGap.load(tmp_path)
+
+
 def test_a_clip_without_vision_tower_is_named(tmp_path, base_dir) -> None:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -364,6 +443,30 @@ def test_cli_errors_are_one_clear_line(project, args: list[str], message: str) -
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.replace("│", " ").split())
     assert "Traceback" not in result.output
+
+
+def test_cli_bad_image_model_and_gap_files_are_one_clear_line(project, tmp_path) -> None:
+    import shutil
+
+    (project / "bomb.png").write_bytes(header_only_png(20_000, 10_000))
+    shutil.copytree(project / "models" / "vb", project / "models" / "vb-cut")
+    weights = project / "models" / "vb-cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    shutil.copytree(project / "data" / "gap", project / "gap-cut")
+    (project / "gap-cut" / GAP_FILE).write_bytes(b"\x08\x00\x00")
+    for args, message in [
+        (["--image", "bomb.png"], "image prompt 'bomb.png': its header claims 200,000,000 pixels"),
+        (["-m", "models/vb-cut"], "models/vb-cut/model.safetensors: incomplete or corrupt "
+                                  "safetensors file"),
+        (["--image", "scene.png", "--gap", "gap-cut"],
+         "gap-cut/modality_gap.safetensors: incomplete or corrupt safetensors file"),
+    ]:
+        if "-m" not in args:
+            args = [*args, "-m", "models/vb"]
+        result = _cli(project, "encode", "x", *args, "-o", "e.safetensors")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and result.output.count("\n") == 1
+        assert message in result.output, result.output
 
 
 def test_scene_image_has_what_the_prompt_states() -> None:

@@ -227,6 +227,19 @@ def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
         run_render_stage(parse_params({"render": RENDER}))
 
 
+def test_a_cut_metrics_file_names_the_file(tmp_path) -> None:
+    from pipeline.render import read_metrics
+
+    (tmp_path / "null-baseline.json").write_text('{"cosine": 0.5}')
+    (tmp_path / "vb.json").write_text('{"cosine": 0.')
+    with pytest.raises(RenderError, match=r"vb\.json:1: not valid JSON \(.*\); the file is "
+                                          r"incomplete or corrupt; rerun `deprojector evaluate`"):
+        read_metrics(tmp_path, ["vb"])
+    (tmp_path / "vb.json").write_text("[1, 2]")
+    with pytest.raises(RenderError, match=r"vb\.json: expected a JSON object, found a list"):
+        read_metrics(tmp_path, ["vb"])
+
+
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' euler-a
 def test_scheduler_names_match_params(pipe) -> None:
     import diffusers

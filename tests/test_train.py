@@ -197,3 +197,16 @@ def test_a_run_may_override_train_settings(project):
     bad = params({"vb-free": {"type": "vicinity-batch", "train": {"rollout": -1}}})
     with pytest.raises(ParamsError, match=r"models\.vb-free\.train: .*`train\.rollout`"):
         train_model("vb-free", bad)
+
+
+def test_a_cut_checkpoint_is_ignored_and_training_starts_over(project, capsys):
+    checkpoint = project / "data" / "checkpoints" / "vicinity-batch.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"fingerprint": "x", "model": {"w": torch.zeros(1000)}}, checkpoint)
+    assert train_module.read_checkpoint(checkpoint, "cpu") is None  # keys missing
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    assert train_module.read_checkpoint(checkpoint, "cpu") is None
+    history = train_model("vicinity-batch", params(epochs=1))
+    assert [h["epoch"] for h in history] == [1]
+    assert f"vicinity-batch: {checkpoint.relative_to(project)} is incomplete or corrupt; " \
+           "starting over" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from pipeline.models.base import (
     BaseMismatchError,
     Deprojector,
     DeprojectorConfig,
+    ModelFileError,
 )
 
 for _module in pkgutil.iter_modules(__path__):
@@ -97,6 +98,7 @@ __all__ = [
     "BaseMismatchError",
     "Deprojector",
     "DeprojectorConfig",
+    "ModelFileError",
     "architecture",
     "build_deprojector",
     "check_hyperparameters",

@@ -19,17 +19,24 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
-from pipeline.errors import DeprojectorError
+from pipeline.errors import DeprojectorError, read_json, read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 class BaseMismatchError(DeprojectorError, ValueError):
     """A deprojector used with a base CLIP other than the one it was trained on."""
+
+
+
+
+class ModelFileError(DeprojectorError, ValueError):
+    """A deprojector folder's config.json or model.safetensors is corrupt, incomplete or does
+    not describe a model this version can build; the message names the file."""
 
 
 # Activations by the names CLIP's config uses for `hidden_act` ("quick_gelu", "gelu", ...).
@@ -244,18 +251,35 @@ class Deprojector(nn.Module):
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"no deprojector in {folder}: {name} is missing")
-        raw = json.loads((folder / CONFIG_FILE).read_text())
+        config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        advice = "save or train the deprojector again (`deprojector train NAME`)"
+        raw = read_json(config_file, ModelFileError, advice)
         model_type = raw.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(
-                f"{folder / CONFIG_FILE}: unknown model_type {model_type!r} "
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise ModelFileError(
+                f"{config_file}: unknown model_type {model_type!r} "
                 f"(known: {', '.join(ARCHITECTURES)})"
             )
         model_class = ARCHITECTURES[model_type]
         if not issubclass(model_class, cls):
-            raise ValueError(f"{folder} holds a {model_type!r} model, not a {cls.__name__}")
-        model = model_class(model_class.config_class.from_dict(raw))
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            raise ModelFileError(f"{folder} holds a {model_type!r} model, not a {cls.__name__}")
+        config_class = model_class.config_class
+        missing = [f.name for f in dataclasses.fields(config_class)
+                   if f.default is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise ModelFileError(f"{config_file}: missing keys {', '.join(missing)} (a "
+                                 f"{model_type} config needs them); {advice}")
+        try:
+            model = model_class(config_class.from_dict(raw))
+        except (TypeError, ValueError) as err:
+            raise ModelFileError(f"{config_file}: {err}; {advice}") from err
+        tensors = read_safetensors(weights_file, ModelFileError, advice)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise ModelFileError(f"{weights_file}: its tensors do not fit {config_file} "
+                                 f"({detail}); {advice}") from err
         model.name_or_path = str(folder)
         return model.to(device).eval()
 

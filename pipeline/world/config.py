@@ -5,8 +5,10 @@ Defined here, not with the pipeline's params, so the world imports nothing above
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from pipeline.sections import check
 
 WORLD_DIR = Path("models/world")  # the world stage's output, in the project's root
 # The world of the checkout this package runs from: where `builtin` resolves outside a
@@ -45,3 +47,17 @@ class WorldParams:
     judge_batch: int = 64
     judge_lr: float = 1e-3
     held_out: int = 1000  # drawn scenes of another seed for the judge's and CLIP's accuracy
+
+    def validate(self) -> WorldParams:
+        """Raise ParamsError naming the first `world.KEY` out of range."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "seed":
+                check(value > 0, f"world.{f.name}", "positive", value)
+        for part in ("clip", "vae", "unet", "judge"):
+            batch = getattr(self, f"{part}_batch")
+            check(batch <= self.scenes, f"world.{part}_batch",
+                  f"at most world.scenes = {self.scenes}", batch)
+        check(self.width % 4 == 0, "world.width", "a multiple of 4 (4 attention heads)",
+              self.width)
+        return self

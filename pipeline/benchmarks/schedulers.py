@@ -60,8 +60,9 @@ def main() -> None:
     print("| scheduler | steps | guidance | " + " | ".join(keys) + " |")
     print("| --- | ---: | ---: |" + " ---: |" * len(keys))
     for row in rows:
+        # Few prompts may have no 3-object one: an empty cell, not a KeyError.
         print(f"| {row['scheduler']} | {row['steps']} | {row['guidance_scale']} | "
-              + " | ".join(f"{row[k]:.3f}" for k in keys) + " |")
+              + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys) + " |")
 
 
 if __name__ == "__main__":

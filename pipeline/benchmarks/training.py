@@ -102,16 +102,16 @@ def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str,
 # --- 1. input overhead --------------------------------------------------------------------
 
 def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor], int]:
-    """Builtin base models and the shards of `captions` builtin captions (one split)."""
-    from pipeline.base_models import build_builtin, load_clip
+    """The shards of `captions` builtin captions (one split) from the builtin world CLIP
+    (models/world/clip, committed; built by `deprojector world`)."""
+    from pipeline.base_models import BUILTIN, load_clip
     from pipeline.extract import compute_constants, extract_split
     from pipeline.params import parse_params
     from pipeline.world.scenes import generate_captions
 
-    # extract_split reports through tqdm on stdout; keep stdout for --json.
+    # Keep stdout for --json whatever the extraction reports.
     with contextlib.redirect_stdout(sys.stderr):
-        build_builtin(work / "base", seed=0)
-        clip = load_clip("builtin", base_dir=work / "base")
+        clip = load_clip(BUILTIN)
         texts = list(dict.fromkeys(generate_captions(captions * 2, seed=0)))[:captions]
         params = parse_params({"base": {"clip": "builtin"}})
         constants = compute_constants(clip)

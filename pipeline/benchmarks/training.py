@@ -22,6 +22,7 @@ Every timed comparison interleaves its variants within each repeat (alternating 
 first) and reports the median of the per-repeat ratios, since this machine is noisy.
 
     python -m pipeline.benchmarks.training [--repeats 3] [--threads N] [--json]
+    python -m pipeline.benchmarks.training --tiny   # seconds: every item at toy sizes
 
 On a shared 2-core machine, torch's default of 2 threads makes every op wait for the thread
 that lost its core to another process: small ops run several times slower and vary more,
@@ -50,10 +51,13 @@ import torch
 from torch import nn
 
 from pipeline.losses import weighted_mse
-from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector
+from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector, hyperparameters
 from pipeline.shards import SEQ_LEN, Batch, ShardReader
 
 BATCH = 100
+# A few seconds on 2 CPU cores (plus two short memory-probe subprocesses): the code paths of
+# the real run, not its figures.
+TINY = {"repeats": 1, "captions": 40, "step_width": 64, "step_batch": 4}
 LR = 1e-3
 MASK_WEIGHT = 25.0
 TARGETS = {"input_overhead": 1.10, "step": 1.0, "memory": 1.2}
@@ -425,7 +429,8 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
               repeats: int) -> dict:
     """Ours vs the plain reference for one model (its tensors are freed on return)."""
     torch.manual_seed(0)
-    ours = build_deprojector(name, D_L, D_L, constants, **hparams).train()
+    D = batch.embeds.shape[1]
+    ours = build_deprojector(name, D, D, constants, **hparams).train()
     with torch.no_grad():  # zero-started weights (vicinity blocks) as after some training
         for p in ours.parameters():
             if not p.any():
@@ -464,12 +469,20 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
     }
 
 
-def step_vs_reference(repeats: int) -> dict:
-    batch = random_batch(BATCH, D_L)
-    constants = random_constants(D_L, D_L)
-    models = {name: _step_one(name, STEP_OVERRIDES.get(name, {}), batch, constants, repeats)
+def step_hparams(name: str, width: int) -> dict:
+    """STEP_OVERRIDES; below CLIP-L's width also heads (one per 64) and MLP width (4 D)."""
+    hparams = dict(STEP_OVERRIDES.get(name, {}))
+    if width != D_L and "num_heads" in hyperparameters(name):
+        hparams.update(num_heads=max(1, width // 64), intermediate_size=4 * width)
+    return hparams
+
+
+def step_vs_reference(repeats: int, width: int = D_L, batch_size: int = BATCH) -> dict:
+    batch = random_batch(batch_size, width)
+    constants = random_constants(width, width)
+    models = {name: _step_one(name, step_hparams(name, width), batch, constants, repeats)
               for name in ARCHITECTURES if name in PLAIN_REFERENCES}
-    return {"batch_size": BATCH, "hidden_size": D_L, "projection_size": D_L,
+    return {"batch_size": batch_size, "hidden_size": width, "projection_size": width,
             "threads": torch.get_num_threads(), "repeats": repeats, "models": models,
             "no_plain_reference": [n for n in ARCHITECTURES if n not in PLAIN_REFERENCES],
             "pass": all(m["pass"] for m in models.values())}
@@ -573,7 +586,10 @@ def memory(split_dir: Path, work: Path, repeats: int) -> dict:
 
 # --- all ----------------------------------------------------------------------------------
 
-def run(repeats: int = 3, captions: int = 1000) -> dict:
+def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
+        step_batch: int = BATCH) -> dict:
+    """Items 1-3. `captions` is N of items 1 and 3; `step_*` shrink item 2 below CLIP-L's
+    sizes, for quick checks only."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -584,7 +600,7 @@ def run(repeats: int = 3, captions: int = 1000) -> dict:
         result = {"input_overhead": input_overhead(split_dir, constants, projection_size,
                                                    2 * repeats + 1)}
         result["memory"] = memory(split_dir, work, repeats=1)
-        result["step"] = step_vs_reference(repeats)
+        result["step"] = step_vs_reference(repeats, step_width, step_batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["all_pass"] = all(result[k]["pass"] for k in ("input_overhead", "step", "memory"))
@@ -598,23 +614,30 @@ def _verdict(passed: bool, target: float) -> str:
     return "ok" if passed else f"MISSED (target <= {target})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--captions", type=int, default=1000, help="N, the rows of items 1, 3")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke-test sizes ({TINY}); overrides the sizes above")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--memory-probe", metavar="DIR", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         print(json.dumps(memory_probe(Path(args.memory_probe))))
         return
-    result = run(args.repeats, args.captions)
+    result = run(**TINY) if args.tiny else run(args.repeats, args.captions)
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    print_report(result)
+
+
+def print_report(result: dict) -> None:
+    """The text report of `run`'s result."""
     i, m = result["input_overhead"], result["memory"]
     print(f"input overhead  streamed {i['streamed_s_median']:.3f} s / in-memory "
           f"{i['in_memory_s_median']:.3f} s per epoch ({i['rows']} rows, D={i['hidden_size']}, "

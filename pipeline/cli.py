@@ -550,7 +550,10 @@ def bench_command(
     4. at CLIP-L sizes, batch 100: each model's training step / a plain reference
        implementation of the same math (<= 1.0);
     5. peak anonymous memory (RssAnon) of a training epoch over 4N rows / over N rows (<= 1.2);
-    6. with --schedulers: adherence of the builtin world per sampling setting.
+    6. the training-step profile: per architecture at the project's default size (D=128,
+       batch 100), the fraction of a `train_model` step that is not the model's arithmetic
+       (shard reads, loss weighting, checkpoints, loop Python), with its breakdown;
+    7. with --schedulers: adherence of the builtin world per sampling setting.
     The code lives in pipeline/benchmarks/ (each module also runs alone with
     `python -m pipeline.benchmarks.NAME`); the machine must be quiet.
     """

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.benchmarks import extraction, generation, schedulers, training
+from pipeline.benchmarks import extraction, generation, schedulers, step_profile, training
 from pipeline.cli import app
 from pipeline.models import ARCHITECTURES
 
@@ -51,6 +51,21 @@ def check_generation(r: dict) -> None:
             assert positive(entry[key]), (name, key)
 
 
+def check_profile(p: dict) -> None:
+    assert set(p["models"]) == set(ARCHITECTURES)
+    assert p["hidden_size"] == 128  # the builtin world CLIP
+    for name, entry in p["models"].items():
+        f = entry["fractions"]
+        assert set(step_profile.ARITHMETIC + step_profile.OVERHEAD) <= set(f), name
+        assert all(math.isfinite(v) and v >= 0 for v in f.values()), (name, f)
+        assert positive(entry["step_s"]) and entry["steps"] > 0
+        for key in ("overhead_fraction", "arithmetic_fraction"):
+            assert 0 < entry[key] < 1, (name, key, entry[key])
+        assert entry["overhead_fraction"] + entry["arithmetic_fraction"] == pytest.approx(1)
+        assert f["read_gather"] + f["read_convert"] == pytest.approx(f["read"])
+        assert positive(f["forward"]) and positive(f["backward"]) and positive(f["read"])
+
+
 def check_training(r: dict) -> None:
     i = r["input_overhead"]
     assert i["rows"] > 0 and i["hidden_size"] == 128
@@ -66,6 +81,7 @@ def check_training(r: dict) -> None:
     assert m["rows_4n"] == 4 * m["rows_n"] > 0
     assert positive(m["peak_n_mib"]) and positive(m["ratio_median"])
     assert isinstance(r["all_pass"], bool)
+    check_profile(r["profile"])
 
 
 def check_schedulers(rows: list[dict]) -> None:
@@ -98,11 +114,11 @@ def test_bench_command_tiny_runs_every_benchmark():
     # Each module's text report of the same results (what `python -m ...` prints).
     for module, section in ((extraction, "extraction"), (extraction, "extraction_clip_l"),
                             (generation, "generation"), (training, "training"),
-                            (schedulers, "schedulers")):
-        module.print_report(out[section])
+                            (schedulers, "schedulers"), (step_profile, None)):
+        module.print_report(out["training"]["profile"] if section is None else out[section])
 
 
-@pytest.mark.parametrize("module", [extraction, generation, schedulers, training])
+@pytest.mark.parametrize("module", [extraction, generation, schedulers, step_profile, training])
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])

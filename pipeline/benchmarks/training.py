@@ -17,6 +17,12 @@
    sampled every 10 ms by a thread) during one training epoch over 4N rows / over N rows
    (the N-row shards written 4 times), each in a fresh subprocess, once each: memory does not
    suffer from a busy CPU the way time does. Target: <= 1.2.
+4. Step profile (pipeline/benchmarks/step_profile.py). `train_model` itself, every
+   architecture at the project's default size (builtin CLIP, D = 128; params.yaml's train
+   settings, batch 100; 3,000 training captions, 2 epochs), with timers around its phases:
+   the share of a step that is not the model's own arithmetic (forward, backward, Adam) -
+   shard reads and float16 -> float32, loss weighting, zero_grad, the per-epoch checkpoint,
+   the loop's Python - as `overhead_fraction` per architecture and its breakdown. No target.
 
 Every timed comparison interleaves its variants within each repeat (alternating which goes
 first) and reports the median of the per-repeat ratios, since this machine is noisy.
@@ -57,7 +63,9 @@ from pipeline.shards import SEQ_LEN, Batch, ShardReader
 BATCH = 100
 # A few seconds on 2 CPU cores (plus two short memory-probe subprocesses): the code paths of
 # the real run, not its figures.
-TINY = {"repeats": 1, "captions": 40, "step_width": 64, "step_batch": 4}
+TINY = {"repeats": 1, "captions": 40, "step_width": 64, "step_batch": 4,
+        "profile_captions": 40, "profile_test_captions": 8, "profile_epochs": 1,
+        "profile_batch": 16}
 LR = 1e-3
 MASK_WEIGHT = 25.0
 TARGETS = {"input_overhead": 1.10, "step": 1.0, "memory": 1.2}
@@ -587,9 +595,12 @@ def memory(split_dir: Path, work: Path, repeats: int) -> dict:
 # --- all ----------------------------------------------------------------------------------
 
 def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
-        step_batch: int = BATCH) -> dict:
-    """Items 1-3. `captions` is N of items 1 and 3; `step_*` shrink item 2 below CLIP-L's
-    sizes, for quick checks only."""
+        step_batch: int = BATCH, profile_captions: int = 3000, profile_test_captions: int = 200,
+        profile_epochs: int = 2, profile_batch: int = BATCH) -> dict:
+    """Items 1-4. `captions` is N of items 1 and 3; `step_*` shrink item 2 below CLIP-L's
+    sizes and `profile_*` item 4 below the project's defaults, for quick checks only."""
+    from pipeline.benchmarks import step_profile
+
     start = time.perf_counter()
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -603,6 +614,8 @@ def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
         result["step"] = step_vs_reference(repeats, step_width, step_batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["profile"] = step_profile.run(profile_captions, profile_test_captions,
+                                         profile_epochs, profile_batch)
     result["all_pass"] = all(result[k]["pass"] for k in ("input_overhead", "step", "memory"))
     result["threads"] = threads
     result["data_build_s"] = data_s
@@ -618,6 +631,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--captions", type=int, default=1000, help="N, the rows of items 1, 3")
+    parser.add_argument("--profile-captions", type=int, default=3000,
+                        help="training captions of item 4 (params.yaml: 3000)")
+    parser.add_argument("--profile-epochs", type=int, default=2, help="epochs of item 4")
     parser.add_argument("--tiny", action="store_true",
                         help=f"smoke-test sizes ({TINY}); overrides the sizes above")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -629,7 +645,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(Path(args.memory_probe))))
         return
-    result = run(**TINY) if args.tiny else run(args.repeats, args.captions)
+    result = run(**TINY) if args.tiny else run(
+        args.repeats, args.captions, profile_captions=args.profile_captions,
+        profile_epochs=args.profile_epochs)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -653,6 +671,13 @@ def print_report(result: dict) -> None:
           f"{m['rows_n']} rows {m['peak_n_mib']:.1f} MiB (growth in epoch "
           f"{m['growth_4n_mib']:.1f} / {m['growth_n_mib']:.1f} MiB): ratio "
           f"{m['ratio_median']:.3f}  {_verdict(m['pass'], m['target'])}")
+    p = result["profile"]
+    for name, entry in p["models"].items():
+        f = entry["fractions"]
+        print(f"profile {name:<20} step {entry['step_s'] * 1e3:.1f} ms (D={p['hidden_size']}, "
+              f"batch {p['batch_size']}): overhead {entry['overhead_fraction']:.1%} = read "
+              f"{f['read']:.1%} + loss {f['loss']:.1%} + zero_grad {f['zero_grad']:.1%} + "
+              f"checkpoint {f['checkpoint']:.1%} + other {f['other']:.1%}")
     print(f"total {result['wall_s']:.0f} s (data build {result['data_build_s']:.0f} s, "
           f"{result['threads']} threads), "
           f"{'all targets met' if result['all_pass'] else 'some targets MISSED'}")

@@ -11,9 +11,7 @@ the reference row (ordinary CLIP states) and every deprojector, all from the sam
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,16 +19,15 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.base_models import BASE_DIR, BUILTIN, MAX_LENGTH, ClipText, resolve
+from pipeline.base_models import base_source
+from pipeline.conventions import MAX_LENGTH
 from pipeline.generation import generate_images
-from pipeline.image_prompts import ImageTower, ModalityGap
-from pipeline.models import Deprojector
+from pipeline.names import REFERENCE
 from pipeline.params import Params
-from pipeline.prompts import conditioning, negative_conditioning
-from pipeline.world import scenes as world
+from pipeline.prompt_encoder import PromptEncoder
+from pipeline.world.embedded import World
 from pipeline.world.judge import Judge
 
-REFERENCE = "reference"
 KINDS = ("single", "multi")  # whole prompt deprojected; comma-separated parts combined
 
 
@@ -44,16 +41,13 @@ class Scorer:
     judge: Judge | None
 
     @classmethod
-    def load(cls, base_clip: str, base_sd: str, base_dir: Path = BASE_DIR) -> Scorer:
+    def load(cls, base_clip: str, world: World | None) -> Scorer:
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-        source = resolve(base_clip, "clip", base_dir)
-        judge = Judge.from_pretrained(base_dir / "judge") \
-            if base_clip == BUILTIN and base_sd == BUILTIN else None
+        source = base_source(base_clip, "clip")
         return cls(CLIPModel.from_pretrained(source).eval(),
                    CLIPImageProcessor.from_pretrained(source),
-                   CLIPTokenizer.from_pretrained(source), judge)
-
+                   CLIPTokenizer.from_pretrained(source), world.judge if world else None)
     @torch.no_grad()
     def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
@@ -73,36 +67,6 @@ class Scorer:
         adherence = self.adherence(images, prompts)
         return [{"clip_score": c, **({} if adherence is None else {"adherence": a})}
                 for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
-
-
-def held_out_scenes(count: int, seed: int, exclude: set[str]) -> list[world.Scene]:
-    """`count` fresh scenes whose full descriptions (`describe`) are not in `exclude`."""
-    rng = random.Random(f"adherence-{seed}")
-    scenes: list[world.Scene] = []
-    while len(scenes) < count:
-        scene = world.random_scene(rng)
-        if describe(scene, " ") not in exclude and describe(scene, ", ") not in exclude:
-            scenes.append(scene)
-    return scenes
-
-
-def describe(scene: world.Scene, separator: str) -> str:
-    """Every object's colour and shape, then the background, as tags joined by `separator`."""
-    tags = [f"{t.color} {t.shape}" for t in scene.things]
-    return separator.join([*tags, f"{scene.background} background"])
-
-
-def held_out_prompts(count: int, seed: int, exclude: set[str]) -> dict[str, list[str]]:
-    """`count` prompts per kind describing fresh scenes in full: as tags without commas
-    (single) and with commas (multi)."""
-    scenes = held_out_scenes(count, seed, exclude)
-    return {"single": [describe(s, " ") for s in scenes],
-            "multi": [describe(s, ", ") for s in scenes]}
-
-
-def conditionings(prompts: list[str], clip: ClipText, model: Deprojector | None,
-                  combine: bool) -> torch.Tensor:
-    return torch.cat([conditioning(p, clip, model, combine)[0].float() for p in prompts])
 
 
 def summarise(scores: list[dict[str, float]], objects: list[int]) -> dict[str, float]:
@@ -134,30 +98,36 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
     return [seed * 100_000 + i for i in range(count)]
 
 
-def evaluate_adherence(params: Params, clip: ClipText, models: dict[str, Deprojector], pipe,
+def judged(pipe, conditioning: torch.Tensor, negative: torch.Tensor, params: Params,
+           seeds: list[int], scorer: Scorer, prompts: list[str]) -> dict[str, float]:
+    """Generate one picture per row of conditioning [N, 77, D] and summarise its scores."""
+    images = generate_images(pipe, conditioning, negative, params.render, seeds)
+    objects = [World.objects(p) for p in prompts]
+    return summarise(scorer.score(images, prompts), objects)
+
+
+def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
                        scorer: Scorer, exclude: set[str]) -> dict[str, dict]:
-    """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind."""
+    """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind;
+    encoders: the reference row's (no deprojector) first, then each run's."""
     e = params.evaluate
-    prompts = held_out_prompts(e.adherence_prompts, e.seed, exclude)
+    prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude)
     seeds = prompt_seeds(e.seed, e.adherence_prompts)
-    negative = negative_conditioning(clip)
+    negative = encoders[REFERENCE].encode_negative("", deproject=False)
     result: dict[str, dict] = {}
-    rows = {REFERENCE: None, **models}
     for kind in KINDS:
         texts = prompts[kind]
-        objects = [len(world.parse_prompt(p).objects) for p in texts]
         summary = {}
-        for name, model in tqdm(rows.items(), desc=f"adherence {kind}", unit="row"):
-            embeds = conditionings(texts, clip, model, combine=kind == "multi")
-            images = generate_images(pipe, embeds, negative, params.render, seeds)
-            summary[name] = summarise(scorer.score(images, texts), objects)
+        for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row"):
+            conditioning = encoder.encode_prompts(texts, combine=kind == "multi",
+                                                  deproject=name != REFERENCE)
+            summary[name] = judged(pipe, conditioning, negative, params, seeds, scorer, texts)
         result[kind] = with_ratios(summary)
     return result
 
 
-def evaluate_image_prompts(params: Params, clip: ClipText, models: dict[str, Deprojector],
-                           pipe, scorer: Scorer, tower: ImageTower, gap: ModalityGap,
-                           exclude: set[str]) -> dict[str, dict]:
+def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], pipe,
+                           scorer: Scorer, world: World, exclude: set[str]) -> dict[str, dict]:
     """Drawn held-out scenes as the only prompt, judged against their descriptions.
 
     Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
@@ -165,28 +135,23 @@ def evaluate_image_prompts(params: Params, clip: ClipText, models: dict[str, Dep
     image_to_text = image adherence / text adherence; `reference`: the description's
     ordinary CLIP states. Same scenes and noise seeds for every row.
     """
-    from pipeline.prompt_encoder import PromptEncoder
-
     e = params.evaluate
-    scenes = held_out_scenes(e.image_prompts, e.seed + 1, exclude)
-    texts = [describe(scene, " ") for scene in scenes]
-    rng = random.Random(e.seed)
-    drawn = [Image.fromarray(world.draw(scene, [(rng.uniform(-1, 1), rng.uniform(-1, 1))
-                                                for _ in scene.things])) for scene in scenes]
-    objects = [len(scene.things) for scene in scenes]
+    scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude)
+    texts = [world.describe(scene, " ") for scene in scenes]
+    drawn = world.draw(scenes, e.seed)
     seeds = prompt_seeds(e.seed + 1, len(scenes))
-    negative = negative_conditioning(clip)
+    reference = encoders[REFERENCE]
+    negative = reference.encode_negative("", deproject=False)
 
-    def judged(embeds: torch.Tensor) -> dict[str, float]:
-        images = generate_images(pipe, embeds, negative, params.render, seeds)
-        return summarise(scorer.score(images, texts), objects)
+    def score(conditioning: torch.Tensor) -> dict[str, float]:
+        return judged(pipe, conditioning, negative, params, seeds, scorer, texts)
 
-    result = {REFERENCE: {"text": judged(conditionings(texts, clip, None, combine=False))}}
-    for name, model in tqdm(models.items(), desc="image prompts", unit="model"):
-        encoder = PromptEncoder(clip, model, tower, gap)
-        rows = {"text": judged(conditionings(texts, clip, model, combine=False))}
+    result = {REFERENCE: {"text": score(reference.encode_prompts(texts, deproject=False))}}
+    runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
+    for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
+        rows = {"text": score(encoder.encode_prompts(texts, combine=False))}
         for key, correct in (("image", True), ("image_no_gap", False)):
-            rows[key] = judged(model.generate(encoder.image_embedding(drawn, correct)))
+            rows[key] = score(encoder.deproject(encoder.image_embedding(drawn, correct)))
         if rows["text"].get("adherence"):
             rows["image_to_text"] = rows["image"]["adherence"] / rows["text"]["adherence"]
         result[name] = rows

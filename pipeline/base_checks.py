@@ -10,103 +10,25 @@ loaded in models/base.json, so downstream stages rerun exactly when the weights 
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pipeline.base_models import BASE_DIR, BaseModelError, ClipText, load_clip, load_sd_pipeline
+from pipeline.base_files import (
+    CLIP_CHECKPOINT,
+    BaseModelError,
+    fingerprint,
+    loaded_files,
+    sd_files,
+    source_folder,
+)
+from pipeline.base_models import ClipText, load_clip, load_sd_pipeline
+from pipeline.clip_encode import encode_texts
+from pipeline.world.config import WORLD_DIR
 
-CLIP_CHECKPOINT = "openai/clip-vit-large-patch14"  # the CLIP SD 1.x's text encoder was cut from
 MIN_CLIP_VOCAB = 2 * 256 + 2  # the 256 bytes, the same with `</w>`, BOS and EOS
-# What from_pretrained reads by default (transformers, diffusers), safetensors first; each
-# may be sharded with a NAME.index.json beside it.
-WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
-                "pytorch_model.bin", "diffusion_pytorch_model.bin")
-SKIPPED_SD_PARTS = {"safety_checker"}  # loaded with safety_checker=None
 PROBE_PROMPTS = ("a red circle on a white background", "two dogs playing in the snow")
-# Files over this size are fingerprinted by size + first and last MiB (a multi-GB checkpoint
-# would take minutes to hash in full on every `dvc repro`); a file in the Hugging Face cache
-# by its blob name, which is the etag: the sha256 of the content for LFS weight files.
-FULL_HASH_LIMIT = 64 * 2**20
-EDGE = 2**20
-
-
-# --- static checks of a CLIP folder (cheap: file names and safetensors headers) -------------
-
-def _named(folder: Path, name: str) -> str:
-    """Name base.clip beside the folder where they differ (builtin, a hub snapshot)."""
-    return "" if str(folder) == name else f" (base.clip = {name!r})"
-
-
-def has_tokenizer_files(folder: Path) -> bool:
-    return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
-
-
-def check_tokenizer_files(folder: Path, name: str) -> None:
-    if not has_tokenizer_files(folder):
-        raise BaseModelError(
-            f"base.clip: the folder {str(folder)!r}{_named(folder, name)} has no tokenizer "
-            f"files: a CLIP tokenizer needs tokenizer.json, or vocab.json and merges.txt "
-            f"(with tokenizer_config.json and special_tokens_map.json). Without them "
-            f"transformers makes a 2-token tokenizer that maps every character to one id. "
-            f"Put the tokenizer files of the checkpoint beside config.json "
-            f"(`hf download {CLIP_CHECKPOINT} --local-dir DIR` has them)."
-        )
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files `from_pretrained` reads from `folder` (safetensors preferred)."""
-    for name in WEIGHT_NAMES:
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / shard for shard in shards]
-        if (folder / name).is_file():
-            return [folder / name]
-    return []
-
-
-def weight_names(folder: Path) -> set[str]:
-    """Tensor names in the checkpoint of `folder`, read from headers / the index only."""
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for path in weight_files(folder):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                names.update(f.keys())
-        else:
-            names.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-    return names
-
-
-def check_text_projection(folder: Path, name: str) -> None:
-    files = weight_files(folder)
-    if not files:
-        raise BaseModelError(
-            f"base.clip: the folder {str(folder)!r}{_named(folder, name)} has no weights "
-            f"({', '.join(WEIGHT_NAMES[::2])} or their .index.json)")
-    if not any(n.endswith("text_projection.weight") for n in weight_names(folder)):
-        raise BaseModelError(
-            f"base.clip: {name!r} has no text_projection weights (in "
-            f"{', '.join(f.name for f in files)}), so transformers would initialise the "
-            f"projection at random. It is a CLIP text encoder without projection, like Stable "
-            f"Diffusion's text_encoder folder: set base.clip to the full CLIP checkpoint it was "
-            f"cut from ({CLIP_CHECKPOINT} for SD 1.x, or a local copy of it)."
-        )
-
-
-def check_clip_folder(folder: Path, name: str) -> None:
-    """The static checks, run before transformers gets a chance to load a wrong folder.
-
-    The projection first: SD's text_encoder folder lacks tokenizer files too, and "no
-    projection, use the CLIP it was cut from" is the advice that fixes both."""
-    check_text_projection(folder, name)
-    check_tokenizer_files(folder, name)
 
 
 # --- checks of the loaded models ----------------------------------------------------------
@@ -127,8 +49,6 @@ def check_tokenizer(clip: ClipText, name: str) -> None:
 
 def check_pooling(clip: ClipText, name: str) -> None:
     """pooled("") == hidden("")[1], pooled at EOS for real prompts, and prompts pool apart."""
-    from pipeline.clip_encode import encode_texts
-
     texts = ["", *PROBE_PROMPTS]
     out = encode_texts(clip, texts)
     eos = out.n_tokens.long() - 1
@@ -160,63 +80,7 @@ def check_cross_attention(unet_width: int, clip_width: int, sd: str = "base.sd",
         )
 
 
-# --- fingerprint ----------------------------------------------------------------------------
-
-def file_digest(path: Path) -> str:
-    real = path.resolve()
-    if real.parent.name == "blobs":  # Hugging Face cache: the blob is named by its etag
-        return f"etag:{real.name}"
-    size = real.stat().st_size
-    digest = hashlib.sha256()
-    with real.open("rb") as handle:
-        if size <= FULL_HASH_LIMIT:
-            for block in iter(lambda: handle.read(EDGE), b""):
-                digest.update(block)
-            return f"sha256:{digest.hexdigest()}"
-        digest.update(str(size).encode())
-        digest.update(handle.read(EDGE))
-        handle.seek(size - EDGE)
-        digest.update(handle.read(EDGE))
-    return f"size+edges:{digest.hexdigest()}"
-
-
-def loaded_files(folder: Path) -> list[Path]:
-    """Configs, tokenizer files and weights that `from_pretrained` reads from `folder`."""
-    small = [p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".txt")]
-    return sorted(set(small) | set(weight_files(folder)))
-
-
-def sd_files(folder: Path) -> list[Path]:
-    """model_index.json and the files of every component the pipeline loads."""
-    index = folder / "model_index.json"
-    parts = [k for k, v in json.loads(index.read_text()).items()
-             if isinstance(v, list) and v[0] is not None and k not in SKIPPED_SD_PARTS]
-    return [index, *(f for part in sorted(parts) if (folder / part).is_dir()
-                     for f in loaded_files(folder / part))]
-
-
-def fingerprint(folders: dict[str, tuple[Path, list[Path]]]) -> dict:
-    """{"fingerprint": sha256 over the relative paths and digests, "files": {path: digest}}."""
-    files = {f"{key}/{path.relative_to(root).as_posix()}": file_digest(path)
-             for key, (root, paths) in folders.items() for path in paths}
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"fingerprint": digest, "files": dict(sorted(files.items()))}
-
-
-# --- where the files are, and the whole check -----------------------------------------------
-
-def source_folder(source: str, marker: str) -> Path:
-    """A local folder, or the Hugging Face cache snapshot a hub id was loaded from."""
-    if Path(source).is_dir():
-        return Path(source)
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(source, marker)
-    if not isinstance(cached, str):
-        raise BaseModelError(f"{source!r}: loaded, but {marker} is not in the local Hugging "
-                             f"Face cache, so its files cannot be fingerprinted")
-    return Path(cached).parent
-
+# --- the whole check -----------------------------------------------------------------------
 
 @dataclass
 class BaseReport:
@@ -231,7 +95,7 @@ class BaseReport:
                 "projection_size": self.projection_size, **self.fingerprint}
 
 
-def check_base(clip_name: str, sd_name: str, base_dir: Path = BASE_DIR) -> BaseReport:
+def check_base(clip_name: str, sd_name: str, base_dir: Path = WORLD_DIR) -> BaseReport:
     """Load base.clip and base.sd, run every check, fingerprint the files they came from."""
     clip = load_clip(clip_name, base_dir=base_dir)  # runs check_clip_folder
     check_tokenizer(clip, clip_name)
@@ -244,11 +108,3 @@ def check_base(clip_name: str, sd_name: str, base_dir: Path = BASE_DIR) -> BaseR
     prints = fingerprint({"clip": (clip_dir, loaded_files(clip_dir)),
                           "sd": (sd_dir, sd_files(sd_dir))})
     return BaseReport(clip_name, sd_name, clip.hidden_size, clip.projection_size, prints)
-
-
-def check_deprojector_fits(model, clip: ClipText) -> None:
-    """A deprojector trained on a base model of other widths fails, giving both widths."""
-    try:
-        model.check_base(clip.hidden_size, clip.projection_size)
-    except ValueError as err:
-        raise BaseModelError(f"{err}; retrain it or set base.clip to its base model") from err

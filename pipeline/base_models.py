@@ -9,26 +9,27 @@ and `stable-diffusion-v1-5/stable-diffusion-v1-5`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
-from pipeline.errors import DeprojectorError
-from pipeline.world.tokenizer import MAX_LENGTH
+from pipeline.base_files import (
+    BaseModelError,
+    check_clip_folder,
+    check_tokenizer_files,
+    clip_fingerprint,
+    source_folder,
+)
+from pipeline.conventions import BUILTIN, MAX_LENGTH
+from pipeline.world.config import WORLD_DIR, locate
 
-BUILTIN = "builtin"
-BASE_DIR = Path("models/world")  # the world stage's output: clip/, sd/, judge/
 
-
-class BaseModelError(DeprojectorError, RuntimeError):
-    """A base model could not be built or loaded; the message says what to do."""
-
-
-def resolve(name: str, kind: str, base_dir: Path = BASE_DIR) -> str:
+def resolve(name: str, kind: str, base_dir: Path = WORLD_DIR) -> str:
     """Map a `base.clip` / `base.sd` value to what `from_pretrained` receives."""
-    return str(base_dir / kind) if name == BUILTIN else name
+    return str(locate(base_dir) / kind) if name == BUILTIN else name
 
 
 # --- loading ---------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
-def _from_pretrained(load, source: str, kind: str):
+def load_or_explain(load, source: str, kind: str):
     """`load(source)`; offline, only from the local Hugging Face cache, failing fast."""
     offline = not Path(source).exists() and not _hub_reachable()
     try:
@@ -67,7 +68,7 @@ def _from_pretrained(load, source: str, kind: str):
         ) from err
 
 
-def _source(name: str, kind: str, base_dir: Path) -> str:
+def base_source(name: str, kind: str, base_dir: Path = WORLD_DIR) -> str:
     """What `from_pretrained` gets for base.KIND; the builtin folders must have been built."""
     source = resolve(name, kind, base_dir)
     if name == BUILTIN and not Path(source).is_dir():
@@ -100,34 +101,35 @@ class ClipText:
     def projection_size(self) -> int:
         return self.model.config.projection_dim
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """Of the files this CLIP loaded (pipeline.base_files.clip_fingerprint)."""
+        return clip_fingerprint(source_folder(self.model.name_or_path, "config.json"))
 
-def load_tokenizer(name: str, base_dir: Path = BASE_DIR) -> CLIPTokenizer:
-    from pipeline.base_checks import check_tokenizer_files
 
-    source = _source(name, "clip", base_dir)
+def load_tokenizer(name: str, base_dir: Path = WORLD_DIR) -> CLIPTokenizer:
+    source = base_source(name, "clip", base_dir)
     if Path(source).is_dir():  # transformers would make a 2-token tokenizer of a bare folder
         check_tokenizer_files(Path(source), name)
-    tokenizer = _from_pretrained(CLIPTokenizer.from_pretrained, source, "clip")
+    tokenizer = load_or_explain(CLIPTokenizer.from_pretrained, source, "clip")
     tokenizer.model_max_length = min(tokenizer.model_max_length, MAX_LENGTH)
     return tokenizer
 
 
-def load_clip(name: str, device: str = "cpu", base_dir: Path = BASE_DIR) -> ClipText:
+def load_clip(name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> ClipText:
     """Tokenizer + text model with projection; a folder without either fails, naming it."""
-    from pipeline.base_checks import check_clip_folder, source_folder
-
-    source = _source(name, "clip", base_dir)
+    source = base_source(name, "clip", base_dir)
     if Path(source).is_dir():
         check_clip_folder(Path(source), name)
     tokenizer = load_tokenizer(name, base_dir)
-    model = _from_pretrained(CLIPTextModelWithProjection.from_pretrained, source, "clip")
+    model = load_or_explain(CLIPTextModelWithProjection.from_pretrained, source, "clip")
     if not Path(source).is_dir():  # a hub id: check the snapshot it was loaded from
         check_clip_folder(source_folder(source, "config.json"), name)
     return ClipText(tokenizer, model.to(device).eval())
 
 
 def load_sd_pipeline(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                     base_dir: Path = BASE_DIR):
+                     base_dir: Path = WORLD_DIR):
     """The diffusers StableDiffusionPipeline named by `base.sd` (safety checker off)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
@@ -139,6 +141,6 @@ def load_sd_pipeline(name: str, device: str = "cpu", dtype: torch.dtype = torch.
             source, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
         )
 
-    pipe = _from_pretrained(load, _source(name, "sd", base_dir), "sd")
+    pipe = load_or_explain(load, base_source(name, "sd", base_dir), "sd")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

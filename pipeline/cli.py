@@ -5,10 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import typer
+
+from pipeline.cli_prompts import (
+    PROMPT_GRAMMAR,
+    PromptOptions,
+    conditionings,
+    params_or_defaults,
+    with_prompt_options,
+)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -75,14 +82,18 @@ def world_command(
     image processor), OUT/sd (a StableDiffusionPipeline folder), OUT/judge and OUT/world.json
     (accuracies). Deterministic for one seed; an interrupted build resumes from WORK.
     """
+    from pipeline.sections import load_section
     from pipeline.world.build import PARTS, build_world
+    from pipeline.world.config import WorldParams
 
     def step():
         unknown = [p for p in part or () if p not in PARTS]
         if unknown:
             raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
                                      f"(known: {', '.join(PARTS)})", param_hint="--part")
-        summary = build_world(out, _params(params).world, work, tuple(part or PARTS), jobs)
+        # Only `world:` is read: the world depends on nothing of the pipeline above it.
+        world = load_section(params, "world", WorldParams).validate()
+        summary = build_world(out, world, work, tuple(part or PARTS), jobs)
         if summary is None:
             typer.echo(f"parts {', '.join(part)} trained in {work}; run again without --part "
                        "to assemble the world")
@@ -134,15 +145,10 @@ def gap_command(
     `gap.seed`). A real CLIP: the images of `gap.folder` with a NAME.txt caption beside
     each; without any, only the .json is written, saying so.
     """
-    from pipeline.image_prompts import run_gap_stage
+    from pipeline.gap import run_gap_stage
 
-    def step():
-        p = _params(params)
-        summary = run_gap_stage(p.base.clip, p.gap.pairs, p.gap.seed, p.gap.folder, out,
-                                p.render.device)
-        typer.echo(json.dumps(summary, indent=2))
-
-    _run(step)
+    summary = _run(lambda: run_gap_stage(_params(params), out))
+    typer.echo(json.dumps(summary, indent=2))
 
 
 @app.command("captions")
@@ -232,7 +238,8 @@ def evaluate_command(
     only prompt (gap-corrected and not) against their descriptions as text prompts, judged,
     in reports/metrics/image_prompts.json.
     """
-    from pipeline.evaluate import ADHERENCE, IMAGE_PROMPTS, run_evaluate_stage
+    from pipeline.evaluate import run_evaluate_stage
+    from pipeline.names import ADHERENCE, IMAGE_PROMPTS
 
     results = _run(lambda: run_evaluate_stage(_params(params), shards))
     pictures = results.pop(ADHERENCE, {})
@@ -272,57 +279,6 @@ def render_command(params: Path = ParamsOption) -> None:
                        f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} (vs reference)")
 
 
-# Paragraphs of one line each: the help formatter keeps line breaks as they are.
-PROMPT_GRAMMAR = "\n\n".join([
-    "Prompt grammar: parts separated by commas, each optionally weighted with ':WEIGHT' "
-    "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract). With a "
-    "deprojector the parts combine as Σ w_k (e_k − null) + null. A colon always starts a "
-    "weight.",
-    "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the modality-gap "
-    "correction (data/gap, from `deprojector gap`), the pseudo-inverse of the text "
-    "projection. A prompt of only images is allowed (pass '').",
-    "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
-    "PROMPT_B around null, linearly or with --slerp.",
-])
-PromptArgument = typer.Argument(
-    ..., help="The prompt, e.g. 'cat, maid' or 'red circle:1.2, blue square:0.6' ('' with "
-    "--image only). Commas separate the parts that --combine adds up.")
-ModelOption = typer.Option(
-    Path("models/transformer"), "--model", "-m",
-    help="Deprojector folder (config.json + model.safetensors), e.g. models/vicinity-batch.",
-)
-NoDeprojectorOption = typer.Option(
-    False, "--no-deprojector",
-    help="Use the ordinary CLIP last hidden state of the prompt (the reference) instead.",
-)
-CombineOption = typer.Option(
-    True, "--combine/--no-combine",
-    help="Encode the comma-separated parts and deproject Σ w_k (e_k − null) + null, or "
-    "deproject the pooled embedding of the whole prompt.",
-)
-ImageOption = typer.Option(
-    None, "--image", metavar="PATH[:WEIGHT]",
-    help="An RGB image as a prompt part (repeatable), e.g. scene.png:0.8.")
-MixOption = typer.Option(None, "--mix", metavar="PROMPT_B",
-                         help="Interpolate from PROMPT to this prompt (same grammar).")
-MixImageOption = typer.Option(None, "--mix-image", metavar="PATH[:WEIGHT]",
-                              help="An image part of PROMPT_B (repeatable).")
-TOption = typer.Option(None, "--t", help="Interpolation fraction (0 = PROMPT, 1 = PROMPT_B; "
-                       "repeatable for a strip; default 0.5).")
-SlerpOption = typer.Option(False, "--slerp",
-                           help="Spherical interpolation around null instead of linear.")
-NegativeOption = typer.Option(
-    None, "--negative", metavar="TEXT",
-    help="Negative prompt (default ''), deprojected like the prompt (weights allowed).")
-NegativeReferenceOption = typer.Option(
-    False, "--negative-reference",
-    help="Use the ordinary CLIP states of --negative instead of deprojecting it.")
-GapOption = typer.Option(Path("data/gap"), "--gap",
-                         help="Modality-gap statistics (the `gap` stage's folder).")
-NoGapOption = typer.Option(False, "--no-gap-correction",
-                           help="Deproject image embeddings as they are (no gap correction).")
-
-
 def _multiple_of_8(value: int | None) -> int | None:
     if value is not None and (value < 8 or value % 8):
         raise typer.BadParameter(f"must be a positive multiple of 8, got {value}")
@@ -337,118 +293,25 @@ def _scheduler_name(value: str | None) -> str | None:
     return value
 
 
-@dataclass
-class PromptOptions:
-    """What encode and generate take to build conditioning."""
-
-    prompt: str
-    model: Path
-    no_deprojector: bool = False
-    combine: bool = True
-    images: list[str] = field(default_factory=list)
-    mix: str | None = None
-    mix_images: list[str] = field(default_factory=list)
-    ts: list[float] = field(default_factory=list)
-    slerp: bool = False
-    negative: str | None = None
-    negative_reference: bool = False
-    gap: Path = Path("data/gap")
-    no_gap_correction: bool = False
-
-    def check(self) -> None:
-        extras = [flag for flag, used in (
-            ("--image", self.images), ("--mix", self.mix is not None),
-            ("--mix-image", self.mix_images), ("--t", self.ts), ("--slerp", self.slerp))
-            if used]
-        if extras and self.no_deprojector:
-            raise typer.BadParameter(f"{extras[0]} needs a deprojector (drop --no-deprojector)")
-        if extras and not self.combine:
-            raise typer.BadParameter(f"{extras[0]} works on combined parts (drop --no-combine)")
-        if (self.ts or self.mix_images or self.slerp) and self.mix is None:
-            raise typer.BadParameter("--t, --mix-image and --slerp need --mix PROMPT_B")
-        bad = [t for t in self.ts if not 0.0 <= t <= 1.0]
-        if bad:
-            raise typer.BadParameter(f"--t must lie in [0, 1], got {bad[0]}")
-
-
-def _conditionings(o: PromptOptions, params):
-    """(prompt_embeds [N, 77, D], negative_prompt_embeds [1, 77, D], one label per row)."""
-    import warnings
-
-    from pipeline.base_models import load_clip
-    from pipeline.generation import load_checked_deprojector
-    from pipeline.image_prompts import ImageTower, ModalityGap
-    from pipeline.prompt_encoder import ImagePart, PromptEncoder
-    from pipeline.prompts import conditioning, negative_conditioning
-
-    o.check()
-    device = params.render.device
-    clip = load_clip(params.base.clip, device=device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        if o.no_deprojector:
-            embeds = conditioning(o.prompt, clip, None)[0]
-            negative = conditioning(o.negative, clip, None)[0] if o.negative \
-                else negative_conditioning(clip)
-            labels = ["reference"]
-        else:
-            deprojector = load_checked_deprojector(o.model, clip, device)
-            images = [ImagePart.parse(a) for a in o.images]
-            mix_images = [ImagePart.parse(a) for a in o.mix_images]
-            tower = ImageTower.load(params.base.clip, device) if images or mix_images else None
-            gap = ModalityGap.load(o.gap) if tower and not o.no_gap_correction else None
-            encoder = PromptEncoder(clip, deprojector, tower, gap)
-            correct = not o.no_gap_correction
-            if o.mix is not None:
-                ts = o.ts or [0.5]
-                start = encoder.embedding(o.prompt, images, correct)[0]
-                end = encoder.embedding(o.mix, mix_images, correct)[0]
-                embeds = encoder.interpolate(start, end, ts, o.slerp)
-                labels = [f"t = {t:g}" for t in ts]
-            elif o.combine:
-                embeds, labels = encoder.encode_prompt(o.prompt, images, correct), ["deprojected"]
-            else:
-                embeds, labels = conditioning(o.prompt, clip, deprojector, False)[0], ["whole"]
-            negative = encoder.encode_negative(o.negative or "", not o.negative_reference)
-    for warning in caught:
-        typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
-    return embeds, negative, labels
-
-
 @app.command("encode", help="\n\n".join([
     "Write the Stable Diffusion conditioning of PROMPT: {'prompt_embeds': [N, 77, D]} (N = 1, "
-    "or one row per --t), plus 'negative_prompt_embeds' [1, 77, D] with --negative.",
+    "or one row per --t), plus 'negative_prompt_embeds' of the same shape with --negative.",
     "Load it with safetensors.torch.load_file and pass the tensors to a "
-    "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds. The CLIP model is "
-    "base.clip of the params file.", PROMPT_GRAMMAR]))
+    "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds.", PROMPT_GRAMMAR]))
+@with_prompt_options
 def encode_command(
-    prompt: str = PromptArgument,
-    model: Path = ModelOption,
-    no_deprojector: bool = NoDeprojectorOption,
-    combine: bool = CombineOption,
-    image: list[str] | None = ImageOption,
-    mix: str | None = MixOption,
-    mix_image: list[str] | None = MixImageOption,
-    t: list[float] | None = TOption,
-    slerp: bool = SlerpOption,
-    negative: str | None = NegativeOption,
-    negative_reference: bool = NegativeReferenceOption,
-    gap: Path = GapOption,
-    no_gap_correction: bool = NoGapOption,
+    options: PromptOptions,
     out: Path = typer.Option(Path("cond.safetensors"), "--out", "-o",
                              help="Output safetensors file."),
     params: Path = ParamsOption,
 ) -> None:
     from safetensors.torch import save_file
 
-    options = PromptOptions(prompt, model, no_deprojector, combine, image or [], mix,
-                            mix_image or [], t or [], slerp, negative, negative_reference, gap,
-                            no_gap_correction)
-
     def step():
-        embeds, negative_embeds, _ = _conditionings(options, _params(params))
+        embeds, negative_embeds, _ = conditionings(options, params_or_defaults(params),
+                                                   params.exists())
         tensors = {"prompt_embeds": embeds}
-        if negative is not None:
+        if options.negative is not None:
             tensors["negative_prompt_embeds"] = negative_embeds
         out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(out))
@@ -461,22 +324,11 @@ def encode_command(
 @app.command("generate", help="\n\n".join([
     "Generate an image of PROMPT with base.sd, conditioned through a deprojector; with "
     "several --t, a strip of images from PROMPT to --mix PROMPT_B.",
-    "Unset options come from the render section of the params file; the negative prompt is "
-    "'' unless --negative gives one.", PROMPT_GRAMMAR]))
+    "Unset options come from the render section of the params file (its defaults without "
+    "one); the negative prompt is '' unless --negative gives one.", PROMPT_GRAMMAR]))
+@with_prompt_options
 def generate_command(
-    prompt: str = PromptArgument,
-    model: Path = ModelOption,
-    no_deprojector: bool = NoDeprojectorOption,
-    combine: bool = CombineOption,
-    image: list[str] | None = ImageOption,
-    mix: str | None = MixOption,
-    mix_image: list[str] | None = MixImageOption,
-    t: list[float] | None = TOption,
-    slerp: bool = SlerpOption,
-    negative: str | None = NegativeOption,
-    negative_reference: bool = NegativeReferenceOption,
-    gap: Path = GapOption,
-    no_gap_correction: bool = NoGapOption,
+    options: PromptOptions,
     seed: int | None = typer.Option(None, min=0, help="Noise seed (default: render.seed)."),
     steps: int | None = typer.Option(None, min=1, help="Denoising steps (default: render.steps)."),
     guidance: float | None = typer.Option(
@@ -493,28 +345,23 @@ def generate_command(
     out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Output image file."),
     params: Path = ParamsOption,
 ) -> None:
+    from pipeline.drawing import GridColumn, make_grid
     from pipeline.generation import generate_images, load_pipeline
-    from pipeline.render import Column, make_grid
-
-    options = PromptOptions(prompt, model, no_deprojector, combine, image or [], mix,
-                            mix_image or [], t or [], slerp, negative, negative_reference, gap,
-                            no_gap_correction)
 
     def step():
-        p = _params(params)
+        p = params_or_defaults(params)
         overrides = {"seed": seed, "steps": steps, "guidance_scale": guidance, "height": height,
                      "width": width, "scheduler": scheduler}
         r = dataclasses.replace(p.render, **{k: v for k, v in overrides.items() if v is not None})
-        embeds, negative_embeds, labels = _conditionings(options, p)
+        embeds, negative_embeds, labels = conditionings(options, p, params.exists())
         pipe = load_pipeline(p.base.sd, r)
-        images = generate_images(pipe, embeds, negative_embeds, r)
+        images = generate_images(pipe, embeds, negative_embeds[:1], r)
         if len(images) == 1:
             picture = images[0]
         else:  # an interpolation strip, one column per t
-            row = model.name
-            columns = [Column(label, {row: image}, {}) for label, image in
-                       zip(labels, images, strict=True)]
-            picture = make_grid(columns)[0]
+            row = options.model.name
+            picture = make_grid([GridColumn(label, {row: image}) for label, image in
+                                 zip(labels, images, strict=True)])[0]
         out.parent.mkdir(parents=True, exist_ok=True)
         picture.save(out)
         typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)} of "

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.base_models import MAX_LENGTH, ClipText
+from pipeline.base_models import ClipText
+from pipeline.conventions import MAX_LENGTH
 
 
 @dataclass

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 CONSTANT_NAMES = ("sos", "null", "deprojection")
+MAX_LENGTH = 77  # CLIP's context: BOS + 75 tokens + EOS; SD 1.x conditions on all 77 states
+BUILTIN = "builtin"  # base.clip / base.sd value naming the embedded world's models
 
 
 def combine_embeddings(pooled: torch.Tensor, null: torch.Tensor,

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.base_checks import check_deprojector_fits
-from pipeline.base_models import BUILTIN, MAX_LENGTH, ClipText, load_clip
+from pipeline.adherence import Scorer, evaluate_adherence, evaluate_image_prompts
+from pipeline.base_models import ClipText
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, token_counts
-from pipeline.conventions import combine_embeddings
+from pipeline.conventions import MAX_LENGTH, combine_embeddings
+from pipeline.generation import load_encoders, load_pipeline
 from pipeline.jsonio import write_json
 from pipeline.losses import (
     cosine_per_position,
@@ -29,13 +30,12 @@ from pipeline.losses import (
     predicted_in_mask,
     weighted_mse,
 )
-from pipeline.models import Deprojector, load_deprojector
+from pipeline.models import Deprojector
+from pipeline.names import ADHERENCE, IMAGE_PROMPTS, NULL_BASELINE, REFERENCE
 from pipeline.params import Params
+from pipeline.prompt_encoder import PromptEncoder
 from pipeline.shards import ShardReader, load_constants
-
-NULL_BASELINE = "null-baseline"
-ADHERENCE = "adherence"  # reports/metrics/adherence.json: pictures judged, per row
-IMAGE_PROMPTS = "image_prompts"  # reports/metrics/image_prompts.json: drawn scenes as prompts
+from pipeline.world.embedded import World
 
 
 class Scores:
@@ -129,12 +129,12 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     e, t = params.evaluate, params.train
     constants = load_constants(shards_dir / "constants.safetensors")
     reader = ShardReader(shards_dir / "test")
-    clip = load_clip(params.base.clip)
-    models = {}
-    for name in params.models:
-        model = load_deprojector(models_dir / name)
-        check_deprojector_fits(model, clip)  # another width: one-line error, as encode
-        models[name] = model
+    world = World.of(params.base.clip, params.base.sd)
+    image_prompts = world is not None and e.image_prompts > 0
+    encoders = load_encoders(params, models_dir, gap_dir if image_prompts else None)
+    clip = encoders[REFERENCE].clip
+    models = {name: encoder.deprojector for name, encoder in encoders.items()
+              if encoder.deprojector is not None}
     pairs = combination_pairs(read_split(captions_dir, "test"), e.combination_pairs,
                               e.seed, clip)
     combination = combination_scores(models, pairs, clip, constants["null"]) if pairs else {}
@@ -154,7 +154,7 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     rows = [{"position": i + 1, **{n: c[i] for n, c in curves.items()}}
             for i in range(MAX_LENGTH - 1)]
     write_json(plots_dir / "cosine_per_position.json", rows, indent=1)
-    pictures = run_pictures(params, clip, models, gap_dir)
+    pictures = run_pictures(params, encoders, world)
     for name in (ADHERENCE, IMAGE_PROMPTS):
         (metrics_dir / f"{name}.json").unlink(missing_ok=True)
         if name in pictures:
@@ -163,27 +163,22 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     return results
 
 
-def run_pictures(params: Params, clip: ClipText, models: dict[str, Deprojector],
-                 gap_dir: Path) -> dict:
+def run_pictures(params: Params, encoders: dict[str, PromptEncoder],
+                 world: World | None) -> dict:
     """Pictures of held-out prompts and of drawn scenes as prompts (the world only), judged:
     see pipeline/adherence.py."""
-    from pipeline.adherence import Scorer, evaluate_adherence, evaluate_image_prompts
-    from pipeline.generation import load_pipeline
-    from pipeline.image_prompts import ImageTower, ModalityGap
-
     e = params.evaluate
-    world = params.base.clip == BUILTIN and params.base.sd == BUILTIN
-    if not e.adherence_prompts and not (world and e.image_prompts):
+    image_prompts = world is not None and e.image_prompts > 0
+    if not e.adherence_prompts and not image_prompts:
         return {}
     pipe = load_pipeline(params.base.sd, params.render)
-    scorer = Scorer.load(params.base.clip, params.base.sd)
-    single, multi = params.render.prompts(params.base.clip)
+    scorer = Scorer.load(params.base.clip, world)
+    single, multi = params.render.prompts(world is not None)
     exclude = set(single) | set(multi)
     results = {}
     if e.adherence_prompts:
-        results[ADHERENCE] = evaluate_adherence(params, clip, models, pipe, scorer, exclude)
-    if world and e.image_prompts:
-        tower = ImageTower.load(params.base.clip, params.render.device)
-        results[IMAGE_PROMPTS] = evaluate_image_prompts(
-            params, clip, models, pipe, scorer, tower, ModalityGap.load(gap_dir), exclude)
+        results[ADHERENCE] = evaluate_adherence(params, encoders, pipe, scorer, exclude)
+    if image_prompts:
+        results[IMAGE_PROMPTS] = evaluate_image_prompts(params, encoders, pipe, scorer, world,
+                                                        exclude)
     return results

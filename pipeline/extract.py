@@ -23,10 +23,10 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from pipeline.base_models import MAX_LENGTH, ClipText, load_clip
+from pipeline.base_models import ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, encode_tokens, token_counts, tokenize
-from pipeline.conventions import combine_embeddings
+from pipeline.conventions import MAX_LENGTH, combine_embeddings
 from pipeline.params import Params
 from pipeline.shards import (
     SEQ_LEN,
@@ -190,10 +190,10 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
         shard_rows = rows[k * e.rows_per_shard:(k + 1) * e.rows_per_shard]
         fp = fingerprint(shard_rows, context)
         path = shard_path(split_dir, k)
-        if path.exists() and shard_fingerprint(path) == fp:
+        if path.exists() and shard_fingerprint(path, len(shard_rows)) == fp:
             reused += 1
             continue
-        schema = shard_schema(width, e.dtype, fp)
+        schema = shard_schema(width, e.dtype, fp, len(shard_rows))
         batches = encode_rows(clip, shard_rows, e.batch_size, e.dtype, null, schema)
         write_shard_atomic(path, schema, batches)
         written += 1

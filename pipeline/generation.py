@@ -1,4 +1,5 @@
-"""Images from conditioning: the base SD pipeline with the chosen scheduler, seeded per image."""
+"""What the picture stages share: every row's prompt encoder, and images from conditioning
+(the base SD pipeline with the chosen scheduler, seeded per image)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,32 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from pipeline.base_checks import check_cross_attention, check_deprojector_fits
-from pipeline.base_models import ClipText, load_sd_pipeline
-from pipeline.models import Deprojector, load_deprojector
-from pipeline.params import SCHEDULERS, RenderParams
+from pipeline.base_checks import check_cross_attention
+from pipeline.base_models import load_clip, load_sd_pipeline
+from pipeline.errors import DeprojectorError
+from pipeline.image_prompts import ImageTower, ModalityGap
+from pipeline.models import load_deprojector
+from pipeline.names import REFERENCE
+from pipeline.params import SCHEDULERS, Params, RenderParams
+from pipeline.prompt_encoder import PromptEncoder
+
+
+class GenerationError(DeprojectorError, ValueError):
+    """Conditioning that cannot be drawn (not finite)."""
+
+
+def load_encoders(params: Params, models_dir: Path, gap_dir: Path | None = None,
+                  device: str = "cpu") -> dict[str, PromptEncoder]:
+    """The prompt encoder of every row: REFERENCE (base.clip alone, no deprojector), then one
+    per run of `models:` (models_dir/NAME, checked against base.clip). With gap_dir: the
+    vision tower and the modality-gap statistics, for image prompts."""
+    clip = load_clip(params.base.clip, device=device)
+    tower = ImageTower.load(params.base.clip, device) if gap_dir is not None else None
+    gap = ModalityGap.load(gap_dir) if gap_dir is not None else None
+    reference = PromptEncoder(clip, None, tower, gap)
+    return {REFERENCE: reference,
+            **{name: reference.with_deprojector(load_deprojector(models_dir / name, device))
+               for name in params.models}}
 
 
 def load_pipeline(sd: str, r: RenderParams):
@@ -24,17 +47,15 @@ def load_pipeline(sd: str, r: RenderParams):
     return pipe
 
 
-def load_checked_deprojector(path: Path, clip: ClipText, device: str = "cpu") -> Deprojector:
-    model = load_deprojector(path, device=device)
-    check_deprojector_fits(model, clip)
-    return model
-
-
 def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
                     r: RenderParams, seeds: list[int] | None = None,
                     batch: int = 64) -> list[Image.Image]:
     """One image per row of prompt_embeds [N, 77, D], from seed `r.seed` (or seeds[i])."""
     # A UNet of another width would fail deep inside diffusers with a matmul shape error.
+    for what, embeds in (("prompt_embeds", prompt_embeds),
+                         ("negative_prompt_embeds", negative_embeds)):
+        if not torch.isfinite(embeds).all():  # would draw an all-black picture
+            raise GenerationError(f"{what} contain NaN or Inf values; nothing was drawn")
     check_cross_attention(pipe.unet.config.cross_attention_dim, prompt_embeds.shape[-1])
     seeds = seeds if seeds is not None else [r.seed] * len(prompt_embeds)
     device = pipe.device

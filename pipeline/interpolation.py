@@ -16,29 +16,26 @@ import torch
 from PIL import Image
 
 from pipeline.adherence import Scorer
-from pipeline.base_models import ClipText
 from pipeline.generation import generate_images
-from pipeline.models import Deprojector
 from pipeline.params import RenderParams
 from pipeline.prompt_encoder import PromptEncoder
-from pipeline.prompts import negative_conditioning
 
 
 def fractions(steps: int) -> list[float]:
     return [k / (steps - 1) for k in range(steps)]
 
 
-def interpolate_run(pipe, clip: ClipText, model: Deprojector, scorer: Scorer,
+def interpolate_run(pipe, encoder: PromptEncoder, scorer: Scorer,
                     r: RenderParams) -> tuple[dict, list[Image.Image]]:
-    """The judged curve of one run and its strip (one image per t, seed render.seed)."""
-    encoder = PromptEncoder(clip, model)
-    start = encoder.embedding(r.interpolation_from)[0]
-    end = encoder.embedding(r.interpolation_to)[0]
+    """The judged curve of one run's encoder and its strip (one image per t, seed
+    render.seed)."""
+    start = encoder.embedding(r.interpolation_from)
+    end = encoder.embedding(r.interpolation_to)
     ts = fractions(r.interpolation_steps)
     seeds = [r.seed + k for k in range(r.interpolation_seeds)]
     embeds = encoder.interpolate(start, end, ts, r.interpolation_slerp)  # [T, 77, D]
     repeated = embeds.repeat_interleave(len(seeds), dim=0)  # t-major: T x seeds
-    images = generate_images(pipe, repeated, negative_conditioning(clip), r,
+    images = generate_images(pipe, repeated, encoder.encode_negative("", deproject=False), r,
                              seeds * len(ts))
     found_a = np.array(scorer.adherence(images, [r.interpolation_from] * len(images)))
     found_b = np.array(scorer.adherence(images, [r.interpolation_to] * len(images)))
@@ -51,10 +48,11 @@ def interpolate_run(pipe, clip: ClipText, model: Deprojector, scorer: Scorer,
     return curve, images[::len(seeds)]
 
 
-def run_interpolation(pipe, clip: ClipText, models: dict[str, Deprojector], scorer: Scorer,
+def run_interpolation(pipe, encoders: dict[str, PromptEncoder], scorer: Scorer,
                       r: RenderParams) -> tuple[dict[str, dict], dict[str, list[Image.Image]]]:
+    """The curve and strip of each run's encoder."""
     curves, strips = {}, {}
     with torch.no_grad():
-        for name, model in models.items():
-            curves[name], strips[name] = interpolate_run(pipe, clip, model, scorer, r)
+        for name, encoder in encoders.items():
+            curves[name], strips[name] = interpolate_run(pipe, encoder, scorer, r)
     return curves, strips

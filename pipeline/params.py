@@ -3,50 +3,24 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
-from pipeline.errors import DeprojectorError
+from pipeline.conventions import BUILTIN
+from pipeline.models import ARCHITECTURES, hyperparameters
+from pipeline.names import RESERVED_RUN_NAMES
+from pipeline.sections import ParamsError, check, read_params_file, section
+from pipeline.world.config import WorldParams
 
 STORAGE_DTYPES = ("float16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-class ParamsError(DeprojectorError, ValueError):
-    """A value in params.yaml is missing, of the wrong type or out of range."""
 
 
 @dataclass(frozen=True)
 class BaseParams:
     clip: str = "builtin"
     sd: str = "builtin"
-
-
-@dataclass(frozen=True)
-class WorldParams:
-    """The embedded world (pipeline/world/): sizes, steps and seeds of its trained parts."""
-
-    seed: int = 0
-    scenes: int = 20000  # drawn training scenes
-    vocab_size: int = 1000  # BPE vocabulary trained on the captions
-    width: int = 128  # D: the CLIP text tower's hidden size
-    clip_steps: int = 1400
-    clip_batch: int = 128
-    clip_lr: float = 1e-3
-    vae_steps: int = 2500
-    vae_batch: int = 32
-    vae_lr: float = 1e-3
-    unet_steps: int = 3600
-    unet_batch: int = 48
-    unet_lr: float = 5e-4
-    captions_per_scene: int = 1  # the UNet's caption bank, encoded once
-    judge_steps: int = 1500
-    judge_batch: int = 64
-    judge_lr: float = 1e-3
-    held_out: int = 1000  # drawn scenes of another seed for the judge's and CLIP's accuracy
 
 
 @dataclass(frozen=True)
@@ -113,10 +87,16 @@ class GapParams:
     folder: str = "data/gap-pairs"  # real CLIP: NAME.png/.jpg + NAME.txt caption pairs
 
 
-# A run name is a folder name (models/NAME, reports/metrics/NAME.json) and a dvc.yaml stage
-# key (train@NAME); these names are taken by other outputs or rows.
-RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-RESERVED_RUN_NAMES = ("base", "world", "null-baseline", "reference", "adherence")
+# A run name is a folder name (models/NAME, reports/metrics/NAME.json), a word of a shell
+# command (`deprojector train NAME`), a dvc.yaml stage key (train@NAME) and a params key DVC
+# addresses with dots (models.NAME, `dvc exp run -S models.NAME.lr=...`). DVC refuses
+# punctuation other than '_' and '-' in stage names; '.' splits the params key, '@' and ':'
+# split stage targets (`dvc.yaml:train@NAME`), '/' makes a subfolder. So: letters, digits,
+# '_' and '-'. pipeline.names lists the names other outputs and rows take.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+RUN_NAME_RULE = ("letters, digits, '_' and '-', starting with a letter or digit (DVC "
+                 "addresses a run as the stage train@NAME and the param models.NAME: '.' would "
+                 "split the key, '@', ':', '/', spaces and other punctuation the stage name)")
 
 
 @dataclass(frozen=True)
@@ -177,12 +157,13 @@ class RenderParams:
     def showcase(self, models: list[str]) -> str:
         return self.showcase_model if self.showcase_model in models else models[0]
 
-    def prompts(self, base_clip: str) -> tuple[list[str], list[str]]:
-        """The (single, multi) grid prompts for the base model `base.clip`."""
-        chosen = self.prompt_set
-        if chosen == "auto":
-            chosen = "world" if base_clip == "builtin" else "article"
-        if chosen == "world":
+    def world_prompts(self, world: bool) -> bool:
+        """Are the grid prompts the world's (`auto`: when the base models are the world)?"""
+        return self.prompt_set == "world" or (self.prompt_set == "auto" and world)
+
+    def prompts(self, world: bool) -> tuple[list[str], list[str]]:
+        """The (single, multi) grid prompts, `world`: the base models are the world's."""
+        if self.world_prompts(world):
             return self.world_prompts_single, self.world_prompts_multi
         return self.article_prompts_single, self.article_prompts_multi
 
@@ -200,144 +181,103 @@ class Params:
     gap: GapParams = field(default_factory=GapParams)
     # Run name -> architecture and hyperparameters: every entry is trained, scored, rendered.
     models: dict[str, ModelSpec] = field(default_factory=dict)
-    # Sections owned by later stages stay plain dicts until their stage reads them.
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-T = TypeVar("T")
-
-
-def _section(cls: type[T], raw: Any, name: str) -> T:
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params: `{name}` must be a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls)}
-    for key in raw:
-        if key not in known:
-            raise ParamsError(f"params: unknown key `{name}.{key}` (known: {', '.join(known)})")
-    values = {}
-    for key, value in raw.items():
-        expected = type(getattr(cls(), key))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise ParamsError(
-                f"params: `{name}.{key}` must be {expected.__name__}, got {value!r}"
-            )
-        values[key] = value
-    return cls(**values)
-
-
-def _check(condition: bool, key: str, expected: str, value: Any) -> None:
-    if not condition:
-        raise ParamsError(f"params: `{key}` must be {expected}, got {value!r}")
 
 
 def _check_render(r: RenderParams) -> None:
-    _check(r.prompt_set in PROMPT_SETS, "render.prompt_set", f"one of {PROMPT_SETS}",
-           r.prompt_set)
+    check(r.prompt_set in PROMPT_SETS, "render.prompt_set", f"one of {PROMPT_SETS}",
+          r.prompt_set)
     for key in ("world_prompts_single", "world_prompts_multi", "article_prompts_single",
                 "article_prompts_multi"):
         prompts = getattr(r, key)
-        _check(len(prompts) > 0 and all(isinstance(p, str) and p.replace(",", " ").strip()
-                                        for p in prompts),
-               f"render.{key}", "a non-empty list of prompts with text", prompts)
-    _check(r.seed >= 0, "render.seed", "0 or more", r.seed)
-    _check(r.steps > 0, "render.steps", "a positive integer", r.steps)
-    _check(r.guidance_scale >= 0, "render.guidance_scale", "0 or more", r.guidance_scale)
+        check(len(prompts) > 0 and all(isinstance(p, str) and p.replace(",", " ").strip()
+                                       for p in prompts),
+              f"render.{key}", "a non-empty list of prompts with text", prompts)
+    check(r.seed >= 0, "render.seed", "0 or more", r.seed)
+    check(r.steps > 0, "render.steps", "a positive integer", r.steps)
+    check(r.guidance_scale >= 0, "render.guidance_scale", "0 or more", r.guidance_scale)
     # The UNet halves the latent size per level; multiples of 8 work for SD and the builtin.
     for key in ("height", "width"):
         value = getattr(r, key)
-        _check(value > 0 and value % 8 == 0, f"render.{key}", "a positive multiple of 8", value)
-    _check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}",
-           r.scheduler)
-    _check(r.interpolation_steps >= 2, "render.interpolation_steps", "2 or more",
-           r.interpolation_steps)
-    _check(r.interpolation_seeds >= 1, "render.interpolation_seeds", "1 or more",
-           r.interpolation_seeds)
-
-
-def _check_world(w: WorldParams) -> None:
-    for f in fields(w):
-        value = getattr(w, f.name)
-        if f.name != "seed":
-            _check(value > 0, f"world.{f.name}", "positive", value)
-    for part in ("clip", "vae", "unet", "judge"):
-        batch = getattr(w, f"{part}_batch")
-        _check(batch <= w.scenes, f"world.{part}_batch", f"at most world.scenes = {w.scenes}",
-               batch)
-    _check(w.width % 4 == 0, "world.width", "a multiple of 4 (4 attention heads)", w.width)
+        check(value > 0 and value % 8 == 0, f"render.{key}", "a positive multiple of 8", value)
+    check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}",
+          r.scheduler)
+    check(r.interpolation_steps >= 2, "render.interpolation_steps", "2 or more",
+          r.interpolation_steps)
+    check(r.interpolation_seeds >= 1, "render.interpolation_seeds", "1 or more",
+          r.interpolation_seeds)
 
 
 def validate(p: Params) -> Params:
     c, a, e = p.captions, p.augment, p.extract
-    _check_world(p.world)
-    _check(p.evaluate.adherence_prompts >= 0, "evaluate.adherence_prompts", "0 (off) or more",
-           p.evaluate.adherence_prompts)
-    _check(c.train_size > 0, "captions.train_size", "a positive integer", c.train_size)
-    _check(c.test_size > 0, "captions.test_size", "a positive integer", c.test_size)
-    _check(0.0 <= a.split <= 1.0, "augment.split", "in [0, 1]", a.split)
-    _check(0.0 <= a.combine <= 1.0, "augment.combine", "in [0, 1]", a.combine)
-    _check(
-        a.split + a.combine <= 1.0,
-        "augment.split + augment.combine",
-        "at most 1",
-        a.split + a.combine,
-    )
-    _check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
-    _check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
-    _check(e.num_workers > 0, "extract.num_workers", "a positive integer", e.num_workers)
-    _check(0 <= e.worker_index < e.num_workers, "extract.worker_index",
-           f"in [0, extract.num_workers - 1 = {e.num_workers - 1}]", e.worker_index)
-    _check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
+    # One rule for "is this the embedded world?" (pipeline.world.embedded.World.named).
+    check((p.base.clip == BUILTIN) == (p.base.sd == BUILTIN), "base",
+          "`builtin` for both clip and sd (the embedded world) or for neither",
+          {"clip": p.base.clip, "sd": p.base.sd})
+    p.world.validate()
+    check(p.evaluate.adherence_prompts >= 0, "evaluate.adherence_prompts", "0 (off) or more",
+          p.evaluate.adherence_prompts)
+    check(c.train_size > 0, "captions.train_size", "a positive integer", c.train_size)
+    check(c.test_size > 0, "captions.test_size", "a positive integer", c.test_size)
+    check(0.0 <= a.split <= 1.0, "augment.split", "in [0, 1]", a.split)
+    check(0.0 <= a.combine <= 1.0, "augment.combine", "in [0, 1]", a.combine)
+    check(a.split + a.combine <= 1.0, "augment.split + augment.combine", "at most 1",
+          a.split + a.combine)
+    check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
+    check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
+    check(e.num_workers > 0, "extract.num_workers", "a positive integer", e.num_workers)
+    check(0 <= e.worker_index < e.num_workers, "extract.worker_index",
+          f"in [0, extract.num_workers - 1 = {e.num_workers - 1}]", e.worker_index)
+    check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
     t = p.train
-    _check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
-    _check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
-    _check(t.lr > 0, "train.lr", "positive", t.lr)
-    _check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
-    _check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
-    _check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
-    _check(t.rollout >= 0, "train.rollout", "0 (teacher forcing) or more", t.rollout)
-    _check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
-           p.evaluate.batch_size)
-    _check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
-           p.evaluate.combination_pairs)
+    check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
+    check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
+    check(t.lr > 0, "train.lr", "positive", t.lr)
+    check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
+    check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
+    check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
+    check(t.rollout >= 0, "train.rollout", "0 (teacher forcing) or more", t.rollout)
+    check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
+          p.evaluate.batch_size)
+    check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
+          p.evaluate.combination_pairs)
     _check_render(p.render)
-    _check(p.render.showcase_model in ("first", *p.models), "render.showcase_model",
-           f"first (the first run) or a run of `models` ({', '.join(p.models)})",
-           p.render.showcase_model)
-    _check(p.evaluate.image_prompts >= 0, "evaluate.image_prompts", "0 (off) or more",
-           p.evaluate.image_prompts)
-    _check(p.gap.pairs > 0, "gap.pairs", "a positive integer", p.gap.pairs)
+    check(p.render.showcase_model in ("first", *p.models), "render.showcase_model",
+          f"first (the first run) or a run of `models` ({', '.join(p.models)})",
+          p.render.showcase_model)
+    check(p.evaluate.image_prompts >= 0, "evaluate.image_prompts", "0 (off) or more",
+          p.evaluate.image_prompts)
+    check(p.gap.pairs > 0, "gap.pairs", "a positive integer", p.gap.pairs)
     return p
 
 
 def parse_models(raw: Any) -> dict[str, ModelSpec]:
     """`models:` -> run name -> ModelSpec; types and hyperparameter names checked by key."""
-    from pipeline.models import ARCHITECTURES, hyperparameters  # imports torch: only here
-
     raw = raw or {}
-    _check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
+    check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
     known = ", ".join(sorted(ARCHITECTURES))
     specs = {}
     for name, entry in raw.items():
-        _check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None
-               and name not in RESERVED_RUN_NAMES, f"models.{name}",
-               f"a run name of letters, digits, '.', '_', '-' other than "
-               f"{', '.join(RESERVED_RUN_NAMES)}", name)
-        _check(isinstance(entry, dict), f"models.{name}",
-               f"a mapping with `type` (one of {known}) and its hyperparameters", entry)
+        check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None,
+              f"models.{name}", f"a run name of {RUN_NAME_RULE}", name)
+        check(name not in RESERVED_RUN_NAMES, f"models.{name}",
+              f"a run name other than {', '.join(RESERVED_RUN_NAMES)} (taken by other "
+              f"outputs)", name)
+        twin = next((other for other in specs if other.lower() == name.lower()), None)
+        check(twin is None, f"models.{name}",
+              f"a run name that differs from {twin!r} in more than letter case (models/NAME "
+              f"folders would be one on a case-insensitive file system)", name)
+        check(isinstance(entry, dict), f"models.{name}",
+              f"a mapping with `type` (one of {known}) and its hyperparameters", entry)
         hparams = dict(entry)
         model_type = hparams.pop("type", None)
         train = hparams.pop("train", None) or {}
-        _check(model_type in ARCHITECTURES, f"models.{name}.type", f"one of {known}",
-               model_type)
-        _section(TrainParams, train, f"models.{name}.train")  # known keys of the right types
+        check(model_type in ARCHITECTURES, f"models.{name}.type", f"one of {known}",
+              model_type)
+        section(TrainParams, train, f"models.{name}.train")  # known keys of the right types
         allowed = hyperparameters(model_type)
         for key in hparams:
-            _check(key in allowed, f"models.{name}.{key}",
-                   f"a hyperparameter of {model_type} ({', '.join(allowed)}) or `train`", key)
+            check(key in allowed, f"models.{name}.{key}",
+                  f"a hyperparameter of {model_type} ({', '.join(allowed)}) or `train`", key)
         specs[name] = ModelSpec(model_type, hparams, dict(train))
     return specs
 
@@ -356,23 +296,17 @@ SECTIONS = {
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
-    parsed = {name: _section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
-    models = parse_models(raw.get("models"))
-    extra = {k: v for k, v in raw.items() if k not in SECTIONS and k != "models"}
-    return validate(Params(**parsed, models=models, extra=extra))
+    unknown = [key for key in raw if key not in SECTIONS and key != "models"]
+    if unknown:
+        raise ParamsError(f"params: unknown section `{unknown[0]}` (known: "
+                          f"{', '.join([*SECTIONS, 'models'])})")
+    parsed = {name: section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    return validate(Params(**parsed, models=parse_models(raw.get("models"))))
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file; the error names the file and the key."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: not found (run from the project root or pass --params)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    raw = read_params_file(path)
     try:
         return parse_params(raw)
     except ParamsError as err:

@@ -6,7 +6,6 @@ so both `datasets` and plain pyarrow open them without loading a split into RAM.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_path
 from pipeline.conventions import CONSTANT_NAMES
-from pipeline.errors import DeprojectorError
+from pipeline.errors import DeprojectorError, read_json, read_safetensors
 
 SEQ_LEN = 77
 
@@ -27,7 +26,8 @@ class ShardError(DeprojectorError, RuntimeError):
     """A shard or constants file is missing, corrupt or from another base model."""
 
 
-def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str) -> pa.Schema:
+def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str,
+                 rows: int) -> pa.Schema:
     value = pa.float16() if storage_dtype == "float16" else pa.float32()
     return pa.schema(
         [
@@ -41,8 +41,10 @@ def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str) -> pa.S
             ("n_tokens", pa.int32()),
         ],
         # The fingerprint ties a shard to the rows and base model that made it, so a rerun
-        # after a params change never keeps a stale shard.
-        metadata={"fingerprint": fingerprint},
+        # after a params change never keeps a stale shard. The schema comes first in the
+        # stream, so a file cut after it (or after any batch) still reads as a shorter shard:
+        # the row count it promises tells a complete shard from a cut one.
+        metadata={"fingerprint": fingerprint, "rows": str(rows)},
     )
 
 
@@ -59,22 +61,34 @@ def write_shard_atomic(path: Path, schema: pa.Schema, batches: list[pa.RecordBat
 
 
 def open_shard(path: Path) -> pa.Table:
-    """Memory-map one shard; a truncated or corrupt file raises ShardError naming it."""
+    """Memory-map one shard; a truncated or corrupt file raises ShardError naming it.
+
+    A shard holds exactly the rows its metadata promises; a file cut at a batch boundary (or
+    right after its schema) reads as a valid but shorter stream, and is refused here too."""
     try:
         with pa.memory_map(str(path)) as source:
-            return pa.ipc.open_stream(source).read_all()
+            table = pa.ipc.open_stream(source).read_all()
     except (pa.ArrowInvalid, OSError) as err:
         raise ShardError(f"{path}: not a readable Arrow shard ({err}); delete it and rerun "
                          f"`deprojector extract` to rebuild it") from err
+    promised = (table.schema.metadata or {}).get(b"rows")
+    if promised is not None and int(promised) != table.num_rows:
+        raise ShardError(f"{path}: incomplete shard: {table.num_rows} rows, its metadata "
+                         f"promises {int(promised)} (the file was cut short); rerun "
+                         f"`deprojector extract` to rebuild it")
+    return table
 
 
-def shard_fingerprint(path: Path) -> str | None:
-    """The fingerprint of a complete, readable shard; None where it is unreadable."""
+def shard_fingerprint(path: Path, rows: int | None = None) -> str | None:
+    """The fingerprint of a complete, readable shard (of `rows` rows, where given); None
+    where it is unreadable, cut short or holds another number of rows."""
     try:
         table = open_shard(path)
     except ShardError:
         return None
     meta = table.schema.metadata or {}
+    if b"rows" not in meta or (rows is not None and table.num_rows != rows):
+        return None
     return meta.get(b"fingerprint", b"").decode() or None
 
 
@@ -89,10 +103,16 @@ def save_constants(path: Path, sos: torch.Tensor, null: torch.Tensor,
 def load_constants(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise ShardError(f"{path}: constants file missing; run the `extract` stage first")
-    constants = load_file(str(path))
+    constants = read_safetensors(path, ShardError, "rerun `deprojector extract` to rewrite it")
     missing = [name for name in CONSTANT_NAMES if name not in constants]
     if missing:
         raise ShardError(f"{path}: missing tensors {missing} (expected {list(CONSTANT_NAMES)})")
+    widths = {name: tuple(constants[name].shape) for name in CONSTANT_NAMES}
+    d = widths["sos"][0] if len(widths["sos"]) == 1 else None
+    if d is None or widths["null"] != (d,) or len(widths["deprojection"]) != 2 \
+            or widths["deprojection"][0] != d:
+        raise ShardError(f"{path}: tensors of shapes {widths}, expected sos [D], null [D] and "
+                         f"deprojection [D, P]; rerun `deprojector extract` to rewrite it")
     return constants
 
 
@@ -140,6 +160,24 @@ class ShardReader:
         sizes = np.array([len(x) for x in self._embeds])
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         self.num_rows = int(self._starts[-1])
+        self._check_against_meta(paths)
+
+    def _check_against_meta(self, paths: list[Path]) -> None:
+        """The split holds the rows and shards meta.json (written by `extract`) promises."""
+        if not (self.split_dir.parent / "meta.json").is_file():
+            return  # shards written without the stage (benchmarks)
+        meta = read_meta(self.split_dir.parent)
+        split = meta["splits"].get(self.split_dir.name)
+        if not isinstance(split, dict) or "rows" not in split:
+            return
+        expected = [shard_path(self.split_dir, k).name for k in range(split.get("shards", 0))]
+        missing = sorted(set(expected) - {p.name for p in paths})
+        if self.num_rows != split["rows"] or missing:
+            where = f"; missing {', '.join(missing)}" if missing else ""
+            raise ShardError(
+                f"{self.split_dir}: {self.num_rows} rows in {len(paths)} shards, but "
+                f"{self.split_dir.parent / 'meta.json'} promises {split['rows']} rows in "
+                f"{split.get('shards', '?')} shards{where}; rerun `deprojector extract`")
 
     def __len__(self) -> int:
         return self.num_rows
@@ -184,8 +222,16 @@ def _values(array: pa.Array, depth: int) -> np.ndarray:
     return array.to_numpy(zero_copy_only=True)
 
 
+META_KEYS = ("base_clip", "hidden_size", "projection_size", "splits")
+
+
 def read_meta(shards_dir: Path) -> dict:
     path = shards_dir / "meta.json"
     if not path.exists():
         raise ShardError(f"{path}: missing; run the `extract` stage first")
-    return json.loads(path.read_text())
+    meta = read_json(path, ShardError, "rerun `deprojector extract` to rewrite it")
+    missing = [key for key in META_KEYS if key not in meta]
+    if missing:
+        raise ShardError(f"{path}: missing keys {', '.join(missing)} (expected "
+                         f"{', '.join(META_KEYS)}); rerun `deprojector extract` to rewrite it")
+    return meta

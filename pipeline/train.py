@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -19,7 +20,10 @@ import torch
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.base_models import load_clip
+from pipeline.base_files import clip_fingerprint, source_folder
+from pipeline.base_models import base_source, load_clip
+from pipeline.conventions import BUILTIN
+from pipeline.image_prompts import GAP_FILE
 from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
 from pipeline.models import Deprojector, architecture, build_deprojector
@@ -87,10 +91,23 @@ def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def record_base(model: Deprojector, base_clip: str) -> None:
+    """Write the base CLIP into the model's config: its name (a local folder as an absolute
+    path, so the deprojector loads from anywhere) and the fingerprint of its files."""
+    source = base_source(base_clip, "clip")
+    model.config.base_clip = str(Path(source).resolve()) \
+        if base_clip != BUILTIN and Path(source).is_dir() else base_clip
+    model.config.base_fingerprint = clip_fingerprint(source_folder(source, "config.json"))
+
+
 def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
                 out_dir: Path | None = None, plots_dir: Path = Path("reports/train"),
-                checkpoint_dir: Path = Path("data/checkpoints")) -> list[dict]:
+                checkpoint_dir: Path = Path("data/checkpoints"),
+                gap_dir: Path = Path("data/gap")) -> list[dict]:
     """Train `name`, save the best epoch to models/<name>/, return the per-epoch history.
+
+    The saved folder records its base CLIP (`record_base`) and carries a copy of the
+    modality-gap statistics of gap_dir, when the `gap` stage computed them, for image prompts.
 
     Runs as one process, or data-parallel under `torchrun` / `accelerate launch`: each process
     takes its share of every global batch of `train.batch_size` rows, gradients are averaged,
@@ -115,8 +132,10 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     history: list[dict] = []
     best = {"loss": math.inf, "state": None, "epoch": -1}
     if t.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        if state["fingerprint"] == fingerprint:
+        state = read_checkpoint(checkpoint, device)
+        if state is None:
+            log(accelerator, f"{name}: {checkpoint} is incomplete or corrupt; starting over")
+        elif state["fingerprint"] == fingerprint:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -166,13 +185,35 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
 
     if accelerator.is_main_process:
         model.load_state_dict(best["state"])
+        record_base(model, params.base.clip)
         model.save_pretrained(out_dir)
+        (out_dir / GAP_FILE).unlink(missing_ok=True)
+        if (gap_dir / GAP_FILE).is_file():
+            shutil.copyfile(gap_dir / GAP_FILE, out_dir / GAP_FILE)
         plots_dir.mkdir(parents=True, exist_ok=True)
         write_json(plots_dir / f"{name}.json", history)
         checkpoint.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return history
+
+
+CHECKPOINT_KEYS = ("fingerprint", "model", "optimizer", "rng", "history", "best")
+
+
+def read_checkpoint(path: Path, device: torch.device | str) -> dict | None:
+    """A training checkpoint, or None where the file is cut short or corrupt (the run then
+    starts over, as with a checkpoint of other params: it only saves time)."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile):
+        return None
+    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) \
+        else None
 
 
 def log(accelerator, message: str) -> None:

@@ -189,7 +189,7 @@ def test_unet_of_another_width(tmp_path, models):
 
 def test_unet_of_another_width_is_refused_when_generating():
     from pipeline.base_checks import check_cross_attention
-    from pipeline.base_models import BaseModelError
+    from pipeline.base_files import BaseModelError
 
     with pytest.raises(BaseModelError, match="cross-attends to 768-wide .* are 128 wide"):
         check_cross_attention(768, 128)
@@ -221,21 +221,24 @@ def test_weights_replaced_at_the_same_path_change_the_fingerprint(tmp_path, mode
 
 
 def test_large_files_are_fingerprinted_by_size_and_edges(tmp_path, monkeypatch):
-    from pipeline import base_checks
+    from pipeline import base_files
 
-    monkeypatch.setattr(base_checks, "FULL_HASH_LIMIT", 4 * base_checks.EDGE)
+    monkeypatch.setattr(base_files, "FULL_HASH_LIMIT", 4 * base_files.EDGE)
     path = tmp_path / "big.safetensors"
-    data = bytearray(8 * base_checks.EDGE)
+    data = bytearray(8 * base_files.EDGE)
     path.write_bytes(bytes(data))
-    first = base_checks.file_digest(path)
+    first = base_files.file_digest(path)
     assert first.startswith("size+edges:")
     data[-1] = 1  # a change in the last MiB is seen
     path.write_bytes(bytes(data))
-    assert base_checks.file_digest(path) != first
+    assert base_files.file_digest(path) != first
 
 
 def test_missing_builtin_models_name_the_world_stage(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    from pipeline.world import config
+
+    monkeypatch.chdir(tmp_path)  # no models/world here, and none in the checkout either
+    monkeypatch.setattr(config, "CHECKOUT_WORLD_DIR", tmp_path / "no-checkout-world")
     for args in (("base",), ("captions",)):
         result = run_cli(tmp_path, *args, clip="builtin", sd="builtin")
         output = assert_known_error(result, "base.clip: builtin:", "does not exist yet",
@@ -246,7 +249,7 @@ def test_missing_builtin_models_name_the_world_stage(tmp_path, monkeypatch):
 
 def test_offline_hub_id_advises_hf_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = run_cli(tmp_path, "base", clip="no-such-org/no-such-clip", sd="builtin")
+    result = run_cli(tmp_path, "base", clip="no-such-org/no-such-clip", sd="no-such-org/no-sd")
     assert_known_error(result, "'no-such-org/no-such-clip' is not a local folder",
                        "`hf download no-such-org/no-such-clip --local-dir DIR`", lines=2)
 
@@ -285,7 +288,7 @@ def test_evaluate_refuses_deprojectors_of_another_width(tmp_path, models, monkey
          "models": {"vb": {"type": "vicinity-batch"}}}))
     result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml")])
     assert_known_error(result, "trained for D=16", f"base model has D={WIDTH}",
-                       "retrain it or set base.clip to its base model")
+                       "retrain it or use its base CLIP")
 
 
 def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
@@ -343,8 +346,7 @@ def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, model
     """pytorch_model.bin and model.safetensors.index.json checkpoints are read too."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.base_checks import check_text_projection, weight_files
-    from pipeline.base_models import BaseModelError
+    from pipeline.base_files import BaseModelError, check_text_projection, weight_files
 
     tensors = load_file(models["clip"] / "model.safetensors")
     binary = tmp_path / "bin"
@@ -366,3 +368,73 @@ def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, model
                binary / "pytorch_model.bin")
     with pytest.raises(BaseModelError, match=r"no text_projection weights \(in pytorch_model"):
         check_text_projection(binary, "bin")
+
+
+def cut(path: Path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda clip: cut(clip / "model.safetensors"),
+     ["clip/model.safetensors: incomplete or corrupt safetensors file", "download the model "
+      "again"]),
+    (lambda clip: (clip / "model.safetensors").write_bytes(b"\x00" * 4),
+     ["clip/model.safetensors: incomplete or corrupt safetensors file (Error while "
+      "deserializing header: header too small)"]),
+    (lambda clip: cut(clip / "config.json"), ["clip/config.json:", "not valid JSON"]),
+    (lambda clip: cut(clip / "tokenizer.json"), ["clip/tokenizer.json", "incomplete or corrupt"]),
+])
+def test_damaged_clip_files_name_the_file(tmp_path, models, damage, fragments):
+    clip = tmp_path / "clip"
+    shutil.copytree(models["clip"], clip)
+    damage(clip)
+    result, out = run_base(tmp_path, clip, models["sd"])
+    assert_known_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_damaged_sharded_and_bin_checkpoints_name_the_file(tmp_path, models):
+    from safetensors.torch import load_file, save_file
+
+    from pipeline.base_files import check_text_projection
+    from pipeline.base_models import BaseModelError
+
+    tensors = load_file(models["clip"] / "model.safetensors")
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file(tensors, str(sharded / "model-00001-of-00002.safetensors"))
+    index = sharded / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"')
+    with pytest.raises(BaseModelError, match=r"model\.safetensors\.index\.json:1: not valid JSON "
+                                             r"\(.*\); the file is incomplete or corrupt"):
+        check_text_projection(sharded, "sharded")
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(BaseModelError, match=r"index\.json: names model-00002-of-00002\."
+                                             r"safetensors, not in the folder"):
+        check_text_projection(sharded, "sharded")
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(BaseModelError, match=r'index\.json: expected a "weight_map" object'):
+        check_text_projection(sharded, "sharded")
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    torch.save(tensors, binary / "pytorch_model.bin")
+    cut(binary / "pytorch_model.bin")
+    with pytest.raises(BaseModelError, match=r"pytorch_model\.bin: incomplete or corrupt "
+                                             r"PyTorch checkpoint"):
+        check_text_projection(binary, "bin")
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    (lambda sd: cut(sd / "model_index.json"), ["model_index.json"]),
+    (lambda sd: cut(sd / "unet" / "diffusion_pytorch_model.safetensors"),
+     ["unet/diffusion_pytorch_model.safetensors"]),
+])
+def test_damaged_sd_files_name_the_file(tmp_path, models, damage, fragments):
+    sd = tmp_path / "sd"
+    shutil.copytree(models["sd"], sd)
+    damage(sd)
+    result, out = run_base(tmp_path, models["clip"], sd)
+    assert_known_error(result, *fragments)
+    assert not out.exists()

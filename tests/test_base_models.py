@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.base_models import BaseModelError, load_clip
+from pipeline.base_files import BaseModelError
+from pipeline.base_models import load_clip
 from pipeline.clip_encode import encode_texts
 from pipeline.extract import compute_constants
 

@@ -145,3 +145,75 @@ def test_a_rebuilt_base_model_of_the_same_name_invalidates_the_shards(tmp_path, 
     (work / "models" / "world").unlink()  # same name `builtin`, other weights
     assert digest(run_small_pipeline(work, other_base))["train/shard-00000.arrow"] != \
         first["train/shard-00000.arrow"]
+
+
+def stream_schema_length(path) -> int:
+    """Bytes of an Arrow IPC stream up to the end of its schema message (816 for the issue's
+    test shard): what a copy cut right after the schema keeps."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, open_shard(path).schema):
+        pass
+    return len(sink.getvalue()) - 8  # less the end-of-stream marker
+
+
+def test_a_shard_cut_after_its_schema_is_refused_and_rebuilt(tmp_path, base_dir, small_shards,
+                                                             capsys):
+    import shutil
+
+    work = tmp_path / "cut"
+    shutil.copytree(small_shards.parent, work / "data")
+    shards = work / "data" / "shards"
+    cut = shards / "test" / "shard-00000.arrow"
+    cut.write_bytes(cut.read_bytes()[:stream_schema_length(cut)])
+    # A valid stream of 0 rows: the row count its metadata promises tells it from a complete one.
+    with pytest.raises(ShardError, match=r"test/shard-00000\.arrow: incomplete shard: 0 rows, "
+                                         r"its metadata promises 12"):
+        ShardReader(shards / "test")
+    capsys.readouterr()
+    run_small_pipeline(work, base_dir)
+    assert "test: 1 shards written, 0 complete shards kept" in capsys.readouterr().err
+    assert digest(shards) == digest(small_shards)
+    assert len(ShardReader(shards / "test")) == 12
+
+
+def test_the_reader_refuses_a_split_short_of_what_meta_json_promises(tmp_path, small_shards):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    (shards / "train" / "shard-00001.arrow").unlink()
+    with pytest.raises(ShardError, match=r"train: 28 rows in 2 shards, but .*meta\.json promises "
+                                         r"48 rows in 3 shards; missing shard-00001\.arrow"):
+        ShardReader(shards / "train")
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("meta.json", '{"base_clip": "builtin", "hidden',
+     r"meta\.json:1: not valid JSON .*incomplete or corrupt"),
+    ("meta.json", '{"base_clip": "builtin"}', r"meta\.json: missing keys hidden_size, "
+                                              r"projection_size, splits"),
+    ("meta.json", "[]", r"meta\.json: expected a JSON object, found a list"),
+    ("constants.safetensors", b"\x10\x00", r"constants\.safetensors: incomplete or corrupt "
+                                           r"safetensors file \(.*header too small"),
+])
+def test_corrupt_meta_and_constants_name_the_file(tmp_path, small_shards, name, content,
+                                                  message):
+    import shutil
+
+    from pipeline.shards import read_meta
+
+    shards = tmp_path / "shards"
+    shutil.copytree(small_shards, shards)
+    path = shards / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ShardError, match=message):
+        read_meta(shards) if name == "meta.json" else load_constants(path)
+
+
+def test_truncated_constants_name_the_file(tmp_path, small_shards):
+    path = tmp_path / "constants.safetensors"
+    data = (small_shards / "constants.safetensors").read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ShardError, match=r"constants\.safetensors: incomplete or corrupt "
+                                         r"safetensors file.*rerun `deprojector extract`"):
+        load_constants(path)

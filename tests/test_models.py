@@ -98,11 +98,12 @@ def test_generate_is_self_consistent(model: Deprojector) -> None:
     torch.testing.assert_close(teacher_forced, generated, atol=1e-5, rtol=0)
 
 
-def test_from_projected_inverts_the_projection(model: Deprojector) -> None:
+def test_deprojection_constant_inverts_the_projection(model: Deprojector) -> None:
+    """What image prompts rely on: projected embeddings @ deprojection.T are pooled ones."""
     e = embeds()
     _, projection = make_constants()
-    from_projected = model.generate(e @ projection.T, from_projected=True)
-    torch.testing.assert_close(from_projected, model.generate(e), atol=1e-4, rtol=1e-4)
+    pooled = (e @ projection.T) @ model.deprojection.T
+    torch.testing.assert_close(model.generate(pooled), model.generate(e), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -118,12 +119,6 @@ def test_generate_rejects_bad_embeddings(bad: torch.Tensor, match: str) -> None:
     model = make_model("vicinity-batch")
     with pytest.raises(ValueError, match=match):
         model.generate(bad)
-
-
-def test_from_projected_checks_the_projected_width() -> None:
-    model = make_model("vicinity-batch")
-    with pytest.raises(ValueError, match=rf"projected embeds must have shape \[B, {P}\]"):
-        model.generate(torch.zeros(2, D), from_projected=True)
 
 
 def test_forward_checks_hidden_shape() -> None:
@@ -158,6 +153,43 @@ def test_loading_reports_the_missing_file(tmp_path) -> None:
     (tmp_path / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=f"{tmp_path}.*model.safetensors"):
         load_deprojector(tmp_path)
+
+
+def truncate(path, keep: float = 0.5) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: truncate(f / "model.safetensors"),
+     r"model\.safetensors: incomplete or corrupt safetensors file \(.*\); save or train"),
+    (lambda f: (f / "model.safetensors").write_bytes(b""),
+     r"model\.safetensors: incomplete or corrupt safetensors file \(.*header too small"),
+    (lambda f: truncate(f / "config.json"),
+     r"config\.json:\d+: not valid JSON \(.*, column \d+\); the file is incomplete or corrupt"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "vicinity-batch"}'),
+     r"config\.json: missing keys hidden_size, projection_size \(a vicinity-batch config"),
+    (lambda f: (f / "config.json").write_text('["vicinity-batch"]'),
+     r"config\.json: expected a JSON object, found a list"),
+    (lambda f: (f / "config.json").write_text('{"model_type": "mlp", "hidden_size": 3}'),
+     r"config\.json: unknown model_type 'mlp'"),
+    (lambda f: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": "32"')),
+     r"config\.json: VicinityConfig\.hidden_size must be int, got '32'"),
+    (lambda f: (f / "config.json").write_text(
+        (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": 16')),
+     r"model\.safetensors: its tensors do not fit .*config\.json \(.*size mismatch"),
+])
+def test_a_damaged_deprojector_folder_names_the_file(tmp_path, damage, message) -> None:
+    from pipeline.errors import DeprojectorError
+    from pipeline.models import ModelFileError
+
+    make_model("vicinity-batch").save_pretrained(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ModelFileError, match=message) as caught:
+        load_deprojector(tmp_path)
+    assert isinstance(caught.value, DeprojectorError)  # the CLI prints one `error:` line
+    assert str(tmp_path) in str(caught.value)
 
 
 def test_loading_through_the_wrong_subclass_fails(tmp_path) -> None:

@@ -26,10 +26,23 @@ from pipeline.params import ParamsError, load_params, parse_params
     ({"models": {"a/b": {"type": "vicinity-batch"}}}, "models.a/b"),
     ({"captions": {"train_size": "many"}}, "captions.train_size"),
     ({"captions": {"trian_size": 3}}, "captions.trian_size"),
+    ({"captoins": {"train_size": 3}}, "captoins"),
+    ({"base": {"clip": "builtin", "sd": "some/sd"}}, "base"),
+    ({"base": {"clip": "some/clip"}}, "base"),
 ])
 def test_invalid_values_name_their_key(raw, key):
     with pytest.raises(ParamsError, match=re.escape(f"`{key}`")):
         parse_params(raw)
+
+
+def test_reserved_run_names_are_every_name_another_output_or_row_takes():
+    from pipeline.names import IMAGE_ROWS, RESERVED_RUN_NAMES
+
+    for name in ("null-baseline", "adherence", "image_prompts", "reference", "world", "base",
+                 *IMAGE_ROWS):
+        assert name in RESERVED_RUN_NAMES
+        with pytest.raises(ParamsError, match=re.escape(f"`models.{name}`")):
+            parse_params({"models": {name: {"type": "vicinity-batch"}}})
 
 
 def test_the_file_is_named(tmp_path):
@@ -55,7 +68,7 @@ def test_shards_of_another_base_model_are_refused(small_shards):
     from pipeline.train import build_model
     from tests.conftest import small_params
 
-    p = small_params(base={"clip": "openai/clip-vit-large-patch14"},
+    p = small_params(base={"clip": "openai/clip-vit-large-patch14", "sd": "some/sd"},
                      models={"transformer": {"type": "transformer"}})
     with pytest.raises(ShardError, match="extracted with base.clip='builtin'"):
         build_model("transformer", p, small_shards)
@@ -74,3 +87,110 @@ def test_params_survive_a_dvc_style_rewrite(tmp_path):
     # Unquoted, as a YAML writer may leave them.
     rewritten.write_text(yaml.safe_dump(raw, sort_keys=False).replace("'", ""))
     assert dataclasses.asdict(load_params(rewritten)) == dataclasses.asdict(original)
+
+
+FLOAT_SPELLINGS = ["1e-06", "1e-4", "5.0e-4", "1E5", ".5", "1.0e-3", "-1e3", "+.5", "2e+2",
+                   "1_000.5", "3."]
+
+
+@pytest.mark.parametrize("text", FLOAT_SPELLINGS)
+def test_every_float_param_takes_what_dvc_and_people_write(tmp_path, text):
+    """PyYAML (YAML 1.1) reads `1e-06` as a string; DVC (YAML 1.2) and we read a float."""
+    from dvc.utils.serialize import parse_yaml
+
+    value = parse_yaml(f"v: {text}\n", "dvc")["v"]
+    assert isinstance(value, float)  # what DVC itself makes of it
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  lr: {text}\n  mask_weight: {text.lstrip('-')}\n"
+                    f"world:\n  unet_lr: {text.lstrip('-')}\n"
+                    f"models:\n  vt:\n    type: transformer\n    train:\n      lr: {text}\n")
+    if value <= 0:  # lr must be positive: the check names the key, with the number read
+        with pytest.raises(ParamsError, match=rf"`train\.lr` must be positive, got {value}"):
+            load_params(path)
+        return
+    params = load_params(path)
+    assert params.train.lr == value and params.world.unet_lr == abs(value)
+    assert params.models["vt"].train == {"lr": value}
+
+
+def test_dvc_exp_run_set_param_round_trips(tmp_path):
+    """What `dvc exp run -S train.lr=0.000001 -S models.NAME.train.lr=...` writes loads back."""
+    from dvc.utils.serialize import dumps_yaml
+
+    from pipeline.sections import load_yaml
+
+    project_params = Path(__file__).resolve().parents[1] / "params.yaml"
+    raw = load_yaml(project_params.read_text())
+    raw["train"]["lr"] = 0.000001
+    name = next(iter(raw["models"]))
+    raw["models"][name].setdefault("train", {})["lr"] = 2e-7
+    text = dumps_yaml(raw)
+    assert "lr: 1e-06" in text and "lr: 2e-07" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    params = load_params(path)
+    assert params.train.lr == 1e-06 and params.models[name].train["lr"] == 2e-07
+    assert load_yaml("lrs: [1e-4, 2E-5, 7]\n") == {"lrs": [1e-4, 2e-5, 7]}  # lists too
+
+
+@pytest.mark.parametrize("text", ["fast", "1e-4x", "1.2.3", "e5", "'1e-4'"])
+def test_a_float_param_that_is_no_number_still_names_the_key(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"models:\n  vt:\n    type: transformer\n    train:\n      lr: {text}\n")
+    with pytest.raises(ParamsError, match=r"params\.yaml: params: `models\.vt\.train\.lr` must "
+                                          r"be float, got '"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("name", ["vb.v2", "a@b", "a:b", "a/b", "a b", "a$b", "-a", "a,b",
+                                  "a+b", "é"])
+def test_run_names_are_what_dvc_can_address(name):
+    with pytest.raises(ParamsError, match=re.escape(f"`models.{name}` must be a run name of "
+                                                    "letters, digits, '_' and '-'")
+                       + r".*'\.' would split the key"):
+        parse_params({"models": {name: {"type": "vicinity-batch"}}})
+
+
+def test_run_names_differing_only_in_case_are_refused():
+    models = {"VB": {"type": "vicinity-batch"}, "vb": {"type": "vicinity-batch"}}
+    with pytest.raises(ParamsError, match=r"`models\.vb` must be a run name that differs from "
+                                          r"'VB' in more than letter case"):
+        parse_params({"models": models})
+    assert list(parse_params({"models": {"vb_2": models["vb"], "vb-3": models["vb"]}}).models) \
+        == ["vb_2", "vb-3"]
+
+
+def test_every_run_name_in_params_yaml_is_a_valid_dvc_stage_name():
+    from dvc.stage.utils import is_valid_name
+
+    from pipeline.params import RUN_NAME
+
+    project = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    assert project.models and all(is_valid_name(n) for n in project.models)
+    # DVC refuses punctuation other than '_' and '-' in stage names; so do we. We refuse
+    # spaces as well: the name is a word of the stage's shell command.
+    for name in ("a.b", "a@b", "a:b", "a/b", "a,b", "a$b"):
+        assert not is_valid_name(name) and RUN_NAME.fullmatch(name) is None, name
+    assert is_valid_name("a b") and RUN_NAME.fullmatch("a b") is None
+    assert is_valid_name("ok_1-x") and RUN_NAME.fullmatch("ok_1-x")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("models:\n  vb: {type: vicinity-batch}\n  vb: {type: transformer}\n",
+     r"params\.yaml:3:3: not valid YAML \(duplicate key 'vb' \(first on line 2\)\)"),
+    ("train:\n  lr: 1e-3\n  epochs: 2\n  lr: 1e-4\n",
+     r"params\.yaml:4:3: not valid YAML \(duplicate key 'lr' \(first on line 2\)\)"),
+    ("train:\n  lr: [1, 2\n", r"params\.yaml:3:1: not valid YAML \(while parsing a flow"),
+    (b"train:\n  lr: 1e-3 # \xe9\n", r"params\.yaml:2: not valid UTF-8 \(byte offset 20: "
+                                     r"b'\\xe9'\)"),
+])
+def test_a_bad_params_file_names_line_and_column(tmp_path, content, message):
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+
+
+def test_a_folder_given_as_params_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"params\.yaml: is a folder, expected a params YAML"):
+        (tmp_path / "params.yaml").mkdir() or load_params(tmp_path / "params.yaml")

@@ -16,10 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.base_models import BaseModelError
+from pipeline.base_files import BaseModelError
 from pipeline.cli import app
 from pipeline.clip_encode import encode_texts
 from pipeline.conventions import combine_embeddings, interpolate_embeddings
+from pipeline.gap import run_gap_stage
 from pipeline.image_prompts import (
     GAP_FILE,
     ImagePromptError,
@@ -27,14 +28,13 @@ from pipeline.image_prompts import (
     ModalityGap,
     folder_pairs,
     load_image,
-    run_gap_stage,
-    scene_image,
 )
 from pipeline.models import build_deprojector
 from pipeline.prompt_encoder import ImagePart, PromptEncoder
-from pipeline.prompts import PromptError, WeightedPart, format_weighted, parse_weighted
+from pipeline.prompts import MAX_WEIGHT, PromptError, WeightedPart, parse_weighted
 from pipeline.world import scenes as world
-from tests.conftest import project_dir
+from pipeline.world.embedded import World
+from tests.conftest import project_dir, small_params
 
 # --- the grammar --------------------------------------------------------------------------
 
@@ -74,13 +74,15 @@ def test_parsing_never_crashes(prompt: str) -> None:
 
 words = st.text(st.characters(blacklist_characters=",:", blacklist_categories=("Cs",)),
                 min_size=1, max_size=10).filter(lambda t: t.strip() == t and t)
-weights = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6)
+weights = st.floats(allow_nan=False, allow_infinity=False, min_value=-MAX_WEIGHT,
+                    max_value=MAX_WEIGHT)
 
 
 @given(st.lists(st.tuples(words, st.one_of(st.none(), weights)), min_size=1, max_size=5))
 def test_weights_round_trip(parts: list[tuple[str, float | None]]) -> None:
     written = [WeightedPart(t, 1.0 if w is None else w, w is not None) for t, w in parts]
-    assert parse_weighted(format_weighted(written)) == written
+    prompt = ", ".join(f"{p.text}:{p.weight!r}" if p.explicit else p.text for p in written)
+    assert parse_weighted(prompt) == written
 
 
 # --- the formulas -------------------------------------------------------------------------
@@ -128,6 +130,9 @@ def test_modality_gap_moves_image_embeddings_onto_their_texts() -> None:
 
 # --- image prompts and the gap stage --------------------------------------------------------
 
+GAP_PARAMS = small_params(gap={"pairs": 48, "seed": 7})
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     """A project with an untrained deprojector and the micro-world's gap statistics."""
@@ -136,14 +141,16 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     torch.manual_seed(0)
     build_deprojector("vicinity-batch", clip.hidden_size, clip.projection_size, constants,
                       vicinity=2).eval().save_pretrained(work / "models" / "vb")
-    scene_image("red circle blue square white background", 0).save(work / "scene.png")
+    World.scene_for("red circle blue square white background", 0).save(work / "scene.png")
     (work / "params.yaml").write_text("render:\n  steps: 2\n")
     previous = os.getcwd()
     os.chdir(work)
     try:
-        run_gap_stage("builtin", 48, 7, "data/gap-pairs", Path("data/gap"))
+        run_gap_stage(GAP_PARAMS, Path("data/gap"))
     finally:
         os.chdir(previous)
+    # As training does: the deprojector carries its base CLIP's statistics.
+    (work / "models" / "vb" / GAP_FILE).write_bytes((work / "data" / "gap" / GAP_FILE).read_bytes())
     return work
 
 
@@ -162,7 +169,7 @@ def test_gap_stage_writes_statistics_and_is_deterministic(project, tmp_path) -> 
     assert gap.mean_image.shape == (width,) and gap.text_norm > 0
     os.chdir(project)
     try:
-        run_gap_stage("builtin", 48, 7, "data/gap-pairs", tmp_path / "again")
+        run_gap_stage(GAP_PARAMS, tmp_path / "again")
     finally:
         os.chdir(Path(__file__).parent.parent)
     assert (tmp_path / "again" / GAP_FILE).read_bytes() == \
@@ -170,7 +177,9 @@ def test_gap_stage_writes_statistics_and_is_deterministic(project, tmp_path) -> 
 
 
 def test_gap_without_pairs_for_a_real_clip_says_so(tmp_path) -> None:
-    summary = run_gap_stage("some/real-clip", 10, 7, str(tmp_path / "empty"), tmp_path / "gap")
+    params = small_params(base={"clip": "some/real-clip", "sd": "some/real-sd"},
+                          gap={"pairs": 10, "folder": str(tmp_path / "empty")})
+    summary = run_gap_stage(params, tmp_path / "gap")
     assert summary["computed"] is False and "--no-gap-correction" in summary["why"]
     assert not (tmp_path / "gap" / GAP_FILE).exists()
     with pytest.raises(ImagePromptError, match="no modality-gap statistics"):
@@ -200,6 +209,85 @@ def test_image_files_get_specific_errors(tmp_path) -> None:
         load_image(tmp_path / "grey.png")
 
 
+def header_only_png(width: int, height: int) -> bytes:
+    """A 45-byte PNG: signature, an IHDR claiming width × height RGB pixels, IEND."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + \
+            struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def sideways_jpeg(path: Path) -> None:
+    """A 40 × 20 picture, blue left half, stored as 20 × 40 with EXIF orientation 8 (turn
+    90° clockwise to show), as a phone writes a photo taken upright."""
+    upright = Image.new("RGB", (40, 20), "red")
+    upright.paste((0, 0, 255), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    upright.transpose(Image.Transpose.ROTATE_270).save(path, exif=exif, quality=95)
+
+
+def test_images_are_read_upright_as_their_exif_says(tmp_path) -> None:
+    sideways_jpeg(tmp_path / "photo.jpg")
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        assert stored.size == (20, 40)  # what Pillow decodes without the EXIF turn
+    image = load_image(tmp_path / "photo.jpg")
+    assert image.size == (40, 20) and image.mode == "RGB"
+    left, right = image.getpixel((5, 10)), image.getpixel((35, 10))
+    assert left[2] > 200 > left[0] and right[0] > 200 > right[2]
+    # gap.folder pairs are read by the same function.
+    (tmp_path / "photo.txt").write_text("a blue and red picture\n")
+    images, _ = folder_pairs(tmp_path, 10)
+    assert images[0].size == (40, 20) and images[0].getpixel((5, 10)) == left
+
+
+def test_a_header_claiming_a_giant_image_is_refused_naming_the_size(tmp_path) -> None:
+    from pipeline.image_prompts import MAX_IMAGE_PIXELS
+
+    (tmp_path / "bomb.png").write_bytes(header_only_png(20_000, 10_000))
+    assert len((tmp_path / "bomb.png").read_bytes()) == 45
+    with pytest.raises(ImagePromptError, match=r"image prompt '.*bomb\.png': its header claims "
+                       rf"200,000,000 pixels, more than the limit of {MAX_IMAGE_PIXELS:,}"):
+        load_image(tmp_path / "bomb.png")
+    # Between Pillow's limit and twice it Pillow only warns: refused too, with the size.
+    (tmp_path / "big.png").write_bytes(header_only_png(10_000, 9_000))
+    with pytest.raises(ImagePromptError, match=r"big\.png': its header claims 10000 × 9000 = "
+                                               r"90,000,000 pixels, more than the limit"):
+        load_image(tmp_path / "big.png")
+    (tmp_path / "big.txt").write_text("big")
+    with pytest.raises(ImagePromptError, match=r"gap\.folder image '.*big\.png': its header"):
+        folder_pairs(tmp_path, 10)
+
+
+def test_bad_gap_folder_files_name_the_file(tmp_path) -> None:
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"a red\nsq\xe9are\n")
+    with pytest.raises(ImagePromptError, match=r"a\.txt:2: not valid UTF-8 \(byte offset 8 "):
+        folder_pairs(tmp_path, 10)
+    (tmp_path / "a.txt").write_bytes(b"a red\x00square")
+    with pytest.raises(ImagePromptError, match=r"a\.txt:1: contains a NUL byte \(byte offset 5"):
+        folder_pairs(tmp_path, 10)
+    (tmp_path / "folder.png").mkdir()
+    with pytest.raises(ImagePromptError, match=r"'.*folder\.png': is a folder, expected an image"):
+        load_image(tmp_path / "folder.png")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"modality_gap\.safetensors: incomplete or corrupt safetensors file"),
+    (None, r"modality_gap\.safetensors: incomplete or corrupt .*run `deprojector gap` again"),
+])
+def test_a_damaged_gap_file_names_the_file(project, tmp_path, content, message) -> None:
+    data = (project / "data" / "gap" / GAP_FILE).read_bytes()
+    (tmp_path / GAP_FILE).write_bytes(data[:len(data) - 7] if content is None else content)
+    with pytest.raises(ImagePromptError, match=message):
+        ModalityGap.load(tmp_path)
+
+
 def test_a_clip_without_vision_tower_is_named(tmp_path, base_dir) -> None:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -227,14 +315,19 @@ def test_image_part_enters_pooled_space_through_the_gap_and_pinv(encoder, projec
     # Mixed with text parts and weights: Σ w_k (e_k − null) + null over all of them.
     null = encoder.deprojector.null
     text = encode_texts(encoder.clip, ["red circle"]).pooled
-    embeds, info = encoder.embedding("red circle:0.5", [ImagePart(project / "scene.png", 2.0)])
+    embeds = encoder.embedding("red circle:0.5", [ImagePart(project / "scene.png", 2.0)])
     torch.testing.assert_close(embeds, 0.5 * (text - null) + 2.0 * (expected - null) + null)
-    assert info.parts == ["red circle", f"image {project / 'scene.png'}"]
 
 
 def test_without_statistics_image_prompts_say_what_to_do(project, base_dir) -> None:
-    bare = PromptEncoder.from_pretrained(project / "models" / "vb", gap=project / "nowhere",
-                                         base_dir=base_dir)
+    with pytest.raises(ImagePromptError, match="no modality-gap statistics.*no-gap-correction"):
+        PromptEncoder.from_pretrained(project / "models" / "vb", clip="builtin",
+                                      gap=project / "nowhere", base_dir=base_dir)
+    folder = project / "models" / "vb-without-gap"  # as trained before the gap stage ran
+    folder.mkdir(exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((project / "models" / "vb" / name).read_bytes())
+    bare = PromptEncoder.from_pretrained(folder, clip="builtin", base_dir=base_dir)
     with pytest.raises(ImagePromptError, match="run `deprojector gap`.*no-gap-correction"):
         bare.encode_prompt("", [ImagePart(project / "scene.png")])
     embeds = bare.encode_prompt("", [ImagePart(project / "scene.png")], gap_correction=False)
@@ -272,7 +365,7 @@ def test_cli_interpolation_strip_equals_the_api(project, encoder) -> None:
                   "--t", "0", "--t", "0.5", "--t", "1", "--slerp", "-o", "strip.safetensors")
     assert result.exit_code == 0, result.output
     embeds = load_file(str(project / "strip.safetensors"))["prompt_embeds"]
-    start, end = encoder.embedding("red circle")[0], encoder.embedding("blue square")[0]
+    start, end = encoder.embedding("red circle"), encoder.embedding("blue square")
     torch.testing.assert_close(embeds, encoder.interpolate(start, end, [0, 0.5, 1], True))
     torch.testing.assert_close(embeds[0:1], encoder.encode_prompt("red circle"))
     result = _cli(project, "generate", "red circle", "-m", "models/vb", "--mix", "blue square",
@@ -281,12 +374,49 @@ def test_cli_interpolation_strip_equals_the_api(project, encoder) -> None:
     assert "2 images" in result.output and Image.open(project / "strip.png").width > 64
 
 
-def test_deprojector_encode_prompt_is_one_call(project, clip, encoder) -> None:
-    from pipeline.models import Deprojector
+def test_cli_negative_rows_match_the_prompt_rows(project, encoder) -> None:
+    """diffusers refuses negative_prompt_embeds of another shape than prompt_embeds."""
+    result = _cli(project, "encode", "red circle", "-m", "models/vb", "--mix", "blue square",
+                  "--t", "0", "--t", "0.5", "--t", "1", "--negative", "black background",
+                  "-o", "strip.safetensors")
+    assert result.exit_code == 0, result.output
+    saved = load_file(str(project / "strip.safetensors"))
+    assert saved["negative_prompt_embeds"].shape == saved["prompt_embeds"].shape
+    torch.testing.assert_close(saved["negative_prompt_embeds"],
+                               encoder.encode_negative("black background").expand(3, -1, -1))
 
-    model = Deprojector.from_pretrained(project / "models" / "vb")
-    torch.testing.assert_close(model.encode_prompt("red circle:1.2, blue square", clip=clip),
-                               encoder.encode_prompt("red circle:1.2, blue square"))
+
+def test_huge_weights_are_refused_before_they_reach_the_deprojector(encoder) -> None:
+    for prompt in ("red circle:1e30", "red circle:1e39", "red circle:-101"):
+        with pytest.raises(PromptError, match=r"outside \[-100, 100\]"):
+            encoder.encode_prompt(prompt)
+    with pytest.raises(PromptError, match=r"outside \[-100, 100\]"):
+        ImagePart("scene.png", 1e30)
+    # At the bound every architecture's states stay finite.
+    assert torch.isfinite(encoder.encode_prompt("red circle:100, blue square:-100")).all()
+
+
+def test_non_finite_states_are_an_error_not_a_black_picture(encoder) -> None:
+    with pytest.raises(PromptError, match="its pooled embedding is not finite"):
+        encoder.deproject(torch.full((1, encoder.clip.hidden_size), float("inf")))
+
+    class Overflowing(torch.nn.Module):  # what a deprojector far outside its range returns
+        null = encoder.deprojector.null
+
+        def check_base(self, *args) -> None:
+            pass
+
+        def generate(self, embeds: torch.Tensor) -> torch.Tensor:
+            return torch.full((len(embeds), 77, embeds.shape[-1]), float("nan"))
+
+    with pytest.raises(PromptError, match="the deprojector's states are not finite"):
+        encoder.with_deprojector(Overflowing()).encode_prompt("red circle")
+    from pipeline.generation import GenerationError, generate_images
+    from pipeline.params import RenderParams
+
+    nan = torch.full((1, 77, encoder.clip.hidden_size), float("nan"))
+    with pytest.raises(GenerationError, match="prompt_embeds contain NaN"):
+        generate_images(None, nan, nan, RenderParams())
 
 
 def test_negative_prompt_deprojected_or_ordinary(encoder) -> None:
@@ -305,6 +435,8 @@ def test_negative_prompt_deprojected_or_ordinary(encoder) -> None:
     (["x", "--mix", "y", "--t", "1.5"], "--t must lie in [0, 1], got 1.5"),
     (["x:2", "--no-deprojector"], "the weight of 'x' needs a deprojector"),
     (["x", "--image", "scene.png", "--gap", "nowhere"], "no modality-gap statistics"),
+    (["red circle:1e30"], "the weight 1e+30 is outside [-100, 100]"),
+    (["red circle:1e39"], "the weight 1e+39 is outside [-100, 100]"),
 ])
 def test_cli_errors_are_one_clear_line(project, args: list[str], message: str) -> None:
     result = _cli(project, "encode", *args, "-m", "models/vb", "-o", "e.safetensors")
@@ -313,26 +445,83 @@ def test_cli_errors_are_one_clear_line(project, args: list[str], message: str) -
     assert "Traceback" not in result.output
 
 
+def test_cli_bad_image_model_and_gap_files_are_one_clear_line(project, tmp_path) -> None:
+    import shutil
+
+    (project / "bomb.png").write_bytes(header_only_png(20_000, 10_000))
+    shutil.copytree(project / "models" / "vb", project / "models" / "vb-cut")
+    weights = project / "models" / "vb-cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    shutil.copytree(project / "data" / "gap", project / "gap-cut")
+    (project / "gap-cut" / GAP_FILE).write_bytes(b"\x08\x00\x00")
+    for args, message in [
+        (["--image", "bomb.png"], "image prompt 'bomb.png': its header claims 200,000,000 pixels"),
+        (["-m", "models/vb-cut"], "models/vb-cut/model.safetensors: incomplete or corrupt "
+                                  "safetensors file"),
+        (["--image", "scene.png", "--gap", "gap-cut"],
+         "gap-cut/modality_gap.safetensors: incomplete or corrupt safetensors file"),
+    ]:
+        if "-m" not in args:
+            args = [*args, "-m", "models/vb"]
+        result = _cli(project, "encode", "x", *args, "-o", "e.safetensors")
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and result.output.count("\n") == 1
+        assert message in result.output, result.output
+
+
 def test_scene_image_has_what_the_prompt_states() -> None:
-    image = scene_image("red circle blue square white background", 3)
+    image = World.scene_for("red circle blue square white background", 3)
     assert image.size == (world.IMAGE_SIZE, world.IMAGE_SIZE) and image.mode == "RGB"
     assert image.getpixel((0, 0)) == world.COLORS["white"]  # the background, in a corner
 
 
-def test_readme_python_example_runs(project, tmp_path) -> None:
-    """The README's Python API example, run as written in a project with the micro-world."""
+def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch) -> None:
+    """The README's Python API example, as written, from a directory outside the repository:
+    a deprojector saved for the committed world's CLIP (`builtin`) finds its base and its
+    modality-gap statistics on its own."""
+    from pipeline.base_models import load_clip
+    from pipeline.extract import compute_constants
+    from pipeline.train import record_base
+    from pipeline.world.config import CHECKOUT_WORLD_DIR
+
+    if not (CHECKOUT_WORLD_DIR / "sd").is_dir():
+        pytest.skip("the committed world is not in this checkout")
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     example = next(block.split("```")[0] for block in readme.split("```python\n")[1:]
                    if "PromptEncoder.from_pretrained" in block)
-    (project / "models" / "vicinity-batch").mkdir(exist_ok=True)
-    for item in (project / "models" / "vb").iterdir():
-        (project / "models" / "vicinity-batch" / item.name).write_bytes(item.read_bytes())
-    previous = os.getcwd()
-    os.chdir(project)
-    try:
-        scope: dict = {}
-        exec(compile(example, "README.md", "exec"), scope)
-    finally:
-        os.chdir(previous)
-    assert (project / "weighted.png").is_file() and len(scope["images"]) == 4
+    project = tmp_path / "project"  # stands in for the repository folder
+    (project / "models" / "world").mkdir(parents=True)
+    (project / "models" / "world" / "sd").symlink_to(CHECKOUT_WORLD_DIR / "sd")
+    clip = load_clip("builtin", base_dir=CHECKOUT_WORLD_DIR)
+    torch.manual_seed(0)
+    model = build_deprojector("vicinity-batch", clip.hidden_size, clip.projection_size,
+                              compute_constants(clip), vicinity=2).eval()
+    record_base(model, "builtin")
+    model.save_pretrained(project / "models" / "vicinity-batch")
+    ModalityGap.measure(torch.randn(8, clip.projection_size), torch.randn(8, clip.projection_size)
+                        ).save(project / "models" / "vicinity-batch" / GAP_FILE)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    setup = 'project = Path(".")'
+    assert setup in example
+    scope: dict = {}
+    exec(compile(example.replace(setup, f"project = Path({str(project)!r})"), "README.md",
+                 "exec"), scope)
+    assert (elsewhere / "weighted.png").is_file() and len(scope["images"]) == 4
     assert scope["strip"].shape[0] == 3
+    assert scope["encoder"].deprojector.config.base_clip == "builtin"
+
+
+def test_a_deprojector_refuses_another_clip_of_the_same_width(project, base_dir) -> None:
+    from pipeline.models import BaseMismatchError, load_deprojector
+    from pipeline.train import record_base
+
+    model = load_deprojector(project / "models" / "vb")
+    record_base(model, "builtin")  # in the project: the micro-world's CLIP
+    model.config.base_fingerprint = "0" * 64  # as if trained on another CLIP of this width
+    model.save_pretrained(project / "other")
+    with pytest.raises(BaseMismatchError, match="trained on the base CLIP 'builtin'"):
+        PromptEncoder.from_pretrained(project / "other", base_dir=base_dir)
+    result = _cli(project, "encode", "red circle", "-m", "other", "-o", "x.safetensors")
+    assert result.exit_code == 2 and "not on this one" in result.output

@@ -1,4 +1,4 @@
-"""Prompt parsing and the conditioning built from it (docs/architectures.md)."""
+"""Prompt parsing and the conditioning `PromptEncoder` builds from it (docs/architectures.md)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from pipeline.base_models import MAX_LENGTH
 from pipeline.clip_encode import encode_texts
+from pipeline.conventions import MAX_LENGTH
 from pipeline.models import build_deprojector
-from pipeline.prompts import PromptError, conditioning, split_prompt, truncated_text
+from pipeline.prompt_encoder import PromptEncoder, truncated_text
+from pipeline.prompts import PromptError, parse_weighted
 
 
 @pytest.fixture(scope="module")
@@ -22,41 +23,50 @@ def deprojector(clip, small_shards):
                              constants).eval()
 
 
-def test_split_prompt_strips_and_drops_empty_parts() -> None:
-    assert split_prompt("cat, maid") == ["cat", "maid"]
-    assert split_prompt("  1girl ,red hair,, ,blue eye,  ") == ["1girl", "red hair", "blue eye"]
-    assert split_prompt("cat maid") == ["cat maid"]
+@pytest.fixture(scope="module")
+def encoder(clip, deprojector) -> PromptEncoder:
+    return PromptEncoder(clip, deprojector)
+
+
+def texts(prompt: str) -> list[str]:
+    return [part.text for part in parse_weighted(prompt)]
+
+
+def test_parts_are_stripped_and_empty_parts_dropped() -> None:
+    assert texts("cat, maid") == ["cat", "maid"]
+    assert texts("  1girl ,red hair,, ,blue eye,  ") == ["1girl", "red hair", "blue eye"]
+    assert texts("cat maid") == ["cat maid"]
 
 
 @pytest.mark.parametrize("prompt", ["", "   ", ",", " , ,\t,\n"])
 def test_prompt_without_text_is_an_error(prompt: str) -> None:
     with pytest.raises(PromptError, match="has no text"):
-        split_prompt(prompt)
+        parse_weighted(prompt)
     assert issubclass(PromptError, ValueError)
 
 
 def test_unicode_and_emoji() -> None:
-    assert split_prompt("猫, メイド 🐱 ,  café") == ["猫", "メイド 🐱", "café"]
+    assert texts("猫, メイド 🐱 ,  café") == ["猫", "メイド 🐱", "café"]
 
 
-non_comma_text = st.text(st.characters(blacklist_characters=","), max_size=12)
+plain_text = st.text(st.characters(blacklist_characters=",:"), max_size=12)
 
 
-@given(st.lists(non_comma_text.filter(str.strip), min_size=1, max_size=6),
+@given(st.lists(plain_text.filter(str.strip), min_size=1, max_size=6),
        st.lists(st.sampled_from(["", " ", "  ", "\t", ", ", ",,"]), min_size=7, max_size=7))
-def test_split_prompt_recovers_joined_parts(parts: list[str], padding: list[str]) -> None:
+def test_parts_are_recovered_from_joined_text(parts: list[str], padding: list[str]) -> None:
     # Any mix of extra whitespace and empty parts around the commas is ignored.
     prompt = padding[0] + ",".join(p + padding[k + 1] for k, p in enumerate(parts))
-    assert split_prompt(prompt) == [p.strip() for p in parts]
+    assert texts(prompt) == [p.strip() for p in parts]
 
 
-@given(st.text(max_size=40))
-def test_split_prompt_keeps_every_character_but_commas_and_edge_space(prompt: str) -> None:
+@given(st.text(st.characters(blacklist_characters=":"), max_size=40))
+def test_parsing_keeps_every_character_but_commas_and_edge_space(prompt: str) -> None:
     def squeeze(text: str) -> str:
         return "".join(text.split())
 
     try:
-        parts = split_prompt(prompt)
+        parts = texts(prompt)
     except PromptError:
         assert not squeeze(prompt.replace(",", ""))
         return
@@ -66,46 +76,54 @@ def test_split_prompt_keeps_every_character_but_commas_and_edge_space(prompt: st
 
 
 def test_reference_is_the_ordinary_clip_state(clip) -> None:
-    embeds, info = conditioning("cat, maid", clip, None)
-    assert info.mode == "reference"
+    embeds = PromptEncoder(clip).encode_prompt("cat, maid", deproject=False)
     assert torch.equal(embeds, encode_texts(clip, ["cat, maid"]).hidden)
 
 
-def test_combine_adds_the_parts_relative_to_null(clip, deprojector) -> None:
+def test_combine_adds_the_parts_relative_to_null(clip, deprojector, encoder) -> None:
     null = deprojector.null
     pooled = encode_texts(clip, ["cat", "maid"]).pooled
-    embeds, info = conditioning(" cat ,maid,", clip, deprojector, combine=True)
-    assert info.parts == ["cat", "maid"] and info.mode == "combined"
+    embedding = encoder.embedding(" cat ,maid,")
     expected = (pooled[0] - null) + (pooled[1] - null) + null
-    torch.testing.assert_close(info.embeds[0], expected)
-    assert torch.equal(embeds, deprojector.generate(info.embeds))
+    torch.testing.assert_close(embedding[0], expected)
+    embeds = encoder.encode_prompt(" cat ,maid,")
+    assert torch.equal(embeds, deprojector.generate(embedding))
     assert embeds.shape == (1, MAX_LENGTH, clip.hidden_size)
 
 
-def test_without_combine_the_whole_prompt_is_deprojected(clip, deprojector) -> None:
-    _, info = conditioning("cat, maid", clip, deprojector, combine=False)
-    assert info.mode == "whole"
-    torch.testing.assert_close(info.embeds, encode_texts(clip, ["cat, maid"]).pooled)
+def test_without_combine_the_whole_prompt_is_deprojected(clip, encoder) -> None:
+    torch.testing.assert_close(encoder.embedding("cat, maid", combine=False),
+                               encode_texts(clip, ["cat, maid"]).pooled)
 
 
-def test_unicode_prompt_is_encoded(clip, deprojector) -> None:
-    embeds, info = conditioning("猫, メイド 🐱", clip, deprojector)
-    assert info.parts == ["猫", "メイド 🐱"]
+def test_weights_need_the_combined_mode(clip, encoder) -> None:
+    for call in (lambda: encoder.encode_prompt("cat:2", combine=False),
+                 lambda: encoder.encode_prompt("cat:2", deproject=False)):
+        with pytest.raises(PromptError, match="the weight of 'cat' needs a deprojector"):
+            call()
+
+
+def test_the_reference_encoder_has_no_deprojector(clip) -> None:
+    with pytest.raises(PromptError, match="no deprojector"):
+        PromptEncoder(clip).encode_prompt("cat")
+
+
+def test_unicode_prompt_is_encoded(clip, encoder) -> None:
+    embeds = encoder.encode_prompt("猫, メイド 🐱")
     assert embeds.shape == (1, MAX_LENGTH, clip.hidden_size)
     assert torch.isfinite(embeds).all()
 
 
-@pytest.mark.parametrize("use_deprojector", [False, True])
-def test_over_long_part_is_truncated_with_a_warning(clip, deprojector,
-                                                    use_deprojector: bool) -> None:
+@pytest.mark.parametrize("deproject", [False, True])
+def test_over_long_part_is_truncated_with_a_warning(clip, deprojector, deproject: bool) -> None:
     long_part = " ".join(["red hair"] * 50) + " zebra"
     assert truncated_text(clip, "cat") == ""
     cut = truncated_text(clip, long_part)
     assert cut.endswith("zebra") and len(cut) < len(long_part)
+    encoder = PromptEncoder(clip, deprojector)
     with pytest.warns(UserWarning, match="cut off: .*zebra"):
-        embeds, info = conditioning(f"cat, {long_part}", clip,
-                                    deprojector if use_deprojector else None)
+        embeds = encoder.encode_prompt(f"cat, {long_part}", deproject=deproject)
     # With a deprojector only the long part is cut; the reference encodes the whole prompt.
-    cut_text = long_part if use_deprojector else f"cat, {long_part}"
-    assert info.cut == {cut_text: truncated_text(clip, cut_text)}
+    cut_text = long_part if deproject else f"cat, {long_part}"
+    assert encoder.cut == {cut_text: truncated_text(clip, cut_text)}
     assert embeds.shape == (1, MAX_LENGTH, clip.hidden_size)

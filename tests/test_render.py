@@ -16,25 +16,21 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline import params as params_module
-from pipeline.base_models import MAX_LENGTH
 from pipeline.cli import app
 from pipeline.clip_encode import encode_texts
+from pipeline.conventions import MAX_LENGTH
+from pipeline.drawing import MIN_CELL
+from pipeline.gap import run_gap_stage
 from pipeline.generation import SCHEDULERS, load_pipeline
 from pipeline.image_metrics import PSNR_CAP_DB
-from pipeline.image_prompts import run_gap_stage
 from pipeline.jsonio import round_floats
 from pipeline.models import build_deprojector
+from pipeline.names import IMAGE_ROWS, REFERENCE
 from pipeline.params import ParamsError, load_params, parse_params
-from pipeline.prompts import negative_conditioning
-from pipeline.render import (
-    IMAGE_ROWS,
-    MIN_CELL,
-    REFERENCE,
-    RenderError,
-    render_column,
-    run_render_stage,
-)
-from tests.conftest import project_dir
+from pipeline.prompt_encoder import PromptEncoder
+from pipeline.render import RenderError, render_column, run_render_stage
+from pipeline.world.embedded import World
+from tests.conftest import project_dir, small_params
 
 SIZE = 16  # px: the smallest image SSIM's 11 x 11 window fits comfortably
 RENDER = {"steps": 2, "height": SIZE, "width": SIZE, "seed": 3, "interpolation_steps": 3,
@@ -72,7 +68,7 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER, "models": RUNS},
                                                      sort_keys=False))  # rows in this order
     with in_dir(work):  # modality-gap statistics for the image-prompt rows
-        run_gap_stage("builtin", 32, 7, "data/gap-pairs", work / "data" / "gap")
+        run_gap_stage(small_params(gap={"pairs": 32, "seed": 7}), work / "data" / "gap")
     return work
 
 
@@ -121,9 +117,6 @@ def test_stage_writes_every_output(project, rendered) -> None:
 
 
 def test_world_extras_image_prompt_rows_and_interpolation(project, rendered, base_dir) -> None:
-    from pipeline.image_prompts import scene_image
-    from pipeline.prompt_encoder import PromptEncoder
-
     reports = project / "reports"
     curves = json.loads((reports / "interpolation.json").read_text())
     assert list(curves) == list(RUN_NAMES)
@@ -141,8 +134,8 @@ def test_world_extras_image_prompt_rows_and_interpolation(project, rendered, bas
     # The image-prompt row is the showcase run (the first) deprojecting the drawn scene of its
     # column, exactly what the Python API gives for that scene.
     column = rendered.columns["single"][2]
-    scene = scene_image(column.prompt, RENDER["seed"])
-    encoder = PromptEncoder.from_pretrained(project / "models" / RUN_NAMES[0],
+    scene = World.scene_for(column.prompt, RENDER["seed"])
+    encoder = PromptEncoder.from_pretrained(project / "models" / RUN_NAMES[0], clip="builtin",
                                             gap=project / "data" / "gap", base_dir=base_dir)
     expected = encoder.deprojector.generate(encoder.image_embedding([scene]))
     torch.testing.assert_close(column.conds["image prompt"], expected)
@@ -184,18 +177,25 @@ class EchoDeprojector:
         encoded = encode_texts(clip, [prompt, ""])
         self.hidden, self.null = encoded.hidden[:1], encoded.pooled[1]
 
-    def check_base(self, hidden_size: int, projection_size: int) -> None:
+    def check_base(self, hidden_size: int, projection_size: int, fingerprint: str) -> None:
         pass
 
     def generate(self, embeds: torch.Tensor) -> torch.Tensor:
         return self.hidden
 
 
+def echo_encoders(clip, prompt: str) -> dict[str, PromptEncoder]:
+    reference = PromptEncoder(clip)
+    return {REFERENCE: reference,
+            "echo": reference.with_deprojector(EchoDeprojector(clip, prompt))}
+
+
 def test_exact_conditioning_scores_perfect_fidelity(clip, pipe) -> None:
     r = parse_params({"render": RENDER}).render
     prompt = "1girl red hair"
-    column = render_column(pipe, clip, {"echo": EchoDeprojector(clip, prompt)}, prompt,
-                           False, negative_conditioning(clip), r)
+    encoders = echo_encoders(clip, prompt)
+    column = render_column(pipe, encoders, prompt, False,
+                           encoders[REFERENCE].encode_negative("", deproject=False), r)
     scores = column.fidelity("echo")
     assert scores["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert scores["ssim"] == pytest.approx(1.0, abs=1e-12)
@@ -205,8 +205,9 @@ def test_exact_conditioning_scores_perfect_fidelity(clip, pipe) -> None:
 def test_images_are_deterministic(clip, pipe, rendered) -> None:
     r = parse_params({"render": RENDER}).render
     first = rendered.columns["single"][0]
-    models = {"echo": EchoDeprojector(clip, first.prompt)}
-    again = render_column(pipe, clip, models, first.prompt, False, negative_conditioning(clip), r)
+    encoders = echo_encoders(clip, first.prompt)
+    again = render_column(pipe, encoders, first.prompt, False,
+                          encoders[REFERENCE].encode_negative("", deproject=False), r)
     assert again.images[REFERENCE].tobytes() == first.images[REFERENCE].tobytes()
 
 
@@ -224,6 +225,19 @@ def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> Non
 def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
     with in_dir(project_dir(tmp_path, base_dir)), pytest.raises(RenderError, match="evaluate"):
         run_render_stage(parse_params({"render": RENDER}))
+
+
+def test_a_cut_metrics_file_names_the_file(tmp_path) -> None:
+    from pipeline.render import read_metrics
+
+    (tmp_path / "null-baseline.json").write_text('{"cosine": 0.5}')
+    (tmp_path / "vb.json").write_text('{"cosine": 0.')
+    with pytest.raises(RenderError, match=r"vb\.json:1: not valid JSON \(.*\); the file is "
+                                          r"incomplete or corrupt; rerun `deprojector evaluate`"):
+        read_metrics(tmp_path, ["vb"])
+    (tmp_path / "vb.json").write_text("[1, 2]")
+    with pytest.raises(RenderError, match=r"vb\.json: expected a JSON object, found a list"):
+        read_metrics(tmp_path, ["vb"])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 vs diffusers' euler-a

@@ -12,7 +12,7 @@ import torch
 
 from pipeline import train as train_module
 from pipeline.evaluate import run_evaluate_stage
-from pipeline.image_prompts import run_gap_stage
+from pipeline.gap import run_gap_stage
 from pipeline.jsonio import round_floats
 from pipeline.models import ARCHITECTURES, load_deprojector
 from pipeline.params import ParamsError
@@ -94,7 +94,7 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project):
     for name in names:
         train_model(name, params(runs, epochs=1))
     assert load_deprojector(project / "models" / "vicinity-batch-v2").config.vicinity == 2
-    run_gap_stage("builtin", 32, 7, "data/gap-pairs", Path("data/gap"))  # for image prompts
+    run_gap_stage(small_params(gap={"pairs": 32, "seed": 7}), Path("data/gap"))  # images
     first = run_evaluate_stage(params(runs))
     second = run_evaluate_stage(params(runs))
     assert first == second
@@ -197,3 +197,16 @@ def test_a_run_may_override_train_settings(project):
     bad = params({"vb-free": {"type": "vicinity-batch", "train": {"rollout": -1}}})
     with pytest.raises(ParamsError, match=r"models\.vb-free\.train: .*`train\.rollout`"):
         train_model("vb-free", bad)
+
+
+def test_a_cut_checkpoint_is_ignored_and_training_starts_over(project, capsys):
+    checkpoint = project / "data" / "checkpoints" / "vicinity-batch.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"fingerprint": "x", "model": {"w": torch.zeros(1000)}}, checkpoint)
+    assert train_module.read_checkpoint(checkpoint, "cpu") is None  # keys missing
+    checkpoint.write_bytes(checkpoint.read_bytes()[:300])
+    assert train_module.read_checkpoint(checkpoint, "cpu") is None
+    history = train_model("vicinity-batch", params(epochs=1))
+    assert [h["epoch"] for h in history] == [1]
+    assert f"vicinity-batch: {checkpoint.relative_to(project)} is incomplete or corrupt; " \
+           "starting over" in capsys.readouterr().out

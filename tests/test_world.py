@@ -195,3 +195,40 @@ def test_an_interrupted_part_resumes_to_the_same_weights(tmp_path, monkeypatch):
     name = "vae/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "clean" / name).read_bytes() == \
         (tmp_path / "interrupted" / name).read_bytes()
+
+
+@pytest.mark.parametrize("name, keep, message", [
+    ("model.safetensors", 0.5, r"judge/model\.safetensors: incomplete or corrupt safetensors "
+                               r"file .*; rebuild the world"),
+    ("config.json", 0.5, r"judge/config\.json:\d+: not valid JSON .*incomplete or corrupt"),
+])
+def test_a_damaged_judge_names_the_file(tmp_path, base_dir, name, keep, message):
+    import shutil
+
+    from pipeline.errors import DeprojectorError
+    from pipeline.world.judge import Judge
+
+    folder = tmp_path / "judge"
+    shutil.copytree(base_dir / "judge", folder)
+    data = (folder / name).read_bytes()
+    (folder / name).write_bytes(data[:int(len(data) * keep)])
+    with pytest.raises(DeprojectorError, match=message):
+        Judge.from_pretrained(folder)
+
+
+def test_a_cut_world_checkpoint_or_marker_means_redoing_the_part(tmp_path, capsys):
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.Adam(model.parameters())
+    checkpoint = tmp_path / "part.pt"
+    checkpoint.write_bytes(b"PK\x03\x04cut short")
+    losses = loop.train_steps("part", {"m": model}, optimizer, 3, 1e-3,
+                              lambda step: model(torch.ones(1, 2)).square().sum(), checkpoint)
+    assert len(losses) == 3
+    assert f"part: {checkpoint} is incomplete or corrupt; starting over" in capsys.readouterr().out
+    build = WorldBuild(MICRO, tmp_path / "work")
+    (tmp_path / "work" / "vae").mkdir(parents=True)
+    build.mark_done("vae", {"steps": 1})
+    assert build.done("vae")
+    marker = tmp_path / "work" / "vae" / "done.json"
+    marker.write_text(marker.read_text()[:10])
+    assert not build.done("vae")

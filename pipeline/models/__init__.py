@@ -15,18 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.conventions import CONSTANT_NAMES
 from pipeline.models.base import (
     ARCHITECTURES,
-    CONSTANTS,
+    BaseMismatchError,
     Deprojector,
     DeprojectorConfig,
+    ModelFileError,
 )
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 # Config fields that come from the base model and the architecture, never from params.
-FIXED_FIELDS = ("model_type", "hidden_size", "projection_size")
+FIXED_FIELDS = ("model_type", "hidden_size", "projection_size", "base_clip", "base_fingerprint")
 
 
 def architecture(model_type: str) -> type[Deprojector]:
@@ -69,9 +71,10 @@ def build_deprojector(
     """
     model_class = architecture(model_type)
     check_hyperparameters(model_type, hparams)
-    if sorted(constants) != sorted(CONSTANTS):
+    if sorted(constants) != sorted(CONSTANT_NAMES):
         raise ValueError(
-            f"constants must be exactly {', '.join(CONSTANTS)}, got {', '.join(sorted(constants))}"
+            f"constants must be exactly {', '.join(CONSTANT_NAMES)}, "
+            f"got {', '.join(sorted(constants))}"
         )
     if base is not None:
         text_model = getattr(base, "text_model", base)  # CLIPTextModelWithProjection wraps it
@@ -92,9 +95,10 @@ def load_deprojector(path: str | Path, device: str | torch.device = "cpu") -> De
 
 __all__ = [
     "ARCHITECTURES",
-    "CONSTANTS",
+    "BaseMismatchError",
     "Deprojector",
     "DeprojectorConfig",
+    "ModelFileError",
     "architecture",
     "build_deprojector",
     "check_hyperparameters",

@@ -19,16 +19,25 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
-from pipeline.conventions import CONSTANT_NAMES
+from pipeline.errors import DeprojectorError, read_json, read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-# The base model's constants every deprojector carries (set_constants), by name.
-CONSTANTS = CONSTANT_NAMES
+
+class BaseMismatchError(DeprojectorError, ValueError):
+    """A deprojector used with a base CLIP other than the one it was trained on."""
+
+
+
+
+class ModelFileError(DeprojectorError, ValueError):
+    """A deprojector folder's config.json or model.safetensors is corrupt, incomplete or does
+    not describe a model this version can build; the message names the file."""
+
 
 # Activations by the names CLIP's config uses for `hidden_act` ("quick_gelu", "gelu", ...).
 ACTIVATIONS = ACT2FN
@@ -65,6 +74,10 @@ class DeprojectorConfig:
     hidden_size: int  # D: width of the CLIP text model
     projection_size: int  # P: width of text_embeds / image_embeds
     num_positions: int = 77
+    # The base CLIP it was trained on (`builtin`, a hub id or a folder) and the fingerprint of
+    # that CLIP's files (pipeline.base_files.clip_fingerprint); "" when not recorded.
+    base_clip: str = ""
+    base_fingerprint: str = ""
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -196,37 +209,31 @@ class Deprojector(nn.Module):
         return self._with_sos(states)
 
     @torch.no_grad()
-    def generate(self, embeds: torch.Tensor, from_projected: bool = False) -> torch.Tensor:
-        """Hidden states [B,77,D] from pooled embeddings [B,D] (or projected ones [B,P])."""
-        if from_projected:
-            embeds = self._check_embeds(embeds, self.config.projection_size, "projected embeds")
-            # text_embeds = pooled @ W.T, so pooled = text_embeds @ pinv(W).T.
-            embeds = embeds @ self.deprojection.T
-        else:
-            embeds = self._check_embeds(embeds, self.config.hidden_size, "embeds")
+    def generate(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B,77,D] from pooled embeddings [B,D]."""
+        embeds = self._check_embeds(embeds, self.config.hidden_size, "embeds")
         return self._with_sos(self.generate_states(embeds - self.null))
 
-    def encode_prompt(self, prompt: str, clip: Any = "builtin") -> torch.Tensor:
-        """prompt_embeds [1, 77, D] of a (weighted) prompt, for
-        StableDiffusionPipeline(prompt_embeds=...). clip: a loaded ClipText or a base.clip
-        name. Image parts, interpolation and negatives: pipeline.PromptEncoder."""
-        from pipeline.base_models import load_clip
-        from pipeline.prompt_encoder import PromptEncoder
-
-        text = load_clip(clip, device=str(self.null.device)) if isinstance(clip, str) else clip
-        return PromptEncoder(text, self).encode_prompt(prompt)
-
-    def check_base(self, hidden_size: int, projection_size: int) -> None:
-        """Raise if this deprojector does not fit a base model of the given widths."""
+    def check_base(self, hidden_size: int, projection_size: int,
+                   fingerprint: str | None = None) -> None:
+        """Raise BaseMismatchError unless this deprojector fits a base CLIP of these widths
+        and, where both are known, of this fingerprint."""
         for what, trained, base in (
             ("D", self.config.hidden_size, hidden_size),
             ("P", self.config.projection_size, projection_size),
         ):
             if trained != base:
-                raise ValueError(
+                raise BaseMismatchError(
                     f"deprojector in {self.name_or_path} was trained for {what}={trained}, "
-                    f"base model has {what}={base}"
-                )
+                    f"base model has {what}={base}; retrain it or use its base CLIP "
+                    f"({self.config.base_clip or 'not recorded'})")
+        recorded = self.config.base_fingerprint
+        if fingerprint and recorded and fingerprint != recorded:
+            raise BaseMismatchError(
+                f"deprojector in {self.name_or_path} was trained on the base CLIP "
+                f"{self.config.base_clip!r} (fingerprint {recorded[:12]}), not on this one "
+                f"(fingerprint {fingerprint[:12]}): same widths, other weights or tokenizer. "
+                "Use its base CLIP or retrain it on this one")
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         folder = Path(save_directory)
@@ -238,24 +245,41 @@ class Deprojector(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Deprojector:
         """Load any saved deprojector (dispatching on model_type), in eval mode."""
-        from pipeline.models import ARCHITECTURES  # filled once every architecture is imported
-
+        # ARCHITECTURES is complete here: importing this module imports the package first,
+        # whose __init__ imports every architecture.
         folder = Path(path)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"no deprojector in {folder}: {name} is missing")
-        raw = json.loads((folder / CONFIG_FILE).read_text())
+        config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        advice = "save or train the deprojector again (`deprojector train NAME`)"
+        raw = read_json(config_file, ModelFileError, advice)
         model_type = raw.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(
-                f"{folder / CONFIG_FILE}: unknown model_type {model_type!r} "
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise ModelFileError(
+                f"{config_file}: unknown model_type {model_type!r} "
                 f"(known: {', '.join(ARCHITECTURES)})"
             )
         model_class = ARCHITECTURES[model_type]
         if not issubclass(model_class, cls):
-            raise ValueError(f"{folder} holds a {model_type!r} model, not a {cls.__name__}")
-        model = model_class(model_class.config_class.from_dict(raw))
-        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            raise ModelFileError(f"{folder} holds a {model_type!r} model, not a {cls.__name__}")
+        config_class = model_class.config_class
+        missing = [f.name for f in dataclasses.fields(config_class)
+                   if f.default is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise ModelFileError(f"{config_file}: missing keys {', '.join(missing)} (a "
+                                 f"{model_type} config needs them); {advice}")
+        try:
+            model = model_class(config_class.from_dict(raw))
+        except (TypeError, ValueError) as err:
+            raise ModelFileError(f"{config_file}: {err}; {advice}") from err
+        tensors = read_safetensors(weights_file, ModelFileError, advice)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as err:
+            detail = " ".join(str(err).split())
+            raise ModelFileError(f"{weights_file}: its tensors do not fit {config_file} "
+                                 f"({detail}); {advice}") from err
         model.name_or_path = str(folder)
         return model.to(device).eval()
 

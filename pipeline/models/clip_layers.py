@@ -1,8 +1,9 @@
 """What the architectures that start from CLIP's encoder layers share (no architecture here).
 
 `clip_shape` reads the hyperparameters that must match the base CLIP text model,
-`check_clip_shape` refuses a base model of another shape, and `split_heads` reshapes for
-multi-head attention. See docs/architectures.md.
+`check_clip_layer_config` checks those settings, `check_clip_shape` refuses a base model of
+another shape, and `split_heads` reshapes for multi-head attention. See
+docs/architectures.md.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from pipeline.models.base import check_activation
 
 # Our config field -> the CLIP text config attribute it must equal to copy CLIP's weights.
 CLIP_FIELDS = {
@@ -24,6 +27,18 @@ CLIP_FIELDS = {
 def clip_shape(text_config: Any) -> dict[str, Any]:
     """The CLIP text config's values of CLIP_FIELDS, under our names."""
     return {ours: getattr(text_config, theirs) for ours, theirs in CLIP_FIELDS.items()}
+
+
+def check_clip_layer_config(config: Any) -> None:
+    """Raise if the CLIP-layer settings of `config` (CLIP_FIELDS) cannot build a layer."""
+    if config.num_heads < 1 or config.hidden_size % config.num_heads:
+        raise ValueError(f"num_heads={config.num_heads} must be >= 1 and divide "
+                         f"hidden_size={config.hidden_size}")
+    if config.intermediate_size < 1:
+        raise ValueError(f"intermediate_size must be >= 1, got {config.intermediate_size}")
+    if config.layer_norm_eps <= 0:
+        raise ValueError(f"layer_norm_eps must be > 0, got {config.layer_norm_eps}")
+    check_activation(config.activation)
 
 
 def check_clip_shape(config: Any, text_model: nn.Module, layers: int = 1) -> None:

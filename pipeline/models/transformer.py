@@ -28,11 +28,16 @@ from pipeline.models.base import (
     Deprojector,
     DeprojectorConfig,
     Linear,
-    check_activation,
     few_rows_linear,
     register,
 )
-from pipeline.models.clip_layers import check_clip_shape, clip_shape, copy_module, split_heads
+from pipeline.models.clip_layers import (
+    check_clip_layer_config,
+    check_clip_shape,
+    clip_shape,
+    copy_module,
+    split_heads,
+)
 
 FREEZE = {"none": (), "qkv": ("q_proj", "k_proj", "v_proj"),
           "qkvo": ("q_proj", "k_proj", "v_proj", "out_proj")}
@@ -52,15 +57,7 @@ class TransformerConfig(DeprojectorConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_heads < 1 or self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be >= 1 and divide hidden_size={self.hidden_size}"
-            )
-        if self.intermediate_size < 1:
-            raise ValueError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-        check_activation(self.activation)
+        check_clip_layer_config(self)
         if self.freeze not in FREEZE:
             raise ValueError(f"freeze {self.freeze!r} is unknown (known: {', '.join(FREEZE)})")
         if self.position not in POSITIONS:

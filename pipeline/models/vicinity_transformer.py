@@ -29,10 +29,15 @@ from pipeline.models.base import (
     ACTIVATIONS,
     Deprojector,
     DeprojectorConfig,
-    check_activation,
     register,
 )
-from pipeline.models.clip_layers import check_clip_shape, clip_shape, copy_module, split_heads
+from pipeline.models.clip_layers import (
+    check_clip_layer_config,
+    check_clip_shape,
+    clip_shape,
+    copy_module,
+    split_heads,
+)
 
 VICINITY_BLOCKS = ("linear", "mlp", "gate")
 
@@ -57,15 +62,7 @@ class VicinityTransformerConfig(DeprojectorConfig):
         if self.vicinity_block not in VICINITY_BLOCKS:
             raise ValueError(f"vicinity_block {self.vicinity_block!r} is unknown "
                              f"(known: {', '.join(VICINITY_BLOCKS)})")
-        if self.num_heads < 1 or self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"num_heads={self.num_heads} must be >= 1 and divide hidden_size={self.hidden_size}"
-            )
-        if self.intermediate_size < 1:
-            raise ValueError(f"intermediate_size must be >= 1, got {self.intermediate_size}")
-        if self.layer_norm_eps <= 0:
-            raise ValueError(f"layer_norm_eps must be > 0, got {self.layer_norm_eps}")
-        check_activation(self.activation)
+        check_clip_layer_config(self)
 
 
 class VicinityBlock(nn.Module):

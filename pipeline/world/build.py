@@ -21,10 +21,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.params import WorldParams
+from pipeline.atomic import atomic_path
 from pipeline.world import clip as world_clip
 from pipeline.world import diffusion, judge
 from pipeline.world import scenes as world
+from pipeline.world.config import WorldParams
 from pipeline.world.tokenizer import save_tokenizer, train_tokenizer
 
 PARTS = ("clip", "vae", "unet", "judge")
@@ -61,13 +62,18 @@ class WorldBuild:
         return self._data
 
     def done(self, part: str) -> bool:
+        """The part finished with these settings (an unreadable marker: it did not)."""
         marker = self.work / part / "done.json"
-        return marker.exists() and \
-            json.loads(marker.read_text())["fingerprint"] == _fingerprint(part, self.p)
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, ValueError):  # missing, or cut short by a kill
+            return False
+        return isinstance(info, dict) and info.get("fingerprint") == _fingerprint(part, self.p)
 
     def mark_done(self, part: str, info: dict) -> None:
         info = {"fingerprint": _fingerprint(part, self.p), **info}
-        (self.work / part / "done.json").write_text(json.dumps(info, indent=2) + "\n")
+        with atomic_path(self.work / part / "done.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n")
 
     def info(self, part: str) -> dict:
         return json.loads((self.work / part / "done.json").read_text())

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from pipeline.conventions import MAX_LENGTH
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
-from pipeline.world.tokenizer import MAX_LENGTH
 
 # OpenAI CLIP's pixel statistics; the processor saved with the model uses them too.
 PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)

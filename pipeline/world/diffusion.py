@@ -30,9 +30,9 @@ from diffusers import (
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from pipeline.conventions import MAX_LENGTH
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
-from pipeline.world.tokenizer import MAX_LENGTH
 
 # SD 1.x's noise schedule; every diffusers SD scheduler reads it from the saved config.
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,

@@ -18,14 +18,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.errors import DeprojectorError, read_json, read_safetensors
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 Images = np.ndarray | list[Image.Image]  # uint8 [N, 32, 32, 3], or PIL images of any size
+
+
+class JudgeError(DeprojectorError, ValueError):
+    """The judge's folder is damaged or from another version of the world."""
 
 
 class JudgeNet(nn.Module):
@@ -109,13 +114,24 @@ class Judge:
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (folder / name).is_file():
                 raise FileNotFoundError(f"no judge in {folder}: {name} is missing")
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        rebuild = "rebuild the world (`deprojector world`)"
+        config = read_json(folder / CONFIG_FILE, JudgeError, rebuild)
         if config.get("colors") != list(world.COLOR_NAMES) or \
                 config.get("shapes") != list(world.SHAPES):
-            raise ValueError(f"{folder / CONFIG_FILE}: the judge was trained for other "
-                             f"colours or shapes than this version of the world")
-        net = JudgeNet(config["width"])
-        net.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+            raise JudgeError(f"{folder / CONFIG_FILE}: the judge was trained for other "
+                             f"colours or shapes than this version of the world; {rebuild}")
+        width = config.get("width")
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise JudgeError(f"{folder / CONFIG_FILE}: \"width\" must be a positive integer, "
+                             f"found {width!r}; {rebuild}")
+        net = JudgeNet(width)
+        tensors = read_safetensors(folder / WEIGHTS_FILE, JudgeError, rebuild)
+        try:
+            net.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise JudgeError(f"{folder / WEIGHTS_FILE}: its tensors do not fit "
+                             f"{folder / CONFIG_FILE} ({' '.join(str(err).split())}); "
+                             f"{rebuild}") from err
         return cls(net)
 
     def save_pretrained(self, folder: str | Path) -> None:

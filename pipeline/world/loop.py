@@ -40,6 +40,20 @@ def save_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def read_checkpoint(path: Path) -> dict | None:
+    """A checkpoint of train_steps, or None where the file is cut short or corrupt."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile):
+        return None
+    keys = ("modules", "optimizer", "step", "losses")
+    return state if isinstance(state, dict) and all(k in state for k in keys) else None
+
+
 def train_steps(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
                 steps: int, lr: float, step_fn: Callable[[int], torch.Tensor],
                 checkpoint: Path, warmup: int = 100,
@@ -50,8 +64,10 @@ def train_steps(name: str, modules: dict[str, torch.nn.Module], optimizer: torch
     checkpoint left by an interrupted run is resumed from. Returns the loss of every step.
     """
     start, losses = 0, []
-    if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+    state = read_checkpoint(checkpoint) if checkpoint.exists() else None
+    if checkpoint.exists() and state is None:
+        tqdm.write(f"{name}: {checkpoint} is incomplete or corrupt; starting over")
+    if state is not None:
         for key, module in modules.items():
             module.load_state_dict(state["modules"][key])
         optimizer.load_state_dict(state["optimizer"])

@@ -241,10 +241,6 @@ def parse_prompt(prompt: str) -> Stated:
     return stated
 
 
-def truth_of(scene: Scene) -> Stated:
-    return Stated(scene.background, [(t.color, t.shape) for t in scene.things])
-
-
 # Each attribute a prompt can state is one bit: background colour, colour-shape pair, colour
 # alone, shape alone. A scene satisfies a prompt when it has every bit the prompt requires.
 _BITS = {("bg", c): i for i, c in enumerate(COLOR_NAMES)}

@@ -13,7 +13,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
-MAX_LENGTH = 77  # CLIP's context: BOS + 75 tokens + EOS
+from pipeline.conventions import MAX_LENGTH
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

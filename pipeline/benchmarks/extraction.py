@@ -36,6 +36,7 @@ from pipeline.clip_encode import encode_tokens, token_ids, tokenize
 from pipeline.extract import compute_constants, extract_split, plan_rows
 from pipeline.params import parse_params
 from pipeline.world.scenes import generate_captions
+from pipeline.world.tokenizer import train_tokenizer
 
 ARTICLE_CAPTIONS = 50_000
 # openai/clip-vit-large-patch14's text_config (vocab 49408, 77 positions, quick_gelu).
@@ -52,7 +53,6 @@ def clip_l_random(layers: int = 12) -> ClipText:
     below 12 only for quick checks."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from pipeline.world.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(generate_captions(20_000, seed=1), 2048)
     config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id,
@@ -69,7 +69,7 @@ def measure(clip: ClipText, base: str, captions: int, repeats: int, batch: int =
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         texts = list(dict.fromkeys(generate_captions(captions * 2, seed=0)))[:captions]
-        params = parse_params({"base": {"clip": base},
+        params = parse_params({"base": {"clip": base, "sd": base},  # sd unused here
                                "extract": {"rows_per_shard": 1000, "batch_size": batch}})
         null = compute_constants(clip)["null"]
         rows, _ = plan_rows(texts, params.augment.split, params.augment.combine, 0,

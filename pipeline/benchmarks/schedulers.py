@@ -14,12 +14,13 @@ import argparse
 import dataclasses
 import json
 
-from pipeline.adherence import Scorer, conditionings, held_out_prompts, summarise
-from pipeline.base_models import BUILTIN, load_clip
+from pipeline.adherence import Scorer, summarise
+from pipeline.base_models import load_clip
+from pipeline.conventions import BUILTIN
 from pipeline.generation import generate_images, load_pipeline
 from pipeline.params import RenderParams
-from pipeline.prompts import negative_conditioning
-from pipeline.world import scenes as world
+from pipeline.prompt_encoder import PromptEncoder
+from pipeline.world.embedded import World
 
 SETTINGS = (  # scheduler, steps, guidance scale
     ("pndm", 20, 7.5), ("pndm", 20, 5.0), ("pndm", 20, 3.0), ("pndm", 20, 12.0),
@@ -31,12 +32,13 @@ TINY = {"prompts": 2, "max_steps": 3}
 
 def run(prompts: int = 96, seed: int = 1, max_steps: int | None = None) -> list[dict]:
     """One row per SETTINGS entry; `max_steps` caps the sampling steps (quick checks only)."""
-    clip = load_clip(BUILTIN)
-    scorer = Scorer.load(BUILTIN, BUILTIN)
-    texts = held_out_prompts(prompts, seed, set())["single"]
-    objects = [len(world.parse_prompt(t).objects) for t in texts]
-    embeds = conditionings(texts, clip, None, combine=False)
-    negative = negative_conditioning(clip)
+    world = World.of(BUILTIN, BUILTIN)
+    encoder = PromptEncoder(load_clip(BUILTIN))
+    scorer = Scorer.load(BUILTIN, world)
+    texts = world.held_out_prompts(prompts, seed, set())["single"]
+    objects = [world.objects(t) for t in texts]
+    embeds = encoder.encode_prompts(texts, deproject=False)
+    negative = encoder.encode_negative("", deproject=False)
     rows = []
     for scheduler, steps, guidance in SETTINGS:
         steps = min(steps, max_steps or steps)

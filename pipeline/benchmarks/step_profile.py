@@ -40,6 +40,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import train as train_module
+from pipeline.base_models import load_clip
+from pipeline.extract import compute_constants, extract_split
+from pipeline.models import ARCHITECTURES
+from pipeline.params import load_params, parse_params
+from pipeline.shards import ShardReader, save_constants
+from pipeline.train import train_model
+from pipeline.world.scenes import generate_captions
+
 ARITHMETIC = ("forward", "backward", "optimizer")
 OVERHEAD = ("read", "loss", "zero_grad", "checkpoint", "other")
 
@@ -48,17 +57,12 @@ def build_shards(work: Path, train_captions: int, test_captions: int,
                  base: str = "builtin") -> Path:
     """A `data/shards`-shaped folder (train, test, constants, meta.json) of builtin captions,
     as the extract stage writes it with params.yaml's extract settings."""
-    from pipeline.base_models import load_clip
-    from pipeline.extract import compute_constants, extract_split
-    from pipeline.params import parse_params
-    from pipeline.shards import save_constants
-    from pipeline.world.scenes import generate_captions
 
     out = work / "shards"
     out.mkdir(parents=True, exist_ok=True)
     with contextlib.redirect_stdout(sys.stderr):  # tqdm; keep stdout for --json
         clip = load_clip(base)
-        params = parse_params({"base": {"clip": base}})
+        params = parse_params({"base": {"clip": base, "sd": base}})  # sd unused here
         constants = compute_constants(clip)
         save_constants(out / "constants.safetensors", **constants)
         pool = list(dict.fromkeys(generate_captions((train_captions + test_captions) * 2,
@@ -79,8 +83,6 @@ def build_shards(work: Path, train_captions: int, test_captions: int,
 def profile_models(params_path: Path = Path("params.yaml")) -> dict[str, dict]:
     """Every registered architecture once: the hyperparameters of the first params.yaml run of
     that type trained teacher-forced (train.rollout 0), else the architecture's defaults."""
-    from pipeline.models import ARCHITECTURES
-    from pipeline.params import load_params
 
     specs = load_params(params_path).models if params_path.exists() else {}
     chosen: dict[str, dict] = {}
@@ -115,8 +117,6 @@ def _instrumented(clock: _Clock) -> Iterator[None]:
     """Wrap what train_model calls with timers; everything is restored on exit."""
     import accelerate
 
-    from pipeline import train as train_module
-    from pipeline.shards import ShardReader
 
     saved = {name: getattr(train_module, name) for name in
              ("ShardReader", "weighted_mse", "build_model", "evaluate_loss", "atomic_path")}
@@ -225,7 +225,6 @@ def _instrumented(clock: _Clock) -> Iterator[None]:
 def read_split(shards_dir: Path, batch_size: int, seed: int = 0, repeats: int = 3) -> dict:
     """An epoch of batches read as training reads them, vs the same rows gathered in the
     storage dtype alone (no float32 copy): seconds per batch, medians over repeats."""
-    from pipeline.shards import ShardReader
 
     reader = ShardReader(shards_dir / "train")
     full, gather = [], []
@@ -252,8 +251,6 @@ def read_split(shards_dir: Path, batch_size: int, seed: int = 0, repeats: int = 
 
 def profile_one(name: str, hparams: dict, shards_dir: Path, work: Path, epochs: int,
                 batch_size: int) -> dict:
-    from pipeline.params import load_params, parse_params
-    from pipeline.train import train_model
 
     base = load_params() if Path("params.yaml").exists() else parse_params({})
     train = {"epochs": epochs, "batch_size": batch_size, "lr": base.train.lr,

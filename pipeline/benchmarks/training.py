@@ -56,9 +56,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.base_models import load_clip
+from pipeline.benchmarks import step_profile
+from pipeline.conventions import BUILTIN, MAX_LENGTH
+from pipeline.extract import compute_constants, extract_split
 from pipeline.losses import weighted_mse
 from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector, hyperparameters
-from pipeline.shards import SEQ_LEN, Batch, ShardReader
+from pipeline.params import parse_params
+from pipeline.shards import Batch, ShardReader
+from pipeline.world.scenes import generate_captions
 
 BATCH = 100
 # A few seconds on 2 CPU cores (plus two short memory-probe subprocesses): the code paths of
@@ -116,10 +122,6 @@ def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str,
 def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor], int]:
     """The shards of `captions` builtin captions (one split) from the builtin world CLIP
     (models/world/clip, committed; built by `deprojector world`)."""
-    from pipeline.base_models import BUILTIN, load_clip
-    from pipeline.extract import compute_constants, extract_split
-    from pipeline.params import parse_params
-    from pipeline.world.scenes import generate_captions
 
     # Keep stdout for --json whatever the extraction reports.
     with contextlib.redirect_stdout(sys.stderr):
@@ -211,7 +213,7 @@ class PlainTransformer(nn.Module):
         self.heads = heads
         self.register_buffer("sos", torch.zeros(D))
         self.register_buffer("null", torch.zeros(D))
-        self.position_embedding = nn.Parameter(torch.zeros(SEQ_LEN - 1, D))
+        self.position_embedding = nn.Parameter(torch.zeros(MAX_LENGTH - 1, D))
         self.ln1 = nn.LayerNorm(D, eps=eps)
         self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
         self.v_proj, self.out_proj = nn.Linear(D, D), nn.Linear(D, D)
@@ -223,7 +225,7 @@ class PlainTransformer(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         B, _, D = hidden.shape
-        T, H = SEQ_LEN - 1, self.heads
+        T, H = MAX_LENGTH - 1, self.heads
         e = embeds - self.null
         prev = hidden[:, 1:T] - self.null  # s_1 .. s_75
         x = torch.cat([e[:, None], prev], dim=1)
@@ -279,8 +281,8 @@ class PlainVicinity(nn.Module):
         windows = torch.stack(
             [torch.stack([s[:, i - k] if i - k >= 1 else zero for k in range(1, self.v + 1)],
                          dim=1)
-             for i in range(1, SEQ_LEN)], dim=1)  # [B, 76, v, D]
-        n = SEQ_LEN - 1
+             for i in range(1, MAX_LENGTH)], dim=1)  # [B, 76, v, D]
+        n = MAX_LENGTH - 1
         if self.individual:
             e_feat = quick_gelu(self.embed_proj(e))
             w_feat = quick_gelu(self.state_proj(windows))  # each state once per window
@@ -307,7 +309,7 @@ class PlainVicinityTransformer(nn.Module):
         self.register_buffer("sos", torch.zeros(D))
         self.register_buffer("null", torch.zeros(D))
         self.ln_embed = nn.LayerNorm(D, eps=eps)
-        self.position_embedding = nn.Parameter(torch.zeros(SEQ_LEN, D))
+        self.position_embedding = nn.Parameter(torch.zeros(MAX_LENGTH, D))
         self.layers = nn.ModuleList()
         for _ in range(layers):
             layer = nn.Module()
@@ -321,7 +323,7 @@ class PlainVicinityTransformer(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         B, _, D = hidden.shape
-        T, H = SEQ_LEN, self.heads
+        T, H = MAX_LENGTH, self.heads
         e = embeds - self.null
         s = hidden - self.null  # s[:, j] = s_j - null
         zero = e.new_zeros(B, D)
@@ -362,7 +364,7 @@ class PlainLSTM(nn.Module):
         L = self.lstm
         h, c = embeds - self.null, torch.zeros_like(embeds)
         outs = []
-        for t in range(1, SEQ_LEN):
+        for t in range(1, MAX_LENGTH):
             x = hidden[:, t - 1] - self.null if t >= 2 else torch.zeros_like(h)
             gates = x @ L.weight_ih_l0.T + L.bias_ih_l0 + h @ L.weight_hh_l0.T + L.bias_hh_l0
             i, f, g, o = gates.chunk(4, dim=1)
@@ -411,9 +413,9 @@ def plain_reference(name: str, ours: Deprojector) -> nn.Module:
 
 def random_batch(batch: int, D: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, SEQ_LEN + 1, (batch, 1), generator=g)  # BOS..EOS
-    mask = (torch.arange(SEQ_LEN)[None] < lengths).float()
-    return Batch(torch.randn(batch, D, generator=g), torch.randn(batch, SEQ_LEN, D, generator=g),
+    lengths = torch.randint(3, MAX_LENGTH + 1, (batch, 1), generator=g)  # BOS..EOS
+    mask = (torch.arange(MAX_LENGTH)[None] < lengths).float()
+    return Batch(torch.randn(batch, D, generator=g), torch.randn(batch, MAX_LENGTH, D, generator=g),
                  mask)
 
 
@@ -599,7 +601,6 @@ def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
         profile_epochs: int = 2, profile_batch: int = BATCH) -> dict:
     """Items 1-4. `captions` is N of items 1 and 3; `step_*` shrink item 2 below CLIP-L's
     sizes and `profile_*` item 4 below the project's defaults, for quick checks only."""
-    from pipeline.benchmarks import step_profile
 
     start = time.perf_counter()
     threads = torch.get_num_threads()

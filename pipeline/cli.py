@@ -377,6 +377,14 @@ def bench_command(
     clip_l_captions: int = typer.Option(
         64, min=0, help="Captions of the CLIP-L-width extraction case (0 skips it; about a "
         "minute per repeat per 64 captions on a 2-core CPU)."),
+    schedulers: bool = typer.Option(
+        False, "--schedulers", help="Also the reference-row adherence per scheduler, steps and "
+        "guidance (pipeline.benchmarks.schedulers, 96 prompts: several minutes on 2 cores)."),
+    tiny: bool = typer.Option(
+        False, "--tiny", help="Every benchmark at toy sizes (each module's TINY; overrides "
+        "--repeats and --clip-l-captions): checks the code paths in about a minute, its "
+        "numbers mean nothing."),
+    threads: int = typer.Option(0, min=0, help="Torch CPU threads (0: torch's default)."),
 ) -> None:
     """Run every benchmark in this process and print ratios (medians over repeats).
 
@@ -388,26 +396,49 @@ def bench_command(
        forward (<= 0.25), and the transformer's key/value-cached vs naive generation (>= 15);
     4. at CLIP-L sizes, batch 100: each model's training step / a plain reference
        implementation of the same math (<= 1.0);
-    5. peak anonymous memory (RssAnon) of a training epoch over 4N rows / over N rows (<= 1.2).
+    5. peak anonymous memory (RssAnon) of a training epoch over 4N rows / over N rows (<= 1.2);
+    6. the training-step profile: per architecture at the project's default size (D=128,
+       batch 100), the fraction of a `train_model` step that is not the model's arithmetic
+       (shard reads, loss weighting, checkpoints, loop Python), with its breakdown;
+    7. with --schedulers: adherence of the builtin world per sampling setting.
     The code lives in pipeline/benchmarks/ (each module also runs alone with
     `python -m pipeline.benchmarks.NAME`); the machine must be quiet.
     """
+    import torch
+
     from pipeline.benchmarks import extraction, generation, training
+    from pipeline.benchmarks import schedulers as scheduler_bench
 
     _quiet_libraries()
-    results = {
-        "extraction": extraction.run(repeats=repeats),
-        **({"extraction_clip_l": extraction.run_clip_l(clip_l_captions, repeats)}
-           if clip_l_captions else {}),
-        "generation": generation.run(batch=16, repeats=repeats),
-        "training": training.run(repeats=repeats),
-    }
+    if threads:
+        torch.set_num_threads(threads)
+    if tiny:
+        clip_l = extraction.TINY_CLIP_L
+        sizes = {"extraction": extraction.TINY, "generation": generation.TINY,
+                 "training": training.TINY, "schedulers": scheduler_bench.TINY}
+    else:
+        clip_l = {"captions": clip_l_captions, "repeats": repeats} if clip_l_captions else None
+        sizes = {"extraction": {"repeats": repeats},
+                 "generation": {"batch": 16, "repeats": repeats},
+                 "training": {"repeats": repeats}, "schedulers": {}}
+    results: dict = {"threads": torch.get_num_threads(), "tiny": tiny,
+                     "extraction": extraction.run(**sizes["extraction"])}
+    if clip_l:
+        results["extraction_clip_l"] = extraction.run_clip_l(**clip_l)
+    results["generation"] = generation.run(**sizes["generation"])
+    results["training"] = training.run(**sizes["training"])
+    if schedulers:
+        results["schedulers"] = scheduler_bench.run(**sizes["schedulers"])
     if as_json:
         typer.echo(json.dumps(results, indent=2))
         return
-    for section, values in results.items():
-        typer.echo(f"[{section}]")
-        typer.echo(json.dumps(values, indent=2))
+    reports = {"extraction": extraction, "extraction_clip_l": extraction,
+               "generation": generation, "training": training, "schedulers": scheduler_bench}
+    typer.echo(f"{results['threads']} torch threads{' (tiny sizes)' * tiny}")
+    for section, module in reports.items():
+        if section in results:
+            typer.echo(f"[{section}]")
+            module.print_report(results[section])
 
 
 @app.command("compare")

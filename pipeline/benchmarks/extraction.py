@@ -13,6 +13,10 @@ article-scale (50,000 captions) extrapolation.
 
     python -m pipeline.benchmarks.extraction [--captions 1000] [--repeats 5] [--json]
     python -m pipeline.benchmarks.extraction --clip-l [--captions 64] [--repeats 1]
+    python -m pipeline.benchmarks.extraction --tiny [--clip-l]   # seconds (a smoke test)
+
+--tiny: 20 captions, one repeat; with --clip-l 2 captions through one CLIP-L-width layer (its
+shard bytes per row are CLIP-L's, its speed is not).
 """
 
 from __future__ import annotations
@@ -32,24 +36,29 @@ from pipeline.clip_encode import encode_tokens, token_ids, tokenize
 from pipeline.extract import compute_constants, extract_split, plan_rows
 from pipeline.params import parse_params
 from pipeline.world.scenes import generate_captions
+from pipeline.world.tokenizer import train_tokenizer
 
 ARTICLE_CAPTIONS = 50_000
 # openai/clip-vit-large-patch14's text_config (vocab 49408, 77 positions, quick_gelu).
 CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                    num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
                    max_position_embeddings=77, hidden_act="quick_gelu")
+# A few seconds each on 2 CPU cores: the code paths of the real runs, not their figures.
+TINY = {"captions": 20, "repeats": 1}
+TINY_CLIP_L = {"captions": 2, "repeats": 1, "layers": 1}
 
 
-def clip_l_random() -> ClipText:
-    """CLIP-L's text tower with random weights and a 2,048-token BPE (ids < 49408)."""
+def clip_l_random(layers: int = 12) -> ClipText:
+    """CLIP-L's text tower with random weights and a 2,048-token BPE (ids < 49408); `layers`
+    below 12 only for quick checks."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from pipeline.world.tokenizer import train_tokenizer
 
     tokenizer = train_tokenizer(generate_captions(20_000, seed=1), 2048)
     config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id, **CLIP_L_TEXT)
+                            pad_token_id=tokenizer.pad_token_id,
+                            **{**CLIP_L_TEXT, "num_hidden_layers": layers})
     torch.manual_seed(0)
     return ClipText(tokenizer, CLIPTextModelWithProjection(config).eval())
 
@@ -60,7 +69,7 @@ def measure(clip: ClipText, base: str, captions: int, repeats: int, batch: int =
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         texts = list(dict.fromkeys(generate_captions(captions * 2, seed=0)))[:captions]
-        params = parse_params({"base": {"clip": base},
+        params = parse_params({"base": {"clip": base, "sd": base},  # sd unused here
                                "extract": {"rows_per_shard": 1000, "batch_size": batch}})
         null = compute_constants(clip)["null"]
         rows, _ = plan_rows(texts, params.augment.split, params.augment.combine, 0,
@@ -128,13 +137,14 @@ def run(captions: int = 1000, repeats: int = 5, base: str = "builtin") -> dict:
     return measure(load_clip(base), base, captions, repeats)
 
 
-def run_clip_l(captions: int = 64, repeats: int = 1) -> dict:
+def run_clip_l(captions: int = 64, repeats: int = 1, layers: int = 12) -> dict:
     """CLIP-L width (random weights): a few minutes on 2 CPU cores at 64 captions."""
-    result = measure(clip_l_random(), "clip-l-random", captions, repeats, full_warmup=False)
-    return {**result, "article_scale": article_scale(result)}
+    result = measure(clip_l_random(layers), "clip-l-random", captions, repeats,
+                     full_warmup=False)
+    return {**result, "layers": layers, "article_scale": article_scale(result)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--captions", type=int, default=None,
                         help="captions to extract (default 1000; 64 with --clip-l)")
@@ -143,15 +153,24 @@ def main() -> None:
     parser.add_argument("--base", default="builtin", help="base.clip: builtin, hub id or folder")
     parser.add_argument("--clip-l", action="store_true",
                         help="random-weight CLIP-L text tower (D=768) instead of --base")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke-test sizes ({TINY}; with --clip-l {TINY_CLIP_L})")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    if args.clip_l:
+    args = parser.parse_args(argv)
+    if args.tiny:
+        result = run_clip_l(**TINY_CLIP_L) if args.clip_l else run(**TINY, base=args.base)
+    elif args.clip_l:
         result = run_clip_l(args.captions or 64, args.repeats or 1)
     else:
         result = run(args.captions or 1000, args.repeats or 5, args.base)
     if args.json:
         print(json.dumps(result))
         return
+    print_report(result)
+
+
+def print_report(result: dict) -> None:
+    """The text report of `run`'s result."""
     print(f"extract {result['extract_s_median']:.2f} s, bare forward "
           f"{result['bare_forward_s_median']:.2f} s over {result['texts_encoded']} texts "
           f"(D={result['hidden_size']}, batch {result['batch_size']}): ratio "

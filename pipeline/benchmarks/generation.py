@@ -6,6 +6,7 @@ architecture's generate time is reported relative to the encoder's forward pass 
 teacher-forced model on the prefix for each position (the transformer's target: >= 15).
 
     python -m pipeline.benchmarks.generation [--batch 16] [--repeats 5] [--threads N] [--json]
+    python -m pipeline.benchmarks.generation --tiny   # seconds: D=64, 2 layers (a smoke test)
 
 On a shared machine, other processes slow the many small steps of generation far more than
 the encoder's large matmuls (the threads of each small op wait for each other); compare
@@ -25,6 +26,8 @@ import torch
 from pipeline.models import ARCHITECTURES, build_deprojector
 
 D, LAYERS, HEADS, INTERMEDIATE, POSITIONS, VOCAB = 768, 12, 12, 3072, 77, 49408
+# A few seconds on 2 CPU cores: the code paths of the real run, not its figures.
+TINY = {"batch": 2, "repeats": 1, "width": 64, "layers": 2}
 
 
 def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -41,29 +44,34 @@ def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run(batch: int, repeats: int) -> dict:
-    """Median seconds of the CLIP encoder forward and of each model's generate, with ratios."""
+def run(batch: int = 16, repeats: int = 5, width: int = D, layers: int = LAYERS) -> dict:
+    """Median seconds of the CLIP encoder forward and of each model's generate, with ratios.
+
+    `width` and `layers` shrink the text model (CLIP-L: 768, 12; heads: one per 64 of width)
+    for quick checks; the figures quoted in the README are at CLIP-L's."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
+    heads = HEADS if width == D else max(1, width // 64)
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=VOCAB,
-            hidden_size=D,
-            intermediate_size=INTERMEDIATE,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=HEADS,
+            hidden_size=width,
+            intermediate_size=INTERMEDIATE * width // D,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
             max_position_embeddings=POSITIONS,
-            projection_dim=D,
+            projection_dim=width,
         )
     ).eval()
     input_ids = torch.randint(0, VOCAB, (batch, POSITIONS))
-    constants = {"sos": torch.randn(D), "null": torch.randn(D), "deprojection": torch.randn(D, D)}
-    embeds = torch.randn(batch, D)
+    constants = {"sos": torch.randn(width), "null": torch.randn(width),
+                 "deprojection": torch.randn(width, width)}
+    embeds = torch.randn(batch, width)
     # Every registered architecture at its defaults, shaped (and initialised) by the CLIP-L
     # sized text model as training would do it.
     models = {
-        name: build_deprojector(name, D, D, constants, base=clip).eval()
+        name: build_deprojector(name, width, width, constants, base=clip).eval()
         for name in ARCHITECTURES
     }
     fns: dict[str, Callable[[], object]] = {"encoder": lambda: clip(input_ids=input_ids)}
@@ -84,6 +92,8 @@ def run(batch: int, repeats: int) -> dict:
     result: dict = {
         "batch": batch,
         "repeats": repeats,
+        "hidden_size": width,
+        "layers": layers,
         "threads": torch.get_num_threads(),
         "clip_encoder_forward_s": encoder_s,
         "models": {
@@ -97,21 +107,33 @@ def run(batch: int, repeats: int) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--width", type=int, default=D, help="text model width (CLIP-L: 768)")
+    parser.add_argument("--layers", type=int, default=LAYERS, help="text model layers (12)")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke-test sizes ({TINY}); overrides the options above")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.batch, args.repeats)
+    sizes = TINY if args.tiny else {"batch": args.batch, "repeats": args.repeats,
+                                    "width": args.width, "layers": args.layers}
+    result = run(**sizes)
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    print_report(result)
+
+
+def print_report(result: dict) -> None:
+    """The text report of `run`'s result."""
     print(
-        f"batch {result['batch']}, {result['threads']} threads, median of {result['repeats']}"
+        f"D={result['hidden_size']}, {result['layers']} layers, batch {result['batch']}, "
+        f"{result['threads']} threads, median of {result['repeats']}"
     )
     print(f"CLIP text encoder forward     {result['clip_encoder_forward_s'] * 1e3:9.1f} ms")
     for name, entry in result["models"].items():

@@ -17,11 +17,18 @@
    sampled every 10 ms by a thread) during one training epoch over 4N rows / over N rows
    (the N-row shards written 4 times), each in a fresh subprocess, once each: memory does not
    suffer from a busy CPU the way time does. Target: <= 1.2.
+4. Step profile (pipeline/benchmarks/step_profile.py). `train_model` itself, every
+   architecture at the project's default size (builtin CLIP, D = 128; params.yaml's train
+   settings, batch 100; 3,000 training captions, 2 epochs), with timers around its phases:
+   the share of a step that is not the model's own arithmetic (forward, backward, Adam) -
+   shard reads and float16 -> float32, loss weighting, zero_grad, the per-epoch checkpoint,
+   the loop's Python - as `overhead_fraction` per architecture and its breakdown. No target.
 
 Every timed comparison interleaves its variants within each repeat (alternating which goes
 first) and reports the median of the per-repeat ratios, since this machine is noisy.
 
     python -m pipeline.benchmarks.training [--repeats 3] [--threads N] [--json]
+    python -m pipeline.benchmarks.training --tiny   # seconds: every item at toy sizes
 
 On a shared 2-core machine, torch's default of 2 threads makes every op wait for the thread
 that lost its core to another process: small ops run several times slower and vary more,
@@ -49,11 +56,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline.base_models import load_clip
+from pipeline.benchmarks import step_profile
+from pipeline.conventions import BUILTIN, MAX_LENGTH
+from pipeline.extract import compute_constants, extract_split
 from pipeline.losses import weighted_mse
-from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector
-from pipeline.shards import SEQ_LEN, Batch, ShardReader
+from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector, hyperparameters
+from pipeline.params import parse_params
+from pipeline.shards import Batch, ShardReader
+from pipeline.world.scenes import generate_captions
 
 BATCH = 100
+# A few seconds on 2 CPU cores (plus two short memory-probe subprocesses): the code paths of
+# the real run, not its figures.
+TINY = {"repeats": 1, "captions": 40, "step_width": 64, "step_batch": 4,
+        "profile_captions": 40, "profile_test_captions": 8, "profile_epochs": 1,
+        "profile_batch": 16}
 LR = 1e-3
 MASK_WEIGHT = 25.0
 TARGETS = {"input_overhead": 1.10, "step": 1.0, "memory": 1.2}
@@ -102,16 +120,12 @@ def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str,
 # --- 1. input overhead --------------------------------------------------------------------
 
 def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor], int]:
-    """Builtin base models and the shards of `captions` builtin captions (one split)."""
-    from pipeline.base_models import build_builtin, load_clip
-    from pipeline.extract import compute_constants, extract_split
-    from pipeline.params import parse_params
-    from pipeline.world.scenes import generate_captions
+    """The shards of `captions` builtin captions (one split) from the builtin world CLIP
+    (models/world/clip, committed; built by `deprojector world`)."""
 
-    # extract_split reports through tqdm on stdout; keep stdout for --json.
+    # Keep stdout for --json whatever the extraction reports.
     with contextlib.redirect_stdout(sys.stderr):
-        build_builtin(work / "base", seed=0)
-        clip = load_clip("builtin", base_dir=work / "base")
+        clip = load_clip(BUILTIN)
         texts = list(dict.fromkeys(generate_captions(captions * 2, seed=0)))[:captions]
         params = parse_params({"base": {"clip": "builtin"}})
         constants = compute_constants(clip)
@@ -199,7 +213,7 @@ class PlainTransformer(nn.Module):
         self.heads = heads
         self.register_buffer("sos", torch.zeros(D))
         self.register_buffer("null", torch.zeros(D))
-        self.position_embedding = nn.Parameter(torch.zeros(SEQ_LEN - 1, D))
+        self.position_embedding = nn.Parameter(torch.zeros(MAX_LENGTH - 1, D))
         self.ln1 = nn.LayerNorm(D, eps=eps)
         self.q_proj, self.k_proj = nn.Linear(D, D), nn.Linear(D, D)
         self.v_proj, self.out_proj = nn.Linear(D, D), nn.Linear(D, D)
@@ -211,7 +225,7 @@ class PlainTransformer(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         B, _, D = hidden.shape
-        T, H = SEQ_LEN - 1, self.heads
+        T, H = MAX_LENGTH - 1, self.heads
         e = embeds - self.null
         prev = hidden[:, 1:T] - self.null  # s_1 .. s_75
         x = torch.cat([e[:, None], prev], dim=1)
@@ -267,8 +281,8 @@ class PlainVicinity(nn.Module):
         windows = torch.stack(
             [torch.stack([s[:, i - k] if i - k >= 1 else zero for k in range(1, self.v + 1)],
                          dim=1)
-             for i in range(1, SEQ_LEN)], dim=1)  # [B, 76, v, D]
-        n = SEQ_LEN - 1
+             for i in range(1, MAX_LENGTH)], dim=1)  # [B, 76, v, D]
+        n = MAX_LENGTH - 1
         if self.individual:
             e_feat = quick_gelu(self.embed_proj(e))
             w_feat = quick_gelu(self.state_proj(windows))  # each state once per window
@@ -295,7 +309,7 @@ class PlainVicinityTransformer(nn.Module):
         self.register_buffer("sos", torch.zeros(D))
         self.register_buffer("null", torch.zeros(D))
         self.ln_embed = nn.LayerNorm(D, eps=eps)
-        self.position_embedding = nn.Parameter(torch.zeros(SEQ_LEN, D))
+        self.position_embedding = nn.Parameter(torch.zeros(MAX_LENGTH, D))
         self.layers = nn.ModuleList()
         for _ in range(layers):
             layer = nn.Module()
@@ -309,7 +323,7 @@ class PlainVicinityTransformer(nn.Module):
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         B, _, D = hidden.shape
-        T, H = SEQ_LEN, self.heads
+        T, H = MAX_LENGTH, self.heads
         e = embeds - self.null
         s = hidden - self.null  # s[:, j] = s_j - null
         zero = e.new_zeros(B, D)
@@ -350,7 +364,7 @@ class PlainLSTM(nn.Module):
         L = self.lstm
         h, c = embeds - self.null, torch.zeros_like(embeds)
         outs = []
-        for t in range(1, SEQ_LEN):
+        for t in range(1, MAX_LENGTH):
             x = hidden[:, t - 1] - self.null if t >= 2 else torch.zeros_like(h)
             gates = x @ L.weight_ih_l0.T + L.bias_ih_l0 + h @ L.weight_hh_l0.T + L.bias_hh_l0
             i, f, g, o = gates.chunk(4, dim=1)
@@ -399,9 +413,9 @@ def plain_reference(name: str, ours: Deprojector) -> nn.Module:
 
 def random_batch(batch: int, D: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(3, SEQ_LEN + 1, (batch, 1), generator=g)  # BOS..EOS
-    mask = (torch.arange(SEQ_LEN)[None] < lengths).float()
-    return Batch(torch.randn(batch, D, generator=g), torch.randn(batch, SEQ_LEN, D, generator=g),
+    lengths = torch.randint(3, MAX_LENGTH + 1, (batch, 1), generator=g)  # BOS..EOS
+    mask = (torch.arange(MAX_LENGTH)[None] < lengths).float()
+    return Batch(torch.randn(batch, D, generator=g), torch.randn(batch, MAX_LENGTH, D, generator=g),
                  mask)
 
 
@@ -425,7 +439,8 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
               repeats: int) -> dict:
     """Ours vs the plain reference for one model (its tensors are freed on return)."""
     torch.manual_seed(0)
-    ours = build_deprojector(name, D_L, D_L, constants, **hparams).train()
+    D = batch.embeds.shape[1]
+    ours = build_deprojector(name, D, D, constants, **hparams).train()
     with torch.no_grad():  # zero-started weights (vicinity blocks) as after some training
         for p in ours.parameters():
             if not p.any():
@@ -464,12 +479,20 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
     }
 
 
-def step_vs_reference(repeats: int) -> dict:
-    batch = random_batch(BATCH, D_L)
-    constants = random_constants(D_L, D_L)
-    models = {name: _step_one(name, STEP_OVERRIDES.get(name, {}), batch, constants, repeats)
+def step_hparams(name: str, width: int) -> dict:
+    """STEP_OVERRIDES; below CLIP-L's width also heads (one per 64) and MLP width (4 D)."""
+    hparams = dict(STEP_OVERRIDES.get(name, {}))
+    if width != D_L and "num_heads" in hyperparameters(name):
+        hparams.update(num_heads=max(1, width // 64), intermediate_size=4 * width)
+    return hparams
+
+
+def step_vs_reference(repeats: int, width: int = D_L, batch_size: int = BATCH) -> dict:
+    batch = random_batch(batch_size, width)
+    constants = random_constants(width, width)
+    models = {name: _step_one(name, step_hparams(name, width), batch, constants, repeats)
               for name in ARCHITECTURES if name in PLAIN_REFERENCES}
-    return {"batch_size": BATCH, "hidden_size": D_L, "projection_size": D_L,
+    return {"batch_size": batch_size, "hidden_size": width, "projection_size": width,
             "threads": torch.get_num_threads(), "repeats": repeats, "models": models,
             "no_plain_reference": [n for n in ARCHITECTURES if n not in PLAIN_REFERENCES],
             "pass": all(m["pass"] for m in models.values())}
@@ -573,7 +596,12 @@ def memory(split_dir: Path, work: Path, repeats: int) -> dict:
 
 # --- all ----------------------------------------------------------------------------------
 
-def run(repeats: int = 3, captions: int = 1000) -> dict:
+def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
+        step_batch: int = BATCH, profile_captions: int = 3000, profile_test_captions: int = 200,
+        profile_epochs: int = 2, profile_batch: int = BATCH) -> dict:
+    """Items 1-4. `captions` is N of items 1 and 3; `step_*` shrink item 2 below CLIP-L's
+    sizes and `profile_*` item 4 below the project's defaults, for quick checks only."""
+
     start = time.perf_counter()
     threads = torch.get_num_threads()
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
@@ -584,9 +612,11 @@ def run(repeats: int = 3, captions: int = 1000) -> dict:
         result = {"input_overhead": input_overhead(split_dir, constants, projection_size,
                                                    2 * repeats + 1)}
         result["memory"] = memory(split_dir, work, repeats=1)
-        result["step"] = step_vs_reference(repeats)
+        result["step"] = step_vs_reference(repeats, step_width, step_batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["profile"] = step_profile.run(profile_captions, profile_test_captions,
+                                         profile_epochs, profile_batch)
     result["all_pass"] = all(result[k]["pass"] for k in ("input_overhead", "step", "memory"))
     result["threads"] = threads
     result["data_build_s"] = data_s
@@ -598,23 +628,35 @@ def _verdict(passed: bool, target: float) -> str:
     return "ok" if passed else f"MISSED (target <= {target})"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--captions", type=int, default=1000, help="N, the rows of items 1, 3")
+    parser.add_argument("--profile-captions", type=int, default=3000,
+                        help="training captions of item 4 (params.yaml: 3000)")
+    parser.add_argument("--profile-epochs", type=int, default=2, help="epochs of item 4")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"smoke-test sizes ({TINY}); overrides the sizes above")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--memory-probe", metavar="DIR", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         print(json.dumps(memory_probe(Path(args.memory_probe))))
         return
-    result = run(args.repeats, args.captions)
+    result = run(**TINY) if args.tiny else run(
+        args.repeats, args.captions, profile_captions=args.profile_captions,
+        profile_epochs=args.profile_epochs)
     if args.json:
         print(json.dumps(result, indent=2))
         return
+    print_report(result)
+
+
+def print_report(result: dict) -> None:
+    """The text report of `run`'s result."""
     i, m = result["input_overhead"], result["memory"]
     print(f"input overhead  streamed {i['streamed_s_median']:.3f} s / in-memory "
           f"{i['in_memory_s_median']:.3f} s per epoch ({i['rows']} rows, D={i['hidden_size']}, "
@@ -630,6 +672,13 @@ def main() -> None:
           f"{m['rows_n']} rows {m['peak_n_mib']:.1f} MiB (growth in epoch "
           f"{m['growth_4n_mib']:.1f} / {m['growth_n_mib']:.1f} MiB): ratio "
           f"{m['ratio_median']:.3f}  {_verdict(m['pass'], m['target'])}")
+    p = result["profile"]
+    for name, entry in p["models"].items():
+        f = entry["fractions"]
+        print(f"profile {name:<20} step {entry['step_s'] * 1e3:.1f} ms (D={p['hidden_size']}, "
+              f"batch {p['batch_size']}): overhead {entry['overhead_fraction']:.1%} = read "
+              f"{f['read']:.1%} + loss {f['loss']:.1%} + zero_grad {f['zero_grad']:.1%} + "
+              f"checkpoint {f['checkpoint']:.1%} + other {f['other']:.1%}")
     print(f"total {result['wall_s']:.0f} s (data build {result['data_build_s']:.0f} s, "
           f"{result['threads']} threads), "
           f"{'all targets met' if result['all_pass'] else 'some targets MISSED'}")

@@ -1,0 +1,126 @@
+"""Every benchmark at its tiny size: the modules import and run end to end and return what
+the README quotes. No timing targets (the machine is shared): only that the figures exist
+and the ratios are finite and positive."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline.benchmarks import extraction, generation, schedulers, step_profile, training
+from pipeline.cli import app
+from pipeline.models import ARCHITECTURES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def project_root(monkeypatch):
+    """The benchmarks load the committed world (models/world) and params.yaml from here;
+    `bench --threads` sets torch's thread count for the process: restored afterwards."""
+    monkeypatch.chdir(ROOT)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def positive(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def check_extraction(r: dict, hidden_size: int) -> None:
+    assert r["hidden_size"] == hidden_size
+    assert r["texts_encoded"] >= r["captions"] > 0
+    for key in ("extract_s_median", "bare_forward_s_median", "ratio_median",
+                "captions_per_s", "shard_bytes_per_row"):
+        assert positive(r[key]), key
+    # float16 hidden states are most of a row: 77 x D x 2 bytes
+    assert r["shard_bytes_per_row"] > 77 * hidden_size * 2
+
+
+def check_generation(r: dict) -> None:
+    assert positive(r["clip_encoder_forward_s"])
+    assert set(r["models"]) == set(ARCHITECTURES)
+    for name, entry in r["models"].items():
+        for key in ("generate_s", "ratio_to_encoder", "naive_generate_s", "cache_speedup"):
+            assert positive(entry[key]), (name, key)
+
+
+def check_profile(p: dict) -> None:
+    assert set(p["models"]) == set(ARCHITECTURES)
+    assert p["hidden_size"] == 128  # the builtin world CLIP
+    for name, entry in p["models"].items():
+        f = entry["fractions"]
+        assert set(step_profile.ARITHMETIC + step_profile.OVERHEAD) <= set(f), name
+        assert all(math.isfinite(v) and v >= 0 for v in f.values()), (name, f)
+        assert positive(entry["step_s"]) and entry["steps"] > 0
+        for key in ("overhead_fraction", "arithmetic_fraction"):
+            assert 0 < entry[key] < 1, (name, key, entry[key])
+        assert entry["overhead_fraction"] + entry["arithmetic_fraction"] == pytest.approx(1)
+        assert f["read_gather"] + f["read_convert"] == pytest.approx(f["read"])
+        assert positive(f["forward"]) and positive(f["backward"]) and positive(f["read"])
+
+
+def check_training(r: dict) -> None:
+    i = r["input_overhead"]
+    assert i["rows"] > 0 and i["hidden_size"] == 128
+    for key in ("streamed_s_median", "in_memory_s_median", "read_only_s_median",
+                "ratio_median"):
+        assert positive(i[key]), key
+    s = r["step"]
+    assert set(s["models"]) | set(s["no_plain_reference"]) == set(ARCHITECTURES)
+    for name, entry in s["models"].items():
+        assert positive(entry["ratio_median"]), name
+        assert entry["max_abs_output_diff"] <= 1e-4 and entry["max_grad_rel_diff"] <= 1e-3
+    m = r["memory"]
+    assert m["rows_4n"] == 4 * m["rows_n"] > 0
+    assert positive(m["peak_n_mib"]) and positive(m["ratio_median"])
+    assert isinstance(r["all_pass"], bool)
+    check_profile(r["profile"])
+
+
+def check_schedulers(rows: list[dict]) -> None:
+    assert [(r["scheduler"], r["guidance_scale"]) for r in rows] == \
+        [(s, g) for s, _, g in schedulers.SETTINGS]
+    for row in rows:
+        assert row["prompts"] == schedulers.TINY["prompts"]
+        assert row["steps"] <= schedulers.TINY["max_steps"]
+        assert 0 <= row["adherence"] <= 1 and math.isfinite(row["clip_score"])
+
+
+def test_bench_command_tiny_runs_every_benchmark():
+    # One torch thread: on a busy 2-core machine two threads wait on each other for seconds.
+    result = CliRunner().invoke(app, ["bench", "--tiny", "--schedulers", "--threads", "1",
+                                      "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["tiny"] is True
+    check_extraction(out["extraction"], 128)
+    check_extraction(out["extraction_clip_l"], 768)
+    assert out["extraction_clip_l"]["layers"] == extraction.TINY_CLIP_L["layers"]
+    assert positive(out["extraction_clip_l"]["article_scale"]["disk_gb"])
+    check_generation(out["generation"])
+    assert out["generation"]["hidden_size"] == generation.TINY["width"]
+    check_training(out["training"])
+    assert out["training"]["step"]["hidden_size"] == training.TINY["step_width"]
+    check_schedulers(out["schedulers"])
+
+
+    # Each module's text report of the same results (what `python -m ...` prints).
+    for module, section in ((extraction, "extraction"), (extraction, "extraction_clip_l"),
+                            (generation, "generation"), (training, "training"),
+                            (schedulers, "schedulers"), (step_profile, None)):
+        module.print_report(out["training"]["profile"] if section is None else out[section])
+
+
+@pytest.mark.parametrize("module", [extraction, generation, schedulers, step_profile, training])
+def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    assert "--tiny" in capsys.readouterr().out

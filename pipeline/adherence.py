@@ -6,7 +6,9 @@
   (background colour, each object's colour and shape) that the world's judge finds.
 
 `evaluate_adherence` scores held-out world prompts, single-embedding and comma-combined, for
-the reference row (ordinary CLIP states) and every deprojector, all from the same seeds.
+the reference row (ordinary CLIP states) and every deprojector, all from the same seeds. Every
+mean over prompts comes with its 95 % bootstrap interval over the prompts
+(pipeline/intervals.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm import tqdm
 from pipeline.base_models import base_source
 from pipeline.conventions import MAX_LENGTH
 from pipeline.generation import generate_images
+from pipeline.intervals import ci_key, interval, mean_with_ci, ratio_of_sums, ratio_with_ci
 from pipeline.names import REFERENCE
 from pipeline.params import Params
 from pipeline.prompt_encoder import PromptEncoder
@@ -69,27 +72,43 @@ class Scorer:
                 for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
 
 
-def summarise(scores: list[dict[str, float]], objects: list[int]) -> dict[str, float]:
-    """Means over prompts; `all_parts`: how often every stated attribute was found; and the
-    mean adherence of prompts with 1, 2, 3 objects."""
-    out = {"clip_score": float(np.mean([s["clip_score"] for s in scores])),
+def column(scores: list[dict[str, float]], key: str) -> np.ndarray:
+    """[prompts]: one score of every prompt."""
+    return np.array([s[key] for s in scores], dtype=np.float64)
+
+
+def summarise(scores: list[dict[str, float]], objects: list[int],
+              seed: int = 0) -> dict[str, float]:
+    """Means over prompts, each with its interval over resampled prompts (KEY_ci95);
+    `all_parts`: how often every stated attribute was found; and the mean adherence of
+    prompts with 1, 2, 3 objects."""
+    out = {**mean_with_ci("clip_score", column(scores, "clip_score"), seed),
            "prompts": len(scores)}
     if scores and "adherence" in scores[0]:
-        out["adherence"] = float(np.mean([s["adherence"] for s in scores]))
-        out["all_parts"] = float(np.mean([s["adherence"] == 1.0 for s in scores]))
+        adherence = column(scores, "adherence")
+        out |= mean_with_ci("adherence", adherence, seed)
+        out |= mean_with_ci("all_parts", adherence == 1.0, seed)
         for k in sorted(set(objects)):
-            picked = [s["adherence"] for s, n in zip(scores, objects, strict=True) if n == k]
-            out[f"adherence_{k}_object{'s' if k > 1 else ''}"] = float(np.mean(picked))
+            picked = adherence[np.array(objects) == k]
+            out |= mean_with_ci(f"adherence_{k}_object{'s' if k > 1 else ''}", picked, seed)
     return out
 
 
-def with_ratios(rows: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """Adds each row's ratio to the reference row (adherence and CLIP score)."""
+def with_ratios(rows: dict[str, dict[str, float]],
+                per_prompt: dict[str, list[dict[str, float]]] | None = None,
+                seed: int = 0) -> dict[str, dict[str, float]]:
+    """Adds each row's ratio to the reference row (adherence and CLIP score); given every
+    row's per-prompt scores, with its interval: Σ row / Σ reference over the same resampled
+    prompts."""
     reference = rows[REFERENCE]
-    for scores in rows.values():
+    for name, scores in rows.items():
         for key in ("adherence", "clip_score"):
             if key in scores and reference.get(key):
                 scores[f"{key}_ratio"] = scores[key] / reference[key]
+                if per_prompt is not None:
+                    scores[ci_key(f"{key}_ratio")] = interval(
+                        ratio_of_sums, [column(per_prompt[name], key),
+                                        column(per_prompt[REFERENCE], key)], seed)
     return rows
 
 
@@ -99,31 +118,35 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
 
 
 def judged(pipe, conditioning: torch.Tensor, negative: torch.Tensor, params: Params,
-           seeds: list[int], scorer: Scorer, prompts: list[str]) -> dict[str, float]:
-    """Generate one picture per row of conditioning [N, 77, D] and summarise its scores."""
+           seeds: list[int], scorer: Scorer, prompts: list[str]) -> list[dict[str, float]]:
+    """Generate one picture per row of conditioning [N, 77, D]; each picture's scores."""
     images = generate_images(pipe, conditioning, negative, params.render, seeds)
-    objects = [World.objects(p) for p in prompts]
-    return summarise(scorer.score(images, prompts), objects)
+    return scorer.score(images, prompts)
 
 
 def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
-                       scorer: Scorer, exclude: set[str]) -> dict[str, dict]:
-    """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind;
+                       scorer: Scorer, exclude: set[str]) -> tuple[dict, dict]:
+    """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind,
+    and {kind: {row: per-prompt scores}} (the same prompts, in the same order, in every row);
     encoders: the reference row's (no deprojector) first, then each run's."""
     e = params.evaluate
     prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude)
     seeds = prompt_seeds(e.seed, e.adherence_prompts)
     negative = encoders[REFERENCE].encode_negative("", deproject=False)
     result: dict[str, dict] = {}
+    per_prompt: dict[str, dict] = {}
     for kind in KINDS:
         texts = prompts[kind]
-        summary = {}
+        objects = [World.objects(p) for p in texts]
+        scores = {}
         for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row"):
             conditioning = encoder.encode_prompts(texts, combine=kind == "multi",
                                                   deproject=name != REFERENCE)
-            summary[name] = judged(pipe, conditioning, negative, params, seeds, scorer, texts)
-        result[kind] = with_ratios(summary)
-    return result
+            scores[name] = judged(pipe, conditioning, negative, params, seeds, scorer, texts)
+        summary = {name: summarise(s, objects, e.seed) for name, s in scores.items()}
+        result[kind] = with_ratios(summary, scores, e.seed)
+        per_prompt[kind] = scores
+    return result, per_prompt
 
 
 def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], pipe,
@@ -132,27 +155,32 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
 
     Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
     (the scene through the vision tower, gap-corrected) and `image_no_gap` (uncorrected), and
-    image_to_text = image adherence / text adherence; `reference`: the description's
-    ordinary CLIP states. Same scenes and noise seeds for every row.
+    image_to_text = image adherence / text adherence (its interval: both means over the same
+    resampled scenes); `reference`: the description's ordinary CLIP states. Same scenes and
+    noise seeds for every row.
     """
     e = params.evaluate
     scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude)
     texts = [world.describe(scene, " ") for scene in scenes]
     drawn = world.draw(scenes, e.seed)
     seeds = prompt_seeds(e.seed + 1, len(scenes))
+    objects = [World.objects(text) for text in texts]
     reference = encoders[REFERENCE]
     negative = reference.encode_negative("", deproject=False)
 
-    def score(conditioning: torch.Tensor) -> dict[str, float]:
+    def score(conditioning: torch.Tensor) -> list[dict[str, float]]:
         return judged(pipe, conditioning, negative, params, seeds, scorer, texts)
 
-    result = {REFERENCE: {"text": score(reference.encode_prompts(texts, deproject=False))}}
+    text = score(reference.encode_prompts(texts, deproject=False))
+    result = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
     runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
     for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
-        rows = {"text": score(encoder.encode_prompts(texts, combine=False))}
+        scores = {"text": score(encoder.encode_prompts(texts, combine=False))}
         for key, correct in (("image", True), ("image_no_gap", False)):
-            rows[key] = score(encoder.deproject(encoder.image_embedding(drawn, correct)))
+            scores[key] = score(encoder.deproject(encoder.image_embedding(drawn, correct)))
+        rows = {key: summarise(s, objects, e.seed) for key, s in scores.items()}
         if rows["text"].get("adherence"):
-            rows["image_to_text"] = rows["image"]["adherence"] / rows["text"]["adherence"]
+            rows |= ratio_with_ci("image_to_text", column(scores["image"], "adherence"),
+                                  column(scores["text"], "adherence"), e.seed)
         result[name] = rows
     return result

@@ -25,18 +25,22 @@ def position_weights(mask: torch.Tensor, mask_weight: float = 25.0) -> torch.Ten
 
 
 def weighted_mse(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mask_weight: float = 25.0
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mask_weight: float = 25.0,
+    per_row: bool = False,
 ) -> torch.Tensor:
-    """Mean over batch, positions and D of position weight x squared error."""
+    """Mean over batch, positions and D of position weight x squared error ([B]: each row's
+    mean over positions and D, with per_row)."""
     target = _check(pred, target)
     weights = position_weights(mask, mask_weight).to(pred)
-    return (weights[..., None] * (pred - target) ** 2).mean()
+    error = weights[..., None] * (pred - target) ** 2
+    return error.mean(dim=(1, 2)) if per_row else error.mean()
 
 
-def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Unweighted mean squared error over positions 1..76."""
+def mse(pred: torch.Tensor, target: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Unweighted mean squared error over positions 1..76 ([B] per row, with per_row)."""
     target = _check(pred, target)
-    return ((pred[:, 1:] - target[:, 1:]) ** 2).mean()
+    error = (pred[:, 1:] - target[:, 1:]) ** 2
+    return error.mean(dim=(1, 2)) if per_row else error.mean()
 
 
 def cosine_per_position(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -52,7 +56,15 @@ def predicted_in_mask(mask: torch.Tensor) -> torch.Tensor:
     return inside
 
 
+def masked_cosine_terms(cosine: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row [B]: the sum of the cosines [B, 77] over its in-mask positions 1..n, and n."""
+    inside = predicted_in_mask(mask).to(cosine)
+    return (cosine * inside).sum(dim=1), inside.sum(dim=1)
+
+
 def masked_cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity over the in-mask positions 1..n of every row."""
-    inside = predicted_in_mask(mask)
-    return (cosine_per_position(pred, target) * inside).sum() / inside.sum()
+    """Mean cosine similarity over the in-mask positions 1..n of every row: Σ over rows of
+    the in-mask cosine sums / Σ of their counts (a row with more tokens weighs more)."""
+    total, count = masked_cosine_terms(cosine_per_position(pred, target), mask)
+    return total.sum() / count.sum()

@@ -33,7 +33,15 @@ from pipeline.image_metrics import psnr, ssim
 from pipeline.interpolation import fractions, run_interpolation
 from pipeline.jsonio import write_json
 from pipeline.losses import cosine_per_position
-from pipeline.names import ADHERENCE, IMAGE_PROMPTS, IMAGE_ROWS, NULL_BASELINE, REFERENCE
+from pipeline.names import (
+    ADHERENCE,
+    COMPARISON,
+    IMAGE_PROMPTS,
+    IMAGE_ROWS,
+    NULL_BASELINE,
+    REFERENCE,
+    RETRIEVAL,
+)
 from pipeline.params import Params, RenderParams
 from pipeline.prompt_encoder import PromptEncoder
 from pipeline.report import extras_section, write_report
@@ -92,15 +100,18 @@ def render_column(pipe, encoders: dict[str, PromptEncoder], prompt: str, combine
 RERUN_EVALUATE = "rerun `deprojector evaluate` to rewrite it"
 
 
+def read_result(metrics_dir: Path, name: str) -> dict:
+    """reports/metrics/NAME.json, written by the evaluate stage."""
+    path = metrics_dir / f"{name}.json"
+    if not path.is_file():
+        raise RenderError(f"{path} not found: run the evaluate stage first")
+    return read_json(path, RenderError, RERUN_EVALUATE)
+
+
 def read_metrics(metrics_dir: Path, names: list[str]) -> dict[str, dict]:
-    """The evaluate stage's metrics of the null baseline and of `names`, in that order."""
-    metrics = {}
-    for name in [NULL_BASELINE, *names]:
-        path = metrics_dir / f"{name}.json"
-        if not path.is_file():
-            raise RenderError(f"{path} not found: run the evaluate stage first")
-        metrics[name] = read_json(path, RenderError, RERUN_EVALUATE)
-    return metrics
+    """The evaluate stage's metrics of the null baseline, the retrieval baseline and of
+    `names`, in that order."""
+    return {name: read_result(metrics_dir, name) for name in [NULL_BASELINE, RETRIEVAL, *names]}
 
 
 def grid_fidelity(columns: list[Column], models: list[str]) -> dict[str, dict]:
@@ -152,6 +163,7 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
                      gap_dir: Path = Path("data/gap")) -> Rendered:
     r = params.render
     metrics = read_metrics(reports_dir / "metrics", list(params.models))
+    comparison = read_result(reports_dir / "metrics", COMPARISON)
     curve_file = reports_dir / "plots" / "cosine_per_position.json"
     if not curve_file.exists():
         raise RenderError(f"{curve_file} not found: run the evaluate stage first")
@@ -197,9 +209,9 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
     image_prompts_file = reports_dir / "metrics" / f"{IMAGE_PROMPTS}.json"
     image_prompts = read_json(image_prompts_file, RenderError, RERUN_EVALUATE) \
         if image_prompts_file.is_file() else None
-    write_report(reports_dir / "report.md", params, metrics, done.fidelity, done.scores,
-                 held_out, extras_section(showcase if extras else None, image_prompts,
-                                          done.interpolation, r))
+    write_report(reports_dir / "report.md", params, metrics, comparison, done.fidelity,
+                 done.scores, held_out, extras_section(showcase if extras else None,
+                                                       image_prompts, done.interpolation, r))
     return done
 
 

@@ -1,11 +1,14 @@
 """The render stage's markdown report: grids, picture scores, image prompts, interpolation
-and every model's test-set metrics side by side."""
+and every model's test-set metrics side by side, each mean with its 95 % interval (`value
+[low, high]`, pipeline/intervals.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from pipeline.image_metrics import PSNR_CAP_DB
+from pipeline.intervals import ci_key
+from pipeline.names import RETRIEVAL
 from pipeline.params import Params, RenderParams
 
 METRIC_ROWS = (
@@ -17,6 +20,7 @@ METRIC_ROWS = (
     ("autoregressive", "mse", "autoregressive MSE"),
     ("combination", "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
     ("combination", "blend_cosine", "combination: blended hidden states"),
+    ("combination", "retrieval_cosine", "combination: retrieval of Σ(e_k − null) + null"),
 )
 
 
@@ -25,15 +29,38 @@ def _number(value: float) -> str:
     return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
 
 
+def _with_interval(scores: dict, key: str, form) -> str:
+    """`value [low, high]` (the value alone where there is no interval), each as `form`."""
+    text, bounds = form(scores[key]), scores.get(ci_key(key))
+    return text if bounds is None else f"{text} [{form(bounds[0])}, {form(bounds[1])}]"
+
+
 def metrics_table(metrics: dict[str, dict]) -> str:
     lines = ["| metric | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
     for group, key, label in METRIC_ROWS:
         cells = []
         for m in metrics.values():
-            value = m.get(group, {}).get(key)
-            cells.append("—" if value is None else _number(value))
+            scores = m.get(group, {})
+            cells.append(_with_interval(scores, key, _number) if key in scores else "—")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def noise_line(comparison: dict) -> str:
+    """The best run by autoregressive cosine and which rows are within the noise of it."""
+    cosine = comparison.get("autoregressive_cosine_masked")
+    if not cosine:
+        return ""
+    groups: dict[bool | None, list[str]] = {True: [], False: [], None: []}
+    for name, row in cosine["rows"].items():
+        groups[row["within_noise"]].append(name)
+    text = (f"Best autoregressive cosine (in mask): **{cosine['best']}**. Within the noise of "
+            f"it (the 95 % paired bootstrap interval of the difference contains 0): "
+            f"{', '.join(groups[True]) or 'none'}; clearly different: "
+            f"{', '.join(groups[False]) or 'none'}")
+    if groups[None]:
+        text += f"; too few test rows to tell: {', '.join(groups[None])}"
+    return text + " (`reports/metrics/comparison.json`)."
 
 
 def fidelity_table(fidelity: dict[str, dict]) -> str:
@@ -48,10 +75,10 @@ def fidelity_table(fidelity: dict[str, dict]) -> str:
 
 
 def _score(scores: dict, key: str) -> str:
-    value, ratio = scores.get(key), scores.get(f"{key}_ratio")
-    if value is None:
+    if key not in scores:
         return "—"
-    text = f"{value:.1f}" if key == "clip_score" else f"{value:.3f}"
+    text = _with_interval(scores, key, "{:.1f}".format if key == "clip_score" else "{:.3f}".format)
+    ratio = scores.get(f"{key}_ratio")
     return text if ratio is None else f"{text} ({ratio:.2f}×)"
 
 
@@ -66,12 +93,25 @@ def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) 
         cells = [f"{_score(by_kind[k][row], 'adherence')} | {_score(by_kind[k][row], 'clip_score')}"
                  if row in by_kind[k] else "– | –" for k in kinds]
         if all_parts:
-            cells.append(f"{by_kind['multi'][row].get('all_parts', float('nan')):.3f}")
+            cells.append(_score(by_kind["multi"][row], "all_parts"))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def pictures_section(scores: dict[str, dict], held_out: dict | None) -> str:
+def adherence_noise_line(comparison: dict) -> str:
+    """Per kind, the runs whose held-out adherence is within the noise of the reference's."""
+    adherence = comparison.get("adherence")
+    if not adherence:
+        return ""
+    kinds = [f"{kind}: {', '.join(n for n, r in rows.items() if r['within_noise']) or 'none'}"
+             for kind, rows in adherence.items() if kind in ("single", "multi")]
+    return ("\n\nRuns whose held-out adherence is within the noise of the reference row's (the "
+            "95 % interval of the difference, paired over prompts, contains 0): "
+            + "; ".join(kinds) + ".")
+
+
+def pictures_section(scores: dict[str, dict], held_out: dict | None,
+                     comparison: dict) -> str:
     if not scores["single"]:
         return ""
     text = """## Do the pictures show the prompt?
@@ -91,16 +131,19 @@ Held-out prompts ({e} per kind, scenes of 1–3 objects with a background, none 
 prompt; the same seed per prompt in every row; `reports/metrics/adherence.json`). *single*
 deprojects the pooled embedding of the whole prompt (tags without commas); *multi* splits
 the same tags at commas and deprojects Σ(e_k − null) + null. "Every part shown" counts the
-comma-combined prompts whose every stated attribute the judge finds:
+comma-combined prompts whose every stated attribute the judge finds. Each mean with its 95 %
+bootstrap interval over the prompts:
 
-{picture_table(held_out, all_parts="all_parts" in next(iter(held_out["multi"].values())))}
+{picture_table(held_out, all_parts="all_parts" in next(iter(held_out["multi"].values())))}\
+{adherence_noise_line(comparison)}
 
 ![adherence](plots/adherence.png)"""
     return text + "\n"
 
 
 def _adherence(rows: dict, key: str) -> str:
-    return f"{rows[key]['adherence']:.3f}" if key in rows and "adherence" in rows[key] else "–"
+    return _with_interval(rows[key], "adherence", "{:.3f}".format) \
+        if key in rows and "adherence" in rows[key] else "–"
 
 
 def extras_section(showcase: str | None, image_prompts: dict | None,
@@ -120,13 +163,15 @@ correction (data/gap) → pseudo-inverse of the text projection → deprojector.
         lines = ["| run | text prompt | image prompt | image, no gap correction | image / text |",
                  "| --- | ---: | ---: | ---: | ---: |"]
         for name, rows in image_prompts.items():
-            ratio = f"{rows['image_to_text']:.2f}" if "image_to_text" in rows else "–"
+            ratio = _with_interval(rows, "image_to_text", "{:.2f}".format) \
+                if "image_to_text" in rows else "–"
             lines.append(f"| {name} | {_adherence(rows, 'text')} | {_adherence(rows, 'image')} "
                          f"| {_adherence(rows, 'image_no_gap')} | {ratio} |")
         count = next(iter(image_prompts.values()))["text"]["prompts"]
         text += f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
 descriptions; the text prompt is the description's pooled embedding deprojected (the
-reference row: its ordinary CLIP states). Mean adherence (`reports/metrics/image_prompts.json`):
+reference row: its ordinary CLIP states). Mean adherence with its 95 % interval over the scenes
+(`reports/metrics/image_prompts.json`):
 
 """ + "\n".join(lines) + "\n\n"
     if curves:
@@ -153,7 +198,7 @@ gradual change has small jumps between neighbouring t and no reversals
     return text
 
 
-def write_report(path: Path, params: Params, metrics: dict[str, dict],
+def write_report(path: Path, params: Params, metrics: dict[str, dict], comparison: dict,
                  fidelity: dict[str, dict], scores: dict[str, dict],
                  held_out: dict | None, extras: str = "") -> None:
     r = params.render
@@ -189,13 +234,20 @@ luminance) of the image against the reference image of the same column. PSNR is 
 
 {fidelity_table(fidelity["multi"])}
 
-{pictures_section(scores, held_out)}{extras}## Test-set metrics (`reports/metrics/`)
+{pictures_section(scores, held_out, comparison)}{extras}## Test-set metrics (`reports/metrics/`)
 
 {metrics_table(metrics)}
 
-Cosines are averaged over the positions inside the attention mask; the combination rows
-compare, on held-out caption pairs A, B, the states of "A B" with the deprojection of the
-combined embedding and with the average of the two captions' states.
+{noise_line(comparison)}
+
+Each value is a mean over the test rows with its 95 % interval (a percentile bootstrap over
+the rows, `value [low, high]`). Cosines are averaged over the positions inside the attention
+mask. `null-baseline` outputs `null` at every position; `retrieval` answers each embedding with
+the mean hidden states of its {metrics[RETRIEVAL]["k"]} nearest training rows by cosine of
+e − null (k chosen on a validation split of the training rows; no teacher
+forcing, so both modes are the same). The combination rows compare, on held-out caption pairs
+A, B, the states of "A B" with the deprojection of the combined embedding, with the average of
+the two captions' states and with the retrieval's answer to the combined embedding.
 
 ## Autoregressive cosine per position
 

@@ -182,6 +182,11 @@ class ShardReader:
     def __len__(self) -> int:
         return self.num_rows
 
+    def embeddings(self) -> torch.Tensor:
+        """[N, D] float32: every row's input embedding, in row order; the hidden states are
+        not read."""
+        return torch.from_numpy(np.concatenate(self._embeds))
+
     def batch(self, indices: np.ndarray) -> Batch:
         indices = np.asarray(indices, dtype=np.int64)
         chunk = np.searchsorted(self._starts, indices, side="right") - 1

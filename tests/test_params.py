@@ -38,8 +38,8 @@ def test_invalid_values_name_their_key(raw, key):
 def test_reserved_run_names_are_every_name_another_output_or_row_takes():
     from pipeline.names import IMAGE_ROWS, RESERVED_RUN_NAMES
 
-    for name in ("null-baseline", "adherence", "image_prompts", "reference", "world", "base",
-                 *IMAGE_ROWS):
+    for name in ("null-baseline", "retrieval", "comparison", "adherence", "image_prompts",
+                 "reference", "world", "base", *IMAGE_ROWS):
         assert name in RESERVED_RUN_NAMES
         with pytest.raises(ParamsError, match=re.escape(f"`models.{name}`")):
             parse_params({"models": {name: {"type": "vicinity-batch"}}})

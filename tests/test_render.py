@@ -57,11 +57,19 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
         model.eval().save_pretrained(work / "models" / name)
     (work / "reports" / "metrics").mkdir(parents=True)
     (work / "reports" / "plots").mkdir()
-    for k, name in enumerate(("null-baseline", *RUN_NAMES)):
+    for k, name in enumerate(("null-baseline", "retrieval", *RUN_NAMES)):
         scores = {"mse": 0.5 - k / 10, "weighted_mse": 0.4, "cosine": 0.2 + k / 5,
-                  "cosine_masked": 0.3 + k / 5}
+                  "cosine_masked": 0.3 + k / 5, "cosine_masked_ci95": [0.25 + k / 5, 0.35 + k / 5]}
         metrics = {"teacher_forced": scores, "autoregressive": scores}
+        if name == "retrieval":
+            metrics["k"] = 8
         (work / "reports" / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
+    rows = {"retrieval": False, "transformer": False, "vicinity-individual": True,
+            "vicinity-batch-v2": False}
+    comparison = {"autoregressive_cosine_masked": {"best": "vicinity-batch", "rows": {
+        name: {"difference": -0.1, "difference_ci95": [-0.2, 0.01 if within else -0.05],
+               "within_noise": within} for name, within in rows.items()}}}
+    (work / "reports" / "metrics" / "comparison.json").write_text(json.dumps(comparison))
     curve = [{"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in RUN_NAMES}}
              for i in range(1, MAX_LENGTH)]
     (work / "reports" / "plots" / "cosine_per_position.json").write_text(json.dumps(curve))
@@ -213,13 +221,46 @@ def test_images_are_deterministic(clip, pipe, rendered) -> None:
 
 def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> None:
     report = (project / "reports" / "report.md").read_text()
-    header = "| metric | null-baseline | " + " | ".join(RUN_NAMES) + " |"
+    header = "| metric | null-baseline | retrieval | " + " | ".join(RUN_NAMES) + " |"
+    # Each value with its interval; the best run and which rows are within its noise.
+    cosine = "| autoregressive cosine (in mask) | 0.3000 [0.2500, 0.3500] | 0.5000 [0.4500, "
+    noise = ("Best autoregressive cosine (in mask): **vicinity-batch**. Within the noise of it "
+             "(the 95 % paired bootstrap interval of the difference contains 0): "
+             "vicinity-individual; clearly different: retrieval, transformer, vicinity-batch-v2")
     for needle in ("![single-embedding grid](grid_single.png)",
                    "![multiple-embedding grid](grid_multi.png)",
-                   "(plots/cosine_per_position.png)", "positions 1..76", header,
-                   "autoregressive cosine (in mask)", "`red, circle`", "`red circle`",
+                   "(plots/cosine_per_position.png)", "positions 1..76", header, cosine, noise,
+                   "| teacher-forced MSE | 0.5000 | 0.4000 | ", "its 8 nearest training rows",
+                   "`red, circle`", "`red circle`",
                    "## Do the pictures show the prompt?", "| reference | "):
         assert needle in report, needle
+
+
+def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
+    from pipeline.report import adherence_noise_line, extras_section, picture_table
+
+    def row(adherence: float) -> dict:
+        return {"adherence": adherence, "adherence_ci95": [adherence - 0.1, adherence + 0.1],
+                "clip_score": 25.0, "clip_score_ci95": [24.0, 26.0], "all_parts": 0.25,
+                "all_parts_ci95": [0.125, 0.375], "adherence_ratio": adherence / 0.5,
+                "prompts": 8}
+
+    held_out = {kind: {REFERENCE: row(0.5), "vb": row(0.4)} for kind in ("single", "multi")}
+    table = picture_table(held_out, all_parts=True)
+    assert "| vb | 0.400 [0.300, 0.500] (0.80×) | 25.0 [24.0, 26.0] | " in table
+    assert table.endswith("| 0.250 [0.125, 0.375] |")
+    within = {"difference": -0.1, "difference_ci95": [-0.2, 0.01], "within_noise": True}
+    line = adherence_noise_line({"adherence": {"sign": "run − reference",
+                                               "single": {"vb": within},
+                                               "multi": {"vb": {**within,
+                                                                "within_noise": False}}}})
+    assert line.endswith("contains 0): single: vb; multi: none.")
+    images = {REFERENCE: {"text": row(0.5)},
+              "vb": {"text": row(0.5), "image": row(0.4), "image_no_gap": row(0.2),
+                     "image_to_text": 0.8, "image_to_text_ci95": [0.6, 1.0]}}
+    r = parse_params({"render": RENDER}).render
+    assert "| vb | 0.500 [0.400, 0.600] | 0.400 [0.300, 0.500] | 0.200 [0.100, 0.300] | " \
+           "0.80 [0.60, 1.00] |" in extras_section(None, images, None, r)
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
@@ -231,6 +272,7 @@ def test_a_cut_metrics_file_names_the_file(tmp_path) -> None:
     from pipeline.render import read_metrics
 
     (tmp_path / "null-baseline.json").write_text('{"cosine": 0.5}')
+    (tmp_path / "retrieval.json").write_text('{"cosine": 0.5}')
     (tmp_path / "vb.json").write_text('{"cosine": 0.')
     with pytest.raises(RenderError, match=r"vb\.json:1: not valid JSON \(.*\); the file is "
                                           r"incomplete or corrupt; rerun `deprojector evaluate`"):

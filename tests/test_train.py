@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import evaluate as evaluate_module
 from pipeline import train as train_module
 from pipeline.evaluate import run_evaluate_stage
 from pipeline.gap import run_gap_stage
 from pipeline.jsonio import round_floats
 from pipeline.models import ARCHITECTURES, load_deprojector
 from pipeline.params import ParamsError
+from pipeline.retrieval import K_CANDIDATES
 from pipeline.train import train_model
 from tests.conftest import project_dir, small_params
 
@@ -87,7 +89,17 @@ def test_unknown_model_setting_is_rejected_naming_the_key(project):
         train_model("vicinity-batch-v3", params())
 
 
-def test_evaluate_writes_every_metric_and_is_deterministic(project):
+def assert_within(scores: dict, key: str) -> None:
+    """`key` has a 95 % interval (KEY_ci95) around its value; a ratio's is None where its
+    denominator sums to 0 in some resamples (few pictures judged right)."""
+    bounds = scores[f"{key}_ci95"]
+    if bounds is None:
+        assert key in ("adherence_ratio", "image_to_text"), (key, scores)
+    else:
+        assert bounds[0] <= scores[key] <= bounds[1], (key, scores)
+
+
+def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch):
     # A run added in params only (another vicinity-batch) is trained and scored like the rest.
     runs = {**TINY_MODELS, "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2}}
     names = tuple(runs)
@@ -95,26 +107,67 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project):
         train_model(name, params(runs, epochs=1))
     assert load_deprojector(project / "models" / "vicinity-batch-v2").config.vicinity == 2
     run_gap_stage(small_params(gap={"pairs": 32, "seed": 7}), Path("data/gap"))  # images
+    chosen = []  # the retrieval's k is chosen on the training split only
+    real_choose_k = evaluate_module.choose_k
+    monkeypatch.setattr(evaluate_module, "choose_k", lambda reader, *args: chosen.append(
+        (reader.split_dir.name, real_choose_k(reader, *args))) or chosen[-1][1])
     first = run_evaluate_stage(params(runs))
     second = run_evaluate_stage(params(runs))
     assert first == second
-    for name in ("null-baseline", *names):
-        saved = json.loads((project / "reports" / "metrics" / f"{name}.json").read_text())
+    metrics = project / "reports" / "metrics"
+    for name in ("null-baseline", "retrieval", *names):
+        saved = json.loads((metrics / f"{name}.json").read_text())
         for mode in ("teacher_forced", "autoregressive"):
-            assert set(saved[mode]) == {"mse", "weighted_mse", "cosine", "cosine_masked"}
+            keys = ("mse", "weighted_mse", "cosine", "cosine_masked")
+            assert set(saved[mode]) == {*keys, *(f"{key}_ci95" for key in keys)}
+            for key in keys:
+                assert_within(saved[mode], key)
     combination = first["transformer"]["combination"]
-    assert set(combination) == {"deprojector_cosine", "blend_cosine", "pairs"}
+    assert set(combination) == {"deprojector_cosine", "blend_cosine", "retrieval_cosine",
+                                "pairs", *(f"{key}_ci95" for key in ("deprojector_cosine",
+                                                                    "blend_cosine",
+                                                                    "retrieval_cosine"))}
     assert combination["pairs"] > 0
+    assert_within(combination, "retrieval_cosine")
+    # Retrieval: k chosen on a validation split of the training rows, scored like a run.
+    retrieval = json.loads((metrics / "retrieval.json").read_text())
+    assert [split for split, _ in chosen] == ["train", "train"]
+    assert retrieval["k"] == chosen[0][1][0] and retrieval["k"] in K_CANDIDATES
+    assert set(retrieval["validation"]["cosine_masked"]) <= {str(k) for k in K_CANDIDATES}
+    assert retrieval["teacher_forcing"] is False
+    assert retrieval["teacher_forced"] == retrieval["autoregressive"]
+    assert first["retrieval"]["combination"]["retrieval_cosine"] == \
+        combination["retrieval_cosine"]
+    # Which runs are within the noise of the best one, paired over test rows and prompts.
+    comparison = json.loads((metrics / "comparison.json").read_text())
+    cosine = comparison["autoregressive_cosine_masked"]
+    best = max(names, key=lambda n: first[n]["autoregressive"]["cosine_masked"])
+    assert cosine["best"] == best
+    assert set(cosine["rows"]) == {"retrieval", *names} - {best}
+    for name, row in cosine["rows"].items():
+        low, high = row["difference_ci95"]
+        assert low <= row["difference"] <= high
+        assert row["within_noise"] == (low <= 0 <= high)
+        assert row["difference"] <= 0 or name == "retrieval"  # row − the best run
+    assert set(comparison["adherence"]) == {"sign", "single", "multi"}
+    assert set(comparison["adherence"]["single"]) == set(names)
     curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())
     assert [row["position"] for row in curve] == list(range(1, 77))
-    assert set(curve[0]) == {"position", "null-baseline", *names}
+    assert set(curve[0]) == {"position", "null-baseline", "retrieval", *names}
+    # Held-out pictures: every mean over prompts with its interval.
+    adherence = json.loads((metrics / "adherence.json").read_text())
+    for key in ("adherence", "clip_score", "all_parts", "adherence_ratio"):
+        assert_within(adherence["multi"]["transformer"], key)
     # Drawn scenes as the only prompt, judged against their descriptions, per run.
-    images = json.loads((project / "reports" / "metrics" / "image_prompts.json").read_text())
+    images = json.loads((metrics / "image_prompts.json").read_text())
     assert list(images) == ["reference", *names]
     assert set(images["reference"]) == {"text"}
     for name in names:
         assert set(images[name]) >= {"text", "image", "image_no_gap"}
         assert images[name]["image"]["prompts"] == 6
+        assert_within(images[name]["image"], "adherence")
+        if "image_to_text" in images[name]:
+            assert_within(images[name], "image_to_text")
 
 
 @pytest.mark.slow

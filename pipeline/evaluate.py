@@ -240,12 +240,13 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     constants = load_constants(shards_dir / "constants.safetensors")
     null = constants["null"]
     reader = ShardReader(shards_dir / "test")
+    world = World.of(params.base.clip, params.base.sd)
+    image_prompts = world is not None and e.image_prompts > 0
+    # Models first: one of another base fails here, before any baseline is computed.
+    encoders = load_encoders(params, models_dir, gap_dir if image_prompts else None)
     train = ShardReader(shards_dir / "train", reader.hidden_size)
     k, validation = choose_k(train, null, e.seed, e.batch_size, t.mask_weight)
     retrieval = Retrieval(train, null)
-    world = World.of(params.base.clip, params.base.sd)
-    image_prompts = world is not None and e.image_prompts > 0
-    encoders = load_encoders(params, models_dir, gap_dir if image_prompts else None)
     clip = encoders[REFERENCE].clip
     models = {name: encoder.deprojector for name, encoder in encoders.items()
               if encoder.deprojector is not None}

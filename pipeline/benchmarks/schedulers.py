@@ -48,7 +48,8 @@ def run(prompts: int = 96, seed: int = 1, max_steps: int | None = None) -> list[
                                  list(range(prompts)))
         summary = summarise(scorer.score(images, texts), objects)
         rows.append({"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
-                     **{k: round(v, 3) for k, v in summary.items()}})
+                     **{k: round(v, 3) if isinstance(v, float) else v
+                        for k, v in summary.items()}})
     return rows
 
 

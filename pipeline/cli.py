@@ -239,11 +239,12 @@ def evaluate_command(
     in reports/metrics/image_prompts.json.
     """
     from pipeline.evaluate import run_evaluate_stage
-    from pipeline.names import ADHERENCE, IMAGE_PROMPTS
+    from pipeline.names import ADHERENCE, COMPARISON, IMAGE_PROMPTS
 
     results = _run(lambda: run_evaluate_stage(_params(params), shards))
     pictures = results.pop(ADHERENCE, {})
     image_prompts = results.pop(IMAGE_PROMPTS, {})
+    compared = results.pop(COMPARISON)["autoregressive_cosine_masked"]
     for name, metrics in results.items():
         free = metrics["autoregressive"]
         typer.echo(f"{name:>20}: autoregressive cosine_masked {free['cosine_masked']:.4f}, "
@@ -252,6 +253,9 @@ def evaluate_command(
         for name, s in rows.items():
             adherence = f"adherence {s['adherence']:.3f}, " if "adherence" in s else ""
             typer.echo(f"{kind:>6} {name:>20}: {adherence}CLIP score {s['clip_score']:.2f}")
+    within = [name for name, row in compared["rows"].items() if row["within_noise"]]
+    typer.echo(f"best autoregressive cosine_masked: {compared['best']}; within its 95 % "
+               f"interval: {', '.join(within) or 'none'}")
     for name, rows in image_prompts.items():
         typer.echo(f"image prompts {name:>20}: " + ", ".join(
             f"{key} {s['adherence']:.3f}" for key, s in rows.items() if isinstance(s, dict)))

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from typer.testing import CliRunner
 
 from pipeline import evaluate as evaluate_module
 from pipeline import train as train_module
@@ -19,7 +21,7 @@ from pipeline.models import ARCHITECTURES, load_deprojector
 from pipeline.params import ParamsError
 from pipeline.retrieval import K_CANDIDATES
 from pipeline.train import train_model
-from tests.conftest import project_dir, small_params
+from tests.conftest import SMALL, project_dir, small_params
 
 TRAIN = {"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0}
 # params.yaml's `models:` (run name -> type and hyperparameters), as a user writes it.
@@ -112,9 +114,20 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     monkeypatch.setattr(evaluate_module, "choose_k", lambda reader, *args: chosen.append(
         (reader.split_dir.name, real_choose_k(reader, *args))) or chosen[-1][1])
     first = run_evaluate_stage(params(runs))
-    second = run_evaluate_stage(params(runs))
-    assert first == second
     metrics = project / "reports" / "metrics"
+    written = {p.name: p.read_bytes() for p in metrics.iterdir()}
+    # The second run goes through the CLI (its summary lines read every result) and must
+    # write the same bytes.
+    (project / "params.yaml").write_text(yaml.safe_dump(
+        {**SMALL, "train": {**TRAIN, "epochs": 1},
+         "evaluate": {"combination_pairs": 8, "image_prompts": 6}, "models": runs},
+        sort_keys=False))  # the runs in the same order
+    from pipeline.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate"])
+    assert result.exit_code == 0, result.output
+    assert "best autoregressive cosine_masked:" in result.output
+    assert {p.name: p.read_bytes() for p in metrics.iterdir()} == written
     for name in ("null-baseline", "retrieval", *names):
         saved = json.loads((metrics / f"{name}.json").read_text())
         for mode in ("teacher_forced", "autoregressive"):

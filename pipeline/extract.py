@@ -29,7 +29,6 @@ from pipeline.clip_encode import encode_texts, encode_tokens, token_counts, toke
 from pipeline.conventions import MAX_LENGTH, combine_embeddings
 from pipeline.params import Params
 from pipeline.shards import (
-    SEQ_LEN,
     save_constants,
     shard_fingerprint,
     shard_path,
@@ -121,7 +120,7 @@ def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype:
     width = clip.hidden_size
     np_dtype = np.float16 if storage_dtype == "float16" else np.float32
     pooled = torch.empty(len(texts), width)
-    hidden = np.empty((len(targets), SEQ_LEN, width), np_dtype)
+    hidden = np.empty((len(targets), MAX_LENGTH, width), np_dtype)
     for begin in range(0, len(texts), batch_size):
         end = min(begin + batch_size, len(texts))
         out = encode_tokens(clip, tokens["input_ids"][begin:end],
@@ -147,8 +146,8 @@ def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype:
         pa.array([r.target_text for r in rows], pa.string()),
         pa.FixedSizeListArray.from_arrays(pa.array(embeds.reshape(-1)), width),
         pa.FixedSizeListArray.from_arrays(
-            pa.FixedSizeListArray.from_arrays(hidden_values, width), SEQ_LEN),
-        pa.FixedSizeListArray.from_arrays(pa.array(mask[target_texts].reshape(-1)), SEQ_LEN),
+            pa.FixedSizeListArray.from_arrays(hidden_values, width), MAX_LENGTH),
+        pa.FixedSizeListArray.from_arrays(pa.array(mask[target_texts].reshape(-1)), MAX_LENGTH),
         pa.array(mask[target_texts].sum(axis=1), pa.int32()),
     ]
     return [pa.RecordBatch.from_arrays(columns, schema=schema)]

@@ -16,10 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.atomic import atomic_path
-from pipeline.conventions import CONSTANT_NAMES
+from pipeline.conventions import CONSTANT_NAMES, MAX_LENGTH
 from pipeline.errors import DeprojectorError, read_json, read_safetensors
-
-SEQ_LEN = 77
 
 
 class ShardError(DeprojectorError, RuntimeError):
@@ -36,8 +34,8 @@ def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str,
             ("parts", pa.list_(pa.string())),
             ("target_text", pa.string()),
             ("embeds", pa.list_(pa.float32(), hidden_size)),
-            ("hidden", pa.list_(pa.list_(value, hidden_size), SEQ_LEN)),
-            ("mask", pa.list_(pa.int8(), SEQ_LEN)),
+            ("hidden", pa.list_(pa.list_(value, hidden_size), MAX_LENGTH)),
+            ("mask", pa.list_(pa.int8(), MAX_LENGTH)),
             ("n_tokens", pa.int32()),
         ],
         # The fingerprint ties a shard to the rows and base model that made it, so a rerun
@@ -154,8 +152,8 @@ class ShardReader:
                 # Flatten the fixed-size lists to their value buffers: zero-copy views.
                 self._embeds.append(_values(batch.column("embeds"), 1).reshape(rows, width))
                 self._hidden.append(
-                    _values(batch.column("hidden"), 2).reshape(rows, SEQ_LEN, width))
-                self._mask.append(_values(batch.column("mask"), 1).reshape(rows, SEQ_LEN))
+                    _values(batch.column("hidden"), 2).reshape(rows, MAX_LENGTH, width))
+                self._mask.append(_values(batch.column("mask"), 1).reshape(rows, MAX_LENGTH))
         self.hidden_size = int(hidden_size)
         sizes = np.array([len(x) for x in self._embeds])
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -192,8 +190,8 @@ class ShardReader:
         chunk = np.searchsorted(self._starts, indices, side="right") - 1
         offset = indices - self._starts[chunk]
         embeds = np.empty((len(indices), self.hidden_size), np.float32)
-        hidden = np.empty((len(indices), SEQ_LEN, self.hidden_size), np.float32)
-        mask = np.empty((len(indices), SEQ_LEN), np.float32)
+        hidden = np.empty((len(indices), MAX_LENGTH, self.hidden_size), np.float32)
+        mask = np.empty((len(indices), MAX_LENGTH), np.float32)
         for c in np.unique(chunk):
             rows = np.nonzero(chunk == c)[0]
             embeds[rows] = self._embeds[c][offset[rows]]

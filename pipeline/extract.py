@@ -184,6 +184,11 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
     # Worker I of N takes shards I, I + N, ...: together they write exactly the single-worker
     # layout, so N machines can extract into one folder with no merge step.
     mine = [k for k in range(n_shards) if k % e.num_workers == e.worker_index]
+    # A killed run leaves the temporary file of the shard it was writing (atomic_path names it
+    # .shard-NNNNN.arrow.tmp-PID); only this worker writes its shards, so those are stale.
+    for k in mine:
+        for leftover in split_dir.glob(f".{shard_path(split_dir, k).name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
     written = reused = 0
     for k in tqdm(mine, desc=f"extract {split_dir.name}", unit="shard"):
         shard_rows = rows[k * e.rows_per_shard:(k + 1) * e.rows_per_shard]

@@ -217,3 +217,22 @@ def test_truncated_constants_name_the_file(tmp_path, small_shards):
     with pytest.raises(ShardError, match=r"constants\.safetensors: incomplete or corrupt "
                                          r"safetensors file.*rerun `deprojector extract`"):
         load_constants(path)
+
+
+def test_a_killed_runs_temporary_shard_file_is_removed_on_resume(tmp_path, base_dir):
+    """SIGKILL while a shard is written leaves `.shard-NNNNN.arrow.tmp-PID`; the next run of
+    the worker that owns that shard removes it (another worker's leftovers are its own)."""
+    work = tmp_path / "work"
+    shards = run_small_pipeline(work, base_dir)
+    leftover = shards / "train" / ".shard-00001.arrow.tmp-99999"
+    leftover.write_bytes(b"half a shard")
+    other = shards / "train" / ".shard-00001.arrow.tmp-12345"
+    other.write_bytes(b"another half")
+    before = sorted(p.name for p in (shards / "train").iterdir())
+    run_small_pipeline(work, base_dir, small_params(extract={"num_workers": 2,
+                                                             "worker_index": 0}))
+    assert other.exists() and leftover.exists()  # shard 1 belongs to worker 1 of 2
+    run_small_pipeline(work, base_dir)
+    assert not leftover.exists() and not other.exists()
+    assert sorted(p.name for p in (shards / "train").iterdir()) == \
+        [name for name in before if ".tmp-" not in name]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.conventions import BUILTIN
-from pipeline.models import ARCHITECTURES, hyperparameters
+from pipeline.models import ARCHITECTURES, COMPOSITES, hyperparameters
 from pipeline.names import RESERVED_RUN_NAMES
 from pipeline.sections import ParamsError, check, read_params_file, section
 from pipeline.world.config import WorldParams
@@ -101,7 +101,8 @@ RUN_NAME_RULE = ("letters, digits, '_' and '-', starting with a letter or digit 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One entry of `models:`: a registered architecture and its hyperparameters."""
+    """One entry of `models:`: a registered architecture and its hyperparameters, or a
+    composite (`ensemble`) and its `members`, run names of other entries."""
 
     type: str
     hparams: dict[str, Any] = field(default_factory=dict)
@@ -254,7 +255,7 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
     """`models:` -> run name -> ModelSpec; types and hyperparameter names checked by key."""
     raw = raw or {}
     check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
-    known = ", ".join(sorted(ARCHITECTURES))
+    known = ", ".join([*sorted(ARCHITECTURES), *sorted(COMPOSITES)])
     specs = {}
     for name, entry in raw.items():
         check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None,
@@ -271,14 +272,29 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
         hparams = dict(entry)
         model_type = hparams.pop("type", None)
         train = hparams.pop("train", None) or {}
-        check(model_type in ARCHITECTURES, f"models.{name}.type", f"one of {known}",
-              model_type)
+        check(model_type in ARCHITECTURES or model_type in COMPOSITES, f"models.{name}.type",
+              f"one of {known}", model_type)
+        if model_type in COMPOSITES:
+            check(not train and set(hparams) == {"members"}, f"models.{name}",
+                  f"{{type: {model_type}, members: [RUN, RUN, ...]}} and nothing else (it "
+                  "trains nothing)", entry)
+            specs[name] = ModelSpec(model_type, hparams)
+            continue
         section(TrainParams, train, f"models.{name}.train")  # known keys of the right types
         allowed = hyperparameters(model_type)
         for key in hparams:
             check(key in allowed, f"models.{name}.{key}",
                   f"a hyperparameter of {model_type} ({', '.join(allowed)}) or `train`", key)
         specs[name] = ModelSpec(model_type, hparams, dict(train))
+    for name, spec in specs.items():
+        if spec.type in COMPOSITES:
+            members = spec.hparams["members"]
+            trained = [n for n, s in specs.items() if s.type not in COMPOSITES]
+            check(isinstance(members, list) and len(members) >= 2
+                  and len(set(map(str, members))) == len(members)
+                  and all(m in trained for m in members), f"models.{name}.members",
+                  f"2 or more distinct trained runs of `models` ({', '.join(trained)})",
+                  members)
     return specs
 
 

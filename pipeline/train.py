@@ -26,7 +26,9 @@ from pipeline.conventions import BUILTIN
 from pipeline.image_prompts import GAP_FILE
 from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
-from pipeline.models import Deprojector, architecture, build_deprojector
+from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
+from pipeline.models.base import CONFIG_FILE
+from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
 from pipeline.params import ModelSpec, Params, ParamsError, TrainParams, validate
 from pipeline.shards import ShardError, ShardReader, load_constants, read_meta
 
@@ -91,13 +93,44 @@ def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def record_base(model: Deprojector, base_clip: str) -> None:
+def record_base(model: Deprojector | DeprojectorConfig, base_clip: str) -> None:
     """Write the base CLIP into the model's config: its name (a local folder as an absolute
     path, so the deprojector loads from anywhere) and the fingerprint of its files."""
+    config = model if isinstance(model, DeprojectorConfig) else model.config
     source = base_source(base_clip, "clip")
-    model.config.base_clip = str(Path(source).resolve()) \
+    config.base_clip = str(Path(source).resolve()) \
         if base_clip != BUILTIN and Path(source).is_dir() else base_clip
-    model.config.base_fingerprint = clip_fingerprint(source_folder(source, "config.json"))
+    config.base_fingerprint = clip_fingerprint(source_folder(source, "config.json"))
+
+
+def copy_gap(out_dir: Path, gap_dir: Path) -> None:
+    """Put gap_dir's modality-gap statistics, when the `gap` stage computed them, into a
+    saved deprojector's folder (image prompts read them from there)."""
+    (out_dir / GAP_FILE).unlink(missing_ok=True)
+    if (gap_dir / GAP_FILE).is_file():
+        shutil.copyfile(gap_dir / GAP_FILE, out_dir / GAP_FILE)
+
+
+def write_ensemble(name: str, params: Params, shards_dir: Path, out_dir: Path,
+                   plots_dir: Path, gap_dir: Path) -> list[dict]:
+    """An ensemble trains nothing: models/NAME/config.json names its members as the sibling
+    folders ../MEMBER (loaded with it, so it always uses their current weights) and records
+    the base; its loss curve is empty. Returns the (empty) history."""
+    meta = read_meta(shards_dir)
+    config = EnsembleConfig(
+        model_type=EnsembleDeprojector.model_type, hidden_size=meta["hidden_size"],
+        projection_size=meta["projection_size"],
+        members=[f"../{member}" for member in model_spec(name, params).hparams["members"]])
+    record_base(config, params.base.clip)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    write_json(out_dir / CONFIG_FILE, config.to_dict())
+    copy_gap(out_dir, gap_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plots_dir / f"{name}.json", [])
+    tqdm.write(f"{name}: an ensemble of {', '.join(config.members)}; nothing to train")
+    return []
 
 
 def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
@@ -115,8 +148,10 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     """
     from accelerate import Accelerator
 
-    t = run_train_params(name, params)
     out_dir = out_dir or Path("models") / name
+    if model_spec(name, params).type == EnsembleDeprojector.model_type:
+        return write_ensemble(name, params, shards_dir, out_dir, plots_dir, gap_dir)
+    t = run_train_params(name, params)
     mixed_precision = "no" if t.precision == "fp32" else t.precision
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=mixed_precision)
     device = accelerator.device
@@ -187,9 +222,7 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         model.load_state_dict(best["state"])
         record_base(model, params.base.clip)
         model.save_pretrained(out_dir)
-        (out_dir / GAP_FILE).unlink(missing_ok=True)
-        if (gap_dir / GAP_FILE).is_file():
-            shutil.copyfile(gap_dir / GAP_FILE, out_dir / GAP_FILE)
+        copy_gap(out_dir, gap_dir)
         plots_dir.mkdir(parents=True, exist_ok=True)
         write_json(plots_dir / f"{name}.json", history)
         checkpoint.unlink(missing_ok=True)

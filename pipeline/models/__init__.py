@@ -18,6 +18,7 @@ from torch import nn
 from pipeline.conventions import CONSTANT_NAMES
 from pipeline.models.base import (
     ARCHITECTURES,
+    COMPOSITES,
     BaseMismatchError,
     Deprojector,
     DeprojectorConfig,
@@ -95,6 +96,7 @@ def load_deprojector(path: str | Path, device: str | torch.device = "cpu") -> De
 
 __all__ = [
     "ARCHITECTURES",
+    "COMPOSITES",
     "BaseMismatchError",
     "Deprojector",
     "DeprojectorConfig",

@@ -64,8 +64,9 @@ def few_rows_linear(
     return y.T  # a transposed view; elementwise ops and the next call take it as it is
 
 
-# Config fields are plain scalars; values arrive from YAML and JSON, so check them by type.
-_SCALAR_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+# Config fields are plain scalars (an ensemble's member list aside); values arrive from YAML
+# and JSON, so check them by type.
+_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}
 
 
 @dataclass
@@ -81,7 +82,7 @@ class DeprojectorConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            expected = f.type if isinstance(f.type, type) else _SCALAR_TYPES[f.type]
+            expected = f.type if isinstance(f.type, type) else _FIELD_TYPES[f.type]
             value = getattr(self, f.name)
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
                 value = float(value)
@@ -111,6 +112,9 @@ class DeprojectorConfig:
 
 
 ARCHITECTURES: dict[str, type[Deprojector]] = {}  # model_type -> class, filled by @register
+# Deprojectors made of other saved deprojectors, with no weights of their own (the ensemble):
+# model_type -> class, filled by @register_composite; loaded by their own `from_folder`.
+COMPOSITES: dict[str, type[Deprojector]] = {}
 
 D_ = TypeVar("D_", bound="type[Deprojector]")
 
@@ -120,6 +124,14 @@ def register(cls: D_) -> D_:
     if not cls.model_type or cls.model_type in ARCHITECTURES:
         raise ValueError(f"{cls.__name__}: model_type {cls.model_type!r} is empty or taken")
     ARCHITECTURES[cls.model_type] = cls
+    return cls
+
+
+def register_composite(cls: D_) -> D_:
+    """Class decorator: make a deprojector built from saved ones loadable by its model_type."""
+    if not cls.model_type or cls.model_type in ARCHITECTURES or cls.model_type in COMPOSITES:
+        raise ValueError(f"{cls.__name__}: model_type {cls.model_type!r} is empty or taken")
+    COMPOSITES[cls.model_type] = cls
     return cls
 
 
@@ -248,31 +260,25 @@ class Deprojector(nn.Module):
         # ARCHITECTURES is complete here: importing this module imports the package first,
         # whose __init__ imports every architecture.
         folder = Path(path)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"no deprojector in {folder}: {name} is missing")
         config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no deprojector in {folder}: {CONFIG_FILE} is missing")
         advice = "save or train the deprojector again (`deprojector train NAME`)"
         raw = read_json(config_file, ModelFileError, advice)
         model_type = raw.get("model_type")
+        if isinstance(model_type, str) and model_type in COMPOSITES:
+            return COMPOSITES[model_type].from_folder(folder, raw, device)
         if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
             raise ModelFileError(
                 f"{config_file}: unknown model_type {model_type!r} "
-                f"(known: {', '.join(ARCHITECTURES)})"
+                f"(known: {', '.join([*ARCHITECTURES, *COMPOSITES])})"
             )
+        if not weights_file.is_file():
+            raise FileNotFoundError(f"no deprojector in {folder}: {WEIGHTS_FILE} is missing")
         model_class = ARCHITECTURES[model_type]
         if not issubclass(model_class, cls):
             raise ModelFileError(f"{folder} holds a {model_type!r} model, not a {cls.__name__}")
-        config_class = model_class.config_class
-        missing = [f.name for f in dataclasses.fields(config_class)
-                   if f.default is dataclasses.MISSING and f.name not in raw]
-        if missing:
-            raise ModelFileError(f"{config_file}: missing keys {', '.join(missing)} (a "
-                                 f"{model_type} config needs them); {advice}")
-        try:
-            model = model_class(config_class.from_dict(raw))
-        except (TypeError, ValueError) as err:
-            raise ModelFileError(f"{config_file}: {err}; {advice}") from err
+        model = model_class(model_class.config_from_file(config_file, raw, advice))
         tensors = read_safetensors(weights_file, ModelFileError, advice)
         try:
             model.load_state_dict(tensors)
@@ -282,6 +288,21 @@ class Deprojector(nn.Module):
                                  f"({detail}); {advice}") from err
         model.name_or_path = str(folder)
         return model.to(device).eval()
+
+    @classmethod
+    def config_from_file(cls, config_file: Path, raw: dict[str, Any],
+                         advice: str) -> DeprojectorConfig:
+        """This class's config from the parsed `config_file`, or ModelFileError naming it."""
+        missing = [f.name for f in dataclasses.fields(cls.config_class)
+                   if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        if missing:
+            raise ModelFileError(f"{config_file}: missing keys {', '.join(missing)} (a "
+                                 f"{cls.model_type} config needs them); {advice}")
+        try:
+            return cls.config_class.from_dict(raw)
+        except (TypeError, ValueError) as err:
+            raise ModelFileError(f"{config_file}: {err}; {advice}") from err
 
     # --- helpers ------------------------------------------------------------------------------
 

@@ -1,0 +1,136 @@
+"""The ensemble: several trained deprojectors generating one sequence together.
+
+At every position each member predicts the next state from the same inputs, the embedding
+and the states generated so far, and the ensemble's state is their mean:
+
+    s_i = mean_m f_m(e - null, s_1 - null, ..., s_{i-1} - null)
+
+so each member is fed the average, not its own states (the original study's later
+`ensemble`). Teacher-forced, it is the mean of the members' predictions. It has no weights
+of its own: its folder's config.json lists the member folders (relative to it, or absolute),
+and `save_pretrained` writes a self-contained copy with the members in `members/`.
+Generation re-runs each member's `predict` on the whole prefix for every position (the plain
+loop of `Deprojector.generate_states_naive`): 76 teacher-forced passes per member.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models.base import (
+    CONFIG_FILE,
+    BaseMismatchError,
+    Deprojector,
+    DeprojectorConfig,
+    ModelFileError,
+    register_composite,
+)
+
+MEMBERS_DIR = "members"  # where save_pretrained puts the members' copies
+
+
+@dataclass
+class EnsembleConfig(DeprojectorConfig):
+    # Member folders: relative to the ensemble's folder (e.g. "../vt-rollout") or absolute.
+    members: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.members) < 2 or not all(isinstance(m, str) and m for m in self.members):
+            raise ValueError(f"members must list 2 or more member folders, got {self.members!r}")
+
+
+@register_composite
+class EnsembleDeprojector(Deprojector):
+    model_type = "ensemble"
+    config_class = EnsembleConfig
+
+    def __init__(self, config: EnsembleConfig, members: list[Deprojector]) -> None:
+        super().__init__(config)
+        if len(members) != len(config.members):
+            raise ValueError(f"{len(config.members)} member folders, {len(members)} members")
+        for member in members:
+            mc = member.config
+            if (mc.hidden_size, mc.projection_size, mc.num_positions) != \
+                    (config.hidden_size, config.projection_size, config.num_positions):
+                raise BaseMismatchError(
+                    f"ensemble member {member.name_or_path} has D={mc.hidden_size}, "
+                    f"P={mc.projection_size}, {mc.num_positions} positions; the ensemble "
+                    f"D={config.hidden_size}, P={config.projection_size}, "
+                    f"{config.num_positions} positions")
+            if mc.base_fingerprint and config.base_fingerprint and \
+                    mc.base_fingerprint != config.base_fingerprint:
+                raise BaseMismatchError(
+                    f"ensemble member {member.name_or_path} was trained on another base CLIP "
+                    f"(fingerprint {mc.base_fingerprint[:12]}, the ensemble's "
+                    f"{config.base_fingerprint[:12]})")
+        first = members[0]
+        for member in members[1:]:
+            for name in ("sos", "null", "deprojection"):
+                if not torch.allclose(getattr(member, name), getattr(first, name), atol=1e-5):
+                    raise BaseMismatchError(
+                        f"ensemble members {first.name_or_path} and {member.name_or_path} "
+                        f"hold different `{name}` constants: not the same base CLIP")
+        self.members = nn.ModuleList(members)
+        self.set_constants(first.sos, first.null, first.deprojection)
+
+    @classmethod
+    def of(cls, members: list[Deprojector], member_folders: list[str] | None = None
+           ) -> EnsembleDeprojector:
+        """The ensemble of loaded deprojectors (their config's base and widths are the first
+        member's); `member_folders` are what config.json records (default: their paths)."""
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs 2 or more members, got {len(members)}")
+        c = members[0].config
+        config = EnsembleConfig(
+            model_type=cls.model_type, hidden_size=c.hidden_size,
+            projection_size=c.projection_size, num_positions=c.num_positions,
+            base_clip=c.base_clip, base_fingerprint=c.base_fingerprint,
+            members=member_folders or [str(m.name_or_path) for m in members])
+        return cls(config, members)
+
+    # --- the math -----------------------------------------------------------------------------
+
+    def predict(self, e_rel: torch.Tensor, prev_rel: torch.Tensor) -> torch.Tensor:
+        """Mean of the members' teacher-forced predictions: [B,D], [B,T,D] -> [B,T+1,D]."""
+        return torch.stack([m.predict(e_rel, prev_rel) for m in self.members]).mean(dim=0)
+
+    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+        """[B,D] -> [B,76,D]: every member fed the running mean (module docstring)."""
+        return self.generate_states_naive(e_rel)
+
+    # --- folders ------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """config.json plus a copy of every member in members/00-NAME/ (self-contained)."""
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, member in enumerate(self.members):
+            names.append(f"{MEMBERS_DIR}/{i:02d}-{Path(str(member.name_or_path)).name}")
+            member.save_pretrained(folder / names[-1])
+        config = {**self.config.to_dict(), "members": names}
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def from_folder(cls, folder: Path, raw: dict[str, Any],
+                    device: str | torch.device = "cpu") -> EnsembleDeprojector:
+        """Load the ensemble whose parsed config.json is `raw`, members from their folders."""
+        advice = "write the ensemble again (`deprojector train NAME` for a `models:` entry)"
+        config = cls.config_from_file(folder / CONFIG_FILE, raw, advice)
+        members = []
+        for member in config.members:
+            path = folder / member
+            if not (path / CONFIG_FILE).is_file():
+                raise ModelFileError(f"{folder / CONFIG_FILE}: member {member!r} has no "
+                                     f"deprojector at {path}; train it first")
+            members.append(Deprojector.from_pretrained(path, device=device))
+        model = cls(config, members)
+        model.name_or_path = str(folder)
+        return model.to(device).eval()

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.adherence import Scorer, column, evaluate_adherence, evaluate_image_prompts
+from pipeline.adherence import Scorer, evaluate_adherence, evaluate_image_prompts
 from pipeline.base_models import ClipText
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, token_counts
 from pipeline.conventions import MAX_LENGTH, combine_embeddings
 from pipeline.generation import load_encoders, load_pipeline
-from pipeline.intervals import mean_with_ci, paired_difference, ratio_of_sums, ratio_with_ci
+from pipeline.intervals import mean_with_ci, ratio_of_sums, ratio_with_ci
 from pipeline.jsonio import write_json
 from pipeline.losses import (
     cosine_per_position,
@@ -49,6 +49,7 @@ from pipeline.params import Params
 from pipeline.prompt_encoder import PromptEncoder
 from pipeline.retrieval import K_CANDIDATES, Retrieval
 from pipeline.shards import ShardReader, load_constants
+from pipeline.significance import comparison, seed_replicates, seed_spread
 from pipeline.world.embedded import World
 
 # The share of the training rows that chooses the retrieval's k (answered from the rest).
@@ -200,36 +201,6 @@ def combination_scores(models: dict[str, Deprojector], retrieval: Retrieval, k: 
     return result | {RETRIEVAL: baselines}
 
 
-def comparison(free: dict[str, Scores], runs: list[str],
-               held_out: dict[str, dict[str, list]] | None, seed: int) -> dict:
-    """Which differences are inside the noise (comparison.json), from paired bootstraps.
-
-    `autoregressive_cosine_masked`: the best run and, for every other run and retrieval,
-    its cosine_masked − the best run's over the same resampled test rows. `adherence` (held
-    out pictures judged; per-prompt scores {kind: {row: [...]}}): each run's mean adherence −
-    the reference row's over the same resampled prompts. `within_noise`: the difference's
-    95 % interval contains 0.
-    """
-    out: dict[str, dict] = {}
-    if runs:
-        values = {name: free[name].cosine_masked() for name in runs}
-        best = max(values, key=values.get)
-        top = free[best].masked_terms()
-        out["autoregressive_cosine_masked"] = {
-            "best": best, "sign": "row − best",
-            "rows": {name: paired_difference(ratio_of_sums, free[name].masked_terms(), top, seed)
-                     for name in (*runs, RETRIEVAL) if name != best}}
-    judged = {kind: scores for kind, scores in (held_out or {}).items()
-              if scores[REFERENCE] and "adherence" in scores[REFERENCE][0]}
-    if judged:
-        out["adherence"] = {"sign": "run − reference"} | {
-            kind: {name: paired_difference(np.mean, [column(rows, "adherence")],
-                                           [column(scores[REFERENCE], "adherence")], seed)
-                   for name, rows in scores.items() if name != REFERENCE}
-            for kind, scores in judged.items()}
-    return out
-
-
 def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
                        captions_dir: Path = Path("data/captions"),
                        models_dir: Path = Path("models"),
@@ -290,7 +261,18 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
         if name in pictures:
             results[name] = pictures[name]
             write_json(metrics_dir / f"{name}.json", pictures[name])
-    results[COMPARISON] = comparison(free, list(params.models), held_out, e.seed)
+    groups = seed_replicates(params.models, t.seed)
+    replicates = {name for runs in groups.values() for name in runs[1:]}
+    terms = {name: scores.masked_terms() for name, scores in free.items()}
+    results[COMPARISON] = comparison(terms, list(params.models),
+                                     [name for name in params.models if name not in replicates],
+                                     held_out, e.seed)
+    if groups:
+        judged = {name: results[name] | {ADHERENCE: {
+            kind: rows[name]["adherence"] for kind, rows in results.get(ADHERENCE, {}).items()
+            if "adherence" in rows.get(name, {})}} for name in params.models}
+        seeds = {name: spec.train.get("seed", t.seed) for name, spec in params.models.items()}
+        results[COMPARISON]["seed_spread"] = seed_spread(judged, groups, seeds)
     write_json(metrics_dir / f"{COMPARISON}.json", results[COMPARISON])
     return results
 

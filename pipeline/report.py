@@ -63,6 +63,52 @@ def noise_line(comparison: dict) -> str:
     return text + " (`reports/metrics/comparison.json`)."
 
 
+def pairs_table(comparison: dict) -> str:
+    """Every pair of runs (seed replicates aside) and retrieval: the paired difference of
+    their autoregressive cosine with its interval, and whether it is a difference at all."""
+    pairs = {k: v for k, v in comparison.get("pairs", {}).items() if isinstance(v, dict)}
+    if not pairs:
+        return ""
+    lines = ["| first vs second | first − second [95 % interval] | verdict |",
+             "| --- | ---: | --- |"]
+    for name, row in pairs.items():
+        verdict = {True: "no difference (within the noise)", False: "differs",
+                   None: "too few rows to tell"}[row["within_noise"]]
+        lines.append(f"| {name} | {_with_interval(row, 'difference', '{:+.4f}'.format)} | "
+                     f"{verdict} |")
+    return ("\n\nEvery pair, paired over the test rows (autoregressive cosine in mask, "
+            "`comparison.json` `pairs`):\n\n" + "\n".join(lines))
+
+
+SPREAD_COLUMNS = (("autoregressive_cosine_masked", "AR cosine (mask)"),
+                  ("teacher_forced_cosine_masked", "TF cosine (mask)"),
+                  ("combination_deprojector_cosine", "combination cosine"),
+                  ("adherence_single", "adherence single"),
+                  ("adherence_multi", "adherence multi"))
+
+
+def seed_spread_table(comparison: dict) -> str:
+    """Per group of seed replicates: mean ± standard deviation [min, max] over the seeds."""
+    spread = comparison.get("seed_spread")
+    if not spread:
+        return ""
+    columns = [(key, label) for key, label in SPREAD_COLUMNS
+               if any(key in entry for entry in spread.values())]
+    lines = ["| run | seeds | " + " | ".join(label for _, label in columns) + " |",
+             "| --- | --- |" + " ---: |" * len(columns)]
+    for name, entry in spread.items():
+        cells = [f"{entry[key]['mean']:.4f} ± {entry[key]['std']:.4f} "
+                 f"[{entry[key]['min']:.4f}, {entry[key]['max']:.4f}]" if key in entry else "—"
+                 for key, _ in columns]
+        lines.append(f"| {name} | {', '.join(map(str, entry['seeds']))} | "
+                     + " | ".join(cells) + " |")
+    return ("\n\n### Spread over training seeds\n\nRuns that differ only in `train.seed` "
+            "(initial weights and batch order), as mean ± standard deviation [min, max] over "
+            "the seeds (`comparison.json` `seed_spread`). The intervals above resample test "
+            "rows for one trained model; this is the variation between trainings:\n\n"
+            + "\n".join(lines))
+
+
 def fidelity_table(fidelity: dict[str, dict]) -> str:
     prompts = list(next(iter(fidelity.values()))["per_prompt"])
     head = "| model | " + " | ".join(f"`{p}`" for p in prompts) + " | mean |"
@@ -247,7 +293,8 @@ the mean hidden states of its {metrics[RETRIEVAL]["k"]} nearest training rows by
 e − null (k chosen on a validation split of the training rows; no teacher
 forcing, so both modes are the same). The combination rows compare, on held-out caption pairs
 A, B, the states of "A B" with the deprojection of the combined embedding, with the average of
-the two captions' states and with the retrieval's answer to the combined embedding.
+the two captions' states and with the retrieval's answer to the combined embedding.\
+{pairs_table(comparison)}{seed_spread_table(comparison)}
 
 ## Autoregressive cosine per position
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
 from pipeline.models import (
     ARCHITECTURES,
+    BaseMismatchError,
     Deprojector,
+    ModelFileError,
     build_deprojector,
     load_deprojector,
 )
@@ -457,3 +461,70 @@ def test_vicinity_rnn_later_states_see_only_the_window() -> None:
         other_e = model(embeds(seed=7), hidden)
     assert not torch.allclose(other_e[:, 1 : v + 1], out[:, 1 : v + 1])  # from the embedding
     torch.testing.assert_close(other_e[:, v + 1 :], out[:, v + 1 :], atol=0, rtol=0)
+
+
+# --- the ensemble --------------------------------------------------------------------------------
+
+
+def saved_members(folder, names=("vicinity-batch", "transformer", "lstm")) -> list[Deprojector]:
+    for name in names:
+        make_model(name, **tiny(name)).save_pretrained(folder / name)
+    return [load_deprojector(folder / name) for name in names]
+
+
+def test_ensemble_feeds_every_member_the_average_of_their_states(tmp_path) -> None:
+    from pipeline.models.ensemble import EnsembleDeprojector
+
+    members = saved_members(tmp_path)
+    ensemble = EnsembleDeprojector.of(members)
+    x = embeds()
+    e_rel = x - members[0].null
+    prev = torch.zeros(3, 0, D)
+    for _ in range(N - 1):  # the plain loop, written out: the members' mean is fed back
+        state = torch.stack([m.predict(e_rel, prev)[:, -1] for m in members]).mean(dim=0)
+        prev = torch.cat([prev, (state - members[0].null)[:, None]], dim=1)
+    generated = ensemble.generate(x)
+    assert torch.allclose(generated[:, 1:], prev + members[0].null, atol=1e-5)
+    assert torch.equal(generated[:, 0], members[0].sos.expand(3, D))
+    # Not any one member's own generation: each is steered by the others.
+    for member in members:
+        assert not torch.allclose(member.generate(x), generated, atol=1e-3)
+    hidden = torch.randn(3, N, D)
+    assert torch.allclose(ensemble(x, hidden),
+                          torch.stack([m(x, hidden) for m in members]).mean(dim=0), atol=1e-6)
+
+
+def test_ensemble_folders_load_their_members(tmp_path) -> None:
+    import json
+
+    from pipeline.models.ensemble import EnsembleDeprojector
+
+    members = saved_members(tmp_path)
+    x = embeds()
+    expected = EnsembleDeprojector.of(members).generate(x)
+    # A self-contained copy (members inside) and the train stage's folder, naming its
+    # sibling runs: both load as the same ensemble.
+    EnsembleDeprojector.of(members).save_pretrained(tmp_path / "copy")
+    (tmp_path / "siblings").mkdir()
+    config = json.loads((tmp_path / "copy" / "config.json").read_text())
+    config["members"] = ["../vicinity-batch", "../transformer", "../lstm"]
+    (tmp_path / "siblings" / "config.json").write_text(json.dumps(config))
+    for folder in ("copy", "siblings"):
+        loaded = load_deprojector(tmp_path / folder)
+        assert isinstance(loaded, EnsembleDeprojector)
+        assert torch.allclose(loaded.generate(x), expected, atol=1e-6), folder
+    shutil.rmtree(tmp_path / "lstm")
+    with pytest.raises(ModelFileError, match=r"member '\.\./lstm' has no deprojector"):
+        load_deprojector(tmp_path / "siblings")
+
+
+def test_ensemble_refuses_members_of_another_base(tmp_path) -> None:
+    from pipeline.models.ensemble import EnsembleDeprojector
+
+    members = saved_members(tmp_path, ("vicinity-batch", "lstm"))
+    with torch.no_grad():
+        members[1].null.add_(1.0)
+    with pytest.raises(BaseMismatchError, match="different `null` constants"):
+        EnsembleDeprojector.of(members)
+    with pytest.raises(ValueError, match="2 or more members"):
+        EnsembleDeprojector.of(members[:1])

@@ -29,6 +29,21 @@ from pipeline.params import ParamsError, load_params, parse_params
     ({"captoins": {"train_size": 3}}, "captoins"),
     ({"base": {"clip": "builtin", "sd": "some/sd"}}, "base"),
     ({"base": {"clip": "some/clip"}}, "base"),
+    # An ensemble names 2 or more distinct trained runs, and nothing else.
+    ({"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a"]}}},
+     "models.e.members"),
+    ({"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a", "b"]}}},
+     "models.e.members"),
+    ({"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a", "a"]}}},
+     "models.e.members"),
+    ({"models": {"a": {"type": "lstm"}, "b": {"type": "lstm"},
+                 "e": {"type": "ensemble", "members": ["a", "b"]},
+                 "f": {"type": "ensemble", "members": ["a", "e"]}}}, "models.f.members"),
+    ({"models": {"a": {"type": "lstm"}, "b": {"type": "lstm"},
+                 "e": {"type": "ensemble", "members": ["a", "b"], "train": {"seed": 1}}}},
+     "models.e"),
+    ({"models": {"a": {"type": "lstm"}, "b": {"type": "lstm"},
+                 "e": {"type": "ensemble", "members": "a, b"}}}, "models.e.members"),
 ])
 def test_invalid_values_name_their_key(raw, key):
     with pytest.raises(ParamsError, match=re.escape(f"`{key}`")):

@@ -263,6 +263,26 @@ def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
            "0.80 [0.60, 1.00] |" in extras_section(None, images, None, r)
 
 
+def test_pairs_and_seed_spread_tables() -> None:
+    from pipeline.report import pairs_table, seed_spread_table
+
+    comparison = {"pairs": {
+        "metric": "autoregressive cosine_masked", "sign": "first − second",
+        "a vs b": {"difference": 0.01, "difference_ci95": [-0.002, 0.02], "within_noise": True},
+        "a vs retrieval": {"difference": 0.05, "difference_ci95": [0.04, 0.06],
+                           "within_noise": False}},
+        "seed_spread": {"a": {"runs": ["a", "a-seed1", "a-seed2"], "seeds": [0, 1, 2],
+                              "autoregressive_cosine_masked": {
+                                  "mean": 0.7, "std": 0.01, "min": 0.69, "max": 0.71}}}}
+    table = pairs_table(comparison)
+    assert "| a vs b | +0.0100 [-0.0020, +0.0200] | no difference (within the noise) |" in table
+    assert "| a vs retrieval | +0.0500 [+0.0400, +0.0600] | differs |" in table
+    spread = seed_spread_table(comparison)
+    assert "| a | 0, 1, 2 | 0.7000 ± 0.0100 [0.6900, 0.7100] |" in spread
+    assert "TF cosine" not in spread  # only the columns some group has
+    assert pairs_table({}) == seed_spread_table({}) == ""
+
+
 def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
     with in_dir(project_dir(tmp_path, base_dir)), pytest.raises(RenderError, match="evaluate"):
         run_render_stage(parse_params({"render": RENDER}))

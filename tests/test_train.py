@@ -102,8 +102,11 @@ def assert_within(scores: dict, key: str) -> None:
 
 
 def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch):
-    # A run added in params only (another vicinity-batch) is trained and scored like the rest.
-    runs = {**TINY_MODELS, "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2}}
+    # A run added in params only (another vicinity-batch) is trained and scored like the rest;
+    # so are a seed replicate and an ensemble (which trains nothing).
+    runs = {**TINY_MODELS, "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2},
+            "vicinity-batch-seed1": {**TINY_MODELS["vicinity-batch"], "train": {"seed": 1}},
+            "ensemble": {"type": "ensemble", "members": ["transformer", "vicinity-batch"]}}
     names = tuple(runs)
     for name in names:
         train_model(name, params(runs, epochs=1))
@@ -162,6 +165,22 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
         assert low <= row["difference"] <= high
         assert row["within_noise"] == (low <= 0 <= high)
         assert row["difference"] <= 0 or name == "retrieval"  # row − the best run
+    # Every pair of runs that are not seed replicates, and retrieval; the replicates' spread.
+    headline = [n for n in names if n != "vicinity-batch-seed1"]
+    assert len(comparison["pairs"]) == 2 + len(headline) * (len(headline) + 1) // 2
+    pair = comparison["pairs"]["transformer vs vicinity-batch"]
+    assert pair["difference"] == pytest.approx(
+        first["transformer"]["autoregressive"]["cosine_masked"]
+        - first["vicinity-batch"]["autoregressive"]["cosine_masked"], rel=1e-5)
+    spread = comparison["seed_spread"]
+    assert list(spread) == ["vicinity-batch"]
+    assert spread["vicinity-batch"]["runs"] == ["vicinity-batch", "vicinity-batch-seed1"]
+    assert spread["vicinity-batch"]["seeds"] == [0, 1]
+    values = [first[n]["autoregressive"]["cosine_masked"] for n in spread["vicinity-batch"]["runs"]]
+    cosine_spread = spread["vicinity-batch"]["autoregressive_cosine_masked"]
+    assert cosine_spread["mean"] == pytest.approx(sum(values) / 2, abs=1e-6)
+    assert cosine_spread["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-6)
+    assert {"adherence_single", "adherence_multi"} <= set(spread["vicinity-batch"])
     assert set(comparison["adherence"]) == {"sign", "single", "multi"}
     assert set(comparison["adherence"]["single"]) == set(names)
     curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())

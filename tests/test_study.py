@@ -1,0 +1,74 @@
+"""The study (study/): the main pipeline at the article's scale, kept in step with it."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import yaml
+
+from pipeline.params import load_params
+from pipeline.significance import seed_replicates
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "study"
+# Paths of the main project that the study's stages read from the repository, not from study/.
+SHARED = re.compile(r"^(pipeline/.*|models/world|data/gap-pairs)$")
+
+
+def rerooted(value):
+    """The main dvc.yaml's entry as study/dvc.yaml must have it: shared paths under ../."""
+    if isinstance(value, str):
+        return f"../{value}" if SHARED.match(value) else value
+    if isinstance(value, list):
+        return [rerooted(v) for v in value]
+    if isinstance(value, dict):
+        return {rerooted(k): rerooted(v) for k, v in value.items()}
+    return value
+
+
+def test_the_study_pipeline_is_the_main_one_rerooted() -> None:
+    main = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    study = yaml.safe_load((STUDY / "dvc.yaml").read_text())
+    del main["stages"]["world"]  # the study uses the repository's world
+    assert study == {"stages": rerooted(main["stages"]), "plots": main["plots"]}
+
+
+def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
+    main = yaml.safe_load((ROOT / "params.yaml").read_text())
+    study = yaml.safe_load((STUDY / "params.yaml").read_text())
+    assert study["captions"].pop("train_size") == 50000  # the article's
+    assert 200 <= study["captions"].pop("test_size") <= 1000  # "a few hundred"
+    for key in ("train_size", "test_size"):
+        main["captions"].pop(key)
+    assert study["gap"].pop("folder") == "../" + main["gap"].pop("folder")
+    # Every run of the main project, unchanged; the study adds seed replicates.
+    for name, entry in main.pop("models").items():
+        assert study["models"][name] == entry, name
+    study.pop("models")
+    assert study == main
+
+
+def test_the_study_has_three_seeds_of_its_headline_runs() -> None:
+    params = load_params(STUDY / "params.yaml")
+    groups = seed_replicates(params.models, params.train.seed)
+    for run in ("transformer", "vicinity-batch", "vicinity-individual", "vt-rollout"):
+        seeds = {params.models[n].train.get("seed", params.train.seed) for n in groups[run]}
+        assert len(seeds) >= 3, run
+
+
+def test_committed_study_results_cover_every_run() -> None:
+    """What study/reports holds is a finished study: every run's curve and metrics."""
+    metrics = STUDY / "reports" / "metrics"
+    if not metrics.is_dir():  # not run yet: nothing claims to be a result
+        return
+    params = load_params(STUDY / "params.yaml")
+    for name in params.models:
+        assert (metrics / f"{name}.json").is_file(), name
+        assert (STUDY / "reports" / "train" / f"{name}.json").is_file(), name
+    lock = yaml.safe_load((STUDY / "dvc.lock").read_text())["stages"]
+    assert {f"train@{name}" for name in params.models} | {"evaluate", "render"} <= set(lock)
+    comparison = json.loads((metrics / "comparison.json").read_text())
+    assert set(comparison["seed_spread"]) == set(seed_replicates(params.models,
+                                                                 params.train.seed))

@@ -4,16 +4,17 @@ A deprojector maps one pooled CLIP text embedding e [D] to the 77 x D last hidde
 Position 0 of H is the same `sos` vector for every prompt, so it is prepended, not predicted.
 Inputs are taken relative to `null` (the pooled embedding of the empty prompt); outputs are
 absolute hidden states. An architecture is one module of this package: a config dataclass and
-a `Deprojector` subclass implementing `predict` (teacher-forced) and `generate_states` (its
-fast autoregressive path), decorated with `@register`. What it takes from the base CLIP text
-model is its own hook (`config_from_base`, `init_from_base`). See docs/architectures.md.
+a `Deprojector` subclass implementing `predict` (teacher-forced) and `generation_steps` (its
+fast autoregressive path, one state at a time), decorated with `@register`. What it takes from
+the base CLIP text model is its own hook (`config_from_base`, `init_from_base`). See
+docs/architectures.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -162,9 +163,13 @@ class Deprojector(nn.Module):
         """Teacher-forced: e - null [B,D] and s_1..s_T - null [B,T,D] -> s_1..s_{T+1} [B,T+1,D]."""
         raise NotImplementedError
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
-        """Autoregressive: e - null [B,D] -> s_1..s_76 [B,76,D], each fed back as input."""
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
+        """Autoregressive, one state at a time (the fast path): from e - null [B,D], yields
+        s_1 [B,D], receives (`send`) the state to feed back in its place, yields s_2, ...
+        up to s_76. `generate_states` sends each state back; an ensemble sends its members'
+        mean."""
         raise NotImplementedError
+        yield  # a generator
 
     @classmethod
     def config_from_base(cls, text_config: Any) -> dict[str, Any]:
@@ -178,6 +183,15 @@ class Deprojector(nn.Module):
     def tiny_config(cls) -> dict[str, Any]:
         """Hyperparameters for tests and quick runs at a tiny width (D = 32)."""
         return {}
+
+    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+        """Autoregressive: e - null [B,D] -> s_1..s_76 [B,76,D], each fed back as input."""
+        steps = self.generation_steps(e_rel)
+        states = [next(steps)]
+        for _ in range(self.config.num_positions - 2):
+            states.append(steps.send(states[-1]))
+        steps.close()
+        return torch.stack(states, dim=1)
 
     def generate_states_naive(self, e_rel: torch.Tensor) -> torch.Tensor:
         """Reference generation: re-run `predict` on the whole prefix for every position.

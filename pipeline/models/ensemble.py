@@ -9,13 +9,13 @@ so each member is fed the average, not its own states (the original study's late
 `ensemble`). Teacher-forced, it is the mean of the members' predictions. It has no weights
 of its own: its folder's config.json lists the member folders (relative to it, or absolute),
 and `save_pretrained` writes a self-contained copy with the members in `members/`.
-Generation re-runs each member's `predict` on the whole prefix for every position (the plain
-loop of `Deprojector.generate_states_naive`): 76 teacher-forced passes per member.
+Generation runs the members' own fast paths (`generation_steps`) in lockstep.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,9 +101,15 @@ class EnsembleDeprojector(Deprojector):
         """Mean of the members' teacher-forced predictions: [B,D], [B,T,D] -> [B,T+1,D]."""
         return torch.stack([m.predict(e_rel, prev_rel) for m in self.members]).mean(dim=0)
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
-        """[B,D] -> [B,76,D]: every member fed the running mean (module docstring)."""
-        return self.generate_states_naive(e_rel)
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
+        """The members' own fast paths in lockstep: each yields its next state, the ensemble
+        yields their mean, and what it is sent back is sent on to every member."""
+        members = [m.generation_steps(e_rel) for m in self.members]
+        s = torch.stack([next(m) for m in members]).mean(dim=0)
+        for _ in range(self.config.num_positions - 2):
+            fed = yield s
+            s = torch.stack([m.send(fed) for m in members]).mean(dim=0)
+        yield s
 
     # --- folders ------------------------------------------------------------------------------
 

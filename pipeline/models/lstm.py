@@ -13,6 +13,7 @@ from CLIP's final LayerNorm. Generation carries (h, c), so each position costs O
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,16 +119,13 @@ class LSTMDeprojector(Deprojector):
         o, _ = self._run(x, self._start(e_rel))
         return self._head(o, x, e_rel)
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
         # One LSTM step per position, carrying (h, c): O(1) per position.
         B, D = e_rel.shape
         n = self.config.num_positions - 1
-        states = e_rel.new_empty(B, n, D)
         state = self._start(e_rel)
         x = torch.zeros_like(e_rel)[:, None]  # [B, 1, D]
-        for t in range(n):
+        for _ in range(n):
             o, state = self._run(x, state)
-            s = self._head(o, x, e_rel)[:, 0]
-            states[:, t] = s
+            s = yield self._head(o, x, e_rel)[:, 0]
             x = (s - self.null)[:, None]
-        return states

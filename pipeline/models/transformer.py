@@ -16,6 +16,7 @@ out_proj frozen.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -146,14 +147,13 @@ class TransformerDeprojector(Deprojector):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T+1, D/H]
         return self._after_attention(x, y.transpose(1, 2).reshape(x.shape))
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
         # Key/value cache: each step runs the block on the new slot only and attends to the
         # keys and values of all earlier slots, which never change (attention is causal).
         B, D = e_rel.shape
         n, H = self.config.num_positions - 1, self.n_head
         keys = e_rel.new_empty(B, H, n, D // H)
         values = e_rel.new_empty(B, H, n, D // H)
-        states = e_rel.new_empty(B, n, D)
         # One matmul for q, k and v of the new slot.
         qkv_weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         qkv_bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
@@ -168,6 +168,4 @@ class TransformerDeprojector(Deprojector):
             q = q.reshape(B, H, 1, -1).contiguous()
             y = F.scaled_dot_product_attention(q, keys[:, :, : t + 1], values[:, :, : t + 1])
             s = self._after_attention(x, y.reshape(B, D), few_rows_linear)
-            states[:, t] = s
-            x = s - self.null
-        return states
+            x = (yield s) - self.null

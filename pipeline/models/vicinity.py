@@ -20,6 +20,7 @@ generated state when generating, where the embedding's share of `mix` is also co
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,7 @@ class VicinityDeprojector(Deprojector):
         z = self.mix(torch.cat([e_feat, window], dim=2))  # [B, n, D]
         return self._head(z.reshape(B * n, D)).view(B, n, D)
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
         # Call eval() first: with BatchNorm in training mode each step would normalise with
         # the statistics of its own batch.
         B, D = e_rel.shape
@@ -128,14 +129,11 @@ class VicinityDeprojector(Deprojector):
         window_weight = self.mix.weight[:, D:].contiguous()
         # Features of the v latest states, newest first, flat [B, v*D]; zero states at first.
         window = self.state_features(e_rel.new_zeros(B, v, D)).flatten(1)
-        states = e_rel.new_empty(B, n, D)
-        for i in range(n):
+        for _ in range(n):
             z = e_term + few_rows_linear(window, window_weight)
-            s = self._head(z, few_rows_linear)
-            states[:, i] = s
+            s = yield self._head(z, few_rows_linear)
             newest = self.state_features(s - self.null, few_rows_linear)
             window = torch.cat([newest, window[:, : (v - 1) * D]], dim=1)
-        return states
 
 
 @register

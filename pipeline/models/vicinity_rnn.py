@@ -13,6 +13,7 @@ starts from CLIP's final LayerNorm.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,15 +99,14 @@ class VicinityRNNDeprojector(Deprojector):
         later = self._next(window, prev_rel[:, v - 1 : v - 1 + n])
         return torch.cat([first, later], dim=1)
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
         B, D = e_rel.shape
         n, v = self.config.num_positions - 1, self.config.vicinity
-        states = e_rel.new_empty(B, n, D)
-        states[:, :v] = self._first_states(e_rel)
-        # s_v - null, ..., s_1 - null, flat and newest first.
-        window = (states[:, :v].flip(1) - self.null).reshape(B, v * D)
-        for i in range(v, n):
-            s = self._next(window, window[:, :D])
-            states[:, i] = s
+        # s_1..s_v come from the embedding alone; the window holds the states fed back.
+        window = e_rel.new_zeros(B, v * D)  # s_{i-1} - null, ..., s_{i-v} - null, flat
+        for first in self._first_states(e_rel).unbind(1):
+            s = yield first
             window = torch.cat([s - self.null, window[:, : (v - 1) * D]], dim=1)
-        return states
+        for _ in range(v, n):
+            s = yield self._next(window, window[:, :D])
+            window = torch.cat([s - self.null, window[:, : (v - 1) * D]], dim=1)

@@ -18,6 +18,7 @@ each layer maps states to states. Generation keeps a key/value cache per layer.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,7 +197,7 @@ class VicinityTransformerDeprojector(Deprojector):
             x = layer.rest(x, y.transpose(1, 2).reshape(B, T, D), layer.vicinity(z))
         return x[:, 1:]  # slot t predicts s_t
 
-    def generate_states(self, e_rel: torch.Tensor) -> torch.Tensor:
+    def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
         # Prefill the prefix and zero slots, then one slot per step with a key/value cache per
         # layer. The embedding's share of each vicinity block is the same at every step.
         B, D = e_rel.shape
@@ -206,7 +207,6 @@ class VicinityTransformerDeprojector(Deprojector):
                   for _ in self.layers]
         e_terms = [F.linear(e_rel, layer.vicinity.in_weights()[:, :D]) for layer in self.layers]
         window_weights = [layer.vicinity.in_weights()[:, D:] for layer in self.layers]
-        states = e_rel.new_empty(B, n - 1, D)
 
         # Slots 0 and 1 together (their vicinity windows hold no state yet).
         x = self._slots(e_rel, e_rel.new_zeros(B, 0, D)) + self.position_embedding[:2]
@@ -216,8 +216,7 @@ class VicinityTransformerDeprojector(Deprojector):
             y = F.scaled_dot_product_attention(q, k, v_, is_causal=True)
             update = layer.vicinity.finish(e_term)[:, None]
             x = layer.rest(x, y.transpose(1, 2).reshape(B, 2, D), update)
-        s = x[:, 1]
-        states[:, 0] = s
+        s = yield x[:, 1]
         window = e_rel.new_zeros(B, v * D)  # s_{t-1} - null, ..., s_{t-v} - null, flat
         for t in range(2, n):
             s_rel = s - self.null
@@ -231,6 +230,4 @@ class VicinityTransformerDeprojector(Deprojector):
                                                    values[:, :, : t + 1])
                 update = layer.vicinity.finish(e_term + F.linear(window, w))[:, None]
                 x = layer.rest(x, y.transpose(1, 2).reshape(B, 1, D), update)
-            s = x[:, 0]
-            states[:, t - 1] = s
-        return states
+            s = yield x[:, 0]

@@ -215,6 +215,8 @@ def train_command(
     models/NAME/config.json + model.safetensors and the per-epoch losses to
     reports/train/NAME.json (a DVC plot).
     With train.resume, an interrupted run continues from its last completed epoch.
+    An ensemble (`type: ensemble`, `members: [RUN, ...]`) trains nothing: models/NAME/
+    config.json names its members' folders (../RUN), which load with it; its curve is empty.
     """
     from pipeline.train import train_model
 
@@ -237,6 +239,10 @@ def evaluate_command(
     With evaluate.image_prompts > 0 and the builtin world: drawn held-out scenes used as the
     only prompt (gap-corrected and not) against their descriptions as text prompts, judged,
     in reports/metrics/image_prompts.json.
+    Baselines scored alike: null-baseline and retrieval (the mean states of the k nearest
+    training rows, k chosen on a validation split of the training rows). comparison.json:
+    paired bootstrap differences to the best run and between every pair of runs, and the
+    spread over seed replicates (runs that differ only in train.seed).
     """
     from pipeline.evaluate import run_evaluate_stage
     from pipeline.names import ADHERENCE, COMPARISON, IMAGE_PROMPTS

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from pipeline.conventions import MAX_LENGTH
 from pipeline.shards import ShardReader
 
-K_CANDIDATES = (1, 2, 4, 8, 16, 32, 64)
+# Up to 256: at 50,000 training rows the validation score still rises from k = 32 to 64.
+K_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Retrieval:

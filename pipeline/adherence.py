@@ -25,7 +25,7 @@ from pipeline.base_models import base_source
 from pipeline.conventions import MAX_LENGTH
 from pipeline.generation import generate_images
 from pipeline.intervals import ci_key, interval, mean_with_ci, ratio_of_sums, ratio_with_ci
-from pipeline.names import REFERENCE
+from pipeline.names import BRIDGES, REFERENCE
 from pipeline.params import Params
 from pipeline.prompt_encoder import PromptEncoder
 from pipeline.world.embedded import World
@@ -154,10 +154,11 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
     """Drawn held-out scenes as the only prompt, judged against their descriptions.
 
     Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
-    (the scene through the vision tower, gap-corrected) and `image_no_gap` (uncorrected), and
-    image_to_text = image adherence / text adherence (its interval: both means over the same
-    resampled scenes); `reference`: the description's ordinary CLIP states. Same scenes and
-    noise seeds for every row.
+    (the scene through the vision tower and the run's bridge, gap.bridge) with image_to_text
+    = image adherence / text adherence (its interval: both means over the same resampled
+    scenes), and `bridges`: the same for every bridge of BRIDGES side by side (the run's own
+    among them); `reference`: the description's ordinary CLIP states. Same scenes and noise
+    seeds for every row.
     """
     e = params.evaluate
     scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude)
@@ -171,16 +172,23 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
     def score(conditioning: torch.Tensor) -> list[dict[str, float]]:
         return judged(pipe, conditioning, negative, params, seeds, scorer, texts)
 
+    def with_ratio(scores: list[dict], text: list[dict]) -> dict:
+        summary = summarise(scores, objects, e.seed)
+        if any(s.get("adherence") for s in text):
+            summary |= ratio_with_ci("image_to_text", column(scores, "adherence"),
+                                     column(text, "adherence"), e.seed)
+        return summary
+
     text = score(reference.encode_prompts(texts, deproject=False))
     result = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
     runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
     for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
-        scores = {"text": score(encoder.encode_prompts(texts, combine=False))}
-        for key, correct in (("image", True), ("image_no_gap", False)):
-            scores[key] = score(encoder.deproject(encoder.image_embedding(drawn, correct)))
-        rows = {key: summarise(s, objects, e.seed) for key, s in scores.items()}
-        if rows["text"].get("adherence"):
-            rows |= ratio_with_ci("image_to_text", column(scores["image"], "adherence"),
-                                  column(scores["text"], "adherence"), e.seed)
-        result[name] = rows
+        text = score(encoder.encode_prompts(texts, combine=False))
+        bridges = {kind: with_ratio(score(encoder.deproject(encoder.image_embedding(drawn, kind))),
+                                    text) for kind in BRIDGES}
+        own = bridges[params.gap.bridge]
+        result[name] = {"text": summarise(text, objects, e.seed),
+                        "image": {k: v for k, v in own.items() if not k.startswith("image_to")},
+                        **{k: v for k, v in own.items() if k.startswith("image_to")},
+                        "bridge": params.gap.bridge, "bridges": bridges}
     return result

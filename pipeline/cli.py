@@ -136,14 +136,18 @@ def gap_command(
     params: Path = ParamsOption,
     out: Path = typer.Option(Path("data/gap"), help="Output folder."),
 ) -> None:
-    """Measure the modality gap of base.clip for image prompts (`gap.*`).
+    """Fit the bridges from image to text space of base.clip (`gap.*`).
 
-    Encodes `gap.pairs` image/caption pairs with both CLIP towers and writes the mean text
-    and image embeddings and the mean text-embedding norm to OUT/modality_gap.safetensors
-    (used by --image), with a summary in OUT/modality_gap.json (paired cosine before and
-    after the correction). Builtin base: drawn world scenes and their captions (seed
-    `gap.seed`). A real CLIP: the images of `gap.folder` with a NAME.txt caption beside
-    each; without any, only the .json is written, saying so.
+    Encodes `gap.pairs` image/caption pairs with both CLIP towers and the first `gap.bank`
+    training captions (data/captions) with the text tower, and writes every bridge's
+    statistics to OUT/modality_gap.safetensors (default bridge `gap.bridge`; used by --image
+    and by the image rows of `extract`): the mean text and image embeddings and text norm
+    (mean-shift), a least-squares linear map (linear), the captions' text embeddings
+    (text-projection). OUT/modality_gap.json holds each bridge's paired cosine on a held-out
+    fifth of the pairs. Builtin base: drawn world scenes and their captions (seed
+    `gap.seed`). A real CLIP: `gap.source`, a folder of images with a NAME.txt caption
+    beside each or a datasets hub id (gap.image_column, gap.text_column, gap.hub_split);
+    without any pairs, only the .json is written, saying so.
     """
     from pipeline.gap import run_gap_stage
 
@@ -173,6 +177,8 @@ def extract_command(
     params: Path = ParamsOption,
     captions: Path = typer.Option(Path("data/captions"), help="Folder of the captions stage."),
     out: Path = typer.Option(Path("data/shards"), help="Output folder of the shards."),
+    gap: Path = typer.Option(Path("data/gap"), help="Folder of the gap stage (the bridge of "
+                             "the image rows; read only with augment.image > 0)."),
     num_workers: int = typer.Option(None, help="Split the shards over N workers (machines or "
                                     "GPUs); overrides extract.num_workers."),
     worker_index: int = typer.Option(None, help="Which worker this is, 0..N-1; overrides "
@@ -183,6 +189,13 @@ def extract_command(
     Writes OUT/<split>/shard-NNNNN.arrow (memory-mappable Arrow IPC stream files),
     OUT/constants.safetensors (sos, null, deprojection) and OUT/meta.json. Complete shards of
     an interrupted run with the same params are kept; the rest are rewritten.
+
+    Image rows (augment.image > 0): that fraction of the training rows takes as input a
+    paired image (gap.source; world scenes for the builtin base) through the vision tower,
+    the bridge gap.bridge and the pseudo-inverse of the text projection, and as target its
+    caption's hidden states; the test split gains as many image rows from other pairs. A bad
+    pair (an image without its caption file or the reverse, an unreadable or non-RGB image)
+    stops the stage naming the file; the shards already written are kept.
 
     Parallel extraction: worker I of N writes shards I, I+N, ... into the same OUT (a shared
     folder), e.g. `deprojector extract --num-workers 2 --worker-index 0` on one GPU and
@@ -196,7 +209,7 @@ def extract_command(
         overrides = {k: v for k, v in (("num_workers", num_workers),
                                         ("worker_index", worker_index)) if v is not None}
         p = validate(dataclasses.replace(p, extract=dataclasses.replace(p.extract, **overrides)))
-        return run_extract_stage(p, captions, out)
+        return run_extract_stage(p, captions, out, gap)
 
     meta = _run(step)
     typer.echo(json.dumps(meta["splits"]))
@@ -237,8 +250,10 @@ def evaluate_command(
     > 0: pictures of held-out prompts from the reference row and every run, judged
     (adherence, with the builtin world) and CLIP-scored, in reports/metrics/adherence.json.
     With evaluate.image_prompts > 0 and the builtin world: drawn held-out scenes used as the
-    only prompt (gap-corrected and not) against their descriptions as text prompts, judged,
-    in reports/metrics/image_prompts.json.
+    only prompt (through every bridge; the run's own, gap.bridge, is the headline) against
+    their descriptions as text prompts, judged, in reports/metrics/image_prompts.json. With
+    image rows in the test split (augment.image): each run's cosines on them, apart from
+    the caption rows', under `image_rows` in NAME.json.
     Baselines scored alike: null-baseline and retrieval (the mean states of the k nearest
     training rows, k chosen on a validation split of the training rows). comparison.json:
     paired bootstrap differences to the best run and between every pair of runs, and the
@@ -263,8 +278,9 @@ def evaluate_command(
     typer.echo(f"best autoregressive cosine_masked: {compared['best']}; within its 95 % "
                f"interval: {', '.join(within) or 'none'}")
     for name, rows in image_prompts.items():
-        typer.echo(f"image prompts {name:>20}: " + ", ".join(
-            f"{key} {s['adherence']:.3f}" for key, s in rows.items() if isinstance(s, dict)))
+        judged = {"text": rows["text"], **rows.get("bridges", {})}
+        typer.echo(f"image prompts {name:>20}: adherence " + ", ".join(
+            f"{key} {s['adherence']:.3f}" for key, s in judged.items() if "adherence" in s))
 
 
 @app.command("render")

@@ -16,15 +16,17 @@ from pathlib import Path
 
 import typer
 
+from pipeline.names import BRIDGES
+
 # Paragraphs of one line each: the help formatter keeps line breaks as they are.
 PROMPT_GRAMMAR = "\n\n".join([
     "Prompt grammar: parts separated by commas, each optionally weighted with ':WEIGHT' "
     "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract; |WEIGHT| "
     "<= 100). With a deprojector the parts combine as Σ w_k (e_k − null) + null. A colon "
     "always starts a weight.",
-    "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the modality-gap "
-    "correction (saved with the deprojector, or --gap), the pseudo-inverse of the text "
-    "projection. A prompt of only images is allowed (pass '').",
+    "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the bridge to text "
+    "space (--bridge; statistics saved with the deprojector, or --gap), the pseudo-inverse "
+    "of the text projection. A prompt of only images is allowed (pass '').",
     "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
     "PROMPT_B around null, linearly or with --slerp.",
     "The base CLIP is the one the deprojector was trained on (its config.json records it), "
@@ -48,7 +50,7 @@ class PromptOptions:
     negative: str | None = None
     negative_reference: bool = False
     gap: Path | None = None
-    no_gap_correction: bool = False
+    bridge: str | None = None
 
     def check(self) -> None:
         extras = [flag for flag, used in (
@@ -61,6 +63,9 @@ class PromptOptions:
             raise typer.BadParameter(f"{extras[0]} works on combined parts (drop --no-combine)")
         if (self.ts or self.mix_images or self.slerp) and self.mix is None:
             raise typer.BadParameter("--t, --mix-image and --slerp need --mix PROMPT_B")
+        if self.bridge is not None and self.bridge not in BRIDGES:
+            raise typer.BadParameter(f"--bridge must be one of {', '.join(BRIDGES)}, got "
+                                     f"{self.bridge!r}")
         bad = [t for t in self.ts if not 0.0 <= t <= 1.0]
         if bad:
             raise typer.BadParameter(f"--t must lie in [0, 1], got {bad[0]}")
@@ -112,9 +117,10 @@ PROMPT_PARAMETERS = [
     _option("gap", Path | None, typer.Option(
         None, "--gap", help="Modality-gap statistics (a `gap` stage folder such as data/gap); "
         "default: those saved with the deprojector.")),
-    _option("no_gap_correction", bool, typer.Option(
-        False, "--no-gap-correction",
-        help="Deproject image embeddings as they are (no gap correction).")),
+    _option("bridge", str | None, typer.Option(
+        None, "--bridge", metavar="|".join(BRIDGES),
+        help="How image embeddings reach text space (default: the deprojector's, the one it "
+        "was trained with; `none` needs no statistics).")),
 ]
 
 
@@ -157,19 +163,18 @@ def conditionings(o: PromptOptions, params, params_file: bool):
         encoder = PromptEncoder.from_pretrained(
             None if o.no_deprojector else o.model,
             clip=params.base.clip if params_file or o.no_deprojector else None,
-            gap=None if o.no_gap_correction else o.gap, images=bool(images or mix_images),
+            gap=None if o.bridge == "none" else o.gap, images=bool(images or mix_images),
             device=params.render.device)
-        correct = not o.no_gap_correction
         if o.no_deprojector:
             embeds, labels = encoder.encode_prompt(o.prompt, deproject=False), ["reference"]
         elif o.mix is not None:
             ts = o.ts or [0.5]
-            start = encoder.embedding(o.prompt, images, correct)
-            end = encoder.embedding(o.mix, mix_images, correct)
+            start = encoder.embedding(o.prompt, images, o.bridge)
+            end = encoder.embedding(o.mix, mix_images, o.bridge)
             embeds = encoder.interpolate(start, end, ts, o.slerp)
             labels = [f"t = {t:g}" for t in ts]
         else:
-            embeds = encoder.encode_prompt(o.prompt, images, correct, combine=o.combine)
+            embeds = encoder.encode_prompt(o.prompt, images, o.bridge, combine=o.combine)
             labels = ["deprojected" if o.combine else "whole"]
         negative = encoder.encode_negative(
             o.negative or "", deproject=not (o.no_deprojector or o.negative_reference))

@@ -52,6 +52,8 @@ from pipeline.shards import ShardReader, load_constants
 from pipeline.significance import comparison, seed_replicates, seed_spread
 from pipeline.world.embedded import World
 
+# The key of a run's metrics on the test split's image rows (augment.image).
+IMAGE_ROW_METRICS = "image_rows"
 # The share of the training rows that chooses the retrieval's k (answered from the rest).
 VALIDATION_FRACTION = 0.1
 
@@ -106,10 +108,11 @@ class Scores:
 
 @torch.no_grad()
 def score_model(model: Deprojector, reader: ShardReader, batch_size: int,
-                mask_weight: float) -> tuple[Scores, Scores]:
-    """Teacher-forced and autoregressive scores of a deprojector on every row of `reader`."""
+                mask_weight: float, rows: np.ndarray | None = None) -> tuple[Scores, Scores]:
+    """Teacher-forced and autoregressive scores of a deprojector on `rows` of `reader` (None:
+    every row)."""
     forced, free = Scores(), Scores()
-    for batch in reader.iter_batches(batch_size):
+    for batch in reader.iter_batches(batch_size, rows=rows):
         forced.add(model(batch.embeds, batch.hidden), batch.hidden, batch.mask, mask_weight)
         free.add(model.generate(batch.embeds), batch.hidden, batch.mask, mask_weight)
     return forced, free
@@ -117,11 +120,12 @@ def score_model(model: Deprojector, reader: ShardReader, batch_size: int,
 
 @torch.no_grad()
 def score_answers(answer: Callable[[torch.Tensor], torch.Tensor], reader: ShardReader,
-                  batch_size: int, mask_weight: float) -> Scores:
+                  batch_size: int, mask_weight: float,
+                  rows: np.ndarray | None = None) -> Scores:
     """Scores of a predictor that answers embeddings [b, D] with states [b, 77, D] from the
-    embedding alone (a baseline: no teacher forcing), on every row of `reader`."""
+    embedding alone (a baseline: no teacher forcing), on `rows` of `reader` (None: all)."""
     scores = Scores()
-    for batch in reader.iter_batches(batch_size):
+    for batch in reader.iter_batches(batch_size, rows=rows):
         scores.add(answer(batch.embeds), batch.hidden, batch.mask, mask_weight)
     return scores
 
@@ -226,22 +230,33 @@ def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
     combination = combination_scores(models, retrieval, k, pairs, clip, null, e.seed) \
         if pairs else {}
 
-    # The baselines answer from the embedding alone: one score serves both modes.
-    free = {NULL_BASELINE: score_answers(null_answer(constants), reader, e.batch_size,
-                                         t.mask_weight),
-            RETRIEVAL: score_answers(lambda embeds: retrieval.answer(embeds, k), reader,
-                                     e.batch_size, t.mask_weight)}
-    forced = {}
-    for name in tqdm(params.models, desc="evaluate", unit="model"):
-        forced[name], free[name] = score_model(models[name], reader, e.batch_size,
-                                               t.mask_weight)
-    results = {}
-    for name, scores in free.items():
-        autoregressive = scores.result(e.seed)
-        results[name] = {"teacher_forced": forced[name].result(e.seed) if name in forced
-                         else autoregressive, "autoregressive": autoregressive}
-        if name in combination:
-            results[name]["combination"] = combination[name]
+    def score(rows: np.ndarray, what: str) -> tuple[dict[str, Scores], dict[str, Scores]]:
+        """(teacher-forced, autoregressive) scores of every run and baseline on `rows`."""
+        # The baselines answer from the embedding alone: one score serves both modes.
+        free = {NULL_BASELINE: score_answers(null_answer(constants), reader, e.batch_size,
+                                             t.mask_weight, rows),
+                RETRIEVAL: score_answers(lambda embeds: retrieval.answer(embeds, k), reader,
+                                         e.batch_size, t.mask_weight, rows)}
+        forced = dict(free)
+        for name in tqdm(params.models, desc=f"evaluate {what}", unit="model"):
+            forced[name], free[name] = score_model(models[name], reader, e.batch_size,
+                                                   t.mask_weight, rows)
+        return forced, free
+
+    # Caption rows give the text metrics; image rows (augment.image), scored apart, how well
+    # an image's embedding is deprojected to its caption's states.
+    forced, free = score(reader.rows_of(image=False), "caption rows")
+    results = {name: {"teacher_forced": forced[name].result(e.seed),
+                      "autoregressive": scores.result(e.seed)} for name, scores in free.items()}
+    image_rows = reader.rows_of(image=True)
+    if len(image_rows):
+        image_forced, image_free = score(image_rows, "image rows")
+        for name, scores in image_free.items():
+            results[name][IMAGE_ROW_METRICS] = {"rows": len(image_rows),
+                                         "teacher_forced": image_forced[name].result(e.seed),
+                                         "autoregressive": scores.result(e.seed)}
+    for name, combined in combination.items():
+        results[name]["combination"] = combined
     results[RETRIEVAL] = {
         "k": k, "teacher_forcing": False, "training_rows": len(train),
         "validation": {"fraction": VALIDATION_FRACTION, "seed": e.seed,

@@ -4,6 +4,11 @@ Each row pairs an input embedding with a target hidden-state sequence (docs/arch
 - plain:   e(T) → H(T)
 - split:   T cut at a random word into A, B:  (e_A − null) + (e_B − null) + null → H(T)
 - combine: captions A, B joined as "A B":     (e_A − null) + (e_B − null) + null → H("A B")
+- image:   an image I with its caption C (paired data, pipeline/pairs.py):
+           bridge(image_embeds(I)) @ deprojection.T → H(C)
+Image rows take the place of caption rows in the training split (the steps per epoch stay
+the same) and are added to the test split (its caption rows stay the same), from disjoint
+pairs.
 
 The row plan is fixed by the captions and `augment.seed` before any model runs; shard k holds
 rows [k·R, (k+1)·R) and is encoded on its own, so shards can be skipped on resume or spread
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +33,8 @@ from pipeline.base_models import ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, encode_tokens, token_counts, tokenize
 from pipeline.conventions import MAX_LENGTH, combine_embeddings
+from pipeline.image_prompts import GAP_FILE, ImagePromptError, ImageTower, ModalityGap
+from pipeline.pairs import Pairs, WorldPairs, open_pairs
 from pipeline.params import Params
 from pipeline.shards import (
     save_constants,
@@ -35,21 +43,27 @@ from pipeline.shards import (
     shard_schema,
     write_shard_atomic,
 )
+from pipeline.world.embedded import World
 
 SPLITS = ("train", "test")
+ROW_KINDS = ("plain", "split", "combine", "image")
+IMAGE_PAIRS_SEED = 1000
 
 
 @dataclass(frozen=True)
 class Row:
     caption_id: int
-    kind: str  # plain | split | combine
+    kind: str  # plain | split | combine | image
     parts: tuple[str, ...]
     target_text: str
 
 
 def plan_rows(captions: list[str], split_fraction: float, combine_fraction: float, seed: int,
-              count_tokens) -> tuple[list[Row], dict[str, int]]:
-    """One row per caption; a seeded choice of which become split or combine rows.
+              count_tokens, pairs: Sequence[tuple[str, str]] = (),
+              add_pairs: bool = False) -> tuple[list[Row], dict[str, int]]:
+    """One row per caption; a seeded choice of which become split or combine rows; one image
+    row per (pair id, caption) of `pairs`, in the place of a seeded choice of caption rows
+    (or, add_pairs, after them).
 
     Returns the rows and the number of augmentations turned back into plain rows (a caption
     of one word cannot be split; a joined text over the token limit is skipped).
@@ -61,6 +75,11 @@ def plan_rows(captions: list[str], split_fraction: float, combine_fraction: floa
     kinds = np.full(n, "plain", dtype=object)
     kinds[order[:n_split]] = "split"
     kinds[order[n_split:n_split + n_combine]] = "combine"
+    in_place = [] if add_pairs else sorted(order[n_split + n_combine:][:len(pairs)])
+    if len(in_place) < len(pairs) and not add_pairs:
+        raise ValueError(f"{len(pairs)} image rows do not fit among {n} rows "
+                         f"({n_split + n_combine} split or combine)")
+    pair_of_slot = {} if add_pairs else dict(zip(in_place, pairs, strict=True))
     # Draw every random number up front, in caption order, so the plan does not depend on
     # which augmentations later fall back to plain.
     cut_draws = rng.random(n)
@@ -74,6 +93,10 @@ def plan_rows(captions: list[str], split_fraction: float, combine_fraction: floa
     too_long = {i for i, c in zip(joined_ids, count_tokens([combined[i] for i in joined_ids]),
                                   strict=True) if c > MAX_LENGTH}
     for i, text in enumerate(captions):
+        if i in pair_of_slot:
+            pair_id, pair_caption = pair_of_slot[i]
+            rows.append(Row(i, "image", (pair_id,), pair_caption))
+            continue
         kind = kinds[i]
         words = text.split(" ")
         if kind == "split" and len(words) < 2:
@@ -90,6 +113,8 @@ def plan_rows(captions: list[str], split_fraction: float, combine_fraction: floa
             rows.append(Row(i, "combine", (text, captions[partners[i]]), combined[i]))
         else:
             rows.append(Row(i, "plain", (text,), text))
+    if add_pairs:
+        rows += [Row(-1, "image", (pair_id,), caption) for pair_id, caption in pairs]
     return rows, skipped
 
 
@@ -103,16 +128,17 @@ def fingerprint(rows: list[Row], context: dict) -> str:
 def model_digest(clip: ClipText) -> str:
     """A hash of the tokenizer and weights: the base name alone (`builtin`) can hide a rebuild."""
     digest = hashlib.sha256(json.dumps(clip.tokenizer.get_vocab(), sort_keys=True).encode())
-    for name, tensor in sorted(clip.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    return hash_weights(digest, clip.model).hexdigest()[:16]
 
 
 def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype: str,
-                null: torch.Tensor, schema: pa.Schema) -> list[pa.RecordBatch]:
-    """Encode the texts of `rows` (each distinct text once) and build the shard's columns."""
-    texts = sorted({t for r in rows for t in (*r.parts, r.target_text)})
+                null: torch.Tensor, schema: pa.Schema,
+                image_pooled: dict[str, torch.Tensor] | None = None) -> list[pa.RecordBatch]:
+    """Encode the texts of `rows` (each distinct text once) and build the shard's columns;
+    image rows take their input from image_pooled (pair id -> pooled-space embedding [D])."""
+    image_pooled = image_pooled or {}
+    texts = sorted({t for r in rows for t in (*(() if r.kind == "image" else r.parts),
+                                               r.target_text)})
     index = {t: i for i, t in enumerate(texts)}
     targets = sorted({index[r.target_text] for r in rows})
     target_slot = {t: k for k, t in enumerate(targets)}
@@ -133,6 +159,9 @@ def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype:
 
     embeds = np.empty((len(rows), width), np.float32)
     for r, row in enumerate(rows):
+        if row.kind == "image":
+            embeds[r] = image_pooled[row.parts[0]].numpy()
+            continue
         parts = torch.stack([pooled[index[p]] for p in row.parts])
         embeds[r] = combine_embeddings(parts, null).numpy()
     target_rows = np.array([target_slot[index[r.target_text]] for r in rows])
@@ -164,17 +193,92 @@ def compute_constants(clip: ClipText) -> dict[str, torch.Tensor]:
     }
 
 
+class ImageRows:
+    """The image rows' inputs: paired images through the vision tower, the bridge (gap.bridge,
+    statistics of the `gap` stage) and the pseudo-inverse of the text projection."""
+
+    def __init__(self, params: Params, gap_dir: Path, deprojection: torch.Tensor) -> None:
+        g = params.gap
+        self.world = World.of(params.base.clip, params.base.sd)
+        self.source = None if self.world else open_pairs(
+            g.source, None, 0, 0, g.image_column, g.text_column, g.hub_split)
+        if self.world is None and self.source is None:
+            raise ImagePromptError(f"augment.image = {params.augment.image} needs paired data, "
+                                   f"but gap.source {g.source!r} has none: point it to a "
+                                   "folder of NAME.png + NAME.txt pairs or a hub dataset, or "
+                                   "set augment.image to 0")
+        self.tower = ImageTower.load(params.base.clip, device=params.extract.device)
+        # `none` needs no statistics; the others come from the gap stage.
+        self.gap = None if g.bridge == "none" else ModalityGap.load(gap_dir).with_bridge(g.bridge)
+        self.deprojection = deprojection
+        self.batch_size = params.extract.batch_size
+        # Folder and hub pairs: a seeded order; the test split takes the first, training the
+        # next, so no pair is in both.
+        self.order = [] if self.source is None else \
+            np.random.default_rng(params.augment.seed).permutation(len(self.source)).tolist()
+        vision = hash_weights(hashlib.sha256(), self.tower.model).hexdigest()[:16]
+        statistics = "" if self.gap is None else \
+            hashlib.sha256((gap_dir / GAP_FILE).read_bytes()).hexdigest()[:16]
+        self.context = {"bridge": g.bridge, "vision_digest": vision, "bridge_digest": statistics}
+        self.pairs: dict[str, tuple[Pairs, int]] = {}  # pair id -> its source and index
+        self.test_pairs = 0  # folder and hub pairs the test split took
+
+    def take(self, count: int, split: str, seed: int) -> list[tuple[str, str]]:
+        """(pair id, caption) of up to `count` pairs for `split` (fewer where the folder or
+        hub dataset has no more)."""
+        if self.world is not None:
+            source, picked = WorldPairs(count, seed), list(range(count))
+        else:
+            source = self.source
+            begin = 0 if split == "test" else min(len(self.order), self.test_pairs)
+            picked = self.order[begin:begin + count]
+            if split == "test":
+                self.test_pairs = len(picked)
+        self.pairs |= {source.ids[k]: (source, k) for k in picked}
+        return [(source.ids[k], source.captions[k]) for k in picked]
+
+    def pooled(self, rows: list[Row]) -> dict[str, torch.Tensor]:
+        """Pair id -> pooled-space embedding [D] of the image rows among `rows`."""
+        ids = [row.parts[0] for row in rows if row.kind == "image"]
+        if not ids:
+            return {}
+        projected = []
+        for begin in range(0, len(ids), self.batch_size):
+            images = [self.pairs[i][0].image(self.pairs[i][1])
+                      for i in ids[begin:begin + self.batch_size]]
+            projected.append(self.tower.embed(images))
+        embeds = torch.cat(projected)
+        if self.gap is not None:
+            embeds = self.gap.correct(embeds)
+        return dict(zip(ids, embeds @ self.deprojection.T, strict=True))
+
+
+def hash_weights(digest, model: torch.nn.Module):
+    """`digest` (a hashlib object) updated with every weight's name and bytes, in name order."""
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest
+
+
 def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: Params,
-                  split_seed: int, null: torch.Tensor) -> dict:
+                  split_seed: int, null: torch.Tensor, images: ImageRows | None = None) -> dict:
     """Write the shards of one split that belong to this worker (extract.worker_index)."""
     e, a = params.extract, params.augment
+    split = split_dir.name
+    wanted = round(a.image * len(captions)) if images else 0
+    # World scenes of seed 1000 + 2·augment.seed (+1 for test): no other part draws those.
+    pairs = images.take(wanted, split, IMAGE_PAIRS_SEED + 2 * a.seed + (split == "test")) \
+        if wanted else []
     rows, skipped = plan_rows(
         captions, a.split, a.combine, split_seed,
-        lambda texts: token_counts(clip, texts),
+        lambda texts: token_counts(clip, texts), pairs, add_pairs=split == "test",
     )
     width = clip.hidden_size
     context = {"base": params.base.clip, "base_digest": model_digest(clip), "dtype": e.dtype,
                "width": width, "rows_per_shard": e.rows_per_shard, "batch_size": e.batch_size}
+    if pairs:
+        context["image"] = images.context
     split_dir.mkdir(parents=True, exist_ok=True)
     n_shards = -(-len(rows) // e.rows_per_shard)
     # Shards beyond the plan (from a larger earlier run) would be read as data: remove them.
@@ -190,7 +294,7 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
         for leftover in split_dir.glob(f".{shard_path(split_dir, k).name}.tmp-*"):
             leftover.unlink(missing_ok=True)
     written = reused = 0
-    for k in tqdm(mine, desc=f"extract {split_dir.name}", unit="shard"):
+    for k in tqdm(mine, desc=f"extract {split}", unit="shard"):
         shard_rows = rows[k * e.rows_per_shard:(k + 1) * e.rows_per_shard]
         fp = fingerprint(shard_rows, context)
         path = shard_path(split_dir, k)
@@ -198,21 +302,31 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
             reused += 1
             continue
         schema = shard_schema(width, e.dtype, fp, len(shard_rows))
-        batches = encode_rows(clip, shard_rows, e.batch_size, e.dtype, null, schema)
+        image_pooled = images.pooled(shard_rows) if pairs else None
+        batches = encode_rows(clip, shard_rows, e.batch_size, e.dtype, null, schema,
+                              image_pooled)
         write_shard_atomic(path, schema, batches)
         written += 1
     tqdm.write(f"{split_dir}: {written} shards written, {reused} complete shards kept",
                file=sys.stderr)
-    kinds = {k: sum(r.kind == k for r in rows) for k in ("plain", "split", "combine")}
-    return {"rows": len(rows), "shards": n_shards, "kinds": kinds,
-            "augmentations_kept_plain": skipped}
+    kinds = {k: sum(r.kind == k for r in rows) for k in ROW_KINDS}
+    result = {"rows": len(rows), "shards": n_shards, "kinds": kinds,
+              "augmentations_kept_plain": skipped}
+    if wanted:
+        result["image_pairs"] = {"wanted": wanted, "used": len(pairs),
+                                 "bridge": params.gap.bridge,
+                                 "source": "world scenes" if images.world else params.gap.source}
+    return result
 
 
 def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions"),
-                      out_dir: Path = Path("data/shards")) -> dict:
+                      out_dir: Path = Path("data/shards"),
+                      gap_dir: Path = Path("data/gap")) -> dict:
     torch.manual_seed(0)
     clip = load_clip(params.base.clip, device=params.extract.device)
     constants = compute_constants(clip)
+    images = ImageRows(params, gap_dir, constants["deprojection"]) \
+        if params.augment.image > 0 else None
     out_dir.mkdir(parents=True, exist_ok=True)
     save_constants(out_dir / "constants.safetensors", **constants)
     meta = {
@@ -224,10 +338,12 @@ def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions")
         "rows_per_shard": params.extract.rows_per_shard,
         "splits": {},
     }
-    for offset, split in enumerate(SPLITS):
+    # Test first: with folder or hub pairs it takes its pairs before training does.
+    for split in ("test", "train"):
         captions = read_split(captions_dir, split)
         meta["splits"][split] = extract_split(
-            clip, captions, out_dir / split, params, params.augment.seed + offset,
-            constants["null"])
+            clip, captions, out_dir / split, params,
+            params.augment.seed + SPLITS.index(split), constants["null"], images)
+    meta["splits"] = {split: meta["splits"][split] for split in SPLITS}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta

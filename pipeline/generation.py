@@ -29,7 +29,8 @@ def load_encoders(params: Params, models_dir: Path, gap_dir: Path | None = None,
     vision tower and the modality-gap statistics, for image prompts."""
     clip = load_clip(params.base.clip, device=device)
     tower = ImageTower.load(params.base.clip, device) if gap_dir is not None else None
-    gap = ModalityGap.load(gap_dir) if gap_dir is not None else None
+    gap = ModalityGap.load(gap_dir).with_bridge(params.gap.bridge) \
+        if gap_dir is not None else None
     reference = PromptEncoder(clip, None, tower, gap)
     return {REFERENCE: reference,
             **{name: reference.with_deprojector(load_deprojector(models_dir / name, device))

@@ -1,21 +1,22 @@
-"""Images as prompts: the base CLIP's vision tower, the modality-gap correction, and its stats.
+"""Images as prompts: the base CLIP's vision tower and the bridge across the modality gap.
 
 An image enters the deprojector's pooled space as (docs/architectures.md, "Prompts beyond one
 text")
 
     image_embeds  = visual_projection(vision tower(image))            [P]
-    corrected     = image_embeds − mean_image + mean_text              (shift across the gap)
-    corrected    *= text_norm / |corrected|                            (norm of text embeds)
-    pooled        = corrected @ deprojection.T                          [D]
+    bridged       = bridge(image_embeds)                               [P], text space
+    pooled        = bridged @ deprojection.T                           [D]
 
 CLIP's image and text embeddings of the same thing sit in different regions of the projected
-space (the "modality gap"); the shift and the norm are measured on paired data by the `gap`
-stage: the world's drawn scenes and their captions for the builtin base, a folder of
-image/caption pairs for a real CLIP.
+space (the "modality gap"). The bridges (`ModalityGap.correct`: none, mean shift, a linear map,
+projection onto training captions' text embeddings) are fitted on paired data by the `gap`
+stage: the world's drawn scenes and their captions for the builtin base, a folder or hub
+dataset of image/caption pairs for a real CLIP (pipeline/pairs.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass
@@ -28,10 +29,10 @@ from safetensors.torch import save_file
 from pipeline.base_files import BaseModelError
 from pipeline.base_models import base_source, load_or_explain
 from pipeline.errors import DeprojectorError, read_safetensors
+from pipeline.names import BRIDGES
 from pipeline.world.config import WORLD_DIR
 
 GAP_FILE = "modality_gap.safetensors"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class ImagePromptError(DeprojectorError, ValueError):
@@ -89,10 +90,11 @@ def load_image(path: str | Path) -> Image.Image:
     return checked_rgb(read_image(path, "image prompt"), str(path))
 
 
-def checked_rgb(image: Image.Image, name: str) -> Image.Image:
+def checked_rgb(image: Image.Image, name: str, what: str = "image prompt") -> Image.Image:
+    """`image` if it is RGB, else an ImagePromptError naming `what` `name` and the mode."""
     if image.mode != "RGB":
         raise ImagePromptError(
-            f"image prompt {name!r} has mode {image.mode!r} "
+            f"{what} {name!r} has mode {image.mode!r} "
             f"({'an alpha channel' if 'A' in image.mode else 'not three colour channels'}), "
             "not RGB: convert it first, e.g. Image.open(path).convert('RGB').save(new_path)")
     return image
@@ -128,28 +130,92 @@ class ImageTower:
         return self.model(pixel_values=pixels.to(self.model.device)).image_embeds.float().cpu()
 
 
+# The linear bridge's ridge: λ = RIDGE · mean variance of the centred image embeddings; it keeps
+# the fit stable when there are fewer pairs than dimensions (a small folder for CLIP-L).
+RIDGE = 1e-2
+
+
 @dataclass
 class ModalityGap:
-    """Means of paired text and image embeddings [P] and the mean text-embedding norm."""
+    """Statistics of paired text and image embeddings [P] and the bridges they define.
+
+    A bridge maps image_embeds [N, P] to where the text_embeds of their captions lie:
+    - `none`: as they are;
+    - `mean-shift`: x − mean_image + mean_text (Liang et al. 2022, "Mind the Gap");
+    - `linear`: (x − mean_image) A + mean_text, A [P, P] least squares of the centred text
+      embeddings on the centred image embeddings with a ridge, in closed form;
+    - `text-projection`: Σ_i softmax(cos(mean-shift(x), t_i) / temperature) t_i over `bank`
+      [M, P], the unit text embeddings of training captions (DeCap, Li et al. 2023, projects
+      onto its text memory the same way, on the raw image embedding);
+    every bridge but `none` then scaled to the mean text norm. `bridge` is the default.
+    """
 
     mean_text: torch.Tensor
     mean_image: torch.Tensor
     text_norm: float
+    linear: torch.Tensor | None = None  # [P, P]
+    bank: torch.Tensor | None = None  # [M, P], unit rows
+    temperature: float = 0.01
+    bridge: str = "mean-shift"
 
-    def correct(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """[..., P] image embeddings moved across the gap and scaled to the text norm."""
-        shifted = image_embeds - self.mean_image + self.mean_text
-        return shifted * (self.text_norm / shifted.norm(dim=-1, keepdim=True))
+    def __post_init__(self) -> None:
+        if self.bridge not in BRIDGES:
+            raise ImagePromptError(f"unknown bridge {self.bridge!r} (known: "
+                                   f"{', '.join(BRIDGES)})")
+
+    def correct(self, image_embeds: torch.Tensor, bridge: str | None = None) -> torch.Tensor:
+        """[..., P] image embeddings brought across the gap by `bridge` (None: the default)."""
+        kind = bridge or self.bridge
+        if kind not in BRIDGES:
+            raise ImagePromptError(f"unknown bridge {kind!r} (known: {', '.join(BRIDGES)})")
+        if kind == "none":
+            return image_embeds
+        centred = image_embeds - self.mean_image
+        if kind == "mean-shift":
+            bridged = centred + self.mean_text
+        elif kind == "linear":
+            bridged = centred @ self._needs("linear") + self.mean_text
+        else:
+            bank = self._needs("bank").to(centred)
+            query = torch.nn.functional.normalize(centred + self.mean_text, dim=-1)
+            bridged = torch.softmax(query @ bank.T / self.temperature, dim=-1) @ bank
+        return bridged * (self.text_norm / bridged.norm(dim=-1, keepdim=True))
+
+    def _needs(self, name: str) -> torch.Tensor:
+        value = getattr(self, name)
+        if value is None:
+            raise ImagePromptError(f"these modality-gap statistics have no {name!r} tensor "
+                                   "(written before that bridge existed): run `deprojector "
+                                   "gap` again")
+        return value
 
     @classmethod
-    def measure(cls, text_embeds: torch.Tensor, image_embeds: torch.Tensor) -> ModalityGap:
+    def measure(cls, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                bank: torch.Tensor | None = None, temperature: float = 0.01,
+                bridge: str = "mean-shift") -> ModalityGap:
+        """Fit every bridge on paired [N, P] embeddings; bank: text embeddings [M, P] of
+        training captions for `text-projection` (normalised here)."""
+        text, image = text_embeds.double(), image_embeds.double()
+        x, y = image - image.mean(0), text - text.mean(0)
+        gram = x.T @ x
+        ridge = RIDGE * gram.trace() / gram.shape[0]
+        linear = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype),
+                                    x.T @ y)
+        units = torch.nn.functional.normalize(bank.float(), dim=-1) if bank is not None else None
         return cls(text_embeds.mean(0), image_embeds.mean(0),
-                   text_embeds.norm(dim=-1).mean().item())
+                   text_embeds.norm(dim=-1).mean().item(), linear.float(), units, temperature,
+                   bridge)
 
     def save(self, path: Path) -> None:
-        save_file({"mean_text": self.mean_text.float().contiguous(),
+        tensors = {"mean_text": self.mean_text.float().contiguous(),
                    "mean_image": self.mean_image.float().contiguous(),
-                   "text_norm": torch.tensor([self.text_norm])}, str(path))
+                   "text_norm": torch.tensor([self.text_norm]),
+                   "temperature": torch.tensor([self.temperature])}
+        if self.linear is not None:
+            tensors["linear"] = self.linear.float().contiguous()
+        if self.bank is not None:  # unit vectors: half precision keeps them to 1e-3
+            tensors["bank"] = self.bank.half().contiguous()
+        save_file(tensors, str(path), metadata={"bridge": self.bridge})
 
     @classmethod
     def load(cls, path: str | Path) -> ModalityGap:
@@ -158,62 +224,30 @@ class ModalityGap:
         if not file.is_file():
             raise ImagePromptError(
                 f"{file}: no modality-gap statistics; run `deprojector gap` (the `gap` stage) "
-                "for this base.clip, or turn the correction off (--no-gap-correction)")
+                "for this base.clip, or use no bridge (--bridge none)")
         advice = "run `deprojector gap` again to rewrite it"
         tensors = read_safetensors(file, ImagePromptError, advice)
         missing = {"mean_text", "mean_image", "text_norm"} - set(tensors)
         if missing:
             raise ImagePromptError(f"{file}: missing tensors {sorted(missing)}; {advice}")
         shapes = {k: tuple(v.shape) for k, v in sorted(tensors.items())}
-        if len(shapes["mean_text"]) != 1 or shapes["mean_image"] != shapes["mean_text"] \
-                or tensors["text_norm"].numel() != 1:
+        width = shapes["mean_text"]
+        if len(width) != 1 or shapes["mean_image"] != width \
+                or tensors["text_norm"].numel() != 1 \
+                or shapes.get("linear", width * 2) != width * 2 \
+                or shapes.get("bank", (1, *width))[1:] != width:
             raise ImagePromptError(f"{file}: tensors of shapes {shapes}, expected mean_text "
-                                   f"[P], mean_image [P] and text_norm [1]; {advice}")
-        return cls(tensors["mean_text"], tensors["mean_image"], tensors["text_norm"].item())
+                                   f"[P], mean_image [P], text_norm [1], linear [P, P] and "
+                                   f"bank [M, P]; {advice}")
+        from safetensors import safe_open
 
+        with safe_open(str(file), "pt") as handle:
+            bridge = (handle.metadata() or {}).get("bridge", "mean-shift")
+        temperature = tensors["temperature"].item() if "temperature" in tensors else 0.01
+        bank = tensors["bank"].float() if "bank" in tensors else None
+        return cls(tensors["mean_text"], tensors["mean_image"], tensors["text_norm"].item(),
+                   tensors.get("linear"), bank, temperature, bridge)
 
-# --- paired data ------------------------------------------------------------------------------
-
-def pair_images(folder: Path) -> list[Path]:
-    """The image files of `folder`, sorted ([] if it is not a folder)."""
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def folder_pairs(folder: Path, limit: int) -> tuple[list[Image.Image], list[str]]:
-    """Image files of `folder` (sorted) with the caption in the .txt file of the same stem."""
-    files = pair_images(folder)[:limit]
-    if not files:
-        raise ImagePromptError(f"gap.folder {str(folder)!r} has no images "
-                               f"({', '.join(IMAGE_SUFFIXES)}) with captions beside them")
-    images, captions = [], []
-    for file in files:
-        caption_file = file.with_suffix(".txt")
-        if not caption_file.is_file():
-            raise ImagePromptError(f"{file}: no caption file {caption_file.name} beside it "
-                                   "(gap.folder pairs each image with NAME.txt)")
-        caption = read_caption_text(caption_file)
-        if not caption:
-            raise ImagePromptError(f"{caption_file}: empty caption")
-        images.append(read_image(file, "gap.folder image").convert("RGB"))
-        captions.append(caption)
-    return images, captions
-
-
-def read_caption_text(path: Path) -> str:
-    """The caption of a gap.folder pair: UTF-8 text without NUL bytes, whitespace-stripped."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ImagePromptError(
-            f"{path}:{line}: not valid UTF-8 (byte offset {err.start} is "
-            f"{data[err.start:err.start + 1]!r}); re-encode the caption as UTF-8") from err
-    if "\x00" in text:
-        offset = data.index(b"\x00")
-        line = data.count(b"\n", 0, offset) + 1
-        raise ImagePromptError(f"{path}:{line}: contains a NUL byte (byte offset {offset}); "
-                               "expected UTF-8 text")
-    return text.removeprefix("\ufeff").strip()
+    def with_bridge(self, bridge: str) -> ModalityGap:
+        """The same statistics with another default bridge."""
+        return dataclasses.replace(self, bridge=bridge)

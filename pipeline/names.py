@@ -18,3 +18,5 @@ IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-pr
 
 RESERVED_RUN_NAMES = (WORLD, BASE_RECORD, NULL_BASELINE, RETRIEVAL, COMPARISON, ADHERENCE,
                       IMAGE_PROMPTS, REFERENCE, *IMAGE_ROWS)
+# The bridges from image to text space, simplest first (gap.bridge; pipeline/image_prompts.py).
+BRIDGES = ("none", "mean-shift", "linear", "text-projection")

@@ -9,7 +9,7 @@ from typing import Any
 
 from pipeline.conventions import BUILTIN
 from pipeline.models import ARCHITECTURES, COMPOSITES, hyperparameters
-from pipeline.names import RESERVED_RUN_NAMES
+from pipeline.names import BRIDGES, RESERVED_RUN_NAMES
 from pipeline.sections import ParamsError, check, read_params_file, section
 from pipeline.world.config import WorldParams
 
@@ -37,6 +37,9 @@ class CaptionParams:
 class AugmentParams:
     split: float = 0.3
     combine: float = 0.3
+    # Training rows whose input is an image of paired data (gap.source) bridged to text space
+    # (gap.bridge) and whose target is its caption's states; the test split gains as many.
+    image: float = 0.0
     seed: int = 0
 
 
@@ -80,11 +83,20 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class GapParams:
-    """Paired data for the modality-gap statistics of image prompts (the `gap` stage)."""
+    """Paired images and captions (the `gap` stage's bridge statistics and the image rows of
+    `extract`) and the bridge from image to text space."""
 
-    pairs: int = 1000  # image/caption pairs averaged
+    pairs: int = 1000  # image/caption pairs the bridge is fitted on
     seed: int = 7  # world scenes of a seed no world part trains on (builtin base)
-    folder: str = "data/gap-pairs"  # real CLIP: NAME.png/.jpg + NAME.txt caption pairs
+    # Real CLIP: a folder of NAME.png/.jpg + NAME.txt pairs, or a `datasets` hub id with an
+    # image and a text column (hub_split).
+    source: str = "data/gap-pairs"
+    image_column: str = "image"
+    text_column: str = "text"
+    hub_split: str = "train"
+    bridge: str = "mean-shift"  # none | mean-shift | linear | text-projection
+    bank: int = 2048  # training captions whose text embeddings text-projection combines
+    temperature: float = 0.01  # text-projection's softmax temperature (cosine units)
 
 
 # A run name is a folder name (models/NAME, reports/metrics/NAME.json), a word of a shell
@@ -221,8 +233,9 @@ def validate(p: Params) -> Params:
     check(c.test_size > 0, "captions.test_size", "a positive integer", c.test_size)
     check(0.0 <= a.split <= 1.0, "augment.split", "in [0, 1]", a.split)
     check(0.0 <= a.combine <= 1.0, "augment.combine", "in [0, 1]", a.combine)
-    check(a.split + a.combine <= 1.0, "augment.split + augment.combine", "at most 1",
-          a.split + a.combine)
+    check(0.0 <= a.image <= 1.0, "augment.image", "in [0, 1]", a.image)
+    check(a.split + a.combine + a.image <= 1.0, "augment.split + augment.combine + augment.image",
+          "at most 1", a.split + a.combine + a.image)
     check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
     check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
     check(e.num_workers > 0, "extract.num_workers", "a positive integer", e.num_workers)
@@ -248,6 +261,9 @@ def validate(p: Params) -> Params:
     check(p.evaluate.image_prompts >= 0, "evaluate.image_prompts", "0 (off) or more",
           p.evaluate.image_prompts)
     check(p.gap.pairs > 0, "gap.pairs", "a positive integer", p.gap.pairs)
+    check(p.gap.bridge in BRIDGES, "gap.bridge", f"one of {BRIDGES}", p.gap.bridge)
+    check(p.gap.bank > 0, "gap.bank", "a positive integer", p.gap.bank)
+    check(p.gap.temperature > 0, "gap.temperature", "positive", p.gap.temperature)
     return p
 
 

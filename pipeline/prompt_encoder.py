@@ -100,7 +100,7 @@ class PromptEncoder:
         clip: `builtin`, a folder or a hub id; None: the base the deprojector was trained on
         (its config records it). gap: modality-gap statistics (a `gap` stage folder or file);
         None: those saved with the deprojector, if any. images: also load the vision tower
-        (image prompts without gap statistics need gap_correction=False)."""
+        (image prompts without gap statistics need bridge='none')."""
         deprojector = load_deprojector(model, device=device) if model is not None else None
         if clip is None:
             clip = deprojector.config.base_clip if deprojector is not None else ""
@@ -132,26 +132,28 @@ class PromptEncoder:
                           f"tokens; cut off: {cut!r}", stacklevel=3)
         return encode_texts(self.clip, [text])
 
-    def image_embedding(self, images: list[Image.Image], gap_correction: bool = True
+    def image_embedding(self, images: list[Image.Image], bridge: str | None = None
                         ) -> torch.Tensor:
-        """Pooled-space embeddings [N, D] of RGB images (vision tower, gap, pseudo-inverse)."""
+        """Pooled-space embeddings [N, D] of RGB images: vision tower, the bridge to text
+        space (a name of BRIDGES; None: the statistics' default, the one the deprojector
+        was trained with), pseudo-inverse of the text projection."""
         model = self._deprojector()
         if self.tower is None:
             raise ImagePromptError("this PromptEncoder has no vision tower: load it with "
                                    "images=True (a base CLIP with both towers)")
         projected = self.tower.embed(images)
-        if gap_correction:
+        if bridge != "none":
             if self.gap is None:
                 raise ImagePromptError(
                     "image prompts need the modality-gap statistics of this base CLIP: run "
-                    "`deprojector gap` (writes data/gap/) and load them, or turn the "
-                    "correction off (gap_correction=False, --no-gap-correction)")
-            projected = self.gap.correct(projected)
+                    "`deprojector gap` (writes data/gap/) and load them, or use no bridge "
+                    "(bridge='none', --bridge none)")
+            projected = self.gap.correct(projected, bridge)
         # image_embeds live where text_embeds = pooled @ W.T do: pooled = embeds @ pinv(W).T.
         return projected.to(model.null) @ model.deprojection.T
 
     def embedding(self, prompt: str = "", images: Sequence[ImagePart] = (),
-                  gap_correction: bool = True, combine: bool = True) -> torch.Tensor:
+                  bridge: str | None = None, combine: bool = True) -> torch.Tensor:
         """The pooled embedding [1, D] a deprojector receives.
 
         combine: e = Σ_k w_k (e_k − null) + null over the text parts and images; otherwise
@@ -167,26 +169,25 @@ class PromptEncoder:
         pooled = [self._encode(part.text).pooled.to(null) for part in parts]
         weights = [part.weight for part in parts]
         if images:
-            pooled.append(self.image_embedding([part.load() for part in images],
-                                               gap_correction))
+            pooled.append(self.image_embedding([part.load() for part in images], bridge))
             weights += [part.weight for part in images]
         return combine_embeddings(torch.cat(pooled), null, torch.tensor(weights).to(null))[None]
 
     # --- conditioning ---------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str = "", images: Sequence[ImagePart] = (),
-                      gap_correction: bool = True, combine: bool = True,
+                      bridge: str | None = None, combine: bool = True,
                       deproject: bool = True) -> torch.Tensor:
         """prompt_embeds [1, 77, D] of a prompt.
 
         deproject False: the reference, the CLIP last hidden state of the prompt as written.
-        Otherwise the deprojected `embedding(prompt, images, gap_correction, combine)`."""
+        Otherwise the deprojected `embedding(prompt, images, bridge, combine)`."""
         if not deproject:
             if images:
                 raise PromptError("image prompts need a deprojector (drop --no-deprojector)")
             self._refuse_weights(prompt, parse_weighted(prompt), "the reference")
             return self._encode(prompt).hidden
-        return self.deproject(self.embedding(prompt, images, gap_correction, combine), prompt)
+        return self.deproject(self.embedding(prompt, images, bridge, combine), prompt)
 
     def encode_prompts(self, prompts: Sequence[str], combine: bool = True,
                        deproject: bool = True) -> torch.Tensor:

@@ -21,7 +21,16 @@ METRIC_ROWS = (
     ("combination", "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
     ("combination", "blend_cosine", "combination: blended hidden states"),
     ("combination", "retrieval_cosine", "combination: retrieval of Σ(e_k − null) + null"),
+    # The test split's image rows (augment.image): an image's embedding, its caption's states.
+    ("image_rows/teacher_forced", "cosine_masked", "image rows: teacher-forced cosine"),
+    ("image_rows/autoregressive", "cosine_masked", "image rows: autoregressive cosine"),
 )
+
+
+def _group(metrics: dict, path: str) -> dict:
+    for key in path.split("/"):
+        metrics = metrics.get(key, {})
+    return metrics
 
 
 def _number(value: float) -> str:
@@ -38,10 +47,11 @@ def _with_interval(scores: dict, key: str, form) -> str:
 def metrics_table(metrics: dict[str, dict]) -> str:
     lines = ["| metric | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
     for group, key, label in METRIC_ROWS:
-        cells = []
-        for m in metrics.values():
-            scores = m.get(group, {})
-            cells.append(_with_interval(scores, key, _number) if key in scores else "—")
+        groups = [_group(m, group) for m in metrics.values()]
+        if not any(key in scores for scores in groups):
+            continue  # e.g. no image rows in the test split
+        cells = [_with_interval(scores, key, _number) if key in scores else "—"
+                 for scores in groups]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -201,23 +211,28 @@ def extras_section(showcase: str | None, image_prompts: dict | None,
 
 The single-embedding grid's last two rows: `scene` is a drawn scene with everything the
 column's prompt states, `image prompt` the picture generated from that scene alone through
-`{showcase}` (render.showcase_model): CLIP vision tower → image_embeds → modality-gap
-correction (data/gap) → pseudo-inverse of the text projection → deprojector.
+`{showcase}` (render.showcase_model): CLIP vision tower → image_embeds → bridge to text
+space (gap.bridge, data/gap) → pseudo-inverse of the text projection → deprojector.
 
 """
     if image_prompts:
-        lines = ["| run | text prompt | image prompt | image, no gap correction | image / text |",
-                 "| --- | ---: | ---: | ---: | ---: |"]
+        bridged = [rows for rows in image_prompts.values() if "bridges" in rows]
+        kinds = list(bridged[0]["bridges"]) if bridged else []
+        own = bridged[0]["bridge"] if bridged else ""
+        lines = ["| run | text prompt | " + " | ".join(f"image, {k}" for k in kinds)
+                 + " | image / text |", "| --- | ---: |" + " ---: |" * (len(kinds) + 1)]
         for name, rows in image_prompts.items():
             ratio = _with_interval(rows, "image_to_text", "{:.2f}".format) \
                 if "image_to_text" in rows else "–"
-            lines.append(f"| {name} | {_adherence(rows, 'text')} | {_adherence(rows, 'image')} "
-                         f"| {_adherence(rows, 'image_no_gap')} | {ratio} |")
+            cells = [_adherence(rows.get("bridges", {}), k) for k in kinds]
+            lines.append(f"| {name} | {_adherence(rows, 'text')} | {' | '.join(cells)} "
+                         f"| {ratio} |")
         count = next(iter(image_prompts.values()))["text"]["prompts"]
         text += f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
 descriptions; the text prompt is the description's pooled embedding deprojected (the
-reference row: its ordinary CLIP states). Mean adherence with its 95 % interval over the scenes
-(`reports/metrics/image_prompts.json`):
+reference row: its ordinary CLIP states). One column per bridge from image to text space
+(gap.bridge); image / text is the runs' own bridge, `{own}`. Mean adherence with its 95 %
+interval over the scenes (`reports/metrics/image_prompts.json`):
 
 """ + "\n".join(lines) + "\n\n"
     if curves:

@@ -155,6 +155,9 @@ class ShardReader:
                     _values(batch.column("hidden"), 2).reshape(rows, MAX_LENGTH, width))
                 self._mask.append(_values(batch.column("mask"), 1).reshape(rows, MAX_LENGTH))
         self.hidden_size = int(hidden_size)
+        # [N] str: each row's kind (plain, split, combine, image), in row order.
+        self.kinds = np.concatenate([t.column("kind").to_numpy(zero_copy_only=False)
+                                     for t in self.tables]).astype(str)
         sizes = np.array([len(x) for x in self._embeds])
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         self.num_rows = int(self._starts[-1])
@@ -199,19 +202,24 @@ class ShardReader:
             mask[rows] = self._mask[c][offset[rows]]
         return Batch(torch.from_numpy(embeds), torch.from_numpy(hidden), torch.from_numpy(mask))
 
+    def rows_of(self, image: bool) -> np.ndarray:
+        """Indices of the image rows (image=True) or of the caption rows (every other kind)."""
+        return np.nonzero((self.kinds == "image") == image)[0]
+
     def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
                      epoch: int = 0, start: int = 0, rank: int = 0,
-                     world: int = 1) -> Iterator[Batch]:
-        """Batches in a per-epoch seeded order; `start` skips the first batches (resume).
+                     world: int = 1, rows: np.ndarray | None = None) -> Iterator[Batch]:
+        """Batches in a per-epoch seeded order; `start` skips the first batches (resume);
+        `rows`: only these row indices (in their order unless shuffled).
 
         With `world` processes, each global batch of `batch_size` rows is cut into `world`
         near-equal parts and process `rank` gets its part, so the effective batch stays
         `batch_size` in total.
         """
-        order = np.arange(self.num_rows)
+        order = np.arange(self.num_rows) if rows is None else np.asarray(rows, dtype=np.int64)
         if shuffle:
-            order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
-        for begin in range(start * batch_size, self.num_rows, batch_size):
+            order = order[np.random.default_rng([seed, epoch]).permutation(len(order))]
+        for begin in range(start * batch_size, len(order), batch_size):
             rows = order[begin:begin + batch_size]
             if world > 1:
                 rows = np.array_split(rows, world)[rank]

@@ -46,8 +46,10 @@ def project_dir(work: Path, base_dir: Path) -> Path:
     return work
 
 
-def run_small_pipeline(work: Path, base_dir: Path, params: Params | None = None) -> Path:
-    """captions + extract of a small builtin dataset in `work`; returns the shards folder."""
+def run_small_pipeline(work: Path, base_dir: Path, params: Params | None = None,
+                       before_extract=None) -> Path:
+    """captions + extract of a small builtin dataset in `work` (calling before_extract() in
+    between, in `work`); returns the shards folder."""
     import os
 
     from pipeline.captions import run_captions_stage
@@ -59,6 +61,8 @@ def run_small_pipeline(work: Path, base_dir: Path, params: Params | None = None)
     os.chdir(work)
     try:
         run_captions_stage(params)
+        if before_extract is not None:
+            before_extract()
         run_extract_stage(params)
     finally:
         os.chdir(previous)

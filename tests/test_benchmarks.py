@@ -12,7 +12,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.benchmarks import extraction, generation, schedulers, step_profile, training
+from pipeline.benchmarks import (
+    bridges,
+    extraction,
+    generation,
+    schedulers,
+    step_profile,
+    training,
+)
 from pipeline.cli import app
 from pipeline.models import ARCHITECTURES
 
@@ -118,9 +125,26 @@ def test_bench_command_tiny_runs_every_benchmark():
         module.print_report(out["training"]["profile"] if section is None else out[section])
 
 
-@pytest.mark.parametrize("module", [extraction, generation, schedulers, step_profile, training])
+@pytest.mark.parametrize("module", [extraction, generation, schedulers, step_profile, training,
+                                    bridges])
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
     assert exit_.value.code == 0
     assert "--tiny" in capsys.readouterr().out
+
+
+def test_the_bridge_table_runs_every_variant_at_tiny_size(capsys):
+    table = bridges.main(["--tiny", "--runs", "vt-rollout"])
+    assert list(table) == [bridges.TEXT_ONLY, "none", "mean-shift", "linear", "text-projection"]
+    for name, variant in table.items():
+        run = variant["runs"]["vt-rollout"]
+        assert -1 <= run["cosine_masked"]["cosine_masked"] <= 1
+        # Image rows exist (and are scored) exactly when the variant trains on them.
+        assert ("image_rows_cosine_masked" in run) == (name != bridges.TEXT_ONLY)
+        assert set(run["image_prompts"]) == {"text", "none", "mean-shift", "linear",
+                                             "text-projection"}
+        assert 0 <= run["text_adherence_single"]["adherence"] <= 1
+    # The runs trained without image rows, scored on every bridge's image rows.
+    text_only = table[bridges.TEXT_ONLY]["runs"]["vt-rollout"]
+    assert list(text_only["image_rows_cosine_masked_by_bridge"]) == list(table)[1:]

@@ -236,3 +236,52 @@ def test_a_killed_runs_temporary_shard_file_is_removed_on_resume(tmp_path, base_
     assert not leftover.exists() and not other.exists()
     assert sorted(p.name for p in (shards / "train").iterdir()) == \
         [name for name in before if ".tmp-" not in name]
+
+
+def test_image_rows_take_plain_slots_in_training_and_are_added_to_test():
+    captions = [f"caption {i} words" for i in range(20)]
+    count = lambda ts: [len(t.split()) + 2 for t in ts]  # noqa: E731
+    plain, _ = plan_rows(captions, 0.3, 0.2, 0, count)
+    pairs = [(f"pair {k}", f"a picture {k}") for k in range(5)]
+    mixed, _ = plan_rows(captions, 0.3, 0.2, 0, count, pairs)
+    assert len(mixed) == 20 and [r.target_text for r in mixed if r.kind == "image"] == \
+        [caption for _, caption in pairs]
+    for before, after in zip(plain, mixed, strict=True):  # only plain rows became images
+        assert after == before or (before.kind == "plain" and after.kind == "image")
+    added, _ = plan_rows(captions, 0.3, 0.2, 0, count, pairs, add_pairs=True)
+    assert added[:20] == plain and [r.parts[0] for r in added[20:]] == [p for p, _ in pairs]
+    with pytest.raises(ValueError, match="16 image rows do not fit among 20 rows"):
+        plan_rows(captions, 0.3, 0.2, 0, count, pairs * 3 + [("x", "y")])
+
+
+def test_image_rows_hold_the_bridged_scene_and_its_captions_states(tmp_path, base_dir, clip):
+    from pipeline.gap import run_gap_stage
+    from pipeline.image_prompts import ImageTower, ModalityGap
+    from pipeline.pairs import WorldPairs
+
+    params = small_params(augment={"image": 0.25}, gap={"pairs": 32, "bridge": "linear"})
+    shards = run_small_pipeline(tmp_path, base_dir, params,
+                                before_extract=lambda: run_gap_stage(params, tmp_path / "data"
+                                                                     / "gap"))
+    meta = json.loads((shards / "meta.json").read_text())
+    train, test = meta["splits"]["train"], meta["splits"]["test"]
+    assert train["rows"] == 48 and train["kinds"]["image"] == 12
+    assert test["rows"] == 12 + 3 and test["kinds"]["image"] == 3
+    reader = ShardReader(shards / "test")
+    assert list(reader.rows_of(image=True)) == [12, 13, 14]  # after the caption rows
+    rows = [r for r in rows_of(shards) if r["kind"] == "image"]
+    seed = int(rows[0]["parts"][0].rsplit(" ", 1)[1])
+    pairs = WorldPairs(12, seed)  # the training pairs: world scenes of their own seed
+    tower = ImageTower.load("builtin", base_dir=base_dir)
+    gap = ModalityGap.load(tmp_path / "data" / "gap")
+    deprojection = load_constants(shards / "constants.safetensors")["deprojection"]
+    for row in rows[:3]:
+        k = pairs.ids.index(row["parts"][0])
+        assert row["target_text"] == pairs.captions[k]
+        expected = gap.correct(tower.embed([pairs.image(k)]), "linear") @ deprojection.T
+        # The shard embeds its images in one batch: float32 batching noise only.
+        torch.testing.assert_close(torch.tensor([row["embeds"]]), expected, rtol=1e-3,
+                                   atol=1e-3)
+        stored = torch.tensor(np.array(row["hidden"], dtype=np.float32))
+        torch.testing.assert_close(stored, encode_texts(clip, [row["target_text"]]).hidden[0],
+                                   rtol=2e-3, atol=2e-3)

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline.base_files import BaseModelError
+from pipeline.captions import run_captions_stage
 from pipeline.cli import app
 from pipeline.clip_encode import encode_texts
 from pipeline.conventions import combine_embeddings, interpolate_embeddings
@@ -26,10 +27,10 @@ from pipeline.image_prompts import (
     ImagePromptError,
     ImageTower,
     ModalityGap,
-    folder_pairs,
     load_image,
 )
 from pipeline.models import build_deprojector
+from pipeline.pairs import FolderPairs
 from pipeline.prompt_encoder import ImagePart, PromptEncoder
 from pipeline.prompts import MAX_WEIGHT, PromptError, WeightedPart, parse_weighted
 from pipeline.world import scenes as world
@@ -128,6 +129,38 @@ def test_modality_gap_moves_image_embeddings_onto_their_texts() -> None:
     assert after > 0.9999 and before < 0.9
 
 
+def test_each_bridge_brings_image_embeddings_to_their_texts(tmp_path) -> None:
+    torch.manual_seed(0)
+    text = torch.randn(300, 8)
+    rotation = torch.linalg.qr(torch.randn(8, 8))[0]
+    mixed = 2 * text @ rotation + 5.0  # the images: a linear map of the texts, shifted
+    shifted = text + 5.0  # the images: the texts across a pure gap
+    gap = ModalityGap.measure(text, mixed, bank=text, temperature=0.01, bridge="linear")
+
+    def cosine(images: torch.Tensor, kind: str | None) -> float:
+        return torch.nn.functional.cosine_similarity(text, gap.correct(images, kind)).mean()
+
+    assert cosine(mixed, None) > 0.99 > cosine(mixed, "mean-shift")  # default: linear
+    torch.testing.assert_close(gap.correct(mixed, "none"), mixed)
+    for kind in ("mean-shift", "linear", "text-projection"):  # each on the mean text norm
+        torch.testing.assert_close(gap.correct(mixed, kind).norm(dim=-1),
+                                   torch.full((300,), gap.text_norm))
+    # Projection onto a bank holding the texts: the mean shift finds each image's own text
+    # (the nearest by far at this temperature), so the answer is that text.
+    pure = ModalityGap.measure(text, shifted, bank=text, temperature=0.01)
+    assert torch.nn.functional.cosine_similarity(
+        text, pure.correct(shifted, "text-projection")).min() > 0.99
+    with pytest.raises(ImagePromptError, match="unknown bridge 'nearest'"):
+        gap.correct(mixed, "nearest")
+    # Saved and loaded: every tensor and the default bridge (the bank in half precision).
+    gap.save(tmp_path / GAP_FILE)
+    loaded = ModalityGap.load(tmp_path)
+    assert loaded.bridge == "linear" and loaded.temperature == pytest.approx(0.01)
+    torch.testing.assert_close(loaded.correct(mixed), gap.correct(mixed))
+    torch.testing.assert_close(loaded.correct(mixed, "text-projection"),
+                               gap.correct(mixed, "text-projection"), atol=2e-2, rtol=0)
+
+
 # --- image prompts and the gap stage --------------------------------------------------------
 
 GAP_PARAMS = small_params(gap={"pairs": 48, "seed": 7})
@@ -146,6 +179,7 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     previous = os.getcwd()
     os.chdir(work)
     try:
+        run_captions_stage(GAP_PARAMS)  # the training captions: text-projection's bank
         run_gap_stage(GAP_PARAMS, Path("data/gap"))
     finally:
         os.chdir(previous)
@@ -178,9 +212,10 @@ def test_gap_stage_writes_statistics_and_is_deterministic(project, tmp_path) -> 
 
 def test_gap_without_pairs_for_a_real_clip_says_so(tmp_path) -> None:
     params = small_params(base={"clip": "some/real-clip", "sd": "some/real-sd"},
-                          gap={"pairs": 10, "folder": str(tmp_path / "empty")})
+                          gap={"pairs": 10, "source": str(tmp_path / "empty")})
+    (tmp_path / "empty").mkdir()
     summary = run_gap_stage(params, tmp_path / "gap")
-    assert summary["computed"] is False and "--no-gap-correction" in summary["why"]
+    assert summary["computed"] is False and "--bridge none" in summary["why"]
     assert not (tmp_path / "gap" / GAP_FILE).exists()
     with pytest.raises(ImagePromptError, match="no modality-gap statistics"):
         ModalityGap.load(tmp_path / "gap")
@@ -189,10 +224,23 @@ def test_gap_without_pairs_for_a_real_clip_says_so(tmp_path) -> None:
 def test_gap_folder_pairs_need_captions(tmp_path) -> None:
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
     with pytest.raises(ImagePromptError, match=r"a.png: no caption file a.txt"):
-        folder_pairs(tmp_path, 10)
+        FolderPairs(tmp_path, 10)
     (tmp_path / "a.txt").write_text("a red square\n")
-    images, captions = folder_pairs(tmp_path, 10)
-    assert captions == ["a red square"] and images[0].mode == "RGB"
+    pairs = FolderPairs(tmp_path)
+    assert pairs.captions == ["a red square"] and pairs.image(0).mode == "RGB"
+    assert pairs.ids[0].startswith("a.png sha256:")
+    (tmp_path / "b.txt").write_text("a caption without its image\n")
+    with pytest.raises(ImagePromptError, match=r"b\.txt: a caption without an image"):
+        FolderPairs(tmp_path)
+    (tmp_path / "b.txt").unlink()
+    (tmp_path / "c.txt").write_text("\n")
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "c.png")
+    with pytest.raises(ImagePromptError, match=r"c\.txt:1: empty caption"):
+        FolderPairs(tmp_path)
+    (tmp_path / "c.txt").write_text("a grey picture\n")
+    Image.new("L", (8, 8)).save(tmp_path / "c.png")
+    with pytest.raises(ImagePromptError, match=r"paired image '.*c\.png' has mode 'L'.*not RGB"):
+        FolderPairs(tmp_path).image(1)
 
 
 def test_image_files_get_specific_errors(tmp_path) -> None:
@@ -240,10 +288,10 @@ def test_images_are_read_upright_as_their_exif_says(tmp_path) -> None:
     assert image.size == (40, 20) and image.mode == "RGB"
     left, right = image.getpixel((5, 10)), image.getpixel((35, 10))
     assert left[2] > 200 > left[0] and right[0] > 200 > right[2]
-    # gap.folder pairs are read by the same function.
+    # Paired images (gap.source) are read by the same function.
     (tmp_path / "photo.txt").write_text("a blue and red picture\n")
-    images, _ = folder_pairs(tmp_path, 10)
-    assert images[0].size == (40, 20) and images[0].getpixel((5, 10)) == left
+    image = FolderPairs(tmp_path).image(0)
+    assert image.size == (40, 20) and image.getpixel((5, 10)) == left
 
 
 def test_a_header_claiming_a_giant_image_is_refused_naming_the_size(tmp_path) -> None:
@@ -259,19 +307,20 @@ def test_a_header_claiming_a_giant_image_is_refused_naming_the_size(tmp_path) ->
     with pytest.raises(ImagePromptError, match=r"big\.png': its header claims 10000 × 9000 = "
                                                r"90,000,000 pixels, more than the limit"):
         load_image(tmp_path / "big.png")
+    (tmp_path / "bomb.txt").write_text("bomb")
     (tmp_path / "big.txt").write_text("big")
-    with pytest.raises(ImagePromptError, match=r"gap\.folder image '.*big\.png': its header"):
-        folder_pairs(tmp_path, 10)
+    with pytest.raises(ImagePromptError, match=r"paired image '.*big\.png': its header"):
+        FolderPairs(tmp_path).image(0)
 
 
 def test_bad_gap_folder_files_name_the_file(tmp_path) -> None:
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_bytes(b"a red\nsq\xe9are\n")
     with pytest.raises(ImagePromptError, match=r"a\.txt:2: not valid UTF-8 \(byte offset 8 "):
-        folder_pairs(tmp_path, 10)
+        FolderPairs(tmp_path)
     (tmp_path / "a.txt").write_bytes(b"a red\x00square")
     with pytest.raises(ImagePromptError, match=r"a\.txt:1: contains a NUL byte \(byte offset 5"):
-        folder_pairs(tmp_path, 10)
+        FolderPairs(tmp_path)
     (tmp_path / "folder.png").mkdir()
     with pytest.raises(ImagePromptError, match=r"'.*folder\.png': is a folder, expected an image"):
         load_image(tmp_path / "folder.png")
@@ -310,7 +359,7 @@ def test_image_part_enters_pooled_space_through_the_gap_and_pinv(encoder, projec
     projected = encoder.tower.embed([scene])
     expected = encoder.gap.correct(projected) @ encoder.deprojector.deprojection.T
     torch.testing.assert_close(encoder.image_embedding([scene]), expected)
-    raw = encoder.image_embedding([scene], gap_correction=False)
+    raw = encoder.image_embedding([scene], bridge="none")
     torch.testing.assert_close(raw, projected @ encoder.deprojector.deprojection.T)
     # Mixed with text parts and weights: Σ w_k (e_k − null) + null over all of them.
     null = encoder.deprojector.null
@@ -320,7 +369,7 @@ def test_image_part_enters_pooled_space_through_the_gap_and_pinv(encoder, projec
 
 
 def test_without_statistics_image_prompts_say_what_to_do(project, base_dir) -> None:
-    with pytest.raises(ImagePromptError, match="no modality-gap statistics.*no-gap-correction"):
+    with pytest.raises(ImagePromptError, match="no modality-gap statistics.*--bridge none"):
         PromptEncoder.from_pretrained(project / "models" / "vb", clip="builtin",
                                       gap=project / "nowhere", base_dir=base_dir)
     folder = project / "models" / "vb-without-gap"  # as trained before the gap stage ran
@@ -328,9 +377,9 @@ def test_without_statistics_image_prompts_say_what_to_do(project, base_dir) -> N
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((project / "models" / "vb" / name).read_bytes())
     bare = PromptEncoder.from_pretrained(folder, clip="builtin", base_dir=base_dir)
-    with pytest.raises(ImagePromptError, match="run `deprojector gap`.*no-gap-correction"):
+    with pytest.raises(ImagePromptError, match="run `deprojector gap`.*--bridge none"):
         bare.encode_prompt("", [ImagePart(project / "scene.png")])
-    embeds = bare.encode_prompt("", [ImagePart(project / "scene.png")], gap_correction=False)
+    embeds = bare.encode_prompt("", [ImagePart(project / "scene.png")], bridge="none")
     assert embeds.shape == (1, 77, bare.clip.hidden_size)
 
 

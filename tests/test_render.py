@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from pipeline import params as params_module
+from pipeline.captions import run_captions_stage
 from pipeline.cli import app
 from pipeline.clip_encode import encode_texts
 from pipeline.conventions import MAX_LENGTH
@@ -76,6 +77,7 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER, "models": RUNS},
                                                      sort_keys=False))  # rows in this order
     with in_dir(work):  # modality-gap statistics for the image-prompt rows
+        run_captions_stage(small_params())  # the bank of the text-projection bridge
         run_gap_stage(small_params(gap={"pairs": 32, "seed": 7}), work / "data" / "gap")
     return work
 
@@ -256,11 +258,15 @@ def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
                                                                 "within_noise": False}}}})
     assert line.endswith("contains 0): single: vb; multi: none.")
     images = {REFERENCE: {"text": row(0.5)},
-              "vb": {"text": row(0.5), "image": row(0.4), "image_no_gap": row(0.2),
-                     "image_to_text": 0.8, "image_to_text_ci95": [0.6, 1.0]}}
+              "vb": {"text": row(0.5), "image": row(0.4), "image_to_text": 0.8,
+                     "image_to_text_ci95": [0.6, 1.0], "bridge": "linear",
+                     "bridges": {"none": row(0.2), "linear": row(0.4)}}}
     r = parse_params({"render": RENDER}).render
-    assert "| vb | 0.500 [0.400, 0.600] | 0.400 [0.300, 0.500] | 0.200 [0.100, 0.300] | " \
-           "0.80 [0.60, 1.00] |" in extras_section(None, images, None, r)
+    section = extras_section(None, images, None, r)
+    assert "| run | text prompt | image, none | image, linear | image / text |" in section
+    assert "| vb | 0.500 [0.400, 0.600] | 0.200 [0.100, 0.300] | 0.400 [0.300, 0.500] | " \
+           "0.80 [0.60, 1.00] |" in section
+    assert "| reference | 0.500 [0.400, 0.600] | – | – | – |" in section
 
 
 def test_pairs_and_seed_spread_tables() -> None:

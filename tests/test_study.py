@@ -42,7 +42,7 @@ def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
     assert 200 <= study["captions"].pop("test_size") <= 1000  # "a few hundred"
     for key in ("train_size", "test_size"):
         main["captions"].pop(key)
-    assert study["gap"].pop("folder") == "../" + main["gap"].pop("folder")
+    assert study["gap"].pop("source") == "../" + main["gap"].pop("source")
     # Every run of the main project, unchanged; the study adds seed replicates.
     for name, entry in main.pop("models").items():
         assert study["models"][name] == entry, name

@@ -195,11 +195,15 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     assert list(images) == ["reference", *names]
     assert set(images["reference"]) == {"text"}
     for name in names:
-        assert set(images[name]) >= {"text", "image", "image_no_gap"}
+        assert set(images[name]) >= {"text", "image", "bridge", "bridges"}
         assert images[name]["image"]["prompts"] == 6
         assert_within(images[name]["image"], "adherence")
         if "image_to_text" in images[name]:
             assert_within(images[name], "image_to_text")
+        # Every bridge judged on the same scenes; the run's own is the headline `image`.
+        bridges = images[name]["bridges"]
+        assert list(bridges) == ["none", "mean-shift", "linear", "text-projection"]
+        assert bridges[images[name]["bridge"]]["adherence"] == images[name]["image"]["adherence"]
 
 
 @pytest.mark.slow

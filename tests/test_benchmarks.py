@@ -145,6 +145,11 @@ def test_the_bridge_table_runs_every_variant_at_tiny_size(capsys):
         assert set(run["image_prompts"]) == {"text", "none", "mean-shift", "linear",
                                              "text-projection"}
         assert 0 <= run["text_adherence_single"]["adherence"] <= 1
+        # Every variant's text prompts against the same run without image rows, paired.
+        paired = run.get("text_adherence_multi_vs_text_only")
+        assert (paired is None) == (name == bridges.TEXT_ONLY)
+        if paired:
+            assert -1 <= paired["difference"] <= 1 and "within_noise" in paired
     # The runs trained without image rows, scored on every bridge's image rows.
     text_only = table[bridges.TEXT_ONLY]["runs"]["vt-rollout"]
     assert list(text_only["image_rows_cosine_masked_by_bridge"]) == list(table)[1:]

@@ -7,16 +7,18 @@ For each variant the runs named are trained on shards of their own and scored as
 - one variant per bridge with augment.image = --image-fraction: image rows built with that
   bridge, and image prompts judged through it.
 Per run and variant: the autoregressive masked cosine on the test caption rows and on the
-test image rows (for `text only`: on each bridge's image rows, `..._by_bridge`), the judged
-adherence of held-out text prompts (single, multi), and of drawn held-out scenes as image
-prompts through every bridge with image / text, each with its 95 % interval.
+test image rows (for `text only`: on each bridge's image rows, `..._by_bridge`); the judged
+adherence of held-out text prompts (single, multi), all variants on the same prompts and
+seeds, with the paired difference to `text only` (`..._vs_text_only`: does training on image
+rows cost text adherence?); and of drawn held-out scenes as image prompts through every
+bridge with image / text. Each with its 95 % bootstrap interval.
 
-    python -m pipeline.benchmarks.bridges [--runs vt-rollout vicinity-batch]
-        [--image-fraction 0.3] [--out reports/bridges.json]
+    python -m pipeline.benchmarks.bridges [--runs vt-rollout vicinity-transformer]
+        [--image-fraction 0.3] [--prompts 192] [--out reports/bridges.json]
     python -m pipeline.benchmarks.bridges --tiny   # a minute: toy sizes, every path
 
 The world only (image prompts are judged by its judge). Each variant trains from scratch:
-about 5 min per variant for two runs on 2 CPU cores at the default sizes.
+about 30 min for two runs and 192 prompts on 2 CPU cores at the default sizes.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.adherence import Scorer, column, evaluate_adherence
 from pipeline.captions import run_captions_stage
 from pipeline.evaluate import IMAGE_ROW_METRICS, run_evaluate_stage, score_model
 from pipeline.extract import run_extract_stage
 from pipeline.gap import run_gap_stage
+from pipeline.generation import load_encoders, load_pipeline
+from pipeline.intervals import mean_with_ci, paired_difference
 from pipeline.jsonio import write_json
 from pipeline.models import load_deprojector
-from pipeline.names import ADHERENCE, BRIDGES, IMAGE_PROMPTS
+from pipeline.names import BRIDGES, IMAGE_PROMPTS, REFERENCE
 from pipeline.params import Params, load_params
 from pipeline.shards import ShardReader
 from pipeline.train import train_model
+from pipeline.world.embedded import World
 
 TEXT_ONLY = "text only"
 
@@ -59,8 +67,6 @@ def summary(results: dict, run: str) -> dict:
     if IMAGE_ROW_METRICS in metrics:
         out["image_rows_cosine_masked"] = interval(
             metrics[IMAGE_ROW_METRICS]["autoregressive"], "cosine_masked")
-    for kind, rows in results.get(ADHERENCE, {}).items():
-        out[f"text_adherence_{kind}"] = interval(rows[run], "adherence")
     images = results.get(IMAGE_PROMPTS, {}).get(run)
     if images:
         out["image_prompts"] = {
@@ -70,6 +76,10 @@ def summary(results: dict, run: str) -> dict:
     return out
 
 
+def folder_of(work: Path, variant: str) -> Path:
+    return work / variant.replace(" ", "-")
+
+
 def run(params: Params, runs: list[str], image_fraction: float, bridges: list[str],
         work: Path, captions_dir: Path) -> dict:
     gap_dir = work / "gap"
@@ -77,12 +87,14 @@ def run(params: Params, runs: list[str], image_fraction: float, bridges: list[st
     variants = [(TEXT_ONLY, 0.0, params.gap.bridge), *[(b, image_fraction, b) for b in bridges]]
     table = {}
     for name, image, bridge in variants:
-        folder = work / name.replace(" ", "-")
+        folder = folder_of(work, name)
         p = variant_params(params, runs, image, bridge)
         run_extract_stage(p, captions_dir, folder / "shards", gap_dir)
         for run_name in runs:
             train_model(run_name, p, folder / "shards", folder / "models" / run_name,
                         folder / "train", folder / "checkpoints", gap_dir)
+        # Text prompts are judged once for every variant together (paired), below.
+        p = dataclasses.replace(p, evaluate=dataclasses.replace(p.evaluate, adherence_prompts=0))
         results = run_evaluate_stage(p, folder / "shards", captions_dir, folder / "models",
                                      folder / "metrics", folder / "plots", gap_dir)
         table[name] = {"augment_image": image, "bridge": bridge,
@@ -91,20 +103,54 @@ def run(params: Params, runs: list[str], image_fraction: float, bridges: list[st
     # scenes and captions, brought to text space by that bridge).
     e, mask_weight = params.evaluate, params.train.mask_weight
     for run_name in runs:
-        model = load_deprojector(work / TEXT_ONLY.replace(" ", "-") / "models" / run_name)
+        model = load_deprojector(folder_of(work, TEXT_ONLY) / "models" / run_name)
         by_bridge = table[TEXT_ONLY]["runs"][run_name]["image_rows_cosine_masked_by_bridge"] = {}
         for bridge in bridges:
-            reader = ShardReader(work / bridge / "shards" / "test")
+            reader = ShardReader(folder_of(work, bridge) / "shards" / "test")
             _, free = score_model(model, reader, e.batch_size, mask_weight,
                                   reader.rows_of(image=True))
             by_bridge[bridge] = interval(free.result(e.seed), "cosine_masked")
+    judge_text_prompts(params, runs, [name for name, _, _ in variants], work, table)
     return table
+
+
+def judge_text_prompts(params: Params, runs: list[str], variants: list[str], work: Path,
+                       table: dict) -> None:
+    """Held-out text prompts (evaluate.adherence_prompts per kind) judged for every run of
+    every variant on the same prompts and seeds: each one's adherence, and its paired
+    difference to the same run trained without image rows (`..._vs_text_only`)."""
+    p = dataclasses.replace(params, models={})
+    reference = load_encoders(p, work)[REFERENCE]
+    encoders = {REFERENCE: reference}
+    for variant in variants:
+        for run_name in runs:
+            model = load_deprojector(folder_of(work, variant) / "models" / run_name)
+            encoders[f"{variant} / {run_name}"] = reference.with_deprojector(model)
+    world = World.of(params.base.clip, params.base.sd)
+    single, multi = params.render.prompts(world is not None)
+    _, per_prompt = evaluate_adherence(
+        p, encoders, load_pipeline(params.base.sd, params.render),
+        Scorer.load(params.base.clip, world), set(single) | set(multi))
+    seed = params.evaluate.seed
+    for kind, scores in per_prompt.items():
+        for variant in variants:
+            for run_name in runs:
+                mine = column(scores[f"{variant} / {run_name}"], "adherence")
+                out = table[variant]["runs"][run_name]
+                out[f"text_adherence_{kind}"] = mean_with_ci("adherence", mine, seed)
+                if variant != TEXT_ONLY:
+                    before = column(scores[f"{TEXT_ONLY} / {run_name}"], "adherence")
+                    out[f"text_adherence_{kind}_vs_text_only"] = paired_difference(
+                        np.mean, [mine], [before], seed)
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", default=["vt-rollout", "vicinity-batch"])
+    parser.add_argument("--runs", nargs="+", default=["vt-rollout", "vicinity-transformer"])
     parser.add_argument("--image-fraction", type=float, default=0.3)
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="Held-out text prompts per kind and drawn scenes judged "
+                        "(default: evaluate.adherence_prompts and evaluate.image_prompts).")
     parser.add_argument("--bridges", nargs="+", default=list(BRIDGES), choices=BRIDGES)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, default=None, help="Write the table here (JSON).")
@@ -112,6 +158,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Toy sizes (60 captions, 1 epoch, 4 scenes): every path, fast.")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    if args.prompts:
+        params = dataclasses.replace(params, evaluate=dataclasses.replace(
+            params.evaluate, adherence_prompts=args.prompts, image_prompts=args.prompts))
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         captions_dir = Path("data/captions")

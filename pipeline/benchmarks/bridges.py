@@ -14,11 +14,11 @@ rows cost text adherence?); and of drawn held-out scenes as image prompts throug
 bridge with image / text. Each with its 95 % bootstrap interval.
 
     python -m pipeline.benchmarks.bridges [--runs vt-rollout vicinity-transformer]
-        [--image-fraction 0.3] [--prompts 192] [--out reports/bridges.json]
+        [--image-fraction 0.3] [--prompts 96] [--out reports/bridges.json]
     python -m pipeline.benchmarks.bridges --tiny   # a minute: toy sizes, every path
 
 The world only (image prompts are judged by its judge). Each variant trains from scratch:
-about 30 min for two runs and 192 prompts on 2 CPU cores at the default sizes.
+about 25 min for two runs and 96 prompts on 2 CPU cores at the default sizes.
 """
 
 from __future__ import annotations

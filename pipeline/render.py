@@ -218,7 +218,7 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
 def add_image_prompt_rows(columns: list[Column], pipe, encoder: PromptEncoder, world: World,
                           r: RenderParams, scorer: Scorer) -> None:
     """Rows `scene` (a drawn scene with everything the column's prompt states) and `image
-    prompt` (that scene as the only prompt of the run's encoder, gap-corrected), scored like
+    prompt` (that scene as the only prompt of the run's encoder, through its bridge), scored like
     the rest."""
     scenes = [world.scene_for(c.prompt, r.seed) for c in columns]
     conds = encoder.deproject(encoder.image_embedding(scenes), "the drawn scenes")

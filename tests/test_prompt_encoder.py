@@ -574,3 +574,28 @@ def test_a_deprojector_refuses_another_clip_of_the_same_width(project, base_dir)
         PromptEncoder.from_pretrained(project / "other", base_dir=base_dir)
     result = _cli(project, "encode", "red circle", "-m", "other", "-o", "x.safetensors")
     assert result.exit_code == 2 and "not on this one" in result.output
+
+
+def test_hub_dataset_pairs_read_an_image_and_a_text_column(tmp_path, monkeypatch) -> None:
+    """A `datasets` set with an image column and a COCO-style list of captions (here a local
+    parquet folder, as load_dataset reads a downloaded hub set)."""
+    import datasets
+
+    from pipeline.pairs import HubPairs
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "set"
+    folder.mkdir()
+    images = [Image.new("RGB", (16, 16), color) for color in ("red", "blue")]
+    datasets.Dataset.from_dict({"image": images, "caption": [["a red square", "red"],
+                                                             ["a blue square"]]}).cast_column(
+        "image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
+    pairs = HubPairs(str(folder), "train", "image", "caption")
+    assert pairs.captions == ["a red square", "a blue square"]  # the first caption of each
+    assert pairs.image(1).mode == "RGB" and pairs.image(1).getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(ImagePromptError, match=r"no column 'text' \(columns: image, caption\); "
+                                               r"set gap.text_column"):
+        HubPairs(str(folder), "train", "image", "text")
+    with pytest.raises(ImagePromptError, match=r"row 0, column 'caption' holds list, expected "
+                                               r"an image"):
+        HubPairs(str(folder), "train", "caption", "caption").image(0)

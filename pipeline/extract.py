@@ -200,8 +200,7 @@ class ImageRows:
     def __init__(self, params: Params, gap_dir: Path, deprojection: torch.Tensor) -> None:
         g = params.gap
         self.world = World.of(params.base.clip, params.base.sd)
-        self.source = None if self.world else open_pairs(
-            g.source, None, 0, 0, g.image_column, g.text_column, g.hub_split)
+        self.source = None if self.world else open_pairs(g)
         if self.world is None and self.source is None:
             raise ImagePromptError(f"augment.image = {params.augment.image} needs paired data, "
                                    f"but gap.source {g.source!r} has none: point it to a "

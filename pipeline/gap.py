@@ -24,7 +24,7 @@ from pipeline.clip_encode import encode_texts
 from pipeline.image_prompts import GAP_FILE, ImageTower, ModalityGap
 from pipeline.jsonio import write_json
 from pipeline.names import BRIDGES
-from pipeline.pairs import open_pairs
+from pipeline.pairs import WorldPairs, open_pairs
 from pipeline.params import Params
 from pipeline.world.embedded import World
 
@@ -78,8 +78,7 @@ def run_gap_stage(params: Params, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / GAP_FILE).unlink(missing_ok=True)
     world = World.of(base.clip, base.sd)
-    pairs = open_pairs(g.source, world, g.pairs, g.seed, g.image_column, g.text_column,
-                       g.hub_split)
+    pairs = WorldPairs(g.pairs, g.seed) if world else open_pairs(g)
     if pairs is None:
         summary = {"base_clip": base.clip, "computed": False,
                    "why": f"gap.source {g.source!r} has no image/caption pairs: image prompts "

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.image_prompts import ImagePromptError, checked_rgb, read_image
+from pipeline.params import GapParams
 from pipeline.world.embedded import World
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -134,17 +135,14 @@ class HubPairs(Pairs):
         return checked_rgb(image, self.ids[k], "paired image")
 
 
-def open_pairs(source: str, world: World | None, count: int, seed: int, image_column: str,
-               text_column: str, hub_split: str) -> Pairs | None:
-    """The paired data: `count` world scenes of `seed` for the builtin base, else the folder
-    or hub dataset `source` (None when `source` is a folder without any image)."""
-    if world is not None:
-        return WorldPairs(count, seed)
-    path = Path(source)
-    if path.is_dir() or path.exists():
+def open_pairs(g: GapParams) -> Pairs | None:
+    """A real CLIP's paired data: the folder or hub dataset `gap.source` (None when it is a
+    folder without any image, or neither). The builtin base uses WorldPairs instead."""
+    path = Path(g.source)
+    if path.exists():
         return FolderPairs(path) if pair_images(path) else None
-    if "/" in source and not source.startswith((".", "/")) and not path.parent.exists():
-        return HubPairs(source, hub_split, image_column, text_column)
+    if "/" in g.source and not g.source.startswith((".", "/")) and not path.parent.exists():
+        return HubPairs(g.source, g.hub_split, g.image_column, g.text_column)
     return None
 
 

@@ -48,9 +48,10 @@ class Scorer:
         from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
         source = base_source(base_clip, "clip")
+        judge = Judge.from_pretrained(world.judge_folder) if world else None
         return cls(CLIPModel.from_pretrained(source).eval(),
                    CLIPImageProcessor.from_pretrained(source),
-                   CLIPTokenizer.from_pretrained(source), world.judge if world else None)
+                   CLIPTokenizer.from_pretrained(source), judge)
     @torch.no_grad()
     def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]

@@ -88,11 +88,19 @@ class BaseReport:
     sd: str
     hidden_size: int
     projection_size: int
-    fingerprint: dict
+    fingerprint: dict  # of every file both models load
+    clip_fingerprint: dict  # of the CLIP's files alone
 
     def as_json(self) -> dict:
+        """models/base.json: what the stages that draw or judge pictures depend on."""
         return {"clip": self.clip, "sd": self.sd, "hidden_size": self.hidden_size,
                 "projection_size": self.projection_size, **self.fingerprint}
+
+    def clip_json(self) -> dict:
+        """models/base-clip.json: what the stages that use the CLIP alone (captions, gap,
+        extract, train) depend on, so a retrained UNet, VAE or judge does not rerun them."""
+        return {"clip": self.clip, "hidden_size": self.hidden_size,
+                "projection_size": self.projection_size, **self.clip_fingerprint}
 
 
 def check_base(clip_name: str, sd_name: str, base_dir: Path = WORLD_DIR) -> BaseReport:
@@ -105,6 +113,7 @@ def check_base(clip_name: str, sd_name: str, base_dir: Path = WORLD_DIR) -> Base
                           sd_name, clip_name)
     clip_dir = source_folder(clip.model.name_or_path, "config.json")
     sd_dir = source_folder(pipe.name_or_path or sd_name, "model_index.json")
-    prints = fingerprint({"clip": (clip_dir, loaded_files(clip_dir)),
-                          "sd": (sd_dir, sd_files(sd_dir))})
-    return BaseReport(clip_name, sd_name, clip.hidden_size, clip.projection_size, prints)
+    clip_files = {"clip": (clip_dir, loaded_files(clip_dir))}
+    prints = fingerprint({**clip_files, "sd": (sd_dir, sd_files(sd_dir))})
+    return BaseReport(clip_name, sd_name, clip.hidden_size, clip.projection_size, prints,
+                      fingerprint(clip_files))

@@ -71,29 +71,35 @@ def world_command(
         None, help="Train only this part (repeatable): clip, vae, unet, judge. The world is "
         "assembled once every part is done."),
     jobs: int = typer.Option(2, min=1, help="Processes for the parts that need no other "
-                             "(vae, clip, judge); the weights do not depend on it."),
+                             "(vae, clip); the weights do not depend on it."),
+    retrain: list[str] = typer.Option(
+        None, help="Retrain this part (repeatable) even where OUT/world.json records its "
+        "fingerprint; otherwise an unchanged part (same settings, code and needed parts) is "
+        "taken from OUT."),
 ) -> None:
     """Train the embedded world (`world.*`): the builtin base models, offline.
 
     Draws `world.scenes` scenes (a background colour and 1-3 coloured shapes) with captions,
     trains a BPE tokenizer and a small CLIPModel (text + vision towers) contrastively, a VAE
     and a UNet as Stable Diffusion was (frozen CLIP text tower, 10 % empty captions), and a
-    judge that reads colours and shapes back. Writes OUT/clip (CLIPModel, tokenizer,
-    image processor), OUT/sd (a StableDiffusionPipeline folder), OUT/judge and OUT/world.json
-    (accuracies). Deterministic for one seed; an interrupted build resumes from WORK.
+    judge that reads colours and shapes back (from the drawings and their VAE round trips).
+    Writes OUT/clip (CLIPModel, tokenizer, image processor), OUT/sd (a StableDiffusionPipeline
+    folder), OUT/judge and OUT/world.json (each part's fingerprint and accuracies).
+    Deterministic for one seed and `world.device`; an interrupted build resumes from WORK.
     """
     from pipeline.sections import load_section
     from pipeline.world.build import PARTS, build_world
     from pipeline.world.config import WorldParams
 
     def step():
-        unknown = [p for p in part or () if p not in PARTS]
-        if unknown:
-            raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
-                                     f"(known: {', '.join(PARTS)})", param_hint="--part")
+        for hint, names in (("--part", part), ("--retrain", retrain)):
+            unknown = [p for p in names or () if p not in PARTS]
+            if unknown:
+                raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
+                                         f"(known: {', '.join(PARTS)})", param_hint=hint)
         # Only `world:` is read: the world depends on nothing of the pipeline above it.
         world = load_section(params, "world", WorldParams).validate()
-        summary = build_world(out, world, work, tuple(part or PARTS), jobs)
+        summary = build_world(out, world, work, tuple(part or PARTS), jobs, tuple(retrain or ()))
         if summary is None:
             typer.echo(f"parts {', '.join(part)} trained in {work}; run again without --part "
                        "to assemble the world")
@@ -107,6 +113,8 @@ def world_command(
 def base_command(
     params: Path = ParamsOption,
     out: Path = typer.Option(Path("models/base.json"), help="Where to write the record."),
+    clip_out: Path = typer.Option(None, help="Where to write the record of the CLIP alone "
+                                  "[default: base-clip.json beside OUT]."),
 ) -> None:
     """Check the base models `base.clip` and `base.sd` and record their fingerprint.
 
@@ -115,16 +123,20 @@ def base_command(
     hub id or a local folder) and checks what transformers and diffusers let pass silently:
     tokenizer files present, text_projection weights present, pooling at the EOS token, UNet
     cross-attention width = CLIP hidden size. OUT records the names, widths and a fingerprint
-    of every config, tokenizer and weight file loaded; later stages depend on it, so they
-    rerun exactly when the weights change (the stage is always re-run by `dvc repro`).
+    of every config, tokenizer and weight file loaded; CLIP_OUT the same for the CLIP alone.
+    Later stages depend on one of them (the stages that use the CLIP alone on CLIP_OUT), so
+    they rerun exactly when the weights they use change (the stage is always re-run by
+    `dvc repro`).
     """
     from pipeline.base_checks import check_base
 
     def step():
         p = _params(params).base
         report = check_base(p.clip, p.sd)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        clip_path = clip_out or out.with_name("base-clip.json")
+        for path, record in ((out, report.as_json()), (clip_path, report.clip_json())):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record, indent=2) + "\n")
         typer.echo(f"base models checked (clip: {p.clip}, sd: {p.sd}, D={report.hidden_size}); "
                    f"fingerprint {report.fingerprint['fingerprint'][:16]} in {out}")
 

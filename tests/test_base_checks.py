@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     CLIPConfig,
@@ -220,6 +221,23 @@ def test_weights_replaced_at_the_same_path_change_the_fingerprint(tmp_path, mode
     assert changed == {"clip/model.safetensors"}
 
 
+def test_a_retrained_unet_changes_the_base_record_but_not_the_clips(tmp_path, models):
+    """models/base-clip.json (what captions, gap, extract and train depend on) follows the
+    CLIP's files alone; models/base.json follows the UNet too."""
+    sd = shutil.copytree(models["sd"], tmp_path / "sd")
+    _, out = run_base(tmp_path, models["clip"], sd)
+    clip_out = out.with_name("base-clip.json")
+    before, clip_before = json.loads(out.read_text()), json.loads(clip_out.read_text())
+    assert set(clip_before["files"]) == {k for k in before["files"] if k.startswith("clip/")}
+    unet = sd / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(unet)
+    save_file({k: v + 1e-3 for k, v in tensors.items()}, unet)  # "retrained"
+    result, _ = run_base(tmp_path, models["clip"], sd)
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["fingerprint"] != before["fingerprint"]
+    assert json.loads(clip_out.read_text()) == clip_before
+
+
 def test_large_files_are_fingerprinted_by_size_and_edges(tmp_path, monkeypatch):
     from pipeline import base_files
 
@@ -330,14 +348,21 @@ def test_hub_ids_are_checked_and_fingerprinted_from_the_local_cache(tmp_path, mo
 
 
 def test_dvc_reruns_the_users_of_the_base_models_when_the_fingerprint_changes():
-    """dvc.yaml: `base` always runs and writes models/base.json; the stages that load the
-    base models depend on that file, not on the folder names in params.yaml."""
+    """dvc.yaml: `base` always runs and writes models/base.json and models/base-clip.json;
+    the stages that load the base models depend on one of them, not on the folder names in
+    params.yaml: those that use the CLIP alone on the CLIP's record, so a retrained UNet, VAE
+    or judge does not rerun them."""
     stages = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]
     base = stages["base"]
     assert base["always_changed"] is True
-    assert base["outs"] == [{"models/base.json": {"cache": False}}]
-    for name in ("captions", "extract"):
-        assert "models/base.json" in stages[name]["deps"], name
+    assert base["outs"] == [{"models/base.json": {"cache": False}},
+                            {"models/base-clip.json": {"cache": False}}]
+    for name in ("captions", "extract", "gap", "train"):
+        deps = stages[name].get("do", stages[name])["deps"]
+        assert "models/base-clip.json" in deps and "models/base.json" not in deps, name
+        assert not any(d in deps for d in ("pipeline/world", "pipeline/world/judge.py",
+                                           "pipeline/world/diffusion.py",
+                                           "pipeline/world/vae.py")), name
     for name, stage in stages.items():
         assert "models/base" not in stage.get("deps", stage.get("do", {}).get("deps", [])), name
 

@@ -19,6 +19,7 @@ from pipeline.benchmarks import (
     schedulers,
     step_profile,
     training,
+    world_recipes,
 )
 from pipeline.cli import app
 from pipeline.models import ARCHITECTURES
@@ -126,7 +127,7 @@ def test_bench_command_tiny_runs_every_benchmark():
 
 
 @pytest.mark.parametrize("module", [extraction, generation, schedulers, step_profile, training,
-                                    bridges])
+                                    bridges, world_recipes])
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
@@ -153,3 +154,24 @@ def test_the_bridge_table_runs_every_variant_at_tiny_size(capsys):
     # The runs trained without image rows, scored on every bridge's image rows.
     text_only = table[bridges.TEXT_ONLY]["runs"]["vt-rollout"]
     assert list(text_only["image_rows_cosine_masked_by_bridge"]) == list(table)[1:]
+
+
+def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
+    out = tmp_path / "recipes.json"
+    table = world_recipes.main(["--tiny", "--out", str(out)])
+    assert json.loads(out.read_text()) == table
+    world = table["world"]
+    for kind in world_recipes.KINDS:
+        assert 0 <= world["reference"][kind]["adherence"] <= 1
+        assert len(world["per_prompt"][kind]) == world["reference"][kind]["prompts"] == 4
+    for reads in ("crisp", "round_trip"):
+        assert 0 <= world["judge"][reads]["exact"] <= 1
+    assert list(table["vae"]) == ["baseline", "width-32"]
+    assert table["vae"]["width-32"]["settings"] == {"vae_width": 32}
+    assert positive(table["vae"]["baseline"]["psnr_db"])
+    assert list(table["unet"]) == ["baseline", "min-snr-5"]
+    paired = table["unet"]["min-snr-5"]["reference"]["multi"]["vs_first_arm"]
+    assert -1 <= paired["difference"] <= 1
+    # Measured arms are kept: a second run finds them and trains nothing.
+    again = world_recipes.main(["--tiny", "--out", str(out)])
+    assert again["unet"] == table["unet"] and again["vae"] == table["vae"]

@@ -18,7 +18,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.world.diffusion import DiffusionSizes, build_unet, build_vae, save_pipeline
+from pipeline.world.diffusion import build_unet, save_pipeline
+from pipeline.world.vae import build_vae
 from tests.test_base_checks import text_config, tiny_tokenizer
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -41,8 +42,7 @@ def build_bases(folder: Path) -> tuple[Path, Path]:
                        crop_size={"height": 224, "width": 224}).save_pretrained(folder / "clip")
     from transformers import CLIPTextModel
 
-    sizes = DiffusionSizes(vae_channels=(8, 16), unet_channels=(16, 32), head_dim=8)
-    save_pipeline(folder / "sd", build_vae(sizes, 0), build_unet(sizes, 768, 0),
+    save_pipeline(folder / "sd", build_vae(8, 1, 0), build_unet(16, 768, 0),
                   CLIPTextModel.from_pretrained(folder / "clip"), tokenizer)
     return folder / "clip", folder / "sd"
 

@@ -1,9 +1,13 @@
 """Train the embedded world, part by part, into models/world/{clip,sd,judge} + world.json.
 
-Parts: `clip` (BPE tokenizer + CLIPModel), `vae`, `unet` (needs clip and vae), `judge`. Each
-trains into the work folder and marks itself done with a fingerprint of its settings; an
-interrupted build resumes from the last checkpoint of the running part and keeps the done
-ones. The work folder is removed once the world is assembled, so the next build retrains.
+Parts: `clip` (BPE tokenizer + CLIPModel), `vae`, `unet` (needs clip and vae), `judge` (needs
+the vae: it trains on round trips). Each trains into the work folder and marks itself done
+with a fingerprint of its settings, its code and the parts it needs; an interrupted build
+resumes from the last checkpoint of the running part and keeps the done ones. A part whose
+fingerprint matches the one recorded in the assembled world's world.json is taken from there
+instead of retrained (unless asked to retrain it), so changing the UNet's recipe retrains the
+UNet only and the CLIP, with every caption shard and deprojector made with it, stays valid.
+The work folder is removed once the world is assembled.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline.atomic import atomic_path
 from pipeline.world import clip as world_clip
-from pipeline.world import diffusion, judge
+from pipeline.world import diffusion, judge, vae
 from pipeline.world import scenes as world
 from pipeline.world.config import WorldParams
 from pipeline.world.tokenizer import save_tokenizer, train_tokenizer
@@ -31,23 +35,71 @@ from pipeline.world.tokenizer import save_tokenizer, train_tokenizer
 PARTS = ("clip", "vae", "unet", "judge")
 
 
-DEPENDS = {"clip": (), "vae": (), "unet": ("clip", "vae"), "judge": ()}
-# Torch threads per part. Fixed, so that floating-point reductions, and with them the
-# weights, do not depend on the machine's core count; the small parts gain little from more.
+DEPENDS = {"clip": (), "vae": (), "unet": ("clip", "vae"), "judge": ("vae",)}
+# Torch threads per part on the CPU. Fixed, so that floating-point reductions, and with them
+# the weights, do not depend on the machine's core count; the small parts gain little more.
 THREADS = {"clip": 1, "vae": 1, "unet": 2, "judge": 1}
-SETTINGS = {  # the params each part's result depends on (besides seed and scenes)
+SETTINGS = {  # the params each part's result depends on (besides seed, scenes and device)
     "clip": ("vocab_size", "clip_steps", "clip_batch", "clip_lr", "width"),
-    "vae": ("vae_steps", "vae_batch", "vae_lr"),
-    "unet": ("unet_steps", "unet_batch", "unet_lr", "captions_per_scene"),
-    "judge": ("judge_steps", "judge_batch", "judge_lr"),
+    "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_width", "vae_layers"),
+    "unet": ("unet_steps", "unet_batch", "unet_lr", "unet_width", "unet_warmup",
+             "unet_ema_decay", "unet_min_snr_gamma", "captions_per_scene"),
+    "judge": ("judge_steps", "judge_batch", "judge_lr", "judge_round_trips", "held_out"),
 }
+# The modules (of pipeline/world) whose code trains each part, besides scenes.py and loop.py.
+CODE = {"clip": ("clip.py", "tokenizer.py"), "vae": ("vae.py",), "unet": ("diffusion.py",),
+        "judge": ("judge.py",)}
+# Where each part lives in an assembled world.
+ASSEMBLED = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "judge": "judge"}
+
+
+def _code_digest(part: str) -> str:
+    digest = hashlib.sha256()
+    for name in ("scenes.py", "loop.py", *CODE[part]):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _fingerprint(part: str, p: WorldParams) -> str:
-    settings = {k: getattr(p, k) for k in ("seed", "scenes", *SETTINGS[part])}
+    settings = {k: getattr(p, k) for k in ("seed", "scenes", "device", *SETTINGS[part])}
     deps = [_fingerprint(d, p) for d in DEPENDS[part]]
-    blob = json.dumps([part, settings, deps], sort_keys=True)
+    blob = json.dumps([part, settings, _code_digest(part), deps], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def train_vae_part(p: WorldParams, images: np.ndarray,
+                   checkpoint: Path) -> tuple[AutoencoderKL, dict]:
+    """The VAE of `p` (on the CPU, its latent scaling factor measured) and its record:
+    final loss, scaling factor and PSNR of round trips of held-out drawn scenes."""
+    model = vae.build_vae(p.vae_width, p.vae_layers, p.seed + 3)
+    losses = vae.train_vae(model, images, p.vae_steps, p.vae_batch, p.vae_lr, p.seed,
+                           checkpoint, device=p.device)
+    means, stds = vae.encode_latents(model, images)
+    model.register_to_config(scaling_factor=vae.measure_scaling_factor(means, stds, p.seed))
+    held_out, _ = world.draw_scenes(p.held_out, p.seed + 4)
+    model.cpu()
+    return model, {"final_loss": float(np.mean(losses[-50:])),
+                   "scaling_factor": model.config.scaling_factor,
+                   "reconstruction_psnr_db": vae.psnr(held_out, vae.round_trip(model, held_out))}
+
+
+def train_unet_part(p: WorldParams, clip_dir: Path, vae_dir: Path, images: np.ndarray,
+                    scenes: list[world.Scene],
+                    checkpoint: Path) -> tuple[UNet2DConditionModel, list[float]]:
+    """The UNet of `p` (the moving average of its weights, on the CPU) on the latents of the
+    VAE in vae_dir and the text states of the CLIP in clip_dir, and its losses."""
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
+    text_encoder = CLIPTextModel.from_pretrained(clip_dir)
+    autoencoder = AutoencoderKL.from_pretrained(vae_dir).to(p.device)
+    means, stds = vae.encode_latents(autoencoder, images)
+    unet = diffusion.build_unet(p.unet_width, p.width, p.seed + 5)
+    recipe = diffusion.UnetRecipe(p.unet_steps, p.unet_batch, p.unet_lr, p.unet_warmup,
+                                  p.unet_ema_decay, p.unet_min_snr_gamma)
+    ema, losses = diffusion.train_unet(unet, text_encoder, tokenizer, means, stds,
+                                       autoencoder.config.scaling_factor, scenes,
+                                       p.captions_per_scene, recipe, p.seed, checkpoint,
+                                       p.device)
+    return ema.cpu(), losses
 
 
 class WorldBuild:
@@ -81,6 +133,27 @@ class WorldBuild:
     def checkpoint(self, part: str) -> Path:
         return self.work / f"{part}-{_fingerprint(part, self.p)}.pt"
 
+    def adopt(self, out: Path, parts: tuple[str, ...]) -> list[str]:
+        """Take `parts` from the assembled world in `out` where world.json records this
+        build's fingerprint for them; returns the parts taken."""
+        try:
+            recorded = json.loads((out / "world.json").read_text())
+        except (OSError, ValueError):
+            return []
+        taken = []
+        for part in parts:
+            info = recorded.get(part)
+            if self.done(part) or not isinstance(info, dict) or \
+                    info.get("fingerprint") != _fingerprint(part, self.p) or \
+                    not (out / ASSEMBLED[part]).is_dir():
+                continue
+            if (self.work / part).exists():
+                shutil.rmtree(self.work / part)
+            shutil.copytree(out / ASSEMBLED[part], self.work / part)
+            self.mark_done(part, {k: v for k, v in info.items() if k != "fingerprint"})
+            taken.append(part)
+        return taken
+
     # --- parts ------------------------------------------------------------------------------
 
     def train_clip(self) -> dict:
@@ -90,9 +163,10 @@ class WorldBuild:
         tokenizer = train_tokenizer(corpus, p.vocab_size)
         model = world_clip.build_clip(tokenizer, world_clip.ClipSizes(width=p.width), p.seed)
         losses = world_clip.train_clip(model, tokenizer, images, scenes, p.clip_steps,
-                                       p.clip_batch, p.clip_lr, p.seed, self.checkpoint("clip"))
+                                       p.clip_batch, p.clip_lr, p.seed, self.checkpoint("clip"),
+                                       p.device)
         folder.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(folder)
+        model.cpu().save_pretrained(folder)
         save_tokenizer(tokenizer, folder)
         world_clip.image_processor().save_pretrained(folder)
         single_images, single = world.draw_scenes(p.held_out, p.seed + 2, max_things=1)
@@ -101,48 +175,36 @@ class WorldBuild:
                                                            single)}
 
     def train_vae(self) -> dict:
-        p, folder = self.p, self.work / "vae"
         images, _ = self.data
-        vae = diffusion.build_vae(diffusion.DiffusionSizes(), p.seed + 3)
-        losses = diffusion.train_vae(vae, images, p.vae_steps, p.vae_batch, p.vae_lr, p.seed,
-                                     self.checkpoint("vae"))
-        means, stds = diffusion.encode_latents(vae, images)
-        vae.register_to_config(scaling_factor=diffusion.measure_scaling_factor(means, stds,
-                                                                               p.seed))
-        vae.save_pretrained(folder)
-        held_out, _ = world.draw_scenes(p.held_out, p.seed + 4)
-        return {"final_loss": float(np.mean(losses[-50:])),
-                "scaling_factor": vae.config.scaling_factor,
-                "reconstruction_psnr_db": diffusion.reconstruction_psnr(vae, held_out)}
+        model, info = train_vae_part(self.p, images, self.checkpoint("vae"))
+        model.save_pretrained(self.work / "vae")
+        return info
 
     def train_unet(self) -> dict:
-        p, folder = self.p, self.work / "unet"
         images, scenes = self.data
-        clip_dir = self.work / "clip"
-        tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
-        text_encoder = CLIPTextModel.from_pretrained(clip_dir)
-        vae = AutoencoderKL.from_pretrained(self.work / "vae")
-        means, stds = diffusion.encode_latents(vae, images)
-        unet = diffusion.build_unet(diffusion.DiffusionSizes(), p.width, p.seed + 5)
-        ema, losses = diffusion.train_unet(unet, text_encoder, tokenizer, means, stds,
-                                           vae.config.scaling_factor, scenes, p.captions_per_scene,
-                                           p.unet_steps, p.unet_batch, p.unet_lr, p.seed,
-                                           self.checkpoint("unet"))
-        ema.save_pretrained(folder)
+        ema, losses = train_unet_part(self.p, self.work / "clip", self.work / "vae", images,
+                                      scenes, self.checkpoint("unet"))
+        ema.save_pretrained(self.work / "unet")
         return {"final_loss": float(np.mean(losses[-50:]))}
 
     def train_judge(self) -> dict:
         p, folder = self.p, self.work / "judge"
         images, scenes = self.data
+        autoencoder = AutoencoderKL.from_pretrained(self.work / "vae").to(p.device)
+        round_trips = vae.round_trip(autoencoder, images) if p.judge_round_trips > 0 else None
         torch.manual_seed(p.seed + 6)
         net = judge.JudgeNet()
         losses = judge.train_judge(net, images, scenes, p.judge_steps, p.judge_batch, p.judge_lr,
-                                   p.seed, self.checkpoint("judge"))
-        trained = judge.Judge(net)
+                                   p.seed, self.checkpoint("judge"), round_trips,
+                                   p.judge_round_trips, p.device)
+        trained = judge.Judge(net.cpu())
         trained.save_pretrained(folder)
         held_images, held = world.draw_scenes(p.held_out, p.seed + 1)
         return {"final_loss": float(np.mean(losses[-50:])),
-                "accuracy": judge.accuracy(trained, held_images, held)}
+                "accuracy": judge.accuracy(trained, held_images, held),
+                # The same held-out scenes through the VAE: what it reads in any picture.
+                "accuracy_round_trip": judge.accuracy(
+                    trained, vae.round_trip(autoencoder.cpu(), held_images), held)}
 
     # --- assembly ---------------------------------------------------------------------------
 
@@ -158,7 +220,8 @@ class WorldBuild:
             (self.work / part).mkdir(parents=True, exist_ok=True)
             start = time.perf_counter()
             threads = torch.get_num_threads()
-            torch.set_num_threads(THREADS[part])
+            if self.p.device == "cpu":
+                torch.set_num_threads(THREADS[part])
             try:
                 info = trainers[part]()
             finally:
@@ -185,16 +248,15 @@ class WorldBuild:
             CLIPTextModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(clip_dir))
         judge.Judge.from_pretrained(self.work / "judge").save_pretrained(out / "judge")
         summary = {"params": dataclasses.asdict(self.p),
-                   **{part: {k: v for k, v in self.info(part).items() if k != "fingerprint"}
-                      for part in PARTS}}
+                   **{part: self.info(part) for part in PARTS}}
         (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
 
 
 # A world that trains in seconds, for tests and benchmarks: real shapes, almost no training.
 MICRO = WorldParams(scenes=256, vocab_size=600, clip_steps=4, clip_batch=16, vae_steps=4,
-                    vae_batch=8, unet_steps=4, unet_batch=8, judge_steps=4, judge_batch=8,
-                    held_out=32)
+                    vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=1, judge_steps=4,
+                    judge_batch=8, held_out=32)
 
 
 def _train_part(job: tuple[WorldParams, Path, str]) -> None:
@@ -203,15 +265,19 @@ def _train_part(job: tuple[WorldParams, Path, str]) -> None:
 
 
 def build_world(out: Path, p: WorldParams, work: Path, parts: tuple[str, ...] = PARTS,
-                jobs: int = 1) -> dict | None:
+                jobs: int = 1, retrain: tuple[str, ...] = ()) -> dict | None:
     """Train the requested parts; once all are done, assemble `out` and clear `work`.
 
-    With jobs > 1 the parts that need no other (vae, clip, judge) train in that many worker
+    Parts not in `retrain` whose fingerprint `out`'s world.json records are taken from `out`.
+    With jobs > 1 the parts that need no other (vae, clip) train in that many worker
     processes first; each part runs with its own fixed thread count, so the weights are the
     same as with jobs = 1.
     """
     build = WorldBuild(p, work)
-    independent = [x for x in ("vae", "clip", "judge") if x in parts and not build.done(x)]
+    taken = build.adopt(out, tuple(x for x in parts if x not in retrain))
+    if taken:
+        tqdm.write(f"world: {', '.join(taken)} unchanged, taken from {out}")
+    independent = [x for x in ("vae", "clip") if x in parts and not build.done(x)]
     if jobs > 1 and len(independent) > 1:
         import multiprocessing
 

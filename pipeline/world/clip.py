@@ -111,7 +111,10 @@ def contrastive_loss(model: CLIPModel, input_ids: torch.Tensor, pixel_values: to
 
 def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray,
                scenes: list[world.Scene], steps: int, batch: int, lr: float, seed: int,
-               checkpoint: Path) -> list[float]:
+               checkpoint: Path, device: str = "cpu") -> list[float]:
+    """Contrastive training of `model` on `device`; batches are drawn on the CPU, so the
+    same seed draws the same batches on every device."""
+    model.to(device)
     bits = np.array([world.scene_bits(s) for s in scenes], dtype=np.int64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
 
@@ -122,8 +125,8 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray,
         texts = [world.caption(scenes[i], captioner) for i in rows]
         required = np.array([world.required_bits(world.parse_prompt(t)) for t in texts])
         positives = torch.from_numpy(world.satisfies(bits[rows], required))
-        return contrastive_loss(model, token_batch(tokenizer, texts), pixels(images[rows]),
-                                positives)
+        return contrastive_loss(model, token_batch(tokenizer, texts).to(device),
+                                pixels(images[rows]).to(device), positives.to(device))
 
     model.train()
     return train_steps("world: CLIP", {"model": model}, optimizer, steps, lr, step_fn,
@@ -136,8 +139,9 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.nd
     """Single-object scenes against the prompts `<colour> <shape>`: colour and shape hits."""
     model.eval()
     prompts = [f"{c} {s}" for c, s in world.PAIRS]
-    text = model.get_text_features(input_ids=token_batch(tokenizer, prompts)).pooler_output
-    image = model.get_image_features(pixel_values=pixels(images)).pooler_output
+    ids, pixel_values = token_batch(tokenizer, prompts), pixels(images)
+    text = model.get_text_features(input_ids=ids.to(model.device)).pooler_output
+    image = model.get_image_features(pixel_values=pixel_values.to(model.device)).pooler_output
     text, image = F.normalize(text, dim=-1), F.normalize(image, dim=-1)
     best = (image @ text.T).argmax(dim=1).tolist()
     color = shape = 0

@@ -1,13 +1,12 @@
-"""The world's Stable Diffusion: a small `AutoencoderKL` and `UNet2DConditionModel` trained as
-SD 1.x was, saved as an ordinary `StableDiffusionPipeline` folder.
+"""The world's Stable Diffusion UNet: a small `UNet2DConditionModel` trained as SD 1.x's was,
+saved with the VAE (pipeline/world/vae.py) as an ordinary `StableDiffusionPipeline` folder.
 
-- VAE: 32 x 32 x 3 <-> 8 x 8 x 4, reconstruction (L1) plus a tiny KL term; the latent scaling
-  factor is measured on the data (1 / std of the latents), as SD's 0.18215 was.
-- UNet: noise (epsilon) prediction on scaled latents at SD 1.x's noise schedule, conditioned
-  on the *frozen* CLIP text tower's last hidden state at all 77 positions (padded with EOS, no
-  attention mask, exactly as the pipeline encodes prompts); the caption is dropped to "" a
-  tenth of the time so classifier-free guidance works. The saved weights are an exponential
-  moving average of the trained ones.
+Noise (epsilon) prediction on scaled latents at SD 1.x's noise schedule, conditioned on the
+*frozen* CLIP text tower's last hidden state at all 77 positions (padded with EOS, no
+attention mask, exactly as the pipeline encodes prompts); the caption is dropped to "" a
+tenth of the time so classifier-free guidance works. The recipe's levers (`UnetRecipe`): the
+min-SNR-gamma loss weighting, learning-rate warm-up (then cosine decay), the EMA decay of the
+saved weights, batch size and channel widths.
 """
 
 from __future__ import annotations
@@ -17,9 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -38,91 +35,48 @@ from pipeline.world.loop import step_generators, train_steps
 SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                    beta_schedule="scaled_linear")
 UNCONDITIONAL_FRACTION = 0.1  # captions dropped to "" (classifier-free guidance)
-EMA_DECAY = 0.999
+HEAD_DIM = 8  # attention head width at every level
 
 
 @dataclass(frozen=True)
-class DiffusionSizes:
-    vae_channels: tuple[int, ...] = (16, 32, 32)  # three levels: 32 -> 8 px latents
-    unet_channels: tuple[int, ...] = (32, 64, 64)
-    head_dim: int = 8
+class UnetRecipe:
+    """How the UNet is trained (world.unet_*): the levers of the recipe ablation."""
+
+    steps: int = 3600
+    batch: int = 48
+    lr: float = 5e-4
+    warmup: int = 100  # linear warm-up steps, then cosine decay to lr / 10
+    ema_decay: float = 0.999  # of the saved moving average (with the usual 1 + t / 10 + t ramp)
+    # min-SNR-gamma weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    # Weighting Strategy"): epsilon-loss weight min(SNR(t), gamma) / SNR(t); 0 = plain MSE.
+    min_snr_gamma: float = 0.0
 
 
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, 32, 32, 3] -> float [N, 3, 32, 32] in [-1, 1], the pipeline's pixel range."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+def unet_channels(width: int) -> tuple[int, int, int]:
+    """Three levels (8, 4, 2 px) of width, 2 x width, 2 x width channels."""
+    return (width, 2 * width, 2 * width)
 
 
-# --- VAE ----------------------------------------------------------------------------------
-
-def build_vae(sizes: DiffusionSizes, seed: int) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    levels = len(sizes.vae_channels)
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=sizes.vae_channels, norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels, sample_size=world.IMAGE_SIZE,
-    )
-
-
-def train_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int, lr: float,
-              seed: int, checkpoint: Path, kl_weight: float = 1e-6) -> list[float]:
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-
-    def step_fn(step: int) -> torch.Tensor:
-        rng, gen = step_generators(seed, step)
-        x = to_unit(images[rng.choice(len(images), batch, replace=False)])
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        reconstruction = vae.decode(z).sample
-        # L1, as SD's autoencoder was trained with: sharper edges than squared error.
-        return F.l1_loss(reconstruction, x) + kl_weight * posterior.kl().mean()
-
-    vae.train()
-    return train_steps("world: VAE", {"vae": vae}, optimizer, steps, lr, step_fn, checkpoint)
-
-
-@torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: np.ndarray,
-                   batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std [N, 4, 8, 8] of every image."""
-    vae.eval()
-    means, stds = [], []
-    for begin in range(0, len(images), batch):
-        posterior = vae.encode(to_unit(images[begin:begin + batch])).latent_dist
-        means.append(posterior.mean)
-        stds.append(posterior.std)
-    return torch.cat(means), torch.cat(stds)
-
-
-def measure_scaling_factor(means: torch.Tensor, stds: torch.Tensor, seed: int) -> float:
-    """1 / std of sampled latents, rounded to 5 digits (SD 1.x: 0.18215)."""
-    gen = torch.Generator().manual_seed(seed)
-    sample = means + stds * torch.randn(means.shape, generator=gen)
-    return round(1.0 / sample.std().item(), 5)
-
-
-@torch.no_grad()
-def reconstruction_psnr(vae: AutoencoderKL, images: np.ndarray) -> float:
-    vae.eval()
-    x = to_unit(images)
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-    mse = ((x - y) / 2).pow(2).mean().item()
-    return round(10 * np.log10(1.0 / max(mse, 1e-12)), 3)
+def min_snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """[B] loss weights of timesteps t for epsilon prediction: min(SNR, gamma) / SNR, where
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t); all ones for gamma = 0."""
+    if gamma == 0:
+        return torch.ones(len(t))
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return snr.clamp(max=gamma) / snr
 
 
 # --- UNet ---------------------------------------------------------------------------------
 
-def build_unet(sizes: DiffusionSizes, cross_attention_dim: int, seed: int) -> UNet2DConditionModel:
+def build_unet(width: int, cross_attention_dim: int, seed: int) -> UNet2DConditionModel:
     torch.manual_seed(seed)
-    levels = len(sizes.unet_channels)
+    channels = unet_channels(width)
     return UNet2DConditionModel(
         sample_size=world.IMAGE_SIZE // 4, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=sizes.unet_channels, norm_num_groups=16,
-        down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels,
-        cross_attention_dim=cross_attention_dim, attention_head_dim=sizes.head_dim,
+        block_out_channels=channels, norm_num_groups=16,
+        down_block_types=("CrossAttnDownBlock2D",) * len(channels),
+        up_block_types=("CrossAttnUpBlock2D",) * len(channels),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=HEAD_DIM,
     )
 
 
@@ -155,38 +109,47 @@ def caption_bank(text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
 
 def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                latent_means: torch.Tensor, latent_stds: torch.Tensor, scaling_factor: float,
-               scenes: list[world.Scene], captions_per_scene: int, steps: int, batch: int,
-               lr: float, seed: int, checkpoint: Path) -> tuple[UNet2DConditionModel, list[float]]:
-    """Train `unet`; returns the moving average of its weights and the losses."""
+               scenes: list[world.Scene], captions_per_scene: int, recipe: UnetRecipe,
+               seed: int, checkpoint: Path,
+               device: str = "cpu") -> tuple[UNet2DConditionModel, list[float]]:
+    """Train `unet` on `device`; returns the moving average of its weights and the losses.
+    Batches, noise and timesteps are drawn on the CPU, so a seed draws the same on every
+    device."""
     noise_schedule = DDPMScheduler(**SD_SCHEDULE)
     text_encoder.eval().requires_grad_(False)
     bank = caption_bank(text_encoder, tokenizer, scenes, captions_per_scene, seed)
     unconditional = text_states(text_encoder, tokenizer, [""])[0]
+    unet.to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=recipe.lr, weight_decay=0.01)
 
     def step_fn(step: int) -> torch.Tensor:
         rng, gen = step_generators(seed, step)
-        rows = torch.from_numpy(rng.choice(len(scenes), batch, replace=False))
-        which = torch.from_numpy(rng.integers(0, captions_per_scene, batch))
-        drop = torch.from_numpy(rng.random(batch) < UNCONDITIONAL_FRACTION)
+        rows = torch.from_numpy(rng.choice(len(scenes), recipe.batch, replace=False))
+        which = torch.from_numpy(rng.integers(0, captions_per_scene, recipe.batch))
+        drop = torch.from_numpy(rng.random(recipe.batch) < UNCONDITIONAL_FRACTION)
         cond = torch.where(drop[:, None, None], unconditional, bank[which, rows].float())
         mean, std = latent_means[rows], latent_stds[rows]
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling_factor
         noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (batch,), generator=gen)
+        t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (recipe.batch,), generator=gen)
         noisy = noise_schedule.add_noise(latents, noise, t)
-        return F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        weights = min_snr_weights(noise_schedule.alphas_cumprod, t, recipe.min_snr_gamma)
+        predicted = unet(noisy.to(device), t.to(device),
+                         encoder_hidden_states=cond.to(device)).sample
+        per_sample = (predicted - noise.to(device)).pow(2).mean(dim=(1, 2, 3))  # [B]
+        return (weights.to(device) * per_sample).mean()
 
     @torch.no_grad()
     def update_ema(step: int) -> None:
-        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        decay = min(recipe.ema_decay, (1 + step) / (10 + step))
         for averaged, current in zip(ema.parameters(), unet.parameters(), strict=True):
             averaged.lerp_(current, 1 - decay)
 
     unet.train()
-    losses = train_steps("world: UNet", {"unet": unet, "ema": ema}, optimizer, steps, lr,
-                         step_fn, checkpoint, after_step=update_ema)
+    losses = train_steps("world: UNet", {"unet": unet, "ema": ema}, optimizer, recipe.steps,
+                         recipe.lr, step_fn, checkpoint, warmup=recipe.warmup,
+                         after_step=update_ema)
     return ema.eval(), losses
 
 

@@ -2,14 +2,13 @@
 
 `World.of(base.clip, base.sd)` says whether the base models are the world's (both `builtin`)
 and, if so, provides what only the world has: its captions, held-out scenes and prompts,
-drawn scenes for image prompts, image/caption pairs and the judge. Stages never test
+drawn scenes for image prompts, image/caption pairs and where its judge is. Stages never test
 `== "builtin"` themselves, and the world imports nothing of the pipeline above it.
 """
 
 from __future__ import annotations
 
 import random
-from functools import cached_property
 from pathlib import Path
 
 from PIL import Image
@@ -18,7 +17,6 @@ from pipeline.conventions import BUILTIN
 from pipeline.errors import DeprojectorError
 from pipeline.world import scenes
 from pipeline.world.config import WORLD_DIR, locate
-from pipeline.world.judge import Judge
 
 
 class WorldError(DeprojectorError, ValueError):
@@ -40,9 +38,12 @@ class World:
     def of(cls, clip: str, sd: str, folder: str | Path = WORLD_DIR) -> World | None:
         return cls(folder) if cls.named(clip, sd) else None
 
-    @cached_property
-    def judge(self) -> Judge:
-        return Judge.from_pretrained(self.folder / "judge")
+    @property
+    def judge_folder(self) -> Path:
+        """The judge (pipeline.world.judge.Judge.from_pretrained). Not loaded here: the
+        stages that use the world's text and scenes alone (captions, gap, extract) do not
+        import, and so do not depend on, the judge's code."""
+        return self.folder / "judge"
 
     # --- text -----------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 background colour and, at each of the five places an object can stand, what stands there
 (nothing, or one of the 24 colour-shape pairs).
 
-It is trained on drawn scenes only (never on generated images), with blur, noise and colour
-jitter so the slightly soft pictures of a small diffusion model stay readable.
+It is trained on drawn scenes only (never on generated images): the drawings and their round
+trips through the world's VAE (every generated picture is decoded by it), with blur, noise and
+colour jitter so the slightly soft pictures of a small diffusion model stay readable. It never
+sees a UNet sample, so it cannot learn the UNet's mistakes.
 `adherence(image, prompt)` is the fraction of the attributes a prompt states (its background
 colour, each object as colour + shape, or as the colour or shape alone where only that is
 named) that the judge finds in the image.
@@ -87,16 +89,28 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_judge(net: JudgeNet, images: np.ndarray, scenes: list[world.Scene], steps: int,
-                batch: int, lr: float, seed: int, checkpoint: Path) -> list[float]:
+                batch: int, lr: float, seed: int, checkpoint: Path,
+                round_trips: np.ndarray | None = None, round_trip_share: float = 0.0,
+                device: str = "cpu") -> list[float]:
+    """Train on `device`. images and round_trips: uint8 [N, 32, 32, 3], the drawn scenes and
+    the same scenes through the VAE; each row of a batch is a round trip with probability
+    `round_trip_share`. Batches and augmentations are drawn on the CPU."""
+    if round_trip_share > 0 and (round_trips is None or round_trips.shape != images.shape):
+        raise ValueError("round_trip_share > 0 needs one round trip per image")
     background, places = targets(scenes)
+    net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
 
     def step_fn(step: int) -> torch.Tensor:
         rng, gen = step_generators(seed, step)
         rows = rng.choice(len(scenes), batch, replace=False)
-        bg_logits, place_logits = net(augment(to_input(images[rows]), gen))
-        return (F.cross_entropy(bg_logits, background[rows])
-                + F.cross_entropy(place_logits.flatten(0, 1), places[rows].flatten()))
+        x = images[rows]
+        if round_trip_share > 0:
+            use = rng.random(batch) < round_trip_share
+            x = np.where(use[:, None, None, None], round_trips[rows], x)
+        bg_logits, place_logits = net(augment(to_input(x), gen).to(device))
+        return (F.cross_entropy(bg_logits, background[rows].to(device))
+                + F.cross_entropy(place_logits.flatten(0, 1), places[rows].flatten().to(device)))
 
     net.train()
     return train_steps("world: judge", {"judge": net}, optimizer, steps, lr, step_fn, checkpoint)

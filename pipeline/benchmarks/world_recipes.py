@@ -1,0 +1,265 @@
+"""The world's VAE and UNet recipes at a fixed budget, and the reference row they draw.
+
+Two ablations, each arm a change of `world:` params against params.yaml's, all else equal:
+
+- `--vae ARM ...`: each arm trains a VAE (world.vae_steps unless the arm changes it) and is
+  scored on held-out drawn scenes: PSNR of the round trip (encode, posterior mean, decode)
+  and what a judge reads in the round trips (exact reads, object recall) against what it
+  reads in the drawings. The judge is `--judge` (default: the world's).
+- `--unet ARM ...`: each arm trains a UNet for `--unet-steps` steps (the budget; `batch-x2`
+  takes half the steps, so every arm sees as many images) on the latents of `--vae` (default:
+  the world's VAE) and the world's CLIP, and is scored by reference adherence: the judged
+  share of attributes found in pictures of `--prompts` held-out prompts per kind (single:
+  tags in one text; multi: the same tags with commas), drawn exactly as `evaluate` draws its
+  reference row (render.* settings, the same prompts and noise seeds), with a 95 % bootstrap
+  interval over prompts and the paired difference to the first arm.
+
+`--world` scores the assembled world (models/world) the same way: its reference row over
+`--prompts` prompts per kind, and its judge on held-out drawings and their round trips.
+
+    python -m pipeline.benchmarks.world_recipes --world --prompts 96
+    python -m pipeline.benchmarks.world_recipes --unet baseline min-snr-5 --unet-steps 1200
+    python -m pipeline.benchmarks.world_recipes --vae baseline width-32 --out reports/vae.json
+    python -m pipeline.benchmarks.world_recipes --tiny   # seconds: a micro world, every path
+
+Each arm's result is written to --out as soon as it is measured, and an arm already there
+with the same settings is not trained again, so an interrupted run resumes arm by arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from pipeline.adherence import prompt_seeds
+from pipeline.generation import generate_images, load_pipeline
+from pipeline.intervals import mean_with_ci, paired_difference
+from pipeline.jsonio import write_json
+from pipeline.params import Params, load_params
+from pipeline.world import scenes as world
+from pipeline.world import vae
+from pipeline.world.build import THREADS, build_micro_world, train_unet_part, train_vae_part
+from pipeline.world.config import WorldParams
+from pipeline.world.diffusion import text_states
+from pipeline.world.embedded import World
+from pipeline.world.judge import Judge, accuracy
+
+KINDS = ("single", "multi")
+VAE_ARMS = {  # name -> world.* overrides; values that scale a default are functions of it
+    "baseline": {},
+    "width-32": {"vae_width": 32},
+    "layers-2": {"vae_layers": 2},
+    "steps-x2": {"vae_steps": lambda p: 2 * p.vae_steps},
+    "lr-x0.5": {"vae_lr": lambda p: p.vae_lr / 2},
+}
+UNET_ARMS = {
+    "baseline": {},
+    "min-snr-5": {"unet_min_snr_gamma": 5.0},
+    "lr-x2": {"unet_lr": lambda p: 2 * p.unet_lr},
+    "ema-0.99": {"unet_ema_decay": 0.99},
+    "warmup-0": {"unet_warmup": 1},
+    "batch-x2": {"unet_batch": lambda p: 2 * p.unet_batch,
+                 "unet_steps": lambda p: p.unet_steps // 2},
+    "width-48": {"unet_width": 48},
+    "captions-4": {"captions_per_scene": 4},
+}
+
+
+def arm_params(base: WorldParams, overrides: dict) -> WorldParams:
+    return dataclasses.replace(base, **{k: v(base) if callable(v) else v
+                                        for k, v in overrides.items()})
+
+
+def changed(p: WorldParams, base: WorldParams) -> dict:
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p)
+            if getattr(p, f.name) != getattr(base, f.name)}
+
+
+# --- the judge on round trips ----------------------------------------------------------------
+
+def judge_reads(judge: Judge, autoencoder: AutoencoderKL, count: int, seed: int) -> dict:
+    """PSNR of round trips of `count` held-out drawn scenes, and the judge's reads of the
+    drawings (`crisp`) and of their round trips."""
+    images, drawn = world.draw_scenes(count, seed)
+    trips = vae.round_trip(autoencoder, images)
+    return {"psnr_db": vae.psnr(images, trips), "crisp": accuracy(judge, images, drawn),
+            "round_trip": accuracy(judge, trips, drawn)}
+
+
+# --- the reference row ----------------------------------------------------------------------
+
+def reference_scores(pipe, judge: Judge, params: Params, count: int) -> dict[str, np.ndarray]:
+    """{kind: adherence [count]} of the reference row, as `evaluate` draws it: the held-out
+    prompts (the grid's excluded), their CLIP states, the same seeds."""
+    e, tokenizer, text_encoder = params.evaluate, pipe.tokenizer, pipe.text_encoder
+    single, multi = params.render.prompts(True)
+    prompts = World.held_out_prompts(count, e.seed, set(single) | set(multi))
+    seeds = prompt_seeds(e.seed, count)
+    negative = text_states(text_encoder, tokenizer, [""])
+    scores = {}
+    for kind in KINDS:
+        conditioning = text_states(text_encoder, tokenizer, prompts[kind])
+        images = generate_images(pipe, conditioning, negative, params.render, seeds)
+        scores[kind] = np.array(judge.adherence(images, prompts[kind]))
+    return scores
+
+
+def summary(scores: dict[str, np.ndarray], against: dict[str, np.ndarray] | None,
+            objects: list[int], seed: int) -> dict:
+    out = {}
+    for kind, values in scores.items():
+        row = {**mean_with_ci("adherence", values, seed), "prompts": len(values)}
+        for k in sorted(set(objects)):
+            row |= mean_with_ci(f"adherence_{k}_object{'s' if k > 1 else ''}",
+                                values[np.array(objects) == k], seed)
+        if against is not None:  # the same prompts and seeds: a paired difference
+            row["vs_first_arm"] = paired_difference(np.mean, [values], [against[kind]], seed)
+        out[kind] = row
+    return out
+
+
+# --- the ablations --------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, params: Params, world_dir: Path, vae_dir: Path, judge_dir: Path,
+                 work: Path, out: Path, prompts: int) -> None:
+        self.params, self.world_dir, self.vae_dir = params, world_dir, vae_dir
+        self.judge = Judge.from_pretrained(judge_dir)
+        self.work, self.out, self.prompts = work, out, prompts
+        self.results = json.loads(out.read_text()) if out.is_file() else {}
+        self._data: tuple[np.ndarray, list[world.Scene]] | None = None
+
+    @property
+    def data(self) -> tuple[np.ndarray, list[world.Scene]]:
+        if self._data is None:
+            self._data = world.draw_scenes(self.params.world.scenes, self.params.world.seed)
+        return self._data
+
+    def save(self) -> None:
+        write_json(self.out, self.results)
+        self.results = json.loads(self.out.read_text())  # as stored: rounded
+
+    def objects(self) -> list[int]:
+        single, multi = self.params.render.prompts(True)
+        held_out = World.held_out_prompts(self.prompts, self.params.evaluate.seed,
+                                          set(single) | set(multi))
+        return [World.objects(p) for p in held_out["single"]]
+
+    def pipeline(self, unet=None, autoencoder=None):
+        pipe = load_pipeline(str(self.world_dir / "sd"), self.params.render)
+        if unet is not None:
+            pipe.unet = unet.eval()
+        if autoencoder is not None:
+            pipe.vae = autoencoder.eval()
+        return pipe
+
+    def score_world(self) -> None:
+        """The assembled world: its reference row and its judge."""
+        w = self.params.world
+        scores = reference_scores(self.pipeline(), self.judge, self.params, self.prompts)
+        autoencoder = AutoencoderKL.from_pretrained(self.world_dir / "sd" / "vae")
+        self.results["world"] = {
+            "reference": summary(scores, None, self.objects(), self.params.evaluate.seed),
+            "per_prompt": {k: v.tolist() for k, v in scores.items()},
+            "judge": judge_reads(self.judge, autoencoder, w.held_out, w.seed + 1)}
+        self.save()
+
+    def run_arms(self, section: str, arms: list[str], table: dict, train) -> None:
+        base = self.params.world
+        for name in arms:
+            p = arm_params(base, table[name])
+            settings = changed(p, base)
+            if self.results.get(section, {}).get(name, {}).get("settings") == settings:
+                print(f"{section} {name}: already measured")
+                continue
+            torch.set_num_threads(THREADS[section] if p.device == "cpu" else 1)
+            start = time.perf_counter()
+            result = {"settings": settings, **train(name, p, start)}
+            self.results.setdefault(section, {})[name] = result
+            self.save()
+            print(f"{section} {name}: {json.dumps(result)[:400]}")
+
+    def train_vae_arm(self, name: str, p: WorldParams, start: float) -> dict:
+        model, info = train_vae_part(p, self.data[0], self.work / f"vae-{name}.pt")
+        seconds = time.perf_counter() - start
+        return {"train_seconds": round(seconds), "final_loss": info["final_loss"],
+                **judge_reads(self.judge, model, p.held_out, p.seed + 1)}
+
+    def train_unet_arm(self, name: str, p: WorldParams, start: float) -> dict:
+        images, scenes = self.data
+        ema, losses = train_unet_part(p, self.world_dir / "clip", self.vae_dir, images, scenes,
+                                      self.work / f"unet-{name}.pt")
+        seconds = time.perf_counter() - start
+        autoencoder = AutoencoderKL.from_pretrained(self.vae_dir)
+        scores = reference_scores(self.pipeline(ema, autoencoder), self.judge, self.params,
+                                  self.prompts)
+        first = next(iter(self.results.get("unet", {}).items()), None)
+        against = {k: np.array(v) for k, v in first[1]["per_prompt"].items()} if first else None
+        return {"train_seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
+                "reference": summary(scores, against, self.objects(),
+                                     self.params.evaluate.seed),
+                "per_prompt": {k: v.tolist() for k, v in scores.items()}}
+
+
+def tiny(out: Path) -> dict:
+    """Every path at toy sizes: a micro world, two arms of each ablation, 4 prompts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        world_dir = root / "world"
+        build_micro_world(world_dir)
+        p = load_params(Path("params.yaml"))
+        micro = json.loads((world_dir / "world.json").read_text())["params"]
+        p = dataclasses.replace(p, world=WorldParams(**micro),
+                                render=dataclasses.replace(p.render, steps=2))
+        bench = Bench(p, world_dir, world_dir / "sd" / "vae", world_dir / "judge", root,
+                      out, prompts=4)
+        bench.score_world()
+        bench.run_arms("vae", ["baseline", "width-32"], VAE_ARMS, bench.train_vae_arm)
+        bench.run_arms("unet", ["baseline", "min-snr-5"], UNET_ARMS, bench.train_unet_arm)
+        return bench.results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--world-dir", type=Path, default=Path("models/world"))
+    parser.add_argument("--world", action="store_true",
+                        help="score the assembled world's reference row and judge")
+    parser.add_argument("--vae", nargs="*", default=[], choices=sorted(VAE_ARMS))
+    parser.add_argument("--unet", nargs="*", default=[], choices=sorted(UNET_ARMS))
+    parser.add_argument("--unet-steps", type=int, default=1200,
+                        help="the UNet arms' budget (world.unet_steps for every arm)")
+    parser.add_argument("--vae-dir", type=Path, help="the VAE of the UNet arms "
+                        "[default: WORLD_DIR/sd/vae]")
+    parser.add_argument("--judge-dir", type=Path,
+                        help="the judge of every score [default: WORLD_DIR/judge]")
+    parser.add_argument("--prompts", type=int, default=96, help="held-out prompts per kind")
+    parser.add_argument("--work", type=Path, default=Path("data/world-recipes-work"),
+                        help="checkpoints of the arm in training")
+    parser.add_argument("--out", type=Path, default=Path("reports/world_recipes.json"))
+    parser.add_argument("--tiny", action="store_true", help="toy sizes, every path, seconds")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        return tiny(args.out)
+    params = load_params(args.params)
+    params = dataclasses.replace(params, world=dataclasses.replace(
+        params.world, unet_steps=args.unet_steps))
+    bench = Bench(params, args.world_dir, args.vae_dir or args.world_dir / "sd" / "vae",
+                  args.judge_dir or args.world_dir / "judge", args.work, args.out, args.prompts)
+    if args.world:
+        bench.score_world()
+    bench.run_arms("vae", args.vae, VAE_ARMS, bench.train_vae_arm)
+    bench.run_arms("unet", args.unet, UNET_ARMS, bench.train_unet_arm)
+    return bench.results
+
+
+if __name__ == "__main__":
+    main()

@@ -164,6 +164,11 @@ def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
     for kind in world_recipes.KINDS:
         assert 0 <= world["reference"][kind]["adherence"] <= 1
         assert len(world["per_prompt"][kind]) == world["reference"][kind]["prompts"] == 4
+    for kind in world_recipes.KINDS:
+        by_objects = world["reference_by_objects"][kind]
+        assert list(by_objects) == ["1_object", "2_objects", "3_objects"]
+        assert all(row["prompts"] == 4 and 0 <= row["adherence"] <= 1
+                   for row in by_objects.values())
     for reads in ("crisp", "round_trip"):
         assert 0 <= world["judge"][reads]["exact"] <= 1
     assert list(table["vae"]) == ["baseline", "width-32"]
@@ -175,3 +180,13 @@ def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
     # Measured arms are kept: a second run finds them and trains nothing.
     again = world_recipes.main(["--tiny", "--out", str(out)])
     assert again["unet"] == table["unet"] and again["vae"] == table["vae"]
+
+
+def test_held_out_prompts_by_object_count_state_that_many_objects():
+    from pipeline.world.embedded import World
+
+    by_objects = world_recipes.prompts_by_objects(20, 0, {"red circle white background"})
+    for k, kinds in by_objects.items():
+        assert len(kinds["single"]) == len(kinds["multi"]) == 20
+        assert all(World.objects(p) == k for p in kinds["single"] + kinds["multi"])
+        assert "red circle white background" not in kinds["single"]

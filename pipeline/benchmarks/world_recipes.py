@@ -14,12 +14,15 @@ Two ablations, each arm a change of `world:` params against params.yaml's, all e
   reference row (render.* settings, the same prompts and noise seeds), with a 95 % bootstrap
   interval over prompts and the paired difference to the first arm.
 
-`--world` scores the assembled world (models/world) the same way: its reference row over
-`--prompts` prompts per kind, and its judge on held-out drawings and their round trips.
+`--world` scores the assembled world (models/world) the same way — its reference row over
+`--prompts` prompts per kind — and, for the targets of 1- and 2-object prompts, over
+`--prompts` held-out prompts of each object count (1, 2, 3) and kind; and its judge on
+held-out drawings and their round trips.
 
     python -m pipeline.benchmarks.world_recipes --world --prompts 96
     python -m pipeline.benchmarks.world_recipes --unet baseline min-snr-5 --unet-steps 1200
     python -m pipeline.benchmarks.world_recipes --vae baseline width-32 --out reports/vae.json
+    python -m pipeline.benchmarks.world_recipes --report --out reports/world_unet.json
     python -m pipeline.benchmarks.world_recipes --tiny   # seconds: a micro world, every path
 
 Each arm's result is written to --out as soon as it is measured, and an arm already there
@@ -112,6 +115,38 @@ def reference_scores(pipe, judge: Judge, params: Params, count: int) -> dict[str
     return scores
 
 
+def prompts_by_objects(count: int, seed: int, exclude: set[str]) -> dict[int, dict]:
+    """{objects: {kind: prompts}}: the first `count` held-out scenes (World.held_out_scenes,
+    the grid's prompts excluded) with 1, 2 and 3 objects, described as each kind."""
+    scenes: list[world.Scene] = []
+    while min((sum(len(s.things) == k for s in scenes) for k in (1, 2, 3)),
+              default=0) < count:
+        scenes = World.held_out_scenes(2 * len(scenes) + 6 * count, seed, exclude)
+    out = {}
+    for k in (1, 2, 3):
+        picked = [s for s in scenes if len(s.things) == k][:count]
+        out[k] = {"single": [World.describe(s, " ") for s in picked],
+                  "multi": [World.describe(s, ", ") for s in picked]}
+    return out
+
+
+def reference_by_objects(pipe, judge: Judge, params: Params, count: int) -> dict:
+    """{kind: {"N_objects": mean adherence with interval}} over `count` held-out prompts of
+    each object count, drawn and judged as `reference_scores` does (seeds of evaluate)."""
+    single, multi = params.render.prompts(True)
+    e, tokenizer, text_encoder = params.evaluate, pipe.tokenizer, pipe.text_encoder
+    negative = text_states(text_encoder, tokenizer, [""])
+    out: dict[str, dict] = {kind: {} for kind in KINDS}
+    for k, prompts in prompts_by_objects(count, e.seed, set(single) | set(multi)).items():
+        for kind in KINDS:
+            images = generate_images(pipe, text_states(text_encoder, tokenizer, prompts[kind]),
+                                     negative, params.render, prompt_seeds(e.seed, count))
+            values = judge.adherence(images, prompts[kind])
+            out[kind][f"{k}_object{'s' if k > 1 else ''}"] = {
+                **mean_with_ci("adherence", values, e.seed), "prompts": count}
+    return out
+
+
 def summary(scores: dict[str, np.ndarray], against: dict[str, np.ndarray] | None,
             objects: list[int], seed: int) -> dict:
     out = {}
@@ -164,11 +199,14 @@ class Bench:
     def score_world(self) -> None:
         """The assembled world: its reference row and its judge."""
         w = self.params.world
-        scores = reference_scores(self.pipeline(), self.judge, self.params, self.prompts)
+        pipe = self.pipeline()
+        scores = reference_scores(pipe, self.judge, self.params, self.prompts)
         autoencoder = AutoencoderKL.from_pretrained(self.world_dir / "sd" / "vae")
         self.results["world"] = {
             "reference": summary(scores, None, self.objects(), self.params.evaluate.seed),
             "per_prompt": {k: v.tolist() for k, v in scores.items()},
+            "reference_by_objects": reference_by_objects(pipe, self.judge, self.params,
+                                                         self.prompts),
             "judge": judge_reads(self.judge, autoencoder, w.held_out, w.seed + 1)}
         self.save()
 
@@ -209,6 +247,51 @@ class Bench:
                 "per_prompt": {k: v.tolist() for k, v in scores.items()}}
 
 
+def interval_text(row: dict, key: str) -> str:
+    low, high = row.get(f"{key}_ci95") or (float("nan"), float("nan"))
+    return f"{row[key]:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def print_report(results: dict) -> None:
+    """The tables of the README, as markdown."""
+    if "world" in results:
+        w = results["world"]
+        print("| world | " + " | ".join(f"{k} ({kind})" for kind in KINDS
+                                        for k in w["reference_by_objects"][kind]) + " |")
+        print("| --- |" + " ---: |" * 3 * len(KINDS))
+        print("| reference adherence | " + " | ".join(
+            interval_text(row, "adherence") for kind in KINDS
+            for row in w["reference_by_objects"][kind].values()) + " |")
+        for reads in ("crisp", "round_trip"):
+            r = w["judge"][reads]
+            print(f"judge on {reads}: exact {r['exact']:.3f}, object recall "
+                  f"{r['object_recall']:.3f}, precision {r['object_precision']:.3f}")
+        print(f"VAE round-trip PSNR {w['judge']['psnr_db']:.2f} dB\n")
+    if results.get("vae"):
+        print("| VAE arm | settings | train s | final loss | PSNR dB | judge exact: crisp / "
+              "round trip | object recall: round trip |")
+        print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+        for name, r in results["vae"].items():
+            print(f"| {name} | {json.dumps(r['settings'])} | {r['train_seconds']} | "
+                  f"{r['final_loss']:.4f} | {r['psnr_db']:.2f} | {r['crisp']['exact']:.3f} / "
+                  f"{r['round_trip']['exact']:.3f} | {r['round_trip']['object_recall']:.3f} |")
+        print()
+    if results.get("unet"):
+        print("| UNet arm | settings | train s | final loss | " + " | ".join(
+            f"{kind} adherence | {kind} vs first arm" for kind in KINDS) + " |")
+        print("| --- | --- | ---: | ---: |" + " ---: | ---: |" * len(KINDS))
+        for name, r in results["unet"].items():
+            cells = []
+            for kind in KINDS:
+                row = r["reference"][kind]
+                paired = row.get("vs_first_arm")
+                cells += [interval_text(row, "adherence"),
+                          f"{paired['difference']:+.3f} [{paired['difference_ci95'][0]:+.3f}, "
+                          f"{paired['difference_ci95'][1]:+.3f}]" if paired else "—"]
+            print(f"| {name} | {json.dumps(r['settings'])} | {r['train_seconds']} | "
+                  f"{r['final_loss']:.4f} | " + " | ".join(cells) + " |")
+
+
 def tiny(out: Path) -> dict:
     """Every path at toy sizes: a micro world, two arms of each ablation, 4 prompts."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -246,9 +329,17 @@ def main(argv: list[str] | None = None) -> dict:
                         help="checkpoints of the arm in training")
     parser.add_argument("--out", type=Path, default=Path("reports/world_recipes.json"))
     parser.add_argument("--tiny", action="store_true", help="toy sizes, every path, seconds")
+    parser.add_argument("--report", action="store_true",
+                        help="print the tables of --out and stop")
     args = parser.parse_args(argv)
+    if args.report:
+        results = json.loads(args.out.read_text())
+        print_report(results)
+        return results
     if args.tiny:
-        return tiny(args.out)
+        results = tiny(args.out)
+        print_report(results)
+        return results
     params = load_params(args.params)
     params = dataclasses.replace(params, world=dataclasses.replace(
         params.world, unet_steps=args.unet_steps))
@@ -258,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
         bench.score_world()
     bench.run_arms("vae", args.vae, VAE_ARMS, bench.train_vae_arm)
     bench.run_arms("unet", args.unet, UNET_ARMS, bench.train_unet_arm)
+    print_report(bench.results)
     return bench.results
 
 

@@ -188,7 +188,7 @@ def test_an_interrupted_part_resumes_to_the_same_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         interrupted.run(("vae",))
     assert interrupted.checkpoint("vae").exists() and not interrupted.done("vae")
-    monkeypatch.setattr("pipeline.world.diffusion.train_steps", real)
+    monkeypatch.setattr("pipeline.world.vae.train_steps", real)
     interrupted.run(("vae",))
     for build in (clean, interrupted):
         assert build.done("vae")

@@ -99,12 +99,17 @@ def judge_reads(judge: Judge, autoencoder: AutoencoderKL, count: int, seed: int)
 
 # --- the reference row ----------------------------------------------------------------------
 
+def grid_prompts(params: Params) -> set[str]:
+    """The grid's prompts, which `evaluate` excludes from its held-out prompts."""
+    single, multi = params.render.prompts(True)
+    return set(single) | set(multi)
+
+
 def reference_scores(pipe, judge: Judge, params: Params, count: int) -> dict[str, np.ndarray]:
     """{kind: adherence [count]} of the reference row, as `evaluate` draws it: the held-out
     prompts (the grid's excluded), their CLIP states, the same seeds."""
     e, tokenizer, text_encoder = params.evaluate, pipe.tokenizer, pipe.text_encoder
-    single, multi = params.render.prompts(True)
-    prompts = World.held_out_prompts(count, e.seed, set(single) | set(multi))
+    prompts = World.held_out_prompts(count, e.seed, grid_prompts(params))
     seeds = prompt_seeds(e.seed, count)
     negative = text_states(text_encoder, tokenizer, [""])
     scores = {}
@@ -133,11 +138,10 @@ def prompts_by_objects(count: int, seed: int, exclude: set[str]) -> dict[int, di
 def reference_by_objects(pipe, judge: Judge, params: Params, count: int) -> dict:
     """{kind: {"N_objects": mean adherence with interval}} over `count` held-out prompts of
     each object count, drawn and judged as `reference_scores` does (seeds of evaluate)."""
-    single, multi = params.render.prompts(True)
     e, tokenizer, text_encoder = params.evaluate, pipe.tokenizer, pipe.text_encoder
     negative = text_states(text_encoder, tokenizer, [""])
     out: dict[str, dict] = {kind: {} for kind in KINDS}
-    for k, prompts in prompts_by_objects(count, e.seed, set(single) | set(multi)).items():
+    for k, prompts in prompts_by_objects(count, e.seed, grid_prompts(params)).items():
         for kind in KINDS:
             images = generate_images(pipe, text_states(text_encoder, tokenizer, prompts[kind]),
                                      negative, params.render, prompt_seeds(e.seed, count))
@@ -183,9 +187,8 @@ class Bench:
         self.results = json.loads(self.out.read_text())  # as stored: rounded
 
     def objects(self) -> list[int]:
-        single, multi = self.params.render.prompts(True)
         held_out = World.held_out_prompts(self.prompts, self.params.evaluate.seed,
-                                          set(single) | set(multi))
+                                          grid_prompts(self.params))
         return [World.objects(p) for p in held_out["single"]]
 
     def pipeline(self, unet=None, autoencoder=None):

@@ -171,6 +171,10 @@ def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
                    for row in by_objects.values())
     for reads in ("crisp", "round_trip"):
         assert 0 <= world["judge"][reads]["exact"] <= 1
+    sweep = table["guidance"]
+    assert list(sweep["scales"]) == ["1.0", "3.0"] and sweep["chosen"] in sweep["scales"]
+    assert list(sweep["scales"]["3.0"]) == ["1_object", "2_objects", "3_objects"]
+    assert all(0 <= row["adherence"] <= 1 for row in sweep["scales"]["1.0"].values())
     assert list(table["vae"]) == ["baseline", "width-32"]
     assert table["vae"]["width-32"]["settings"] == {"vae_width": 32}
     assert positive(table["vae"]["baseline"]["psnr_db"])
@@ -180,6 +184,27 @@ def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
     # Measured arms are kept: a second run finds them and trains nothing.
     again = world_recipes.main(["--tiny", "--out", str(out)])
     assert again["unet"] == table["unet"] and again["vae"] == table["vae"]
+
+
+def test_the_guidance_sweep_is_chosen_on_prompts_no_row_scores():
+    """Validation prompts share no prompt with evaluate's held-out prompts, the --world rows
+    or the grids, so the chosen scale is not tuned on the prompts it is reported on."""
+    from pipeline.params import load_params
+    from pipeline.world.embedded import World
+
+    params = load_params(Path("params.yaml"))
+    count, seed = 40, params.evaluate.seed
+    grid = world_recipes.grid_prompts(params)
+    scored = set(grid)
+    for by_kind in [World.held_out_prompts(count, seed, grid),
+                    *world_recipes.prompts_by_objects(count, seed, grid).values()]:
+        scored |= {p for kind in by_kind.values() for p in kind}
+    validation = world_recipes.validation_prompts(params, count)
+    prompts = {p for by_kind in validation.values() for kind in by_kind.values() for p in kind}
+    assert all(len(kind) == count for by_kind in validation.values() for kind in by_kind.values())
+    assert not prompts & scored
+    assert all(World.objects(p) == k for k, by_kind in validation.items()
+               for p in by_kind["single"])
 
 
 def test_held_out_prompts_by_object_count_state_that_many_objects():

@@ -172,12 +172,17 @@ def test_grid_has_a_row_per_run_and_3_equal_columns(project, rendered, what: str
             assert np.array_equal(cell, expected), (row, column.prompt)
 
 
-def test_reference_row_equals_plain_diffusers_generation(rendered, pipe) -> None:
+def test_reference_row_equals_plain_diffusers_generation(project, rendered, pipe) -> None:
+    with in_dir(project):
+        guidance = load_params("params.yaml").render.guidance_scale
     for column in (rendered.columns["single"][0], rendered.columns["multi"][1]):
         plain = pipe(prompt=column.prompt, negative_prompt="", num_inference_steps=2,
-                     guidance_scale=7.5, height=SIZE, width=SIZE,
+                     guidance_scale=guidance, height=SIZE, width=SIZE,
                      generator=torch.Generator().manual_seed(3)).images[0]
-        assert np.array_equal(np.asarray(column.images[REFERENCE]), np.asarray(plain))
+        # The grid draws its prompts in one batch, diffusers here one at a time: float
+        # rounding may move a pixel by one uint8 level, nothing more.
+        drawn, alone = (np.asarray(im).astype(int) for im in (column.images[REFERENCE], plain))
+        assert np.abs(drawn - alone).max() <= 1 and np.mean(drawn != alone) < 0.01
 
 
 class EchoDeprojector:

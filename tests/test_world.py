@@ -289,6 +289,35 @@ def test_min_snr_weights_follow_the_formula():
     assert torch.allclose(weights, torch.where(snr > 5, 5 / snr, torch.ones(4)))
 
 
+def test_denoising_loss_is_the_mse_of_the_predicted_noise_on_fixed_draws(base_dir):
+    """A UNet that predicts zero noise scores the mean square of the seed's noise, whatever
+    the scenes; the trained one scores its training and held-out scenes on the same draws,
+    and world.json records both."""
+    import json
+
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from pipeline.world.diffusion import denoising_loss
+
+    tokenizer = CLIPTokenizer.from_pretrained(base_dir / "clip")
+    text_encoder = CLIPTextModel.from_pretrained(base_dir / "clip")
+    unet = UNet2DConditionModel.from_pretrained(base_dir / "sd" / "unet")
+    latents = torch.randn(12, 4, 8, 8)
+    _, scenes = world.draw_scenes(12, 3)
+    trained = denoising_loss(unet, text_encoder, tokenizer, latents, scenes, seed=7, batch=5)
+    assert trained == denoising_loss(unet, text_encoder, tokenizer, latents, scenes, seed=7)
+    torch.nn.init.zeros_(unet.conv_out.weight)
+    torch.nn.init.zeros_(unet.conv_out.bias)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(8))
+    zero = denoising_loss(unet, text_encoder, tokenizer, latents, scenes, seed=7)
+    assert zero == pytest.approx(noise.pow(2).mean().item(), abs=1e-6)
+    assert zero == denoising_loss(unet, text_encoder, tokenizer, 2 * latents, scenes, seed=7)
+    record = json.loads((base_dir / "world.json").read_text())["unet"]["denoising_loss"]
+    assert set(record) == {"training_scenes", "held_out_scenes"}
+    assert all(value > 0 for value in record.values())
+
+
 def test_the_judge_trains_on_round_trips_and_world_json_records_both_reads(base_dir):
     import json
 
@@ -310,6 +339,7 @@ def test_the_judge_trains_on_round_trips_and_world_json_records_both_reads(base_
     ("unet_ema_decay", 1.0, "below 1"),
     ("unet_width", 40, "a multiple of 16"),
     ("unet_min_snr_gamma", -1.0, "at least 0"),
+    ("unet_batch", 400, "at most world.unet_scenes = 320"),
 ])
 def test_world_params_out_of_range_name_the_key(key, value, expected):
     from pipeline.sections import ParamsError

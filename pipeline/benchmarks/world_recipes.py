@@ -12,7 +12,14 @@ Two ablations, each arm a change of `world:` params against params.yaml's, all e
   share of attributes found in pictures of `--prompts` held-out prompts per kind (single:
   tags in one text; multi: the same tags with commas), drawn exactly as `evaluate` draws its
   reference row (render.* settings, the same prompts and noise seeds), with a 95 % bootstrap
-  interval over prompts and the paired difference to the first arm.
+  interval over prompts and the paired difference to the first arm. Each arm also records the
+  denoising loss of its UNet on 1,000 of its training scenes and on 1,000 held-out ones (the
+  same noise and timesteps): a gap says it memorises its captions.
+
+`--guidance G ...` sweeps the assembled world's classifier-free guidance scale: its reference
+row over `--prompts` validation prompts of each object count (1, 2, 3; another seed than
+evaluate's and none of its or the grids' prompts), the same prompts and noise at every scale;
+`chosen` is the scale of the highest mean, the one render.guidance_scale should take.
 
 `--world` scores the assembled world (models/world) the same way — its reference row over
 `--prompts` prompts per kind — and, for the targets of 1- and 2-object prompts, over
@@ -20,6 +27,7 @@ Two ablations, each arm a change of `world:` params against params.yaml's, all e
 held-out drawings and their round trips.
 
     python -m pipeline.benchmarks.world_recipes --world --prompts 96
+    python -m pipeline.benchmarks.world_recipes --guidance 1.5 2 3 4 5 7.5 --out reports/g.json
     python -m pipeline.benchmarks.world_recipes --unet baseline min-snr-5 --unet-steps 1200
     python -m pipeline.benchmarks.world_recipes --vae baseline width-32 --out reports/vae.json
     python -m pipeline.benchmarks.world_recipes --report --out reports/world_unet.json
@@ -56,6 +64,7 @@ from pipeline.world.embedded import World
 from pipeline.world.judge import Judge, accuracy
 
 KINDS = ("single", "multi")
+VALIDATION_SEED = 1  # added to evaluate.seed: the prompts and noise of the guidance sweep
 VAE_ARMS = {  # name -> world.* overrides; values that scale a default are functions of it
     "baseline": {},
     "width-32": {"vae_width": 32},
@@ -73,6 +82,9 @@ UNET_ARMS = {
                  "unet_steps": lambda p: p.unet_steps // 2},
     "width-48": {"unet_width": 48},
     "captions-4": {"captions_per_scene": 4},
+    "scenes-x4": {"unet_scenes": lambda p: 4 * p.unet_scenes},
+    "min-snr-5-scenes-x4": {"unet_min_snr_gamma": 5.0,
+                            "unet_scenes": lambda p: 4 * p.unet_scenes},
 }
 
 
@@ -135,20 +147,34 @@ def prompts_by_objects(count: int, seed: int, exclude: set[str]) -> dict[int, di
     return out
 
 
-def reference_by_objects(pipe, judge: Judge, params: Params, count: int) -> dict:
-    """{kind: {"N_objects": mean adherence with interval}} over `count` held-out prompts of
-    each object count, drawn and judged as `reference_scores` does (seeds of evaluate)."""
-    e, tokenizer, text_encoder = params.evaluate, pipe.tokenizer, pipe.text_encoder
+def rows_by_objects(pipe, judge: Judge, render, by_objects: dict[int, dict], seed: int,
+                    kinds: tuple[str, ...] = KINDS) -> dict:
+    """{kind: {"N_objects": mean adherence with interval}} of the prompts of each object count
+    (`prompts_by_objects`), drawn with `render` settings from the noise seeds of `seed`."""
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     negative = text_states(text_encoder, tokenizer, [""])
-    out: dict[str, dict] = {kind: {} for kind in KINDS}
-    for k, prompts in prompts_by_objects(count, e.seed, grid_prompts(params)).items():
-        for kind in KINDS:
+    out: dict[str, dict] = {kind: {} for kind in kinds}
+    for k, prompts in by_objects.items():
+        for kind in kinds:
+            count = len(prompts[kind])
             images = generate_images(pipe, text_states(text_encoder, tokenizer, prompts[kind]),
-                                     negative, params.render, prompt_seeds(e.seed, count))
+                                     negative, render, prompt_seeds(seed, count))
             values = judge.adherence(images, prompts[kind])
             out[kind][f"{k}_object{'s' if k > 1 else ''}"] = {
-                **mean_with_ci("adherence", values, e.seed), "prompts": count}
+                **mean_with_ci("adherence", values, seed), "prompts": count}
     return out
+
+
+def validation_prompts(params: Params, count: int) -> dict[int, dict]:
+    """`prompts_by_objects` of another seed than evaluate's, without any of the prompts that
+    evaluate, the grids or `--world` score: where a sampling setting (the guidance scale) is
+    chosen, so that no reported row is tuned on its own prompts."""
+    seed, exclude = params.evaluate.seed, grid_prompts(params)
+    scored = {*exclude, *(p for kind in World.held_out_prompts(count, seed, exclude).values()
+                          for p in kind)}
+    for by_kind in prompts_by_objects(count, seed, exclude).values():
+        scored |= {p for kind in by_kind.values() for p in kind}
+    return prompts_by_objects(count, seed + VALIDATION_SEED, scored)
 
 
 def summary(scores: dict[str, np.ndarray], against: dict[str, np.ndarray] | None,
@@ -208,10 +234,33 @@ class Bench:
         self.results["world"] = {
             "reference": summary(scores, None, self.objects(), self.params.evaluate.seed),
             "per_prompt": {k: v.tolist() for k, v in scores.items()},
-            "reference_by_objects": reference_by_objects(pipe, self.judge, self.params,
-                                                         self.prompts),
+            "reference_by_objects": rows_by_objects(
+                pipe, self.judge, self.params.render,
+                prompts_by_objects(self.prompts, self.params.evaluate.seed,
+                                   grid_prompts(self.params)), self.params.evaluate.seed),
             "judge": judge_reads(self.judge, autoencoder, w.held_out, w.seed + 1)}
         self.save()
+
+    def sweep_guidance(self, scales: list[float]) -> None:
+        """The assembled world's reference row (single kind) over the validation prompts of
+        each object count at each classifier-free guidance scale; the same prompts and noise
+        for every scale. `chosen`: the scale of the highest mean over all of them."""
+        sweep = self.results.setdefault("guidance", {"scales": {}})["scales"]
+        by_objects = validation_prompts(self.params, self.prompts)
+        seed = self.params.evaluate.seed + VALIDATION_SEED
+        pipe = self.pipeline()
+        for scale in scales:
+            if str(scale) in sweep:
+                print(f"guidance {scale}: already measured")
+                continue
+            render = dataclasses.replace(self.params.render, guidance_scale=scale)
+            sweep[str(scale)] = rows_by_objects(pipe, self.judge, render, by_objects, seed,
+                                                ("single",))["single"]
+            self.results["guidance"]["chosen"] = max(
+                sweep, key=lambda g: np.mean([r["adherence"] for r in sweep[g].values()]))
+            self.save()
+            sweep = self.results["guidance"]["scales"]
+            print(f"guidance {scale}: {json.dumps(sweep[str(scale)])}")
 
     def run_arms(self, section: str, arms: list[str], table: dict, train) -> None:
         base = self.params.world
@@ -235,16 +284,16 @@ class Bench:
                 **judge_reads(self.judge, model, p.held_out, p.seed + 1)}
 
     def train_unet_arm(self, name: str, p: WorldParams, start: float) -> dict:
-        images, scenes = self.data
-        ema, losses = train_unet_part(p, self.world_dir / "clip", self.vae_dir, images, scenes,
-                                      self.work / f"unet-{name}.pt")
+        ema, info = train_unet_part(p, self.world_dir / "clip", self.vae_dir,
+                                    self.work / f"unet-{name}.pt")
         seconds = time.perf_counter() - start
+        ema.save_pretrained(self.work / f"unet-{name}")  # a world can be assembled with it
         autoencoder = AutoencoderKL.from_pretrained(self.vae_dir)
         scores = reference_scores(self.pipeline(ema, autoencoder), self.judge, self.params,
                                   self.prompts)
         first = next(iter(self.results.get("unet", {}).items()), None)
         against = {k: np.array(v) for k, v in first[1]["per_prompt"].items()} if first else None
-        return {"train_seconds": round(seconds), "final_loss": float(np.mean(losses[-50:])),
+        return {"train_seconds": round(seconds), **info,
                 "reference": summary(scores, against, self.objects(),
                                      self.params.evaluate.seed),
                 "per_prompt": {k: v.tolist() for k, v in scores.items()}}
@@ -270,6 +319,16 @@ def print_report(results: dict) -> None:
             print(f"judge on {reads}: exact {r['exact']:.3f}, object recall "
                   f"{r['object_recall']:.3f}, precision {r['object_precision']:.3f}")
         print(f"VAE round-trip PSNR {w['judge']['psnr_db']:.2f} dB\n")
+    if results.get("guidance"):
+        sweep = results["guidance"]["scales"]
+        counts = list(next(iter(sweep.values())))
+        print("| guidance scale | " + " | ".join(f"{k} (validation)" for k in counts) + " |")
+        print("| ---: |" + " ---: |" * len(counts))
+        for scale, rows in sweep.items():
+            mark = " (chosen)" if scale == results["guidance"]["chosen"] else ""
+            print(f"| {scale}{mark} | " + " | ".join(interval_text(rows[k], "adherence")
+                                                    for k in counts) + " |")
+        print()
     if results.get("vae"):
         print("| VAE arm | settings | train s | final loss | PSNR dB | judge exact: crisp / "
               "round trip | object recall: round trip |")
@@ -308,6 +367,7 @@ def tiny(out: Path) -> dict:
         bench = Bench(p, world_dir, world_dir / "sd" / "vae", world_dir / "judge", root,
                       out, prompts=4)
         bench.score_world()
+        bench.sweep_guidance([1.0, 3.0])
         bench.run_arms("vae", ["baseline", "width-32"], VAE_ARMS, bench.train_vae_arm)
         bench.run_arms("unet", ["baseline", "min-snr-5"], UNET_ARMS, bench.train_unet_arm)
         return bench.results
@@ -319,6 +379,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-dir", type=Path, default=Path("models/world"))
     parser.add_argument("--world", action="store_true",
                         help="score the assembled world's reference row and judge")
+    parser.add_argument("--guidance", nargs="*", type=float, default=[],
+                        help="sweep the assembled world's guidance scale over these values on "
+                        "validation prompts (another seed, none of the scored ones)")
     parser.add_argument("--vae", nargs="*", default=[], choices=sorted(VAE_ARMS))
     parser.add_argument("--unet", nargs="*", default=[], choices=sorted(UNET_ARMS))
     parser.add_argument("--unet-steps", type=int, default=1200,
@@ -350,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
                   args.judge_dir or args.world_dir / "judge", args.work, args.out, args.prompts)
     if args.world:
         bench.score_world()
+    if args.guidance:
+        bench.sweep_guidance(args.guidance)
     bench.run_arms("vae", args.vae, VAE_ARMS, bench.train_vae_arm)
     bench.run_arms("unet", args.unet, UNET_ARMS, bench.train_unet_arm)
     print_report(bench.results)

@@ -43,7 +43,7 @@ SETTINGS = {  # the params each part's result depends on (besides seed, scenes a
     "clip": ("vocab_size", "clip_steps", "clip_batch", "clip_lr", "width"),
     "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_width", "vae_layers"),
     "unet": ("unet_steps", "unet_batch", "unet_lr", "unet_width", "unet_warmup",
-             "unet_ema_decay", "unet_min_snr_gamma", "captions_per_scene"),
+             "unet_ema_decay", "unet_min_snr_gamma", "captions_per_scene", "unet_scenes"),
     "judge": ("judge_steps", "judge_batch", "judge_lr", "judge_round_trips", "held_out"),
 }
 # The modules (of pipeline/world) whose code trains each part, besides scenes.py and loop.py.
@@ -83,23 +83,35 @@ def train_vae_part(p: WorldParams, images: np.ndarray,
                    "reconstruction_psnr_db": vae.psnr(held_out, vae.round_trip(model, held_out))}
 
 
-def train_unet_part(p: WorldParams, clip_dir: Path, vae_dir: Path, images: np.ndarray,
-                    scenes: list[world.Scene],
-                    checkpoint: Path) -> tuple[UNet2DConditionModel, list[float]]:
-    """The UNet of `p` (the moving average of its weights, on the CPU) on the latents of the
-    VAE in vae_dir and the text states of the CLIP in clip_dir, and its losses."""
+def train_unet_part(p: WorldParams, clip_dir: Path, vae_dir: Path,
+                    checkpoint: Path) -> tuple[UNet2DConditionModel, dict]:
+    """The UNet of `p` (the moving average of its weights, on the CPU), trained on the first
+    world.unet_scenes scenes through the VAE in vae_dir and the CLIP in clip_dir, and its
+    record: final training loss and the denoising loss on training and held-out scenes."""
     tokenizer = CLIPTokenizer.from_pretrained(clip_dir)
     text_encoder = CLIPTextModel.from_pretrained(clip_dir)
     autoencoder = AutoencoderKL.from_pretrained(vae_dir).to(p.device)
+    images, scenes = world.draw_scenes(p.unet_scenes, p.seed)
     means, stds = vae.encode_latents(autoencoder, images)
     unet = diffusion.build_unet(p.unet_width, p.width, p.seed + 5)
     recipe = diffusion.UnetRecipe(p.unet_steps, p.unet_batch, p.unet_lr, p.unet_warmup,
                                   p.unet_ema_decay, p.unet_min_snr_gamma)
-    ema, losses = diffusion.train_unet(unet, text_encoder, tokenizer, means, stds,
-                                       autoencoder.config.scaling_factor, scenes,
-                                       p.captions_per_scene, recipe, p.seed, checkpoint,
-                                       p.device)
-    return ema.cpu(), losses
+    scaling = autoencoder.config.scaling_factor
+    ema, losses = diffusion.train_unet(unet, text_encoder, tokenizer, means, stds, scaling,
+                                       scenes, p.captions_per_scene, recipe, p.seed,
+                                       checkpoint, p.device)
+    held_images, held = world.draw_scenes(p.held_out, p.seed + 1)
+    held_means, _ = vae.encode_latents(autoencoder, held_images)
+    count = min(p.held_out, len(scenes))
+
+    def loss_on(latent_means: torch.Tensor, of: list[world.Scene]) -> float:
+        return diffusion.denoising_loss(ema, text_encoder, tokenizer, latent_means * scaling,
+                                        of, p.seed, p.device)
+
+    # The same count, caption draw, noise and timesteps for both: a gap is memorisation.
+    return ema.cpu(), {"final_loss": float(np.mean(losses[-50:])), "denoising_loss": {
+        "training_scenes": loss_on(means[:count], scenes[:count]),
+        "held_out_scenes": loss_on(held_means[:count], held[:count])}}
 
 
 class WorldBuild:
@@ -181,11 +193,10 @@ class WorldBuild:
         return info
 
     def train_unet(self) -> dict:
-        images, scenes = self.data
-        ema, losses = train_unet_part(self.p, self.work / "clip", self.work / "vae", images,
-                                      scenes, self.checkpoint("unet"))
+        ema, info = train_unet_part(self.p, self.work / "clip", self.work / "vae",
+                                    self.checkpoint("unet"))
         ema.save_pretrained(self.work / "unet")
-        return {"final_loss": float(np.mean(losses[-50:]))}
+        return info
 
     def train_judge(self) -> dict:
         p, folder = self.p, self.work / "judge"
@@ -255,8 +266,8 @@ class WorldBuild:
 
 # A world that trains in seconds, for tests and benchmarks: real shapes, almost no training.
 MICRO = WorldParams(scenes=256, vocab_size=600, clip_steps=4, clip_batch=16, vae_steps=4,
-                    vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=1, judge_steps=4,
-                    judge_batch=8, held_out=32)
+                    vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=1, unet_scenes=320,
+                    judge_steps=4, judge_batch=8, held_out=32)
 
 
 def _train_part(job: tuple[WorldParams, Path, str]) -> None:

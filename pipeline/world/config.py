@@ -52,6 +52,9 @@ class WorldParams:
     unet_ema_decay: float = 0.999  # of the saved moving average of the UNet's weights
     unet_min_snr_gamma: float = 0.0  # min-SNR-gamma loss weighting; 0 = plain MSE
     captions_per_scene: int = 1  # the UNet's caption bank, encoded once
+    # Drawn scenes the UNet trains on: the first `scenes` of them are the CLIP's and VAE's,
+    # the rest more of the same generator (fresh data against memorising the captions).
+    unet_scenes: int = 20000
     judge_steps: int = 1500
     judge_batch: int = 64
     judge_lr: float = 1e-3
@@ -78,9 +81,10 @@ class WorldParams:
         check(self.unet_width % 16 == 0, "world.unet_width",
               "a multiple of 16 (16 norm groups)", self.unet_width)
         for part in ("clip", "vae", "unet", "judge"):
-            batch = getattr(self, f"{part}_batch")
-            check(batch <= self.scenes, f"world.{part}_batch",
-                  f"at most world.scenes = {self.scenes}", batch)
+            batch, pool = getattr(self, f"{part}_batch"), "unet_scenes" if part == "unet" \
+                else "scenes"
+            check(batch <= getattr(self, pool), f"world.{part}_batch",
+                  f"at most world.{pool} = {getattr(self, pool)}", batch)
         check(self.width % 4 == 0, "world.width", "a multiple of 4 (4 attention heads)",
               self.width)
         return self

@@ -153,6 +153,32 @@ def train_unet(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenize
     return ema.eval(), losses
 
 
+@torch.no_grad()
+def denoising_loss(unet: UNet2DConditionModel, text_encoder: CLIPTextModel,
+                   tokenizer: CLIPTokenizer, latents: torch.Tensor, scenes: list[world.Scene],
+                   seed: int, device: str = "cpu", batch: int = 250) -> float:
+    """Mean epsilon-prediction MSE (unweighted) of `unet` on scaled latents [N, 4, 8, 8] of
+    `scenes`, each with the caption the caption bank of `seed` gives it when they are its first
+    scenes; noise and timesteps come from `seed` alone, so two sets of N scenes are scored on
+    the same draws (training against held-out scenes: the gap is memorisation)."""
+    noise_schedule = DDPMScheduler(**SD_SCHEDULE)
+    captioner = random.Random(seed)
+    texts = [world.caption(scene, captioner) for scene in scenes]
+    gen = torch.Generator().manual_seed(seed + 1)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, SD_SCHEDULE["num_train_timesteps"], (len(latents),), generator=gen)
+    noisy = noise_schedule.add_noise(latents, noise, t)
+    unet.eval().to(device)
+    total = 0.0
+    for begin in range(0, len(latents), batch):
+        end = begin + batch
+        cond = text_states(text_encoder, tokenizer, texts[begin:end])
+        predicted = unet(noisy[begin:end].to(device), t[begin:end].to(device),
+                         encoder_hidden_states=cond.to(device)).sample
+        total += (predicted.cpu() - noise[begin:end]).pow(2).mean(dim=(1, 2, 3)).sum().item()
+    return round(total / len(latents), 6)
+
+
 def save_pipeline(folder: Path, vae: AutoencoderKL, unet: UNet2DConditionModel,
                   text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer) -> None:
     """An ordinary SD 1.x pipeline folder; PNDM with SD 1.5's settings is the default."""

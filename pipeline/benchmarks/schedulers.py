@@ -22,9 +22,9 @@ from pipeline.params import RenderParams
 from pipeline.prompt_encoder import PromptEncoder
 from pipeline.world.embedded import World
 
-SETTINGS = (  # scheduler, steps, guidance scale
-    ("pndm", 20, 7.5), ("pndm", 20, 5.0), ("pndm", 20, 3.0), ("pndm", 20, 12.0),
-    ("ddim", 50, 7.5), ("euler", 30, 7.5), ("dpm++", 20, 7.5),
+SETTINGS = (  # scheduler, steps, guidance scale: params.yaml's render (pndm, 20, 2.5) first
+    ("pndm", 20, 2.5), ("pndm", 50, 2.5), ("pndm", 20, 1.5), ("pndm", 20, 4.0),
+    ("pndm", 20, 7.5), ("ddim", 50, 2.5), ("euler", 30, 2.5), ("dpm++", 20, 2.5),
 )
 # Every setting's code path in a few seconds; the adherence figures mean nothing at this size.
 TINY = {"prompts": 2, "max_steps": 3}

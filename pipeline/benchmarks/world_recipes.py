@@ -75,7 +75,9 @@ VAE_ARMS = {  # name -> world.* overrides; values that scale a default are funct
 UNET_ARMS = {
     "baseline": {},
     "min-snr-5": {"unet_min_snr_gamma": 5.0},
+    "min-snr-0": {"unet_min_snr_gamma": 0.0},
     "lr-x2": {"unet_lr": lambda p: 2 * p.unet_lr},
+    "lr-x0.5": {"unet_lr": lambda p: p.unet_lr / 2},
     "ema-0.99": {"unet_ema_decay": 0.99},
     "warmup-0": {"unet_warmup": 1},
     "batch-x2": {"unet_batch": lambda p: 2 * p.unet_batch,

@@ -35,6 +35,9 @@ def test_scenes_are_deterministic_and_keep_their_ground_truth():
     images, scenes = world.draw_scenes(20, seed=3)
     again, same = world.draw_scenes(20, seed=3)
     assert np.array_equal(images, again) and scenes == same
+    # More scenes of a seed extend the fewer (world.unet_scenes extends the CLIP's scenes).
+    more, extended = world.draw_scenes(27, seed=3)
+    assert np.array_equal(more[:20], images) and extended[:20] == scenes
     assert images.shape == (20, 32, 32, 3) and images.dtype == np.uint8
     for image, scene in zip(images, scenes, strict=True):
         assert 1 <= len(scene.things) <= 3

@@ -89,9 +89,23 @@ def summarise(scores: list[dict[str, float]], objects: list[int],
         adherence = column(scores, "adherence")
         out |= mean_with_ci("adherence", adherence, seed)
         out |= mean_with_ci("all_parts", adherence == 1.0, seed)
-        for k in sorted(set(objects)):
-            picked = adherence[np.array(objects) == k]
-            out |= mean_with_ci(f"adherence_{k}_object{'s' if k > 1 else ''}", picked, seed)
+        out |= by_object_count(adherence, objects, seed)
+    return out
+
+
+def objects_key(k: int) -> str:
+    """`1_object`, `2_objects`, ...: how results name prompts that state k objects."""
+    return f"{k}_object{'s' if k > 1 else ''}"
+
+
+def by_object_count(adherence: np.ndarray, objects: list[int],
+                    seed: int = 0) -> dict[str, float]:
+    """`adherence_K_object(s)` (with its interval) over the prompts stating K objects, for each
+    K in `objects` (one count per prompt)."""
+    out: dict[str, float] = {}
+    for k in sorted(set(objects)):
+        out |= mean_with_ci(f"adherence_{objects_key(k)}", adherence[np.array(objects) == k],
+                            seed)
     return out
 
 

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
-from pipeline.adherence import prompt_seeds
+from pipeline.adherence import by_object_count, objects_key, prompt_seeds
 from pipeline.generation import generate_images, load_pipeline
 from pipeline.intervals import mean_with_ci, paired_difference
 from pipeline.jsonio import write_json
@@ -119,19 +119,24 @@ def grid_prompts(params: Params) -> set[str]:
     return set(single) | set(multi)
 
 
+def judged_adherence(pipe, judge: Judge, render, prompts: list[str],
+                     seed: int) -> np.ndarray:
+    """[len(prompts)] adherence of the reference row's pictures of `prompts`: their CLIP
+    states, negative "", the noise seeds of `seed`, `render` settings."""
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    images = generate_images(pipe, text_states(text_encoder, tokenizer, prompts),
+                             text_states(text_encoder, tokenizer, [""]), render,
+                             prompt_seeds(seed, len(prompts)))
+    return np.array(judge.adherence(images, prompts))
+
+
 def reference_scores(pipe, judge: Judge, params: Params, count: int) -> dict[str, np.ndarray]:
     """{kind: adherence [count]} of the reference row, as `evaluate` draws it: the held-out
     prompts (the grid's excluded), their CLIP states, the same seeds."""
-    e, tokenizer, text_encoder = params.evaluate, pipe.tokenizer, pipe.text_encoder
+    e = params.evaluate
     prompts = World.held_out_prompts(count, e.seed, grid_prompts(params))
-    seeds = prompt_seeds(e.seed, count)
-    negative = text_states(text_encoder, tokenizer, [""])
-    scores = {}
-    for kind in KINDS:
-        conditioning = text_states(text_encoder, tokenizer, prompts[kind])
-        images = generate_images(pipe, conditioning, negative, params.render, seeds)
-        scores[kind] = np.array(judge.adherence(images, prompts[kind]))
-    return scores
+    return {kind: judged_adherence(pipe, judge, params.render, prompts[kind], e.seed)
+            for kind in KINDS}
 
 
 def prompts_by_objects(count: int, seed: int, exclude: set[str]) -> dict[int, dict]:
@@ -153,17 +158,12 @@ def rows_by_objects(pipe, judge: Judge, render, by_objects: dict[int, dict], see
                     kinds: tuple[str, ...] = KINDS) -> dict:
     """{kind: {"N_objects": mean adherence with interval}} of the prompts of each object count
     (`prompts_by_objects`), drawn with `render` settings from the noise seeds of `seed`."""
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    negative = text_states(text_encoder, tokenizer, [""])
     out: dict[str, dict] = {kind: {} for kind in kinds}
     for k, prompts in by_objects.items():
         for kind in kinds:
-            count = len(prompts[kind])
-            images = generate_images(pipe, text_states(text_encoder, tokenizer, prompts[kind]),
-                                     negative, render, prompt_seeds(seed, count))
-            values = judge.adherence(images, prompts[kind])
-            out[kind][f"{k}_object{'s' if k > 1 else ''}"] = {
-                **mean_with_ci("adherence", values, seed), "prompts": count}
+            values = judged_adherence(pipe, judge, render, prompts[kind], seed)
+            out[kind][objects_key(k)] = {**mean_with_ci("adherence", values, seed),
+                                         "prompts": len(values)}
     return out
 
 
@@ -183,10 +183,8 @@ def summary(scores: dict[str, np.ndarray], against: dict[str, np.ndarray] | None
             objects: list[int], seed: int) -> dict:
     out = {}
     for kind, values in scores.items():
-        row = {**mean_with_ci("adherence", values, seed), "prompts": len(values)}
-        for k in sorted(set(objects)):
-            row |= mean_with_ci(f"adherence_{k}_object{'s' if k > 1 else ''}",
-                                values[np.array(objects) == k], seed)
+        row = {**mean_with_ci("adherence", values, seed), "prompts": len(values),
+               **by_object_count(values, objects, seed)}
         if against is not None:  # the same prompts and seeds: a paired difference
             row["vs_first_arm"] = paired_difference(np.mean, [values], [against[kind]], seed)
         out[kind] = row

@@ -3,7 +3,7 @@
 The Python API (`PromptEncoder`, `ImagePart`) loads on first use, so the CLI starts without
 importing what it does not need."""
 
-_API = {"PromptEncoder": "pipeline.prompt_encoder", "ImagePart": "pipeline.prompt_encoder"}
+_API = {"PromptEncoder": "pipeline.prompting.encoder", "ImagePart": "pipeline.prompting.encoder"}
 
 
 def __getattr__(name: str):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.base_models import load_clip
-from pipeline.params import Params, parse_params
+from pipeline.base.loaders import load_clip
+from pipeline.config.params import Params, parse_params
 from pipeline.world.build import build_micro_world
 
 SMALL = {
@@ -52,8 +52,8 @@ def run_small_pipeline(work: Path, base_dir: Path, params: Params | None = None,
     between, in `work`); returns the shards folder."""
     import os
 
-    from pipeline.captions import run_captions_stage
-    from pipeline.extract import run_extract_stage
+    from pipeline.stages.captions import run_captions_stage
+    from pipeline.stages.extract import run_extract_stage
 
     params = params or small_params()
     project_dir(work, base_dir)

@@ -189,8 +189,8 @@ def test_unet_of_another_width(tmp_path, models):
 
 
 def test_unet_of_another_width_is_refused_when_generating():
-    from pipeline.base_checks import check_cross_attention
-    from pipeline.base_files import BaseModelError
+    from pipeline.base.checks import check_cross_attention
+    from pipeline.base.files import BaseModelError
 
     with pytest.raises(BaseModelError, match="cross-attends to 768-wide .* are 128 wide"):
         check_cross_attention(768, 128)
@@ -239,7 +239,7 @@ def test_a_retrained_unet_changes_the_base_record_but_not_the_clips(tmp_path, mo
 
 
 def test_large_files_are_fingerprinted_by_size_and_edges(tmp_path, monkeypatch):
-    from pipeline import base_files
+    from pipeline.base import files as base_files
 
     monkeypatch.setattr(base_files, "FULL_HASH_LIMIT", 4 * base_files.EDGE)
     path = tmp_path / "big.safetensors"
@@ -284,11 +284,11 @@ def test_the_advised_download_command_exists():
 
 def test_evaluate_refuses_deprojectors_of_another_width(tmp_path, models, monkeypatch):
     """evaluate gives the same one-line error as encode, generate and render."""
-    from pipeline.base_models import load_clip
-    from pipeline.extract import compute_constants, extract_split
+    from pipeline.base.loaders import load_clip
+    from pipeline.config.params import parse_params
+    from pipeline.data.extraction import compute_constants, extract_split
+    from pipeline.data.shards import save_constants
     from pipeline.models import build_deprojector
-    from pipeline.params import parse_params
-    from pipeline.shards import save_constants
 
     monkeypatch.chdir(tmp_path)
     clip = load_clip(str(models["clip"]))
@@ -371,7 +371,7 @@ def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, model
     """pytorch_model.bin and model.safetensors.index.json checkpoints are read too."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.base_files import BaseModelError, check_text_projection, weight_files
+    from pipeline.base.files import BaseModelError, check_text_projection, weight_files
 
     tensors = load_file(models["clip"] / "model.safetensors")
     binary = tmp_path / "bin"
@@ -422,8 +422,8 @@ def test_damaged_clip_files_name_the_file(tmp_path, models, damage, fragments):
 def test_damaged_sharded_and_bin_checkpoints_name_the_file(tmp_path, models):
     from safetensors.torch import load_file, save_file
 
-    from pipeline.base_files import check_text_projection
-    from pipeline.base_models import BaseModelError
+    from pipeline.base.files import check_text_projection
+    from pipeline.base.loaders import BaseModelError
 
     tensors = load_file(models["clip"] / "model.safetensors")
     sharded = tmp_path / "sharded"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.base_files import BaseModelError
-from pipeline.base_models import load_clip
-from pipeline.clip_encode import encode_texts
-from pipeline.extract import compute_constants
+from pipeline.base.clip_encode import encode_texts
+from pipeline.base.files import BaseModelError
+from pipeline.base.loaders import load_clip
+from pipeline.data.extraction import compute_constants
 
 PROMPTS = ["cat maid", "1girl red hair blue eye black skirt", "1boy 1girl in class room"]
 
@@ -46,7 +46,7 @@ def test_unreachable_hub_id_fails_with_instructions(monkeypatch):
 
 
 def test_fast_tokenize_equals_the_transformers_tokenizer(clip):
-    from pipeline.clip_encode import tokenize
+    from pipeline.base.clip_encode import tokenize
 
     texts = PROMPTS + ["", "Ünïcode 🐱 text", "word " * 100, "  spaced   out  ", "a,b , c"]
     ours = tokenize(clip, texts)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate import VALIDATION_FRACTION, choose_k, validation_split
-from pipeline.intervals import (
+from pipeline.data.shards import ShardReader, load_constants
+from pipeline.metrics.intervals import (
     ci_key,
     interval,
     mean_with_ci,
@@ -15,8 +15,8 @@ from pipeline.intervals import (
     ratio_of_sums,
     ratio_with_ci,
 )
-from pipeline.retrieval import K_CANDIDATES, Retrieval
-from pipeline.shards import ShardReader, load_constants
+from pipeline.metrics.retrieval import K_CANDIDATES, Retrieval
+from pipeline.metrics.scores import VALIDATION_FRACTION, choose_k, validation_split
 
 # --- intervals ------------------------------------------------------------------------------
 

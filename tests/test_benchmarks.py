@@ -12,16 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.benchmarks import (
-    bridges,
-    extraction,
-    generation,
-    schedulers,
-    step_profile,
-    training,
-    world_recipes,
-)
+from pipeline.benchmarks import extraction, generation, step_profile, training
 from pipeline.cli import app
+from pipeline.experiments import bridges, schedulers, world_recipes
 from pipeline.models import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,7 +182,7 @@ def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
 def test_the_guidance_sweep_is_chosen_on_prompts_no_row_scores():
     """Validation prompts share no prompt with evaluate's held-out prompts, the --world rows
     or the grids, so the chosen scale is not tuned on the prompts it is reported on."""
-    from pipeline.params import load_params
+    from pipeline.config.params import load_params
     from pipeline.world.embedded import World
 
     params = load_params(Path("params.yaml"))

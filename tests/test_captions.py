@@ -10,12 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.captions import (
-    CaptionSourceError,
-    clean_captions,
-    read_caption_file,
-    split_train_test,
-)
+from pipeline.data.caption_files import CaptionSourceError, read_caption_file
+from pipeline.data.captions import clean_captions, split_train_test
 from pipeline.world.scenes import generate_captions
 
 
@@ -90,7 +86,7 @@ def test_split_is_deterministic_and_disjoint():
 
 
 def test_builtin_generator_is_deterministic_and_covers_the_grid_prompts():
-    from pipeline.params import WORLD_PROMPTS_MULTI, WORLD_PROMPTS_SINGLE
+    from pipeline.config.params import WORLD_PROMPTS_MULTI, WORLD_PROMPTS_SINGLE
 
     captions = generate_captions(5000, seed=0)
     assert captions == generate_captions(5000, seed=0)
@@ -117,7 +113,7 @@ def test_cleaning_properties(raw):
 
 
 def test_captions_stage_drops_a_one_megabyte_line_and_counts_it(tmp_path, base_dir, monkeypatch):
-    from pipeline.captions import run_captions_stage
+    from pipeline.stages.captions import run_captions_stage
     from tests.conftest import project_dir, small_params
 
     source = tmp_path / "captions.txt"
@@ -135,7 +131,7 @@ def test_captions_stage_drops_a_one_megabyte_line_and_counts_it(tmp_path, base_d
 def test_a_csv_caption_over_the_csv_modules_field_limit_is_dropped_as_too_long(
         tmp_path, base_dir, monkeypatch):
     """The csv module stops at 131,072 characters a field; the cleaning drops and counts."""
-    from pipeline.captions import run_captions_stage
+    from pipeline.stages.captions import run_captions_stage
     from tests.conftest import project_dir, small_params
 
     source = tmp_path / "captions.csv"
@@ -259,7 +255,7 @@ def test_parquet_text_columns_of_every_string_type_are_read(tmp_path):
 def test_a_hub_column_that_is_not_text_names_its_type(monkeypatch):
     import datasets
 
-    from pipeline.captions import read_hub_dataset
+    from pipeline.data.caption_files import read_hub_dataset
 
     table = datasets.Dataset.from_dict({"text": [1, 2], "caption": ["a", None]})
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
@@ -286,7 +282,7 @@ def test_empty_and_undecodable_files_name_line_and_byte(tmp_path, name, content,
 
 
 def test_a_folder_given_as_the_caption_file_is_named(tmp_path):
-    from pipeline.captions import collect_raw
+    from pipeline.data.captions import collect_raw
 
     (tmp_path / "captions.txt").mkdir()
     with pytest.raises(CaptionSourceError, match=r"captions\.txt: is a folder, expected a "

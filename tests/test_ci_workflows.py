@@ -14,7 +14,7 @@ import typer
 import yaml
 
 from pipeline.cli import app
-from pipeline.compare import DEFAULT_BASELINE
+from pipeline.reporting.compare import DEFAULT_BASELINE
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))

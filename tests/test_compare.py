@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.compare import CompareError, resolve, write_comparison
+from pipeline.reporting.compare import CompareError, resolve, write_comparison
 
 DVC_YAML = {
     "stages": {"render": {

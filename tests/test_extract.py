@@ -10,9 +10,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.clip_encode import encode_texts
-from pipeline.extract import plan_rows
-from pipeline.shards import ShardError, ShardReader, load_constants, open_shard
+from pipeline.base.clip_encode import encode_texts
+from pipeline.data.extraction import plan_rows
+from pipeline.data.shards import ShardError, ShardReader, load_constants, open_shard
 from tests.conftest import run_small_pipeline, small_params
 
 
@@ -200,7 +200,7 @@ def test_corrupt_meta_and_constants_name_the_file(tmp_path, small_shards, name, 
                                                   message):
     import shutil
 
-    from pipeline.shards import read_meta
+    from pipeline.data.shards import read_meta
 
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
@@ -255,9 +255,10 @@ def test_image_rows_take_plain_slots_in_training_and_are_added_to_test():
 
 
 def test_image_rows_hold_the_bridged_scene_and_its_captions_states(tmp_path, base_dir, clip):
-    from pipeline.gap import run_gap_stage
-    from pipeline.image_prompts import ImageTower, ModalityGap
-    from pipeline.pairs import WorldPairs
+    from pipeline.base.vision import ImageTower
+    from pipeline.data.pairs import WorldPairs
+    from pipeline.prompting.bridges import ModalityGap
+    from pipeline.stages.gap import run_gap_stage
 
     params = small_params(augment={"image": 0.25}, gap={"pairs": 32, "bridge": "linear"})
     shards = run_small_pipeline(tmp_path, base_dir, params,

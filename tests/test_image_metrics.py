@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.image_metrics import (
+from pipeline.metrics.image_metrics import (
     LUMA,
     PSNR_CAP_DB,
     WINDOW,

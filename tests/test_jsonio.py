@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.jsonio import round_floats, write_json
+from pipeline.core.jsonio import round_floats, write_json
 
 
 def test_round_floats_keeps_six_significant_digits_at_every_scale() -> None:

@@ -14,21 +14,32 @@ from pipeline import cli
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "pipeline"
 
-# What each part of the package may import from the project (prefixes of module names).
-# Modules not listed may import anything below the CLI.
-LAYERS = {
-    "pipeline.errors": (),
-    "pipeline.conventions": (),
-    "pipeline.names": (),
-    "pipeline.atomic": (),
-    "pipeline.models": ("pipeline.models", "pipeline.conventions", "pipeline.errors"),
-    "pipeline.world": ("pipeline.world", "pipeline.conventions", "pipeline.errors",
-                       "pipeline.atomic", "pipeline.sections"),
-    "pipeline.sections": ("pipeline.errors",),
-    "pipeline.prompts": ("pipeline.errors",),
-    "pipeline.base_files": ("pipeline.errors",),
-}
-CLI_MODULES = ("pipeline.cli", "pipeline.cli_prompts", "pipeline.__main__")
+# The package's rooms, lowest first (docs/design.md): a module imports only from its own room
+# and the rooms before it. Rooms on one row are side by side and may not import each other.
+ROOMS = [
+    ("core",),                     # errors, conventions, names, atomic I/O, params sections
+    ("models", "world"),           # one file per architecture; the embedded world
+    ("config",),                   # params.yaml's dataclasses; `models:` against the registry
+    ("base",),                     # loading and checking base CLIP / SD / vision tower
+    ("prompting",),                # grammar, image reading, bridges, PromptEncoder
+    ("data",),                     # caption sources, pairs, extraction, shards
+    ("sampling",),                 # each run's encoder; SD sampling
+    ("metrics",),                  # losses, intervals, retrieval, scores, adherence, significance
+    ("reporting", "training"),     # grids, report, compare; the training loop
+    ("stages",),                   # one module per DVC stage
+    ("experiments",),              # ablations and sweeps (may run whole stages)
+    ("benchmarks",),               # timing
+    ("cli",),                      # `deprojector`
+]
+RANK = {room: rank for rank, rooms in enumerate(ROOMS) for room in rooms}
+# Who may import a stage: the CLI, and experiments that run the pipeline end to end.
+STAGE_IMPORTERS = ("pipeline.cli", "pipeline.experiments")
+CLI_MODULES = ("pipeline.cli", "pipeline.cli.prompts", "pipeline.__main__")
+
+
+def room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in RANK else None
 
 
 def module_name(path: Path) -> str:
@@ -76,7 +87,8 @@ def closure(roots: set[str]) -> set[str]:
 def test_the_graph_is_read() -> None:
     # A parser that found nothing would pass every test below.
     assert "pipeline.models.base" in GRAPH["pipeline.models.transformer"]
-    assert {"pipeline.prompt_encoder", "pipeline.drawing"} <= GRAPH["pipeline.render"]
+    assert {"pipeline.prompting.encoder", "pipeline.reporting.drawing"} \
+        <= GRAPH["pipeline.stages.render"]
     assert "pipeline.world.scenes" in GRAPH["pipeline.world.embedded"]
 
 
@@ -87,13 +99,33 @@ def test_no_import_cycles() -> None:
         assert module not in reach, f"{module} imports itself through {sorted(reach)}"
 
 
-@pytest.mark.parametrize("part", sorted(LAYERS))
-def test_layers_only_look_down(part: str) -> None:
-    allowed = LAYERS[part]
-    for module in (m for m in MODULES if m == part or m.startswith(part + ".")):
+def test_every_module_is_in_a_room() -> None:
+    loose = [m for m in MODULES if room(m) is None and m not in ("pipeline", "pipeline.__main__")]
+    assert not loose, f"modules outside the rooms of docs/design.md: {loose}"
+    assert set(RANK) == {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+
+
+@pytest.mark.parametrize("part", sorted(RANK))
+def test_rooms_only_look_down(part: str) -> None:
+    for module in (m for m in MODULES if room(m) == part):
         for target in GRAPH[module]:
-            assert target == "pipeline" or target.startswith(allowed), \
-                f"{module} imports {target}; {part} may import only {allowed or 'nothing'}"
+            if target == "pipeline" or room(target) == part:
+                continue
+            assert room(target) is not None and RANK[room(target)] < RANK[part], \
+                f"{module} imports {target}: {part} may import only the rooms before it"
+
+
+def test_stages_are_imported_only_by_the_cli_and_experiments() -> None:
+    for module, targets in GRAPH.items():
+        if room(module) != "stages" and not module.startswith(STAGE_IMPORTERS):
+            stages = sorted(t for t in targets if room(t) == "stages")
+            assert not stages, f"{module} imports {stages}"
+
+
+def test_a_layer_violation_is_found() -> None:
+    """The checks above can fail: core importing a stage would be caught."""
+    assert RANK[room("pipeline.stages.render")] > RANK[room("pipeline.core.errors")]
+    assert room("pipeline.stages.render") == "stages" and room("pipeline.cli") == "cli"
 
 
 def test_only_the_cli_imports_the_cli() -> None:
@@ -110,9 +142,9 @@ def command_roots(command: str) -> set[str]:
     source = ast.parse(Path(cli.__file__).read_text())
     definition = next(node for node in ast.walk(source)
                       if isinstance(node, ast.FunctionDef) and node.name == function.__name__)
-    helpers = {"pipeline.errors"}  # `_run` of every command
+    helpers = {"pipeline.core.errors"}  # `_run` of every command
     if "_params(" in ast.unparse(definition):  # reads the whole params file
-        helpers.add("pipeline.params")
+        helpers.add("pipeline.config.params")
     return (imports("pipeline.cli", definition.body) | helpers) - set(CLI_MODULES)
 
 
@@ -139,8 +171,15 @@ def test_every_file_a_stage_runs_is_among_its_deps(stage: str) -> None:
     assert len(files) > 3  # the closure was found
 
 
+@pytest.mark.parametrize("command", ["captions", "gap", "extract"])
+def test_the_clip_only_stages_do_not_run_the_architectures(command: str) -> None:
+    """An edit to pipeline/models reruns only the stages that train, load or list runs."""
+    assert not {m for m in closure(command_roots(command)) if m.startswith("pipeline.models")}
+    assert "pipeline/models" not in stage_deps()[command][1]
+
+
 def test_a_missing_dep_is_found() -> None:
-    """The check above can fail: render without pipeline/drawing.py misses it."""
+    """The check above can fail: render without pipeline/reporting/drawing.py misses it."""
     files = [MODULES[m] for m in closure(command_roots("render"))]
-    deps = [d for d in stage_deps()["render"][1] if d != "pipeline/drawing.py"]
+    deps = [d for d in stage_deps()["render"][1] if d != "pipeline/reporting/drawing.py"]
     assert any(not covered(f, deps) for f in files)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.losses import cosine_per_position, mse, position_weights, weighted_mse
+from pipeline.metrics.losses import cosine_per_position, mse, position_weights, weighted_mse
 
 N = 77
 
@@ -64,7 +64,7 @@ def test_cosine_per_position() -> None:
 
 
 def test_masked_cosine_averages_the_predicted_in_mask_positions() -> None:
-    from pipeline.losses import masked_cosine, predicted_in_mask
+    from pipeline.metrics.losses import masked_cosine, predicted_in_mask
 
     mask = mask_of([3, 1])  # row 0: sos + 2 positions; row 1: sos only
     target = torch.randn(2, N, 8)
@@ -77,7 +77,7 @@ def test_masked_cosine_averages_the_predicted_in_mask_positions() -> None:
 
 
 def test_combine_embeddings_adds_parts_relative_to_null() -> None:
-    from pipeline.conventions import combine_embeddings
+    from pipeline.core.conventions import combine_embeddings
 
     null, a, b = torch.randn(3, 8)
     torch.testing.assert_close(combine_embeddings(torch.stack([a, b]), null), a + b - null)
@@ -89,7 +89,7 @@ def test_combine_embeddings_adds_parts_relative_to_null() -> None:
 def test_atomic_path_replaces_only_when_complete(tmp_path) -> None:
     import pytest
 
-    from pipeline.atomic import atomic_path
+    from pipeline.core.atomic import atomic_path
 
     target = tmp_path / "sub" / "x.txt"
     with atomic_path(target) as tmp:

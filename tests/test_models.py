@@ -185,7 +185,7 @@ def truncate(path, keep: float = 0.5) -> None:
      r"model\.safetensors: its tensors do not fit .*config\.json \(.*size mismatch"),
 ])
 def test_a_damaged_deprojector_folder_names_the_file(tmp_path, damage, message) -> None:
-    from pipeline.errors import DeprojectorError
+    from pipeline.core.errors import DeprojectorError
     from pipeline.models import ModelFileError
 
     make_model("vicinity-batch").save_pretrained(tmp_path)

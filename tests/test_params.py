@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.params import ParamsError, load_params, parse_params
+from pipeline.config.params import ParamsError, load_params, parse_params
+from pipeline.config.runs import check_runs
 
 
 @pytest.mark.parametrize("raw, key", [
@@ -52,12 +53,14 @@ from pipeline.params import ParamsError, load_params, parse_params
                  "e": {"type": "ensemble", "members": "a, b"}}}, "models.e.members"),
 ])
 def test_invalid_values_name_their_key(raw, key):
+    """Each stage parses its params file and, where it builds, loads or lists runs (and in
+    `base`, the first stage of every `dvc repro`), checks `models:` against the registry."""
     with pytest.raises(ParamsError, match=re.escape(f"`{key}`")):
-        parse_params(raw)
+        check_runs(parse_params(raw).models)
 
 
 def test_reserved_run_names_are_every_name_another_output_or_row_takes():
-    from pipeline.names import IMAGE_ROWS, RESERVED_RUN_NAMES
+    from pipeline.core.names import IMAGE_ROWS, RESERVED_RUN_NAMES
 
     for name in ("null-baseline", "retrieval", "comparison", "adherence", "image_prompts",
                  "reference", "world", "base", *IMAGE_ROWS):
@@ -76,7 +79,7 @@ def test_the_file_is_named(tmp_path):
 
 
 def test_vicinity_below_one_is_rejected_when_training_starts(tmp_path, small_shards):
-    from pipeline.train import build_model
+    from pipeline.training.loop import build_model
     from tests.conftest import small_params
 
     p = small_params(models={"vicinity-batch": {"type": "vicinity-batch", "vicinity": 0}})
@@ -85,8 +88,8 @@ def test_vicinity_below_one_is_rejected_when_training_starts(tmp_path, small_sha
 
 
 def test_shards_of_another_base_model_are_refused(small_shards):
-    from pipeline.shards import ShardError
-    from pipeline.train import build_model
+    from pipeline.data.shards import ShardError
+    from pipeline.training.loop import build_model
     from tests.conftest import small_params
 
     p = small_params(base={"clip": "openai/clip-vit-large-patch14", "sd": "some/sd"},
@@ -138,7 +141,7 @@ def test_dvc_exp_run_set_param_round_trips(tmp_path):
     """What `dvc exp run -S train.lr=0.000001 -S models.NAME.train.lr=...` writes loads back."""
     from dvc.utils.serialize import dumps_yaml
 
-    from pipeline.sections import load_yaml
+    from pipeline.core.sections import load_yaml
 
     project_params = Path(__file__).resolve().parents[1] / "params.yaml"
     raw = load_yaml(project_params.read_text())
@@ -184,7 +187,7 @@ def test_run_names_differing_only_in_case_are_refused():
 def test_every_run_name_in_params_yaml_is_a_valid_dvc_stage_name():
     from dvc.stage.utils import is_valid_name
 
-    from pipeline.params import RUN_NAME
+    from pipeline.config.params import RUN_NAME
 
     project = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
     assert project.models and all(is_valid_name(n) for n in project.models)

@@ -16,23 +16,19 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline.base_files import BaseModelError
-from pipeline.captions import run_captions_stage
+from pipeline.base.clip_encode import encode_texts
+from pipeline.base.files import BaseModelError
+from pipeline.base.vision import ImageTower
 from pipeline.cli import app
-from pipeline.clip_encode import encode_texts
-from pipeline.conventions import combine_embeddings, interpolate_embeddings
-from pipeline.gap import run_gap_stage
-from pipeline.image_prompts import (
-    GAP_FILE,
-    ImagePromptError,
-    ImageTower,
-    ModalityGap,
-    load_image,
-)
+from pipeline.core.conventions import combine_embeddings, interpolate_embeddings
+from pipeline.data.pairs import FolderPairs
 from pipeline.models import build_deprojector
-from pipeline.pairs import FolderPairs
-from pipeline.prompt_encoder import ImagePart, PromptEncoder
-from pipeline.prompts import MAX_WEIGHT, PromptError, WeightedPart, parse_weighted
+from pipeline.prompting.bridges import GAP_FILE, ModalityGap
+from pipeline.prompting.encoder import ImagePart, PromptEncoder
+from pipeline.prompting.grammar import MAX_WEIGHT, PromptError, WeightedPart, parse_weighted
+from pipeline.prompting.images import ImagePromptError, load_image
+from pipeline.stages.captions import run_captions_stage
+from pipeline.stages.gap import run_gap_stage
 from pipeline.world import scenes as world
 from pipeline.world.embedded import World
 from tests.conftest import project_dir, small_params
@@ -295,7 +291,7 @@ def test_images_are_read_upright_as_their_exif_says(tmp_path) -> None:
 
 
 def test_a_header_claiming_a_giant_image_is_refused_naming_the_size(tmp_path) -> None:
-    from pipeline.image_prompts import MAX_IMAGE_PIXELS
+    from pipeline.prompting.images import MAX_IMAGE_PIXELS
 
     (tmp_path / "bomb.png").write_bytes(header_only_png(20_000, 10_000))
     assert len((tmp_path / "bomb.png").read_bytes()) == 45
@@ -460,8 +456,9 @@ def test_non_finite_states_are_an_error_not_a_black_picture(encoder) -> None:
 
     with pytest.raises(PromptError, match="the deprojector's states are not finite"):
         encoder.with_deprojector(Overflowing()).encode_prompt("red circle")
-    from pipeline.generation import GenerationError, generate_images
-    from pipeline.params import RenderParams
+    from pipeline.config.params import RenderParams
+    from pipeline.sampling.encoders import GenerationError
+    from pipeline.sampling.sd import generate_images
 
     nan = torch.full((1, 77, encoder.clip.hidden_size), float("nan"))
     with pytest.raises(GenerationError, match="prompt_embeds contain NaN"):
@@ -528,9 +525,9 @@ def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch
     """The README's Python API example, as written, from a directory outside the repository:
     a deprojector saved for the committed world's CLIP (`builtin`) finds its base and its
     modality-gap statistics on its own."""
-    from pipeline.base_models import load_clip
-    from pipeline.extract import compute_constants
-    from pipeline.train import record_base
+    from pipeline.base.loaders import load_clip
+    from pipeline.data.extraction import compute_constants
+    from pipeline.training.loop import record_base
     from pipeline.world.config import CHECKOUT_WORLD_DIR
 
     if not (CHECKOUT_WORLD_DIR / "sd").is_dir():
@@ -564,7 +561,7 @@ def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch
 
 def test_a_deprojector_refuses_another_clip_of_the_same_width(project, base_dir) -> None:
     from pipeline.models import BaseMismatchError, load_deprojector
-    from pipeline.train import record_base
+    from pipeline.training.loop import record_base
 
     model = load_deprojector(project / "models" / "vb")
     record_base(model, "builtin")  # in the project: the micro-world's CLIP
@@ -581,7 +578,7 @@ def test_hub_dataset_pairs_read_an_image_and_a_text_column(tmp_path, monkeypatch
     parquet folder, as load_dataset reads a downloaded hub set)."""
     import datasets
 
-    from pipeline.pairs import HubPairs
+    from pipeline.data.pairs import HubPairs
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "set"

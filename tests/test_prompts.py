@@ -8,11 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from pipeline.clip_encode import encode_texts
-from pipeline.conventions import MAX_LENGTH
+from pipeline.base.clip_encode import encode_texts
+from pipeline.core.conventions import MAX_LENGTH
 from pipeline.models import build_deprojector
-from pipeline.prompt_encoder import PromptEncoder, truncated_text
-from pipeline.prompts import PromptError, parse_weighted
+from pipeline.prompting.encoder import PromptEncoder, truncated_text
+from pipeline.prompting.grammar import PromptError, parse_weighted
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,21 @@ from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from pipeline import params as params_module
-from pipeline.captions import run_captions_stage
+from pipeline.base.clip_encode import encode_texts
 from pipeline.cli import app
-from pipeline.clip_encode import encode_texts
-from pipeline.conventions import MAX_LENGTH
-from pipeline.drawing import MIN_CELL
-from pipeline.gap import run_gap_stage
-from pipeline.generation import SCHEDULERS, load_pipeline
-from pipeline.image_metrics import PSNR_CAP_DB
-from pipeline.jsonio import round_floats
+from pipeline.config import params as params_module
+from pipeline.config.params import ParamsError, load_params, parse_params
+from pipeline.core.conventions import MAX_LENGTH
+from pipeline.core.jsonio import round_floats
+from pipeline.core.names import IMAGE_ROWS, REFERENCE
+from pipeline.metrics.image_metrics import PSNR_CAP_DB
 from pipeline.models import build_deprojector
-from pipeline.names import IMAGE_ROWS, REFERENCE
-from pipeline.params import ParamsError, load_params, parse_params
-from pipeline.prompt_encoder import PromptEncoder
-from pipeline.render import RenderError, render_column, run_render_stage
+from pipeline.prompting.encoder import PromptEncoder
+from pipeline.reporting.drawing import MIN_CELL
+from pipeline.sampling.sd import SCHEDULERS, load_pipeline
+from pipeline.stages.captions import run_captions_stage
+from pipeline.stages.gap import run_gap_stage
+from pipeline.stages.render import RenderError, render_column, run_render_stage
 from pipeline.world.embedded import World
 from tests.conftest import project_dir, small_params
 
@@ -244,7 +244,7 @@ def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> Non
 
 
 def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
-    from pipeline.report import adherence_noise_line, extras_section, picture_table
+    from pipeline.reporting.report import adherence_noise_line, extras_section, picture_table
 
     def row(adherence: float) -> dict:
         return {"adherence": adherence, "adherence_ci95": [adherence - 0.1, adherence + 0.1],
@@ -275,7 +275,7 @@ def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
 
 
 def test_pairs_and_seed_spread_tables() -> None:
-    from pipeline.report import pairs_table, seed_spread_table
+    from pipeline.reporting.report import pairs_table, seed_spread_table
 
     comparison = {"pairs": {
         "metric": "autoregressive cosine_masked", "sign": "first − second",
@@ -300,7 +300,7 @@ def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:
 
 
 def test_a_cut_metrics_file_names_the_file(tmp_path) -> None:
-    from pipeline.render import read_metrics
+    from pipeline.stages.render import read_metrics
 
     (tmp_path / "null-baseline.json").write_text('{"cosine": 0.5}')
     (tmp_path / "retrieval.json").write_text('{"cosine": 0.5}')

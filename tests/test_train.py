@@ -12,15 +12,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import evaluate as evaluate_module
-from pipeline import train as train_module
-from pipeline.evaluate import run_evaluate_stage
-from pipeline.gap import run_gap_stage
-from pipeline.jsonio import round_floats
+from pipeline.config.params import ParamsError
+from pipeline.core.jsonio import round_floats
+from pipeline.metrics.retrieval import K_CANDIDATES
 from pipeline.models import ARCHITECTURES, load_deprojector
-from pipeline.params import ParamsError
-from pipeline.retrieval import K_CANDIDATES
-from pipeline.train import train_model
+from pipeline.stages import evaluate as evaluate_module
+from pipeline.stages.evaluate import run_evaluate_stage
+from pipeline.stages.gap import run_gap_stage
+from pipeline.training import loop as train_module
+from pipeline.training.loop import train_model
 from tests.conftest import SMALL, project_dir, small_params
 
 TRAIN = {"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0}

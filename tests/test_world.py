@@ -22,8 +22,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from pipeline.base_models import load_sd_pipeline
-from pipeline.params import SCHEDULERS, WORLD_PROMPTS_MULTI, WORLD_PROMPTS_SINGLE
+from pipeline.base.loaders import load_sd_pipeline
+from pipeline.config.params import SCHEDULERS, WORLD_PROMPTS_MULTI, WORLD_PROMPTS_SINGLE
 from pipeline.world import loop
 from pipeline.world import scenes as world
 from pipeline.world.build import MICRO, WorldBuild, build_micro_world
@@ -100,7 +100,7 @@ def test_found_fraction_counts_stated_attributes():
 
 
 def test_ratios_to_the_reference_row():
-    from pipeline.adherence import with_ratios
+    from pipeline.metrics.adherence import with_ratios
 
     rows = with_ratios({"reference": {"adherence": 0.5, "clip_score": 20.0},
                         "model": {"adherence": 0.25, "clip_score": 30.0}})
@@ -208,7 +208,7 @@ def test_an_interrupted_part_resumes_to_the_same_weights(tmp_path, monkeypatch):
 def test_a_damaged_judge_names_the_file(tmp_path, base_dir, name, keep, message):
     import shutil
 
-    from pipeline.errors import DeprojectorError
+    from pipeline.core.errors import DeprojectorError
     from pipeline.world.judge import Judge
 
     folder = tmp_path / "judge"
@@ -345,7 +345,7 @@ def test_the_judge_trains_on_round_trips_and_world_json_records_both_reads(base_
     ("unet_batch", 400, "at most world.unet_scenes = 320"),
 ])
 def test_world_params_out_of_range_name_the_key(key, value, expected):
-    from pipeline.sections import ParamsError
+    from pipeline.core.sections import ParamsError
 
     with pytest.raises(ParamsError, match=f"world.{key}` must be {expected}"):
         dataclasses.replace(MICRO, **{key: value}).validate()

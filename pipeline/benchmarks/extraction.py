@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.base_models import ClipText, load_clip
-from pipeline.clip_encode import encode_tokens, token_ids, tokenize
-from pipeline.extract import compute_constants, extract_split, plan_rows
-from pipeline.params import parse_params
+from pipeline.base.clip_encode import encode_tokens, token_ids, tokenize
+from pipeline.base.loaders import ClipText, load_clip
+from pipeline.config.params import parse_params
+from pipeline.data.extraction import compute_constants, extract_split, plan_rows
 from pipeline.world.scenes import generate_captions
 from pipeline.world.tokenizer import train_tokenizer
 

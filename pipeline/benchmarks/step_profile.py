@@ -1,6 +1,6 @@
 """Where a training step's time goes: the model's own arithmetic vs everything around it.
 
-`pipeline.train.train_model` itself runs (Accelerate, tqdm, per-epoch test loss and
+`pipeline.training.loop.train_model` itself runs (Accelerate, tqdm, per-epoch test loss and
 checkpoint, all as in the `train` stage) on shards of the builtin world CLIP (D = 128) with
 params.yaml's `train:` settings (batch 100, Adam) and each architecture's params.yaml
 hyperparameters, while perf_counter segments are taken around its phases by wrapping what it
@@ -40,13 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import train as train_module
-from pipeline.base_models import load_clip
-from pipeline.extract import compute_constants, extract_split
+from pipeline.base.loaders import load_clip
+from pipeline.config.params import load_params, parse_params
+from pipeline.data.extraction import compute_constants, extract_split
+from pipeline.data.shards import ShardReader, save_constants
 from pipeline.models import ARCHITECTURES
-from pipeline.params import load_params, parse_params
-from pipeline.shards import ShardReader, save_constants
-from pipeline.train import train_model
+from pipeline.training import loop as train_module
+from pipeline.training.loop import train_model
 from pipeline.world.scenes import generate_captions
 
 ARITHMETIC = ("forward", "backward", "optimizer")

@@ -56,14 +56,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.base_models import load_clip
+from pipeline.base.loaders import load_clip
 from pipeline.benchmarks import step_profile
-from pipeline.conventions import BUILTIN, MAX_LENGTH
-from pipeline.extract import compute_constants, extract_split
-from pipeline.losses import weighted_mse
+from pipeline.config.params import parse_params
+from pipeline.core.conventions import BUILTIN, MAX_LENGTH
+from pipeline.data.extraction import compute_constants, extract_split
+from pipeline.data.shards import Batch, ShardReader
+from pipeline.metrics.losses import weighted_mse
 from pipeline.models import ARCHITECTURES, Deprojector, build_deprojector, hyperparameters
-from pipeline.params import parse_params
-from pipeline.shards import Batch, ShardReader
 from pipeline.world.scenes import generate_captions
 
 BATCH = 100
@@ -85,7 +85,7 @@ STEP_OVERRIDES = {"vicinity-batch": {"vicinity": 3, "norm": "batch"},
                   "vicinity-individual": {"vicinity": 3, "norm": "batch"}}
 
 
-# --- the training step (as pipeline.train.train_model runs it) ------------------------------
+# --- the training step (as pipeline.training.loop.train_model runs it) --------------------
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
                loss_fn: Callable = weighted_mse) -> torch.Tensor:

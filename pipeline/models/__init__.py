@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.conventions import CONSTANT_NAMES
+from pipeline.core.conventions import CONSTANT_NAMES
 from pipeline.models.base import (
     ARCHITECTURES,
     COMPOSITES,

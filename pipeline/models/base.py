@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
-from pipeline.errors import DeprojectorError, read_json, read_safetensors
+from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,7 +77,7 @@ class DeprojectorConfig:
     projection_size: int  # P: width of text_embeds / image_embeds
     num_positions: int = 77
     # The base CLIP it was trained on (`builtin`, a hub id or a folder) and the fingerprint of
-    # that CLIP's files (pipeline.base_files.clip_fingerprint); "" when not recorded.
+    # that CLIP's files (pipeline.base.files.clip_fingerprint); "" when not recorded.
     base_clip: str = ""
     base_fingerprint: str = ""
 

@@ -12,6 +12,7 @@ The work folder is removed once the world is assembled.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -25,7 +26,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.atomic import atomic_path
+from pipeline.core.atomic import atomic_path
 from pipeline.world import clip as world_clip
 from pipeline.world import diffusion, judge, vae
 from pipeline.world import scenes as world
@@ -56,8 +57,29 @@ ASSEMBLED = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "judge": "judge
 def _code_digest(part: str) -> str:
     digest = hashlib.sha256()
     for name in ("scenes.py", "loop.py", *CODE[part]):
-        digest.update((Path(__file__).parent / name).read_bytes())
+        digest.update(_code_shape((Path(__file__).parent / name).read_text()).encode())
     return digest.hexdigest()[:16]
+
+
+def _code_shape(source: str) -> str:
+    """What a module's code does, without what cannot change a trained part: comments,
+    formatting and the imports of project modules (a module that moves is the same code).
+    Python's syntax tree, written out field by field with empty fields left out, so that a
+    Python version that adds a field (empty in this code) reads the same."""
+
+    def shape(node: object) -> str:
+        if isinstance(node, ast.AST):
+            fields = [f"{name}={shape(value)}" for name, value in ast.iter_fields(node)
+                      if name not in ("ctx", "type_comment") and value not in (None, [])]
+            return f"{type(node).__name__}({', '.join(fields)})"
+        if isinstance(node, list):
+            return f"[{', '.join(shape(item) for item in node)}]"
+        return repr(node)
+
+    tree = ast.parse(source)
+    tree.body = [node for node in tree.body if not (
+        isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pipeline")]
+    return shape(tree)
 
 
 def _fingerprint(part: str, p: WorldParams) -> str:

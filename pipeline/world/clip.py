@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from pipeline.conventions import MAX_LENGTH
+from pipeline.core.conventions import MAX_LENGTH
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
 

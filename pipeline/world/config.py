@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.sections import check
+from pipeline.core.sections import check
 
 WORLD_DIR = Path("models/world")  # the world stage's output, in the project's root
 # The world of the checkout this package runs from: where `builtin` resolves outside a

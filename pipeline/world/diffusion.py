@@ -27,7 +27,7 @@ from diffusers import (
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.conventions import MAX_LENGTH
+from pipeline.core.conventions import MAX_LENGTH
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.conventions import BUILTIN
-from pipeline.errors import DeprojectorError
+from pipeline.core.conventions import BUILTIN
+from pipeline.core.errors import DeprojectorError
 from pipeline.world import scenes
 from pipeline.world.config import WORLD_DIR, locate
 

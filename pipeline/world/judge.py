@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.errors import DeprojectorError, read_json, read_safetensors
+from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
 

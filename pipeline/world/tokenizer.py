@@ -13,7 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
-from pipeline.conventions import MAX_LENGTH
+from pipeline.core.conventions import MAX_LENGTH
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -1,0 +1,1 @@
+"""The base models: loading and checking base CLIP, base SD and the vision tower."""

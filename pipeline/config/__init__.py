@@ -1,0 +1,1 @@
+"""params.yaml as dataclasses, checked by key; `models:` checked against the registry."""

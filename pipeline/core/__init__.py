@@ -1,0 +1,1 @@
+"""The floor every room stands on: errors, conventions, names, atomic writes, params sections."""

@@ -1,0 +1,22 @@
+"""Names the pipeline gives to outputs and grid rows beside the runs of `models:`.
+
+A run name becomes models/NAME/, reports/metrics/NAME.json and a row NAME of every grid and
+table, so a run may take none of these (params derives its reserved names from here).
+"""
+
+from __future__ import annotations
+
+WORLD = "world"  # models/world/: the embedded world
+BASE_RECORD = "base"  # models/base.json: the base models' check and fingerprint
+NULL_BASELINE = "null-baseline"  # reports/metrics/null-baseline.json
+RETRIEVAL = "retrieval"  # reports/metrics/retrieval.json: the nearest training rows' states
+COMPARISON = "comparison"  # reports/metrics/comparison.json: differences inside the noise
+ADHERENCE = "adherence"  # reports/metrics/adherence.json: held-out pictures judged
+IMAGE_PROMPTS = "image_prompts"  # reports/metrics/image_prompts.json: scenes as prompts
+REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
+IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
+
+RESERVED_RUN_NAMES = (WORLD, BASE_RECORD, NULL_BASELINE, RETRIEVAL, COMPARISON, ADHERENCE,
+                      IMAGE_PROMPTS, REFERENCE, *IMAGE_ROWS)
+# The bridges from image to text space, simplest first (gap.bridge; pipeline/prompting/images.py).
+BRIDGES = ("none", "mean-shift", "linear", "text-projection")

@@ -1,0 +1,1 @@
+"""Caption sources, image/caption pairs, extraction of CLIP hidden states, Arrow shards."""

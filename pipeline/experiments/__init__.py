@@ -1,0 +1,2 @@
+"""Ablations and sweeps whose records live in docs/records/
+(`python -m pipeline.experiments.NAME`)."""

@@ -1,0 +1,1 @@
+"""Losses, intervals, retrieval, states scores, picture adherence and paired comparisons."""

@@ -1,0 +1,209 @@
+"""Does a picture show what its prompt asks for? The judge's adherence and the CLIP score.
+
+- CLIP score (any base CLIP, the real CLIP-L included): 100 x max(0, cos(image_embeds,
+  text_embeds)) with the base CLIP's own towers, the definition SD papers and torchmetrics use.
+- Adherence (the embedded world only): the fraction of the attributes the prompt states
+  (background colour, each object's colour and shape) that the world's judge finds.
+
+`evaluate_adherence` scores held-out world prompts, single-embedding and comma-combined, for
+the reference row (ordinary CLIP states) and every deprojector, all from the same seeds. Every
+mean over prompts comes with its 95 % bootstrap interval over the prompts
+(pipeline/metrics/intervals.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.base.loaders import base_source
+from pipeline.config.params import Params
+from pipeline.core.conventions import MAX_LENGTH
+from pipeline.core.names import BRIDGES, REFERENCE
+from pipeline.metrics.intervals import ci_key, interval, mean_with_ci, ratio_of_sums, ratio_with_ci
+from pipeline.prompting.encoder import PromptEncoder
+from pipeline.sampling.sd import generate_images
+from pipeline.world.embedded import World
+from pipeline.world.judge import Judge
+
+KINDS = ("single", "multi")  # whole prompt deprojected; comma-separated parts combined
+
+
+@dataclass
+class Scorer:
+    """The base CLIP's two towers (CLIP score) and, for the builtin world, the judge."""
+
+    model: object  # transformers.CLIPModel
+    processor: object  # transformers.CLIPImageProcessor
+    tokenizer: object
+    judge: Judge | None
+
+    @classmethod
+    def load(cls, base_clip: str, world: World | None) -> Scorer:
+        from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+        source = base_source(base_clip, "clip")
+        judge = Judge.from_pretrained(world.judge_folder) if world else None
+        return cls(CLIPModel.from_pretrained(source).eval(),
+                   CLIPImageProcessor.from_pretrained(source),
+                   CLIPTokenizer.from_pretrained(source), judge)
+    @torch.no_grad()
+    def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
+        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
+                             return_tensors="pt")["input_ids"]
+        image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
+                            dim=-1)
+        text = F.normalize(self.model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        return (100 * (image * text).sum(-1).clamp(min=0)).tolist()
+
+    def adherence(self, images: list[Image.Image], prompts: list[str]) -> list[float] | None:
+        return None if self.judge is None else self.judge.adherence(images, prompts)
+
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[dict[str, float]]:
+        """Per image: clip_score, and adherence where a judge is available."""
+        clip = self.clip_scores(images, prompts)
+        adherence = self.adherence(images, prompts)
+        return [{"clip_score": c, **({} if adherence is None else {"adherence": a})}
+                for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
+
+
+def column(scores: list[dict[str, float]], key: str) -> np.ndarray:
+    """[prompts]: one score of every prompt."""
+    return np.array([s[key] for s in scores], dtype=np.float64)
+
+
+def summarise(scores: list[dict[str, float]], objects: list[int],
+              seed: int = 0) -> dict[str, float]:
+    """Means over prompts, each with its interval over resampled prompts (KEY_ci95);
+    `all_parts`: how often every stated attribute was found; and the mean adherence of
+    prompts with 1, 2, 3 objects."""
+    out = {**mean_with_ci("clip_score", column(scores, "clip_score"), seed),
+           "prompts": len(scores)}
+    if scores and "adherence" in scores[0]:
+        adherence = column(scores, "adherence")
+        out |= mean_with_ci("adherence", adherence, seed)
+        out |= mean_with_ci("all_parts", adherence == 1.0, seed)
+        out |= by_object_count(adherence, objects, seed)
+    return out
+
+
+def objects_key(k: int) -> str:
+    """`1_object`, `2_objects`, ...: how results name prompts that state k objects."""
+    return f"{k}_object{'s' if k > 1 else ''}"
+
+
+def by_object_count(adherence: np.ndarray, objects: list[int],
+                    seed: int = 0) -> dict[str, float]:
+    """`adherence_K_object(s)` (with its interval) over the prompts stating K objects, for each
+    K in `objects` (one count per prompt)."""
+    out: dict[str, float] = {}
+    for k in sorted(set(objects)):
+        out |= mean_with_ci(f"adherence_{objects_key(k)}", adherence[np.array(objects) == k],
+                            seed)
+    return out
+
+
+def with_ratios(rows: dict[str, dict[str, float]],
+                per_prompt: dict[str, list[dict[str, float]]] | None = None,
+                seed: int = 0) -> dict[str, dict[str, float]]:
+    """Adds each row's ratio to the reference row (adherence and CLIP score); given every
+    row's per-prompt scores, with its interval: Σ row / Σ reference over the same resampled
+    prompts."""
+    reference = rows[REFERENCE]
+    for name, scores in rows.items():
+        for key in ("adherence", "clip_score"):
+            if key in scores and reference.get(key):
+                scores[f"{key}_ratio"] = scores[key] / reference[key]
+                if per_prompt is not None:
+                    scores[ci_key(f"{key}_ratio")] = interval(
+                        ratio_of_sums, [column(per_prompt[name], key),
+                                        column(per_prompt[REFERENCE], key)], seed)
+    return rows
+
+
+def prompt_seeds(seed: int, count: int) -> list[int]:
+    """The noise seed of each held-out prompt: the same for every row."""
+    return [seed * 100_000 + i for i in range(count)]
+
+
+def judged(pipe, conditioning: torch.Tensor, negative: torch.Tensor, params: Params,
+           seeds: list[int], scorer: Scorer, prompts: list[str]) -> list[dict[str, float]]:
+    """Generate one picture per row of conditioning [N, 77, D]; each picture's scores."""
+    images = generate_images(pipe, conditioning, negative, params.render, seeds)
+    return scorer.score(images, prompts)
+
+
+def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
+                       scorer: Scorer, exclude: set[str]) -> tuple[dict, dict]:
+    """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind,
+    and {kind: {row: per-prompt scores}} (the same prompts, in the same order, in every row);
+    encoders: the reference row's (no deprojector) first, then each run's."""
+    e = params.evaluate
+    prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude)
+    seeds = prompt_seeds(e.seed, e.adherence_prompts)
+    negative = encoders[REFERENCE].encode_negative("", deproject=False)
+    result: dict[str, dict] = {}
+    per_prompt: dict[str, dict] = {}
+    for kind in KINDS:
+        texts = prompts[kind]
+        objects = [World.objects(p) for p in texts]
+        scores = {}
+        for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row"):
+            conditioning = encoder.encode_prompts(texts, combine=kind == "multi",
+                                                  deproject=name != REFERENCE)
+            scores[name] = judged(pipe, conditioning, negative, params, seeds, scorer, texts)
+        summary = {name: summarise(s, objects, e.seed) for name, s in scores.items()}
+        result[kind] = with_ratios(summary, scores, e.seed)
+        per_prompt[kind] = scores
+    return result, per_prompt
+
+
+def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], pipe,
+                           scorer: Scorer, world: World, exclude: set[str]) -> dict[str, dict]:
+    """Drawn held-out scenes as the only prompt, judged against their descriptions.
+
+    Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
+    (the scene through the vision tower and the run's bridge, gap.bridge) with image_to_text
+    = image adherence / text adherence (its interval: both means over the same resampled
+    scenes), and `bridges`: the same for every bridge of BRIDGES side by side (the run's own
+    among them); `reference`: the description's ordinary CLIP states. Same scenes and noise
+    seeds for every row.
+    """
+    e = params.evaluate
+    scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude)
+    texts = [world.describe(scene, " ") for scene in scenes]
+    drawn = world.draw(scenes, e.seed)
+    seeds = prompt_seeds(e.seed + 1, len(scenes))
+    objects = [World.objects(text) for text in texts]
+    reference = encoders[REFERENCE]
+    negative = reference.encode_negative("", deproject=False)
+
+    def score(conditioning: torch.Tensor) -> list[dict[str, float]]:
+        return judged(pipe, conditioning, negative, params, seeds, scorer, texts)
+
+    def with_ratio(scores: list[dict], text: list[dict]) -> dict:
+        summary = summarise(scores, objects, e.seed)
+        if any(s.get("adherence") for s in text):
+            summary |= ratio_with_ci("image_to_text", column(scores, "adherence"),
+                                     column(text, "adherence"), e.seed)
+        return summary
+
+    text = score(reference.encode_prompts(texts, deproject=False))
+    result = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
+    runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
+    for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
+        text = score(encoder.encode_prompts(texts, combine=False))
+        bridges = {kind: with_ratio(score(encoder.deproject(encoder.image_embedding(drawn, kind))),
+                                    text) for kind in BRIDGES}
+        own = bridges[params.gap.bridge]
+        result[name] = {"text": summarise(text, objects, e.seed),
+                        "image": {k: v for k, v in own.items() if not k.startswith("image_to")},
+                        **{k: v for k, v in own.items() if k.startswith("image_to")},
+                        "bridge": params.gap.bridge, "bridges": bridges}
+    return result

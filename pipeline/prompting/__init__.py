@@ -1,0 +1,1 @@
+"""From any prompt (text, weights, comma parts, images, mixes) to the embedding and states."""

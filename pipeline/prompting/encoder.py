@@ -1,0 +1,241 @@
+"""The one path from prompts to Stable Diffusion conditioning, as diffusers' `encode_prompt`.
+
+    from pipeline import PromptEncoder
+    encoder = PromptEncoder.from_pretrained("models/vicinity-batch")   # its base CLIP, gap
+    embeds = encoder.encode_prompt("red circle:1.2, blue square")      # [1, 77, D]
+    image = pipe(prompt_embeds=embeds,
+                 negative_prompt_embeds=encoder.encode_negative("")).images[0]
+
+Every form of prompt goes through this class: the reference (the ordinary CLIP last hidden
+state of the prompt, no deprojector), the whole prompt's pooled embedding deprojected, the
+comma-separated parts combined as e = Σ_k w_k (e_k − null) + null over text parts (grammar:
+pipeline/prompting/grammar.py) and image parts (pipeline/prompting/images.py), interpolation
+between two
+such embeddings around null, and negative prompts. The deprojector turns e into the 77 hidden
+states a StableDiffusionPipeline takes as prompt_embeds.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from pipeline.base.clip_encode import encode_texts, token_ids
+from pipeline.base.loaders import ClipText, load_clip
+from pipeline.base.vision import ImageTower
+from pipeline.core.conventions import MAX_LENGTH, combine_embeddings, interpolate_embeddings
+from pipeline.models import Deprojector, load_deprojector
+from pipeline.prompting.bridges import GAP_FILE, ModalityGap, image_pooled
+from pipeline.prompting.grammar import WEIGHT_NUMBER, PromptError, checked_weight, parse_weighted
+from pipeline.prompting.images import ImagePromptError, checked_rgb, load_image
+from pipeline.world.config import WORLD_DIR
+
+
+@dataclass
+class ImagePart:
+    """An image prompt: a file path or an RGB PIL image, and its weight."""
+
+    image: str | Path | Image.Image
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        checked_weight(self.weight, f"image prompt {self.name!r}")
+
+    @classmethod
+    def parse(cls, argument: str) -> ImagePart:
+        """`PATH[:WEIGHT]` as the CLI's --image takes it (a path's own colons are kept
+        unless what follows the last one is a number)."""
+        path, colon, weight = argument.rpartition(":")
+        if colon and path and WEIGHT_NUMBER.fullmatch(weight.strip()):
+            return cls(path, float(weight))
+        return cls(argument)
+
+    @property
+    def name(self) -> str:
+        return "<PIL image>" if isinstance(self.image, Image.Image) else str(self.image)
+
+    def load(self) -> Image.Image:
+        if isinstance(self.image, Image.Image):
+            return checked_rgb(self.image, self.name)
+        return load_image(self.image)
+
+
+def truncated_text(clip: ClipText, text: str) -> str:
+    """The words of `text` beyond CLIP's 75-token limit ("" if it fits)."""
+    ids = token_ids(clip, [text])[0]
+    if len(ids) <= MAX_LENGTH:
+        return ""
+    # ids = BOS, tokens..., EOS; the encoder keeps BOS, 75 tokens and puts EOS last.
+    return clip.tokenizer.decode(ids[MAX_LENGTH - 1 : -1], skip_special_tokens=True).strip()
+
+
+class PromptEncoder:
+    """A base CLIP (text tower; vision tower and gap statistics for image prompts) and,
+    optionally, a deprojector: prompts of every kind -> Stable Diffusion conditioning.
+
+    Without a deprojector only the reference (`deproject=False`) is available."""
+
+    def __init__(self, clip: ClipText, deprojector: Deprojector | None = None,
+                 tower: ImageTower | None = None, gap: ModalityGap | None = None) -> None:
+        if deprojector is not None:
+            deprojector.check_base(clip.hidden_size, clip.projection_size, clip.fingerprint)
+        self.clip, self.deprojector, self.tower, self.gap = clip, deprojector, tower, gap
+        self.cut: dict[str, str] = {}  # text -> the words CLIP's truncation dropped
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = None, clip: str | None = None,
+                        gap: str | Path | None = None, images: bool = True,
+                        device: str = "cpu", base_dir: Path = WORLD_DIR) -> PromptEncoder:
+        """The deprojector folder `model` (None: the reference only) with its base CLIP.
+
+        clip: `builtin`, a folder or a hub id; None: the base the deprojector was trained on
+        (its config records it). gap: modality-gap statistics (a `gap` stage folder or file);
+        None: those saved with the deprojector, if any. images: also load the vision tower
+        (image prompts without gap statistics need bridge='none')."""
+        deprojector = load_deprojector(model, device=device) if model is not None else None
+        if clip is None:
+            clip = deprojector.config.base_clip if deprojector is not None else ""
+            if not clip:
+                raise PromptError("give the base CLIP (clip=...): "
+                                  + ("no deprojector" if deprojector is None else
+                                     f"the deprojector in {model} does not record its base"))
+        text = load_clip(clip, device=device, base_dir=base_dir)
+        tower = ImageTower.load(clip, device, base_dir) if images else None
+        if gap is None and model is not None and (Path(model) / GAP_FILE).is_file():
+            gap = Path(model) / GAP_FILE
+        stats = ModalityGap.load(gap) if images and gap is not None else None
+        return cls(text, deprojector, tower, stats)
+
+    def with_deprojector(self, deprojector: Deprojector | None) -> PromptEncoder:
+        """The same base CLIP, tower and statistics with another deprojector (None: the
+        reference only)."""
+        return type(self)(self.clip, deprojector, self.tower, self.gap)
+
+    # --- pooled space ---------------------------------------------------------------------
+
+    def _encode(self, text: str) -> torch.Tensor:
+        """The CLIP output of one text (as the SD pipeline encodes a prompt: alone, 77
+        positions), warning about what truncation cut."""
+        cut = truncated_text(self.clip, text)
+        if cut:
+            self.cut[text] = cut
+            warnings.warn(f"prompt part {text[:60]!r} is longer than CLIP's {MAX_LENGTH - 2} "
+                          f"tokens; cut off: {cut!r}", stacklevel=3)
+        return encode_texts(self.clip, [text])
+
+    def image_embedding(self, images: list[Image.Image], bridge: str | None = None
+                        ) -> torch.Tensor:
+        """Pooled-space embeddings [N, D] of RGB images: vision tower, the bridge to text
+        space (a name of BRIDGES; None: the statistics' default, the one the deprojector
+        was trained with), pseudo-inverse of the text projection."""
+        model = self._deprojector()
+        if self.tower is None:
+            raise ImagePromptError("this PromptEncoder has no vision tower: load it with "
+                                   "images=True (a base CLIP with both towers)")
+        projected = self.tower.embed(images)
+        if bridge != "none":
+            if self.gap is None:
+                raise ImagePromptError(
+                    "image prompts need the modality-gap statistics of this base CLIP: run "
+                    "`deprojector gap` (writes data/gap/) and load them, or use no bridge "
+                    "(bridge='none', --bridge none)")
+        gap = None if bridge == "none" else self.gap
+        return image_pooled(projected, model.deprojection, gap, bridge)
+
+    def embedding(self, prompt: str = "", images: Sequence[ImagePart] = (),
+                  bridge: str | None = None, combine: bool = True) -> torch.Tensor:
+        """The pooled embedding [1, D] a deprojector receives.
+
+        combine: e = Σ_k w_k (e_k − null) + null over the text parts and images; otherwise
+        the pooled embedding of the whole prompt as written (no weights, no images)."""
+        null = self._deprojector().null
+        parts = parse_weighted(prompt) if prompt.strip() or not images else []
+        if not combine:
+            if images:
+                raise PromptError("image parts are combined with the text parts: they need "
+                                  "combine=True (drop --no-combine)")
+            self._refuse_weights(prompt, parts, "the whole-prompt mode")
+            return self._encode(prompt).pooled.to(null)
+        pooled = [self._encode(part.text).pooled.to(null) for part in parts]
+        weights = [part.weight for part in parts]
+        if images:
+            pooled.append(self.image_embedding([part.load() for part in images], bridge))
+            weights += [part.weight for part in images]
+        return combine_embeddings(torch.cat(pooled), null, torch.tensor(weights).to(null))[None]
+
+    # --- conditioning ---------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str = "", images: Sequence[ImagePart] = (),
+                      bridge: str | None = None, combine: bool = True,
+                      deproject: bool = True) -> torch.Tensor:
+        """prompt_embeds [1, 77, D] of a prompt.
+
+        deproject False: the reference, the CLIP last hidden state of the prompt as written.
+        Otherwise the deprojected `embedding(prompt, images, bridge, combine)`."""
+        if not deproject:
+            if images:
+                raise PromptError("image prompts need a deprojector (drop --no-deprojector)")
+            self._refuse_weights(prompt, parse_weighted(prompt), "the reference")
+            return self._encode(prompt).hidden
+        return self.deproject(self.embedding(prompt, images, bridge, combine), prompt)
+
+    def encode_prompts(self, prompts: Sequence[str], combine: bool = True,
+                       deproject: bool = True) -> torch.Tensor:
+        """encode_prompt of each text prompt, stacked: [N, 77, D]."""
+        return torch.cat([self.encode_prompt(p, combine=combine, deproject=deproject)
+                          for p in prompts])
+
+    def deproject(self, embeds: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
+        """Hidden states [N, 77, D] of pooled embeddings [N, D], checked finite."""
+        if not torch.isfinite(embeds).all():
+            raise PromptError(f"{what!r}: its pooled embedding is not finite (NaN or Inf)")
+        states = self._deprojector().generate(embeds)
+        if not torch.isfinite(states).all():
+            raise PromptError(f"{what!r}: the deprojector's states are not finite (NaN or "
+                              "Inf); the embedding lies far outside what it was trained on "
+                              "(smaller weights?)")
+        return states
+
+    def interpolate(self, start: torch.Tensor, end: torch.Tensor, ts: Sequence[float],
+                    spherical: bool = False) -> torch.Tensor:
+        """prompt_embeds [len(ts), 77, D] along start -> end (pooled [1, D] each), centred on
+        null: linear, or spherical with `spherical`."""
+        null = self._deprojector().null
+        embeds = torch.cat([interpolate_embeddings(start, end, null, t, spherical) for t in ts])
+        return self.deproject(embeds, "the interpolation")
+
+    def encode_negative(self, prompt: str = "", deproject: bool = True) -> torch.Tensor:
+        """negative_prompt_embeds [1, 77, D]: deprojected like a prompt (weights allowed; ""
+        deprojects null), or with deproject=False the ordinary CLIP states, as the pipeline
+        encodes its negative_prompt."""
+        if not deproject:
+            return self.encode_prompt(prompt, deproject=False) if prompt.strip() \
+                else self._encode("").hidden
+        if not prompt.strip():
+            return self.deproject(self._deprojector().null[None], "the empty negative prompt")
+        return self.encode_prompt(prompt)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _deprojector(self) -> Deprojector:
+        if self.deprojector is None:
+            raise PromptError("this PromptEncoder has no deprojector: only the reference "
+                              "(deproject=False) is available")
+        return self.deprojector
+
+    @staticmethod
+    def _refuse_weights(prompt: str, parts, mode: str) -> None:
+        weighted = [p for p in parts if p.explicit]
+        if weighted:
+            raise PromptError(
+                f"prompt {prompt!r}: the weight of {weighted[0].text!r} needs a deprojector "
+                f"combining the parts (weights scale e_k − null); {mode} encodes the text as "
+                "it is")
+
+
+__all__ = ["ImagePart", "PromptEncoder", "PromptError", "ImagePromptError"]

@@ -1,0 +1,1 @@
+"""Grids, charts, the report, the interpolation strip and revision comparisons."""

@@ -1,0 +1,318 @@
+"""The render stage's markdown report: grids, picture scores, image prompts, interpolation
+and every model's test-set metrics side by side, each mean with its 95 % interval (`value
+[low, high]`, pipeline/metrics/intervals.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config.params import Params, RenderParams
+from pipeline.core.names import RETRIEVAL
+from pipeline.metrics.image_metrics import PSNR_CAP_DB
+from pipeline.metrics.intervals import ci_key
+
+METRIC_ROWS = (
+    ("teacher_forced", "cosine_masked", "teacher-forced cosine (in mask)"),
+    ("teacher_forced", "weighted_mse", "teacher-forced weighted MSE"),
+    ("teacher_forced", "mse", "teacher-forced MSE"),
+    ("autoregressive", "cosine_masked", "autoregressive cosine (in mask)"),
+    ("autoregressive", "weighted_mse", "autoregressive weighted MSE"),
+    ("autoregressive", "mse", "autoregressive MSE"),
+    ("combination", "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
+    ("combination", "blend_cosine", "combination: blended hidden states"),
+    ("combination", "retrieval_cosine", "combination: retrieval of Σ(e_k − null) + null"),
+    # The test split's image rows (augment.image): an image's embedding, its caption's states.
+    ("image_rows/teacher_forced", "cosine_masked", "image rows: teacher-forced cosine"),
+    ("image_rows/autoregressive", "cosine_masked", "image rows: autoregressive cosine"),
+)
+
+
+def _group(metrics: dict, path: str) -> dict:
+    for key in path.split("/"):
+        metrics = metrics.get(key, {})
+    return metrics
+
+
+def _number(value: float) -> str:
+    # A diverging model's squared errors reach 1e13: scientific notation keeps columns narrow.
+    return f"{value:.4f}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _with_interval(scores: dict, key: str, form) -> str:
+    """`value [low, high]` (the value alone where there is no interval), each as `form`."""
+    text, bounds = form(scores[key]), scores.get(ci_key(key))
+    return text if bounds is None else f"{text} [{form(bounds[0])}, {form(bounds[1])}]"
+
+
+def metrics_table(metrics: dict[str, dict]) -> str:
+    lines = ["| metric | " + " | ".join(metrics) + " |", "| --- |" + " ---: |" * len(metrics)]
+    for group, key, label in METRIC_ROWS:
+        groups = [_group(m, group) for m in metrics.values()]
+        if not any(key in scores for scores in groups):
+            continue  # e.g. no image rows in the test split
+        cells = [_with_interval(scores, key, _number) if key in scores else "—"
+                 for scores in groups]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def noise_line(comparison: dict) -> str:
+    """The best run by autoregressive cosine and which rows are within the noise of it."""
+    cosine = comparison.get("autoregressive_cosine_masked")
+    if not cosine:
+        return ""
+    groups: dict[bool | None, list[str]] = {True: [], False: [], None: []}
+    for name, row in cosine["rows"].items():
+        groups[row["within_noise"]].append(name)
+    text = (f"Best autoregressive cosine (in mask): **{cosine['best']}**. Within the noise of "
+            f"it (the 95 % paired bootstrap interval of the difference contains 0): "
+            f"{', '.join(groups[True]) or 'none'}; clearly different: "
+            f"{', '.join(groups[False]) or 'none'}")
+    if groups[None]:
+        text += f"; too few test rows to tell: {', '.join(groups[None])}"
+    return text + " (`reports/metrics/comparison.json`)."
+
+
+def pairs_table(comparison: dict) -> str:
+    """Every pair of runs (seed replicates aside) and retrieval: the paired difference of
+    their autoregressive cosine with its interval, and whether it is a difference at all."""
+    pairs = {k: v for k, v in comparison.get("pairs", {}).items() if isinstance(v, dict)}
+    if not pairs:
+        return ""
+    lines = ["| first vs second | first − second [95 % interval] | verdict |",
+             "| --- | ---: | --- |"]
+    for name, row in pairs.items():
+        verdict = {True: "no difference (within the noise)", False: "differs",
+                   None: "too few rows to tell"}[row["within_noise"]]
+        lines.append(f"| {name} | {_with_interval(row, 'difference', '{:+.4f}'.format)} | "
+                     f"{verdict} |")
+    return ("\n\nEvery pair, paired over the test rows (autoregressive cosine in mask, "
+            "`comparison.json` `pairs`):\n\n" + "\n".join(lines))
+
+
+SPREAD_COLUMNS = (("autoregressive_cosine_masked", "AR cosine (mask)"),
+                  ("teacher_forced_cosine_masked", "TF cosine (mask)"),
+                  ("combination_deprojector_cosine", "combination cosine"),
+                  ("adherence_single", "adherence single"),
+                  ("adherence_multi", "adherence multi"))
+
+
+def seed_spread_table(comparison: dict) -> str:
+    """Per group of seed replicates: mean ± standard deviation [min, max] over the seeds."""
+    spread = comparison.get("seed_spread")
+    if not spread:
+        return ""
+    columns = [(key, label) for key, label in SPREAD_COLUMNS
+               if any(key in entry for entry in spread.values())]
+    lines = ["| run | seeds | " + " | ".join(label for _, label in columns) + " |",
+             "| --- | --- |" + " ---: |" * len(columns)]
+    for name, entry in spread.items():
+        cells = [f"{entry[key]['mean']:.4f} ± {entry[key]['std']:.4f} "
+                 f"[{entry[key]['min']:.4f}, {entry[key]['max']:.4f}]" if key in entry else "—"
+                 for key, _ in columns]
+        lines.append(f"| {name} | {', '.join(map(str, entry['seeds']))} | "
+                     + " | ".join(cells) + " |")
+    return ("\n\n### Spread over training seeds\n\nRuns that differ only in `train.seed` "
+            "(initial weights and batch order), as mean ± standard deviation [min, max] over "
+            "the seeds (`comparison.json` `seed_spread`). The intervals above resample test "
+            "rows for one trained model; this is the variation between trainings:\n\n"
+            + "\n".join(lines))
+
+
+def fidelity_table(fidelity: dict[str, dict]) -> str:
+    prompts = list(next(iter(fidelity.values()))["per_prompt"])
+    head = "| model | " + " | ".join(f"`{p}`" for p in prompts) + " | mean |"
+    lines = [head, "| --- |" + " --- |" * (len(prompts) + 1)]
+    for name, scores in fidelity.items():
+        cells = [scores["per_prompt"][p] for p in prompts] + [scores]
+        lines.append(f"| {name} | " + " | ".join(
+            f"{c['cosine']:.3f} / {c['psnr']:.1f} dB / {c['ssim']:.3f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def _score(scores: dict, key: str) -> str:
+    if key not in scores:
+        return "—"
+    text = _with_interval(scores, key, "{:.1f}".format if key == "clip_score" else "{:.3f}".format)
+    ratio = scores.get(f"{key}_ratio")
+    return text if ratio is None else f"{text} ({ratio:.2f}×)"
+
+
+def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) -> str:
+    """Rows × kinds: mean adherence and CLIP score, with each ratio to the reference row."""
+    kinds = [k for k in ("single", "multi") if by_kind.get(k)]
+    head = "| row | " + " | ".join(f"{k}: adherence | {k}: CLIP score" for k in kinds)
+    lines = [head + (" | multi: every part shown |" if all_parts else " |")]
+    lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
+    for row in by_kind[kinds[0]]:
+        # Rows only one grid has (the image-prompt rows) are blank in the others.
+        cells = [f"{_score(by_kind[k][row], 'adherence')} | {_score(by_kind[k][row], 'clip_score')}"
+                 if row in by_kind[k] else "– | –" for k in kinds]
+        if all_parts:
+            cells.append(_score(by_kind["multi"][row], "all_parts"))
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adherence_noise_line(comparison: dict) -> str:
+    """Per kind, the runs whose held-out adherence is within the noise of the reference's."""
+    adherence = comparison.get("adherence")
+    if not adherence:
+        return ""
+    kinds = [f"{kind}: {', '.join(n for n, r in rows.items() if r['within_noise']) or 'none'}"
+             for kind, rows in adherence.items() if kind in ("single", "multi")]
+    return ("\n\nRuns whose held-out adherence is within the noise of the reference row's (the "
+            "95 % interval of the difference, paired over prompts, contains 0): "
+            + "; ".join(kinds) + ".")
+
+
+def pictures_section(scores: dict[str, dict], held_out: dict | None,
+                     comparison: dict) -> str:
+    if not scores["single"]:
+        return ""
+    text = """## Do the pictures show the prompt?
+
+Each cell of the grids is labelled with its *adherence* (the fraction of the attributes the
+prompt states — background colour, each object's colour and shape — that the world's judge
+finds in the picture; only with the builtin world) and its *CLIP score*, 100 × max(0,
+cos(image_embeds, text_embeds)) with the base CLIP. Means over the grid's prompts, with each
+row's ratio to the reference row:
+
+""" + picture_table(scores)
+    if held_out:
+        e = next(iter(held_out["single"].values()))["prompts"]
+        text += f"""
+
+Held-out prompts ({e} per kind, scenes of 1–3 objects with a background, none of them a grid
+prompt; the same seed per prompt in every row; `reports/metrics/adherence.json`). *single*
+deprojects the pooled embedding of the whole prompt (tags without commas); *multi* splits
+the same tags at commas and deprojects Σ(e_k − null) + null. "Every part shown" counts the
+comma-combined prompts whose every stated attribute the judge finds. Each mean with its 95 %
+bootstrap interval over the prompts:
+
+{picture_table(held_out, all_parts="all_parts" in next(iter(held_out["multi"].values())))}\
+{adherence_noise_line(comparison)}
+
+![adherence](plots/adherence.png)"""
+    return text + "\n"
+
+
+def _adherence(rows: dict, key: str) -> str:
+    return _with_interval(rows[key], "adherence", "{:.3f}".format) \
+        if key in rows and "adherence" in rows[key] else "–"
+
+
+def extras_section(showcase: str | None, image_prompts: dict | None,
+                   curves: dict[str, dict] | None, r: RenderParams) -> str:
+    """Images as prompts and the judged interpolation (the world only)."""
+    text = ""
+    if showcase:
+        text += f"""## Images as prompts
+
+The single-embedding grid's last two rows: `scene` is a drawn scene with everything the
+column's prompt states, `image prompt` the picture generated from that scene alone through
+`{showcase}` (render.showcase_model): CLIP vision tower → image_embeds → bridge to text
+space (gap.bridge, data/gap) → pseudo-inverse of the text projection → deprojector.
+
+"""
+    if image_prompts:
+        bridged = [rows for rows in image_prompts.values() if "bridges" in rows]
+        kinds = list(bridged[0]["bridges"]) if bridged else []
+        own = bridged[0]["bridge"] if bridged else ""
+        lines = ["| run | text prompt | " + " | ".join(f"image, {k}" for k in kinds)
+                 + " | image / text |", "| --- | ---: |" + " ---: |" * (len(kinds) + 1)]
+        for name, rows in image_prompts.items():
+            ratio = _with_interval(rows, "image_to_text", "{:.2f}".format) \
+                if "image_to_text" in rows else "–"
+            cells = [_adherence(rows.get("bridges", {}), k) for k in kinds]
+            lines.append(f"| {name} | {_adherence(rows, 'text')} | {' | '.join(cells)} "
+                         f"| {ratio} |")
+        count = next(iter(image_prompts.values()))["text"]["prompts"]
+        text += f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
+descriptions; the text prompt is the description's pooled embedding deprojected (the
+reference row: its ordinary CLIP states). One column per bridge from image to text space
+(gap.bridge); image / text is the runs' own bridge, `{own}`. Mean adherence with its 95 %
+interval over the scenes (`reports/metrics/image_prompts.json`):
+
+""" + "\n".join(lines) + "\n\n"
+    if curves:
+        mode = "spherical" if r.interpolation_slerp else "linear"
+        lines = ["| run | balance t=0 | t=0.5 | t=1 | max jump | reversals |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, c in curves.items():
+            middle = c["balance"][len(c["balance"]) // 2]
+            lines.append(f"| {name} | {c['balance'][0]:+.2f} | {middle:+.2f} | "
+                         f"{c['balance'][-1]:+.2f} | {c['max_jump']:.2f} | {c['reversals']} |")
+        text += f"""## Interpolation: {r.interpolation_from} → {r.interpolation_to}
+
+The combined embeddings of the two prompts interpolated around null ({mode}), deprojected by
+each run; one row per run, seed {r.seed}:
+
+![interpolation](interpolation.png)
+
+Judged over {r.interpolation_seeds} seeds per t: balance = adherence to
+"{r.interpolation_to}" − adherence to "{r.interpolation_from}" (−1: only A, +1: only B). A
+gradual change has small jumps between neighbouring t and no reversals
+(`reports/interpolation.json`):
+
+""" + "\n".join(lines) + "\n\n![interpolation balance](plots/interpolation.png)\n\n"
+    return text
+
+
+def write_report(path: Path, params: Params, metrics: dict[str, dict], comparison: dict,
+                 fidelity: dict[str, dict], scores: dict[str, dict],
+                 held_out: dict | None, extras: str = "") -> None:
+    r = params.render
+    text = f"""# CLIP Text Deprojector: comparison report
+
+Written by `deprojector render`. Base models: clip `{params.base.clip}`, sd `{params.base.sd}`.
+Every image: {r.width}×{r.height} px, {r.steps} steps of `{r.scheduler}`, guidance scale
+{r.guidance_scale}, seed {r.seed} (the same for every cell of a column), negative prompt "".
+Rows: `reference` is conditioned on the ordinary CLIP last hidden state of the prompt; the
+other rows on the hidden states their deprojector generated from one embedding.
+
+## Single embedding: the whole prompt's pooled embedding, deprojected
+
+![single-embedding grid](grid_single.png)
+
+## Multiple embeddings: the prompt split at commas, combined as Σ(e_k − null) + null
+
+![multiple-embedding grid](grid_multi.png)
+
+## Fidelity of each cell to the reference of its column
+
+Each cell reads *cosine / PSNR / SSIM*: the cosine similarity between the model's
+conditioning and the reference conditioning, averaged over positions 1..76 (position 0 is
+the constant start-of-text state, equal in both), then PSNR and SSIM (Gaussian window,
+luminance) of the image against the reference image of the same column. PSNR is capped at
+{PSNR_CAP_DB:.0f} dB, the value identical images get. Also in `fidelity.json`.
+
+### Single embedding
+
+{fidelity_table(fidelity["single"])}
+
+### Multiple embeddings
+
+{fidelity_table(fidelity["multi"])}
+
+{pictures_section(scores, held_out, comparison)}{extras}## Test-set metrics (`reports/metrics/`)
+
+{metrics_table(metrics)}
+
+{noise_line(comparison)}
+
+Each value is a mean over the test rows with its 95 % interval (a percentile bootstrap over
+the rows, `value [low, high]`). Cosines are averaged over the positions inside the attention
+mask. `null-baseline` outputs `null` at every position; `retrieval` answers each embedding with
+the mean hidden states of its {metrics[RETRIEVAL]["k"]} nearest training rows by cosine of
+e − null (k chosen on a validation split of the training rows; no teacher
+forcing, so both modes are the same). The combination rows compare, on held-out caption pairs
+A, B, the states of "A B" with the deprojection of the combined embedding, with the average of
+the two captions' states and with the retrieval's answer to the combined embedding.\
+{pairs_table(comparison)}{seed_spread_table(comparison)}
+
+## Autoregressive cosine per position
+
+![cosine per position](plots/cosine_per_position.png)
+"""
+    path.write_text(text, encoding="utf-8")

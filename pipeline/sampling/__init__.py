@@ -1,0 +1,1 @@
+"""Drawing pictures: each run's prompt encoder and the base SD pipeline."""

@@ -1,0 +1,47 @@
+"""The `extract` stage: CLIP hidden states of the captions and their augmentations in Arrow
+shards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.base.loaders import load_clip
+from pipeline.config.params import Params
+from pipeline.data.captions import read_split
+from pipeline.data.extraction import SPLITS, ImageRows, compute_constants, extract_split
+from pipeline.data.shards import (
+    save_constants,
+)
+
+
+def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions"),
+                      out_dir: Path = Path("data/shards"),
+                      gap_dir: Path = Path("data/gap")) -> dict:
+    torch.manual_seed(0)
+    clip = load_clip(params.base.clip, device=params.extract.device)
+    constants = compute_constants(clip)
+    images = ImageRows(params, gap_dir, constants["deprojection"]) \
+        if params.augment.image > 0 else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_constants(out_dir / "constants.safetensors", **constants)
+    meta = {
+        "base_clip": params.base.clip,
+        "base_sd": params.base.sd,
+        "hidden_size": clip.hidden_size,
+        "projection_size": clip.projection_size,
+        "dtype": params.extract.dtype,
+        "rows_per_shard": params.extract.rows_per_shard,
+        "splits": {},
+    }
+    # Test first: with folder or hub pairs it takes its pairs before training does.
+    for split in ("test", "train"):
+        captions = read_split(captions_dir, split)
+        meta["splits"][split] = extract_split(
+            clip, captions, out_dir / split, params,
+            params.augment.seed + SPLITS.index(split), constants["null"], images)
+    meta["splits"] = {split: meta["splits"][split] for split in SPLITS}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

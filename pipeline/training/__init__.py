@@ -1,0 +1,1 @@
+"""The training loop of every architecture (epochs, checkpoints, early stopping)."""

@@ -1,0 +1,254 @@
+"""The `train` stage: teacher-forced training of one deprojector from the shards.
+
+The loss and data are described in docs/architectures.md.
+
+Adam on the position-weighted squared error, batches streamed from the memory-mapped shards
+in a per-epoch seeded order, early stopping on the test loss. A checkpoint after every epoch
+(model, optimiser, RNG, history) lets an interrupted run continue to the same result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.base.files import clip_fingerprint, source_folder
+from pipeline.base.loaders import base_source, load_clip
+from pipeline.config.params import ModelSpec, Params, ParamsError, TrainParams, validate
+from pipeline.core.atomic import atomic_path
+from pipeline.core.conventions import BUILTIN
+from pipeline.core.jsonio import write_json
+from pipeline.data.shards import ShardError, ShardReader, load_constants, read_meta
+from pipeline.metrics.losses import weighted_mse
+from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
+from pipeline.models.base import CONFIG_FILE
+from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
+from pipeline.prompting.bridges import GAP_FILE
+
+
+def model_spec(name: str, params: Params) -> ModelSpec:
+    """The `models.NAME` entry of params, or an error listing the names params define."""
+    if name not in params.models:
+        raise ParamsError(f"params: no `models.{name}` (defined: "
+                          f"{', '.join(params.models) or 'none'})")
+    return params.models[name]
+
+
+def run_train_params(name: str, params: Params) -> TrainParams:
+    """`train:` with this run's own `models.NAME.train` settings over it, validated."""
+    t = replace(params.train, **model_spec(name, params).train)
+    try:
+        validate(replace(params, train=t))
+    except ParamsError as err:
+        raise ParamsError(f"models.{name}.train: {err}") from err
+    return t
+
+
+def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
+    """A fresh `models.NAME` deprojector for the shards' base model.
+
+    The architecture takes what it needs from the base CLIP text model through its own
+    hooks (shape defaults, initial weights); explicit hyperparameters win.
+    """
+    spec = model_spec(name, params)
+    meta = read_meta(shards_dir)
+    if meta["base_clip"] != params.base.clip:
+        raise ShardError(f"{shards_dir}: extracted with base.clip={meta['base_clip']!r}, but "
+                         f"params name {params.base.clip!r}; rerun `deprojector extract`")
+    constants = load_constants(shards_dir / "constants.safetensors")
+    model_class = architecture(spec.type)
+    clip = load_clip(params.base.clip).model if model_class.uses_base_model else None
+    try:
+        return build_deprojector(spec.type, meta["hidden_size"], meta["projection_size"],
+                                 constants, base=clip, **spec.hparams)
+    except (TypeError, ValueError) as err:
+        raise ParamsError(f"params: models.{name} ({spec.type}): {err}") from err
+
+
+@torch.no_grad()
+def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask_weight: float,
+                  device: torch.device) -> float:
+    """Teacher-forced weighted loss over a whole split (row-weighted mean over batches)."""
+    model.eval()
+    total = torch.zeros((), device=device)
+    for batch in reader.iter_batches(batch_size):
+        hidden, mask = batch.hidden.to(device), batch.mask.to(device)
+        pred = model(batch.embeds.to(device), hidden)
+        total += weighted_mse(pred, hidden, mask, mask_weight) * len(hidden)
+    return total.item() / len(reader)
+
+
+def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
+    """What a checkpoint must match to be resumed: the model's params and the data."""
+    meta = (shards_dir / "meta.json").read_text()
+    blob = json.dumps([name, asdict(params.train), asdict(model_spec(name, params)), meta],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def record_base(model: Deprojector | DeprojectorConfig, base_clip: str) -> None:
+    """Write the base CLIP into the model's config: its name (a local folder as an absolute
+    path, so the deprojector loads from anywhere) and the fingerprint of its files."""
+    config = model if isinstance(model, DeprojectorConfig) else model.config
+    source = base_source(base_clip, "clip")
+    config.base_clip = str(Path(source).resolve()) \
+        if base_clip != BUILTIN and Path(source).is_dir() else base_clip
+    config.base_fingerprint = clip_fingerprint(source_folder(source, "config.json"))
+
+
+def copy_gap(out_dir: Path, gap_dir: Path) -> None:
+    """Put gap_dir's modality-gap statistics, when the `gap` stage computed them, into a
+    saved deprojector's folder (image prompts read them from there)."""
+    (out_dir / GAP_FILE).unlink(missing_ok=True)
+    if (gap_dir / GAP_FILE).is_file():
+        shutil.copyfile(gap_dir / GAP_FILE, out_dir / GAP_FILE)
+
+
+def write_ensemble(name: str, params: Params, shards_dir: Path, out_dir: Path,
+                   plots_dir: Path, gap_dir: Path) -> list[dict]:
+    """An ensemble trains nothing: models/NAME/config.json names its members as the sibling
+    folders ../MEMBER (loaded with it, so it always uses their current weights) and records
+    the base; its loss curve is empty. Returns the (empty) history."""
+    meta = read_meta(shards_dir)
+    config = EnsembleConfig(
+        model_type=EnsembleDeprojector.model_type, hidden_size=meta["hidden_size"],
+        projection_size=meta["projection_size"],
+        members=[f"../{member}" for member in model_spec(name, params).hparams["members"]])
+    record_base(config, params.base.clip)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    write_json(out_dir / CONFIG_FILE, config.to_dict())
+    copy_gap(out_dir, gap_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    write_json(plots_dir / f"{name}.json", [])
+    tqdm.write(f"{name}: an ensemble of {', '.join(config.members)}; nothing to train")
+    return []
+
+
+def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
+                out_dir: Path | None = None, plots_dir: Path = Path("reports/train"),
+                checkpoint_dir: Path = Path("data/checkpoints"),
+                gap_dir: Path = Path("data/gap")) -> list[dict]:
+    """Train `name`, save the best epoch to models/<name>/, return the per-epoch history.
+
+    The saved folder records its base CLIP (`record_base`) and carries a copy of the
+    modality-gap statistics of gap_dir, when the `gap` stage computed them, for image prompts.
+
+    Runs as one process, or data-parallel under `torchrun` / `accelerate launch`: each process
+    takes its share of every global batch of `train.batch_size` rows, gradients are averaged,
+    and only the main process writes checkpoints and outputs.
+    """
+    from accelerate import Accelerator
+
+    out_dir = out_dir or Path("models") / name
+    if model_spec(name, params).type == EnsembleDeprojector.model_type:
+        return write_ensemble(name, params, shards_dir, out_dir, plots_dir, gap_dir)
+    t = run_train_params(name, params)
+    mixed_precision = "no" if t.precision == "fp32" else t.precision
+    accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=mixed_precision)
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    torch.manual_seed(t.seed)
+    model = build_model(name, params, shards_dir).to(device)
+    train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
+    test_reader = ShardReader(shards_dir / "test", model.config.hidden_size)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
+
+    checkpoint = checkpoint_dir / f"{name}.pt"
+    fingerprint = _fingerprint(name, params, shards_dir)
+    history: list[dict] = []
+    best = {"loss": math.inf, "state": None, "epoch": -1}
+    if t.resume and checkpoint.exists():
+        state = read_checkpoint(checkpoint, device)
+        if state is None:
+            log(accelerator, f"{name}: {checkpoint} is incomplete or corrupt; starting over")
+        elif state["fingerprint"] == fingerprint:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            history, best = state["history"], state["best"]
+            log(accelerator, f"{name}: resuming after epoch {len(history)} from {checkpoint}")
+    ddp_model, optimizer = accelerator.prepare(model, optimizer)
+
+    steps = math.ceil(len(train_reader) / t.batch_size)
+    for epoch in range(len(history), t.epochs):
+        if t.patience and epoch - best["epoch"] > t.patience:
+            log(accelerator, f"{name}: early stop, no better test loss for {t.patience} epochs")
+            break
+        ddp_model.train()
+        running = torch.zeros((), device=device)
+        batches = train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed,
+                                            epoch=epoch, rank=rank, world=world)
+        for batch in tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{t.epochs}",
+                          unit="batch", leave=False, disable=not accelerator.is_main_process):
+            hidden, mask = batch.hidden.to(device), batch.mask.to(device)
+            embeds = batch.embeds.to(device)
+            pred = ddp_model(embeds, hidden)
+            loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+            for _ in range(t.rollout):
+                # Free-running: the model's own predictions as inputs, the gradient truncated
+                # at each pass (docs/architectures.md, training data and loss).
+                pred = ddp_model(embeds, pred.detach())
+                loss = loss + weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+            loss = loss / (1 + t.rollout)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            running += loss.detach()  # summed on the device; read once per epoch
+        train_loss = accelerator.reduce(running, reduction="mean").item() / steps
+        # Every process scores the whole test split: same numbers, same early-stopping choice.
+        test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
+        if test_loss < best["loss"]:
+            best = {"loss": test_loss, "epoch": epoch,
+                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        log(accelerator, f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
+                         f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
+        if accelerator.is_main_process:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                            "history": history, "best": best}, tmp)
+
+    if accelerator.is_main_process:
+        model.load_state_dict(best["state"])
+        record_base(model, params.base.clip)
+        model.save_pretrained(out_dir)
+        copy_gap(out_dir, gap_dir)
+        plots_dir.mkdir(parents=True, exist_ok=True)
+        write_json(plots_dir / f"{name}.json", history)
+        checkpoint.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return history
+
+
+CHECKPOINT_KEYS = ("fingerprint", "model", "optimizer", "rng", "history", "best")
+
+
+def read_checkpoint(path: Path, device: torch.device | str) -> dict | None:
+    """A training checkpoint, or None where the file is cut short or corrupt (the run then
+    starts over, as with a checkpoint of other params: it only saves time)."""
+    import pickle
+    import zipfile
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile):
+        return None
+    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) \
+        else None
+
+
+def log(accelerator, message: str) -> None:
+    if accelerator.is_main_process:
+        tqdm.write(message)

@@ -29,6 +29,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
+from pipeline.atomic import write_text
 from pipeline.base_models import ClipText, load_clip
 from pipeline.captions import read_split
 from pipeline.clip_encode import encode_texts, encode_tokens, token_counts, tokenize
@@ -344,5 +345,5 @@ def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions")
             clip, captions, out_dir / split, params,
             params.augment.seed + SPLITS.index(split), constants["null"], images)
     meta["splits"] = {split: meta["splits"][split] for split in SPLITS}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

@@ -24,15 +24,16 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from safetensors.torch import save_file
 
+from pipeline.atomic import save_tensors
 from pipeline.base_files import BaseModelError
 from pipeline.base_models import base_source, load_or_explain
-from pipeline.errors import DeprojectorError, read_safetensors
+from pipeline.errors import DeprojectorError, read_safetensors, special_kind
 from pipeline.names import BRIDGES
 from pipeline.world.config import WORLD_DIR
 
 GAP_FILE = "modality_gap.safetensors"
+GAP_SUMMARY = "modality_gap.json"  # the gap stage's summary (`computed`), written last
 
 
 class ImagePromptError(DeprojectorError, ValueError):
@@ -53,6 +54,9 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
     name = f"{what} {str(path)!r}"
     if path.is_dir():
         raise ImagePromptError(f"{name}: is a folder, expected an image file")
+    if special_kind(path):
+        raise ImagePromptError(f"{name}: is {special_kind(path)}, not a regular file; refused "
+                               "without reading it")
     if not path.is_file():
         raise ImagePromptError(f"{name}: no such file")
     try:
@@ -215,7 +219,7 @@ class ModalityGap:
             tensors["linear"] = self.linear.float().contiguous()
         if self.bank is not None:  # unit vectors: half precision keeps them to 1e-3
             tensors["bank"] = self.bank.half().contiguous()
-        save_file(tensors, str(path), metadata={"bridge": self.bridge})
+        save_tensors(path, tensors, metadata={"bridge": self.bridge})
 
     @classmethod
     def load(cls, path: str | Path) -> ModalityGap:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.atomic import write_text
 from pipeline.image_metrics import PSNR_CAP_DB
 from pipeline.intervals import ci_key
 from pipeline.names import RETRIEVAL
@@ -315,4 +316,4 @@ the two captions' states and with the retrieval's answer to the combined embeddi
 
 ![cosine per position](plots/cosine_per_position.png)
 """
-    path.write_text(text, encoding="utf-8")
+    write_text(path, text)

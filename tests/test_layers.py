@@ -20,8 +20,9 @@ LAYERS = {
     "pipeline.errors": (),
     "pipeline.conventions": (),
     "pipeline.names": (),
-    "pipeline.atomic": (),
-    "pipeline.models": ("pipeline.models", "pipeline.conventions", "pipeline.errors"),
+    "pipeline.atomic": ("pipeline.errors",),  # its OutputError is an expected error
+    "pipeline.models": ("pipeline.models", "pipeline.conventions", "pipeline.errors",
+                        "pipeline.atomic"),
     "pipeline.world": ("pipeline.world", "pipeline.conventions", "pipeline.errors",
                        "pipeline.atomic", "pipeline.sections"),
     "pipeline.sections": ("pipeline.errors",),

@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, write_text
 from pipeline.world import clip as world_clip
 from pipeline.world import diffusion, judge, vae
 from pipeline.world import scenes as world
@@ -260,7 +260,7 @@ class WorldBuild:
         judge.Judge.from_pretrained(self.work / "judge").save_pretrained(out / "judge")
         summary = {"params": dataclasses.asdict(self.p),
                    **{part: self.info(part) for part in PARTS}}
-        (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(out / "world.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 

@@ -8,7 +8,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,24 +33,26 @@ def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
 
 
 def save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    from pipeline.atomic import save_torch
+
+    save_torch(path, state)
 
 
 def read_checkpoint(path: Path) -> dict | None:
-    """A checkpoint of train_steps, or None where the file is cut short or corrupt."""
-    import pickle
-    import zipfile
+    """A checkpoint of train_steps, or None where the file is cut short or corrupt; read as
+    data (pipeline.errors.read_torch): one that needs pickle is refused, naming it."""
+    from pipeline.errors import read_torch
 
     try:
-        state = torch.load(path, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile):
+        state = read_torch(path, _CorruptCheckpoint)
+    except _CorruptCheckpoint:
         return None
     keys = ("modules", "optimizer", "step", "losses")
     return state if isinstance(state, dict) and all(k in state for k in keys) else None
+
+
+class _CorruptCheckpoint(Exception):
+    pass
 
 
 def train_steps(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,

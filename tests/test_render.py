@@ -370,9 +370,37 @@ def test_generate_writes_an_image(project) -> None:
     (["generate", ",,"], "has no text"),
     (["encode", "cat", "--model", "models/missing"], "no deprojector in models/missing"),
     (["generate", "cat", "--height", "30"], "multiple of 8"),
+    # the CLI's sampler options go through params.yaml's checks (issue 32)
+    (["generate", "cat", "--guidance", "inf"], "--guidance: params: `render.guidance_scale` "
+                                               "must be a finite number"),
+    (["generate", "cat", "--guidance", "nan"], "`render.guidance_scale` must be a finite"),
+    (["generate", "cat", "--guidance", "-5"], "`render.guidance_scale` must be a finite"),
+    (["generate", "cat", "--steps", "0"], "--steps: params: `render.steps` must be in [1, 1000]"),
+    (["generate", "cat", "--scheduler", "ddim", "--steps", "1001"], "`render.steps` must be in"),
+    (["generate", "cat", "--width", "100000"], "--width: params: `render.width` must be a "
+                                               "positive multiple of 8"),
+    (["generate", "cat", "--seed", "-1"], "--seed"),
 ])
 def test_bad_inputs_exit_2_with_one_line(project, args: list[str], message: str) -> None:
     result = invoke(project, *args)
     assert result.exit_code == 2
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_latents_that_overflow_draw_nothing(project, pipe) -> None:
+    """A guidance scale far beyond any use (past params' bound, through the Python API) makes
+    NaN latents: refused, never an all-black picture."""
+    import dataclasses
+
+    from pipeline.sampling.sd import GenerationError, generate_images
+
+    r = dataclasses.replace(parse_params({"render": RENDER}).render, guidance_scale=1e38)
+    with in_dir(project):
+        encoder = PromptEncoder.from_pretrained("models/vicinity-batch", images=False)
+        embeds = encoder.encode_prompt("red circle")
+        with pytest.raises(GenerationError, match=r"not finite .* guidance scale 1e\+38"):
+            generate_images(pipe, embeds, encoder.encode_negative(""), r)
+        too_many = dataclasses.replace(r, guidance_scale=7.5, steps=1001)
+        with pytest.raises(GenerationError, match=r"1001 steps: .* at most 1000"):
+            generate_images(pipe, embeds, encoder.encode_negative(""), too_many)

@@ -85,8 +85,11 @@ def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
 
 
 def test_unknown_model_setting_is_rejected_naming_the_key(project):
+    from pipeline.stages.train import run_train_stage
+
     with pytest.raises(ParamsError, match=r"`models\.vicinity-batch\.vicinityy`"):
-        params({"vicinity-batch": {"type": "vicinity-batch", "vicinityy": 2}})
+        run_train_stage("vicinity-batch",
+                        params({"vicinity-batch": {"type": "vicinity-batch", "vicinityy": 2}}))
     with pytest.raises(ParamsError, match=r"no `models\.vicinity-batch-v3` \(defined: transformer"):
         train_model("vicinity-batch-v3", params())
 

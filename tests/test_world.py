@@ -349,3 +349,17 @@ def test_world_params_out_of_range_name_the_key(key, value, expected):
 
     with pytest.raises(ParamsError, match=f"world.{key}` must be {expected}"):
         dataclasses.replace(MICRO, **{key: value}).validate()
+
+
+def test_a_parts_code_shape_ignores_what_cannot_change_its_weights() -> None:
+    """Comments, formatting, imports and the declared file I/O do not retrain the world; a
+    changed number, name or statement does."""
+    from pipeline.world.build import _code_shape
+
+    code = ("import os\n\ndef f(x):\n    return x * 2  # double\n\n"
+            "class A:\n    def save(self):\n        open('a').write('1')\n")
+    same = ("from pipeline.core import atomic\ndef f( x ):\n    return x*2\n"
+            "class A:\n    def save(self):\n        atomic.write_text('a', '1')\n")
+    assert _code_shape(code, ("A.save",)) == _code_shape(same, ("A.save",))
+    assert _code_shape(code) != _code_shape(same)
+    assert _code_shape(code) != _code_shape(code.replace("x * 2", "x * 3"))

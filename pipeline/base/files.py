@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from pathlib import Path
 
-import torch
 from huggingface_hub import try_to_load_from_cache
 
-from pipeline.core.errors import DeprojectorError, read_json, safetensors_names
+from pipeline.core.errors import (
+    DeprojectorError,
+    read_json,
+    read_torch,
+    safetensors_names,
+    special_kind,
+)
 
 
 class BaseModelError(DeprojectorError, RuntimeError):
@@ -59,6 +63,7 @@ def check_json_files(folder: Path) -> None:
 
 
 def check_tokenizer_files(folder: Path, name: str) -> None:
+    refuse_special_files(folder)
     check_json_files(folder)
     if not has_tokenizer_files(folder):
         raise BaseModelError(
@@ -100,11 +105,8 @@ def weight_names(folder: Path) -> set[str]:
         if path.suffix == ".safetensors":
             names.update(safetensors_names(path, BaseModelError, REDOWNLOAD))
             continue
-        try:
-            names.update(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
-        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
-            raise BaseModelError(f"{path}: incomplete or corrupt PyTorch checkpoint ({err}); "
-                                 f"{REDOWNLOAD}") from err
+        names.update(read_torch(path, BaseModelError, REDOWNLOAD, map_location="cpu",
+                                mmap=True))
     return names
 
 
@@ -124,11 +126,40 @@ def check_text_projection(folder: Path, name: str) -> None:
         )
 
 
+def refuse_special_files(folder: Path, depth: int = 0) -> None:
+    """Every entry of `folder` (and of its subfolders, `depth` levels down) is a folder or a
+    regular file: a FIFO would block a loader forever and a link to /dev/zero never ends, so
+    they are refused by kind before anything reads them."""
+    for entry in sorted(folder.iterdir()):
+        kind = special_kind(entry)
+        if kind:
+            raise BaseModelError(f"{entry}: is {kind}, not a regular file; refused without "
+                                 f"reading it (a model folder holds files and folders only)")
+        if depth > 0 and entry.is_dir():
+            refuse_special_files(entry, depth - 1)
+
+
+def check_pickle_free(files: list[Path]) -> None:
+    """Each PyTorch `.bin` of `files` reads as data (pipeline.core.errors.read_torch): one that
+    needs pickle is refused naming it, before a loader opens it."""
+    for path in files:
+        if path.suffix == ".bin":
+            read_torch(path, BaseModelError, REDOWNLOAD, map_location="cpu", mmap=True)
+
+
+def check_sd_folder(folder: Path) -> None:
+    """The static checks of a local Stable Diffusion folder: no special files, weights that
+    read as data."""
+    refuse_special_files(folder, depth=1)
+    check_pickle_free(sd_files(folder))
+
+
 def check_clip_folder(folder: Path, name: str) -> None:
     """The static checks, run before transformers gets a chance to load a wrong folder.
 
     The projection first: SD's text_encoder folder lacks tokenizer files too, and "no
     projection, use the CLIP it was cut from" is the advice that fixes both."""
+    refuse_special_files(folder)
     check_text_projection(folder, name)
     check_tokenizer_files(folder, name)
 

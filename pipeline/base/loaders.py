@@ -8,6 +8,8 @@ and `stable-diffusion-v1-5/stable-diffusion-v1-5`.
 
 from __future__ import annotations
 
+import pickle
+import shlex
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -19,6 +21,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 from pipeline.base.files import (
     BaseModelError,
     check_clip_folder,
+    check_sd_folder,
     check_tokenizer_files,
     clip_fingerprint,
     source_folder,
@@ -56,6 +59,11 @@ def load_or_explain(load, source: str, kind: str):
     offline = not Path(source).exists() and not _hub_reachable()
     try:
         return load(source, local_files_only=True) if offline else load(source)
+    except pickle.UnpicklingError as err:  # torch's weights_only refusal, in a hub snapshot
+        raise BaseModelError(
+            f"base.{kind}: {source!r} holds a weight file only pickle could load, and "
+            f"unpickling can run code; refused, nothing in it ran. Use its .safetensors "
+            f"weights") from err
     except (OSError, ValueError) as err:
         if Path(source).exists():
             raise BaseModelError(f"base.{kind}: cannot load the folder {source!r}: {err}") from err
@@ -63,7 +71,8 @@ def load_or_explain(load, source: str, kind: str):
                if offline else f"could not be fetched from the Hugging Face Hub: {err}")
         raise BaseModelError(
             f"base.{kind}: {source!r} is not a local folder and {why}.\n"
-            f"On a machine with network run `hf download {source} --local-dir DIR`, "
+            f"On a machine with network run `hf download {shlex.quote(source)} --local-dir "
+            f"DIR`, "
             f"then set base.{kind} to DIR in params.yaml (or use `builtin`)."
         ) from err
 
@@ -141,6 +150,9 @@ def load_sd_pipeline(name: str, device: str = "cpu", dtype: torch.dtype = torch.
             source, dtype=dtype, safety_checker=None, requires_safety_checker=False, **kwargs
         )
 
-    pipe = load_or_explain(load, base_source(name, "sd", base_dir), "sd")
+    source = base_source(name, "sd", base_dir)
+    if Path(source).is_dir():
+        check_sd_folder(Path(source))
+    pipe = load_or_explain(load, source, "sd")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -16,6 +16,7 @@ from pipeline.cli.prompts import (
     params_or_defaults,
     with_prompt_options,
 )
+from pipeline.core.atomic import save_image, save_tensors
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -53,12 +54,17 @@ def _fail(err: Exception) -> None:
 def _run(step):
     """Run a stage; known failure classes print one clear line instead of a traceback."""
     _quiet_libraries()
+    from pipeline.core.atomic import is_write_refusal, write_error
     from pipeline.core.errors import DeprojectorError
 
     try:
         return step()
     except (DeprojectorError, FileNotFoundError) as err:
         _fail(err)
+    except OSError as err:  # a write the system refused outside the atomic writers
+        if not is_write_refusal(err):
+            raise
+        _fail(write_error(err.filename or "an output", err))
 
 
 @app.command("world")
@@ -314,12 +320,6 @@ def render_command(params: Path = ParamsOption) -> None:
                        f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} (vs reference)")
 
 
-def _multiple_of_8(value: int | None) -> int | None:
-    if value is not None and (value < 8 or value % 8):
-        raise typer.BadParameter(f"must be a positive multiple of 8, got {value}")
-    return value
-
-
 def _scheduler_name(value: str | None) -> str | None:
     from pipeline.config.params import SCHEDULERS
 
@@ -340,20 +340,21 @@ def encode_command(
                              help="Output safetensors file."),
     params: Path = ParamsOption,
 ) -> None:
-    from safetensors.torch import save_file
-
     def step():
         embeds, negative_embeds, _ = conditionings(options, params_or_defaults(params),
                                                    params.exists())
         tensors = {"prompt_embeds": embeds}
         if options.negative is not None:
             tensors["negative_prompt_embeds"] = negative_embeds
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(out))
+        save_tensors(out, {k: v.float().contiguous().cpu() for k, v in tensors.items()})
         typer.echo(f"wrote {out} (" + ", ".join(f"{k} {list(v.shape)}" for k, v in
                                                tensors.items()) + ")")
 
     _run(step)
+
+
+GENERATE_OPTIONS = (("seed", "seed"), ("steps", "steps"), ("guidance", "guidance_scale"),
+                    ("height", "height"), ("width", "width"), ("scheduler", "scheduler"))
 
 
 @app.command("generate", help="\n\n".join([
@@ -364,15 +365,16 @@ def encode_command(
 @with_prompt_options
 def generate_command(
     options: PromptOptions,
-    seed: int | None = typer.Option(None, min=0, help="Noise seed (default: render.seed)."),
-    steps: int | None = typer.Option(None, min=1, help="Denoising steps (default: render.steps)."),
+    # Checked with the render section (pipeline.config.params), as params.yaml's values are.
+    seed: int | None = typer.Option(None, help="Noise seed (default: render.seed)."),
+    steps: int | None = typer.Option(None, help="Denoising steps (default: render.steps)."),
     guidance: float | None = typer.Option(
-        None, min=0.0, help="Classifier-free guidance scale (default: render.guidance_scale)."
+        None, help="Classifier-free guidance scale (default: render.guidance_scale)."
     ),
-    height: int | None = typer.Option(None, callback=_multiple_of_8,
-                                      help="Image height in px (default: render.height)."),
-    width: int | None = typer.Option(None, callback=_multiple_of_8,
-                                     help="Image width in px (default: render.width)."),
+    height: int | None = typer.Option(None, help="Image height in px, a multiple of 8 "
+                                      "(default: render.height)."),
+    width: int | None = typer.Option(None, help="Image width in px, a multiple of 8 "
+                                     "(default: render.width)."),
     scheduler: str | None = typer.Option(
         None, callback=_scheduler_name,
         help="pndm, ddim, euler, euler-a or dpm++ (default: render.scheduler).",
@@ -380,6 +382,7 @@ def generate_command(
     out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Output image file."),
     params: Path = ParamsOption,
 ) -> None:
+    from pipeline.config.params import ParamsError, validate
     from pipeline.reporting.drawing import GridColumn, make_grid
     from pipeline.sampling.sd import generate_images, load_pipeline
 
@@ -387,7 +390,14 @@ def generate_command(
         p = params_or_defaults(params)
         overrides = {"seed": seed, "steps": steps, "guidance_scale": guidance, "height": height,
                      "width": width, "scheduler": scheduler}
-        r = dataclasses.replace(p.render, **{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        r = dataclasses.replace(p.render, **given)
+        try:  # the same checks as params.yaml's render section
+            validate(dataclasses.replace(p, render=r))
+        except ParamsError as err:
+            options_of = {f"render.{key}": f"--{name}" for name, key in GENERATE_OPTIONS}
+            key = next((k for k in options_of if f"`{k}`" in str(err)), None)
+            raise ParamsError(f"{options_of[key]}: {err}" if key else str(err)) from err
         embeds, negative_embeds, labels = conditionings(options, p, params.exists())
         pipe = load_pipeline(p.base.sd, r)
         images = generate_images(pipe, embeds, negative_embeds[:1], r)
@@ -397,8 +407,7 @@ def generate_command(
             row = options.model.name
             picture = make_grid([GridColumn(label, {row: image}) for label, image in
                                  zip(labels, images, strict=True)])[0]
-        out.parent.mkdir(parents=True, exist_ok=True)
-        picture.save(out)
+        save_image(picture, out)
         typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)} of "
                    f"{r.width}x{r.height}, seed {r.seed}, {r.steps} steps)")
 

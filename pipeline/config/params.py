@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,11 @@ ARTICLE_PROMPTS_SINGLE = ("cat maid", "1girl red hair blue eye black skirt",
 ARTICLE_PROMPTS_MULTI = ("cat, maid", "1girl, red hair, blue eye, black skirt",
                          "1boy, 1girl, in class room")
 PROMPT_SETS = ("auto", "world", "article")
+MAX_STEPS = 1000  # SD's (and the world's) num_train_timesteps: no scheduler takes more
+# Far beyond any useful scale (7.5 is SD's default); the latents overflow to NaN (a black
+# picture) long before float32's limit.
+MAX_GUIDANCE = 1000.0
+MAX_SIDE = 8192  # px: 64 Mpx, under Pillow's 89 Mpx limit for the picture written
 SCHEDULERS = {  # render.scheduler -> diffusers class
     "pndm": "PNDMScheduler",
     "ddim": "DDIMScheduler",
@@ -205,12 +211,17 @@ def _check_render(r: RenderParams) -> None:
                                        for p in prompts),
               f"render.{key}", "a non-empty list of prompts with text", prompts)
     check(r.seed >= 0, "render.seed", "0 or more", r.seed)
-    check(r.steps > 0, "render.steps", "a positive integer", r.steps)
-    check(r.guidance_scale >= 0, "render.guidance_scale", "0 or more", r.guidance_scale)
+    # Every scheduler takes at most as many steps as the UNet was trained with timesteps.
+    check(0 < r.steps <= MAX_STEPS, "render.steps",
+          f"in [1, {MAX_STEPS}] (the schedulers' training timesteps)", r.steps)
+    check(math.isfinite(r.guidance_scale) and 0 <= r.guidance_scale <= MAX_GUIDANCE,
+          "render.guidance_scale", f"a finite number in [0, {MAX_GUIDANCE:g}]",
+          r.guidance_scale)
     # The UNet halves the latent size per level; multiples of 8 work for SD and the builtin.
     for key in ("height", "width"):
         value = getattr(r, key)
-        check(value > 0 and value % 8 == 0, f"render.{key}", "a positive multiple of 8", value)
+        check(0 < value <= MAX_SIDE and value % 8 == 0, f"render.{key}",
+              f"a positive multiple of 8, at most {MAX_SIDE}", value)
     check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}",
           r.scheduler)
     check(r.interpolation_steps >= 2, "render.interpolation_steps", "2 or more",
@@ -244,6 +255,9 @@ def validate(p: Params) -> Params:
     t = p.train
     check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
     check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
+    for key in ("lr", "mask_weight"):  # section() refuses .inf in YAML; here any source
+        check(math.isfinite(getattr(t, key)), f"train.{key}", "a finite number",
+              getattr(t, key))
     check(t.lr > 0, "train.lr", "positive", t.lr)
     check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
     check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)

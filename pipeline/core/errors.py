@@ -32,13 +32,9 @@ def read_json(path: str | Path, error: type[Exception] = DeprojectorError, hint:
     do about it."""
     import json
 
-    path = Path(path)
-    if path.is_dir():
-        raise error(f"{path}: is a folder, expected a JSON file{_advice(hint)}")
+    path = regular_file(path, error, "JSON", hint)
     try:
         text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError as err:
-        raise error(f"{path}: missing{_advice(hint)}") from err
     except UnicodeDecodeError as err:
         found = err.object[err.start:err.start + 1]
         raise error(f"{path}: not UTF-8 text (byte offset {err.start} is {found!r}); the file "
@@ -85,9 +81,76 @@ def safetensors_names(path: str | Path, error: type[Exception] = DeprojectorErro
 
 
 def _existing_file(path: str | Path, error: type[Exception], kind: str, hint: str) -> Path:
+    return regular_file(path, error, kind, hint)
+
+
+_SPECIAL_KINDS = (("S_ISFIFO", "a FIFO (named pipe)"), ("S_ISCHR", "a character device"),
+                  ("S_ISBLK", "a block device"), ("S_ISSOCK", "a socket"))
+
+
+def special_kind(path: str | Path) -> str:
+    """What `path` is when it exists and is neither a regular file nor a folder (a link is
+    followed: a link to /dev/zero is a character device); "" otherwise."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    return next((name for test, name in _SPECIAL_KINDS if getattr(stat, test)(mode)), "")
+
+
+def regular_file(path: str | Path, error: type[Exception] = DeprojectorError, kind: str = "",
+                 hint: str = "") -> Path:
+    """`path` if it is a regular file (or a link to one); refused by kind before anything
+    reads it: a FIFO blocks a reader forever, /dev/zero never ends, so neither is read."""
     path = Path(path)
+    what = f"a {kind} file" if kind else "a regular file"
     if path.is_dir():
-        raise error(f"{path}: is a folder, expected a {kind} file{_advice(hint)}")
+        raise error(f"{path}: is a folder, expected {what}{_advice(hint)}")
+    special = special_kind(path)
+    if special:
+        raise error(f"{path}: is {special}, not a regular file; refused without reading it"
+                    f"{_advice(hint)}")
     if not path.is_file():
         raise error(f"{path}: missing{_advice(hint)}")
     return path
+
+
+class UnsafeFileError(DeprojectorError):
+    """A file that only unpickling could read: unpickling runs whatever code the file names,
+    so the project refuses it (everything it loads is read as data)."""
+
+
+def read_torch(path: str | Path, error: type[Exception] = DeprojectorError, hint: str = "",
+               **kwargs) -> Any:
+    """The content of a torch.save file, read as data (`weights_only=True`: tensors,
+    numbers, strings and containers of them). A file that needs pickle for anything else is
+    refused (UnsafeFileError naming it): nothing in it runs. A cut or corrupt file raises
+    `error` naming it."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    path = regular_file(path, error, "PyTorch", hint)
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights only" in text.lower() or "unsupported" in text.lower():
+            found = next((line.strip().rstrip(".") for line in text.splitlines()
+                          if "unsupported" in line.lower()), "")
+            found = f" ({found[:120]})" if found else ""
+            raise UnsafeFileError(
+                f"{path}: holds Python objects only pickle could load{found}, and unpickling "
+                f"can run code; refused, nothing in it ran. Delete it, or replace it with a "
+                f"file the project wrote") from err
+        detail = " ".join(text.split())
+        raise error(f"{path}: incomplete or corrupt PyTorch checkpoint ({detail}){_advice(hint)}") \
+            from err
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        detail = " ".join(str(err).split())
+        raise error(f"{path}: incomplete or corrupt PyTorch checkpoint ({detail}){_advice(hint)}") \
+            from err

@@ -8,6 +8,7 @@ Every failure is a ParamsError naming the key (`train.lr`, `models.NAME.vicinity
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import fields
 from pathlib import Path
@@ -44,6 +45,10 @@ def section(cls: type[T], raw: Any, name: str) -> T:
             raise ParamsError(
                 f"params: `{name}.{key}` must be {expected.__name__}, got {value!r}"
             )
+        # No setting is infinite or NaN (`.inf`, `.nan` are valid YAML floats): a learning
+        # rate of .inf trains NaN, a guidance scale of .inf draws black.
+        check(expected is not float or math.isfinite(value), f"{name}.{key}",
+              "a finite number", value)
         values[key] = value
     return cls(**values)
 

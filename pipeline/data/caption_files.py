@@ -17,6 +17,9 @@ TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 SUPPORTED_SUFFIXES = (".txt", *TABLE_SUFFIXES)
 
 
+TOKENIZE_BATCH = 4096  # captions per tokenizer call in the cleaning
+
+
 class CaptionSourceError(DeprojectorError, ValueError):
     """A caption source cannot be read; the message names the file, line or column."""
 

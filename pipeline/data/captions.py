@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.core.atomic import atomic_path
+from pipeline.core.atomic import atomic_path, write_text
 from pipeline.data.caption_files import (
     SUPPORTED_SUFFIXES,
     CaptionSourceError,
@@ -51,6 +51,9 @@ from pipeline.world.embedded import World
 
 # --- cleaning -------------------------------------------------------------------------------
 
+TOKENIZE_BATCH = 4096  # captions per tokenizer call in the cleaning
+
+
 @dataclass
 class CleanResult:
     captions: list[str]
@@ -79,11 +82,15 @@ def clean_captions(raw: Iterable[str], count_tokens: Callable[[list[str]], list[
         else:
             seen.add(text)
             candidates.append(text)
-    for text, n in zip(candidates, count_tokens(candidates), strict=True):
-        if n > max_tokens:
-            result.dropped["too_long"] += 1
-        else:
-            result.captions.append(text)
+    # Tokenised in batches: the tokenizer's encodings of a whole file at once would take
+    # memory in proportion to its length (6.6 GB for 2,000,000 captions).
+    for begin in range(0, len(candidates), TOKENIZE_BATCH):
+        batch = candidates[begin:begin + TOKENIZE_BATCH]
+        for text, n in zip(batch, count_tokens(batch), strict=True):
+            if n > max_tokens:
+                result.dropped["too_long"] += 1
+            else:
+                result.captions.append(text)
     return result
 
 
@@ -129,13 +136,18 @@ def write_captions(out_dir: Path, captions: list[str], train: list[int], test: l
         })
         with atomic_path(out_dir / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
-    (out_dir / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
 
 
 def read_split(captions_dir: Path, split: str) -> list[str]:
     path = captions_dir / f"{split}.parquet"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; run the `captions` stage first")
-    return pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+    if not texts:
+        raise CaptionSourceError(f"{path}: no captions in the {split} split; every split needs "
+                                 f"at least one (rerun `deprojector captions` with "
+                                 f"captions.{split}_size > 0 and a source that has them)")
+    return texts
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from pipeline.config.params import GapParams
+from pipeline.core.errors import regular_file
 from pipeline.prompting.images import ImagePromptError, checked_rgb, read_image
 from pipeline.world.embedded import World
 
@@ -81,6 +82,7 @@ class FolderPairs(Pairs):
                                        f"{orphans[0].stem}.png/.jpg beside it")
         self.captions = []
         for file in self.files:
+            regular_file(file, ImagePromptError, "image")  # a FIFO or device is not read
             caption_file = file.with_suffix(".txt")
             if not caption_file.is_file():
                 raise ImagePromptError(f"{file}: no caption file {caption_file.name} beside "
@@ -89,8 +91,7 @@ class FolderPairs(Pairs):
             if not caption:
                 raise ImagePromptError(f"{caption_file}:1: empty caption")
             self.captions.append(caption)
-        self.ids = [f"{file.name} sha256:{hashlib.sha256(file.read_bytes()).hexdigest()[:16]}"
-                    for file in self.files]
+        self.ids = [f"{file.name} sha256:{_sha256(file)[:16]}" for file in self.files]
 
     def image(self, k: int) -> Image.Image:
         return checked_rgb(read_image(self.files[k], "paired image"), str(self.files[k]),
@@ -146,9 +147,18 @@ def open_pairs(g: GapParams) -> Pairs | None:
     return None
 
 
+def _sha256(path: Path) -> str:
+    """The content hash of a regular file, read in blocks (memory flat in its size)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_caption_text(path: Path) -> str:
     """The caption of a folder pair: UTF-8 text without NUL bytes, whitespace-stripped."""
-    data = path.read_bytes()
+    data = regular_file(path, ImagePromptError, "caption").read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import save_file
 
-from pipeline.core.atomic import atomic_path
+from pipeline.core.atomic import atomic_path, save_tensors
 from pipeline.core.conventions import CONSTANT_NAMES, MAX_LENGTH
 from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
 
@@ -95,7 +94,7 @@ def shard_fingerprint(path: Path, rows: int | None = None) -> str | None:
 def save_constants(path: Path, sos: torch.Tensor, null: torch.Tensor,
                    deprojection: torch.Tensor) -> None:
     tensors = {"sos": sos, "null": null, "deprojection": deprojection}
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    save_tensors(path, {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
 
 
 def load_constants(path: Path) -> dict[str, torch.Tensor]:
@@ -134,6 +133,10 @@ class ShardReader:
         self.split_dir = Path(split_dir)
         paths = sorted(self.split_dir.glob("shard-*.arrow"))
         if not paths:
+            if (self.split_dir.parent / "meta.json").is_file():  # extracted, with no rows
+                raise ShardError(f"{self.split_dir}: no rows in this split (extract found no "
+                                 f"captions for it); every split needs at least one: check "
+                                 f"the captions stage's {self.split_dir.name}.parquet")
             raise ShardError(f"{self.split_dir}: no shards; run the `extract` stage first")
         self._embeds: list[np.ndarray] = []
         self._hidden: list[np.ndarray] = []

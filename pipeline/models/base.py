@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
+from pipeline.core.atomic import save_tensors, write_text
+from pipeline.core.conventions import MAX_LENGTH
 from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
 
 CONFIG_FILE = "config.json"
@@ -95,8 +96,10 @@ class DeprojectorConfig:
         for name in ("hidden_size", "projection_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_positions < 2:
-            raise ValueError(f"num_positions must be >= 2, got {self.num_positions}")
+        if self.num_positions != MAX_LENGTH:  # every prompt_embeds SD takes has CLIP's 77
+            raise ValueError(f"num_positions must be {MAX_LENGTH} (CLIP's context, the "
+                             f"positions Stable Diffusion is conditioned on), got "
+                             f"{self.num_positions}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,9 +267,9 @@ class Deprojector(nn.Module):
     def save_pretrained(self, save_directory: str | Path) -> None:
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        write_text(folder / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+        save_tensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Deprojector:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.core.atomic import write_text
 from pipeline.models.base import (
     CONFIG_FILE,
     BaseMismatchError,
@@ -122,7 +123,7 @@ class EnsembleDeprojector(Deprojector):
             names.append(f"{MEMBERS_DIR}/{i:02d}-{Path(str(member.name_or_path)).name}")
             member.save_pretrained(folder / names[-1])
         config = {**self.config.to_dict(), "members": names}
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def from_folder(cls, folder: Path, raw: dict[str, Any],

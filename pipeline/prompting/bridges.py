@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from pipeline.core.atomic import save_tensors
 from pipeline.core.errors import read_safetensors
 from pipeline.core.names import BRIDGES
 from pipeline.prompting.images import ImagePromptError
 
 GAP_FILE = "modality_gap.safetensors"
+GAP_SUMMARY = "modality_gap.json"  # the gap stage's summary (`computed`), written last
 
 
 # The linear bridge's ridge: λ = RIDGE · mean variance of the centred image embeddings; it keeps
@@ -102,7 +103,7 @@ class ModalityGap:
             tensors["linear"] = self.linear.float().contiguous()
         if self.bank is not None:  # unit vectors: half precision keeps them to 1e-3
             tensors["bank"] = self.bank.half().contiguous()
-        save_file(tensors, str(path), metadata={"bridge": self.bridge})
+        save_tensors(path, tensors, metadata={"bridge": self.bridge})
 
     @classmethod
     def load(cls, path: str | Path) -> ModalityGap:

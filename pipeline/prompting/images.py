@@ -22,7 +22,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipeline.core.errors import DeprojectorError
+from pipeline.core.errors import DeprojectorError, special_kind
 
 
 class ImagePromptError(DeprojectorError, ValueError):
@@ -43,6 +43,9 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
     name = f"{what} {str(path)!r}"
     if path.is_dir():
         raise ImagePromptError(f"{name}: is a folder, expected an image file")
+    if special_kind(path):
+        raise ImagePromptError(f"{name}: is {special_kind(path)}, not a regular file; refused "
+                               "without reading it")
     if not path.is_file():
         raise ImagePromptError(f"{name}: no such file")
     try:

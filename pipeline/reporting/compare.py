@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.errors import DeprojectorError
 
 WORKSPACE = "workspace"
@@ -126,7 +128,8 @@ def dvc_diff_md(what: str, a: Revision, b: Revision, root: Path) -> str:
     done = _run([sys.executable, "-m", "dvc", what, "diff", "--md", a.dvc_rev, b.dvc_rev], root)
     if done.returncode != 0:
         lines = (done.stderr.decode() or done.stdout.decode()).strip().splitlines()
-        raise CompareError(f"`dvc {what} diff {a.dvc_rev} {b.dvc_rev}` failed: "
+        command = shlex.join(["dvc", what, "diff", a.dvc_rev, b.dvc_rev])
+        raise CompareError(f"`{command}` failed: "
                            f"{lines[-1] if lines else f'exit status {done.returncode}'}")
     table = done.stdout.decode().strip()
     # dvc prints nothing, or a header without rows, when nothing differs
@@ -189,8 +192,7 @@ def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"
                 cells.append("—")
                 continue
             file = folder / Path(paths[title]).name
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.write_bytes(data)
+            write_bytes(file, data)
             link = file.relative_to(out.parent).as_posix()
             cells.append(f"![{rev.name}: {title}]({link})")
         rows.append(f"| {rev.title} | " + " | ".join(cells) + " |")
@@ -212,6 +214,5 @@ def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"
         pair = f"`{base.name}` → `{rev.name}`"
         lines += ["", f"## Params: {pair}", "", dvc_diff_md("params", base, rev, root),
                   "", f"## Metrics: {pair}", "", dvc_diff_md("metrics", base, rev, root)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out, "\n".join(lines) + "\n")
     return out

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config.params import Params, RenderParams
+from pipeline.core.atomic import write_text
 from pipeline.core.names import RETRIEVAL
 from pipeline.metrics.image_metrics import PSNR_CAP_DB
 from pipeline.metrics.intervals import ci_key
@@ -315,4 +316,4 @@ the two captions' states and with the retrieval's answer to the combined embeddi
 
 ![cosine per position](plots/cosine_per_position.png)
 """
-    path.write_text(text, encoding="utf-8")
+    write_text(path, text)

@@ -36,6 +36,10 @@ def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Te
         if not torch.isfinite(embeds).all():  # would draw an all-black picture
             raise GenerationError(f"{what} contain NaN or Inf values; nothing was drawn")
     check_cross_attention(pipe.unet.config.cross_attention_dim, prompt_embeds.shape[-1])
+    timesteps = pipe.scheduler.config.num_train_timesteps
+    if r.steps > timesteps:
+        raise GenerationError(f"{r.steps} steps: the {r.scheduler} scheduler of this UNet takes "
+                              f"at most {timesteps} (its training timesteps)")
     seeds = seeds if seeds is not None else [r.seed] * len(prompt_embeds)
     device = pipe.device
     images: list[Image.Image] = []
@@ -43,7 +47,9 @@ def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Te
         chunk = prompt_embeds[begin:begin + batch]
         # One generator per image: each image starts from the noise it would get if generated
         # alone with generator=torch.Generator().manual_seed(seed).
-        images += pipe(
+        # As tensors, checked, then made pictures as output_type="pil" would (same pixels):
+        # latents that overflowed (an extreme guidance scale) would be drawn all black.
+        pixels = pipe(
             prompt_embeds=chunk.to(device),
             negative_prompt_embeds=negative_embeds.to(device).expand(len(chunk), -1, -1),
             generator=[torch.Generator().manual_seed(s) for s in seeds[begin:begin + batch]],
@@ -51,6 +57,13 @@ def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Te
             guidance_scale=r.guidance_scale,
             height=r.height,
             width=r.width,
-            output_type="pil",
+            output_type="pt",
         ).images
+        if not torch.isfinite(pixels).all():
+            raise GenerationError(
+                f"the sampler's result is not finite (NaN or Inf) with guidance scale "
+                f"{r.guidance_scale:g}, {r.steps} steps, {r.scheduler}: the latents "
+                f"overflowed; nothing was drawn (a smaller guidance scale?)")
+        processor = pipe.image_processor
+        images += processor.numpy_to_pil(processor.pt_to_numpy(pixels.cpu()))
     return images

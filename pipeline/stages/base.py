@@ -12,6 +12,7 @@ from pathlib import Path
 from pipeline.base.checks import BaseReport, check_base
 from pipeline.config.params import Params
 from pipeline.config.runs import check_runs
+from pipeline.core.atomic import write_text
 
 
 def run_base_stage(params: Params, out: Path = Path("models/base.json"),
@@ -21,6 +22,5 @@ def run_base_stage(params: Params, out: Path = Path("models/base.json"),
     report = check_base(params.base.clip, params.base.sd)
     clip_path = clip_out or out.with_name("base-clip.json")
     for path, record in ((out, report.as_json()), (clip_path, report.clip_json())):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        write_text(path, json.dumps(record, indent=2) + "\n")
     return report

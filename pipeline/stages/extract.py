@@ -10,6 +10,7 @@ import torch
 
 from pipeline.base.loaders import load_clip
 from pipeline.config.params import Params
+from pipeline.core.atomic import write_text
 from pipeline.data.captions import read_split
 from pipeline.data.extraction import SPLITS, ImageRows, compute_constants, extract_split
 from pipeline.data.shards import (
@@ -43,5 +44,5 @@ def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions")
             clip, captions, out_dir / split, params,
             params.augment.seed + SPLITS.index(split), constants["null"], images)
     meta["splits"] = {split: meta["splits"][split] for split in SPLITS}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

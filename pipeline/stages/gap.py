@@ -27,6 +27,7 @@ from pipeline.core.names import BRIDGES
 from pipeline.data.captions import read_split
 from pipeline.data.pairs import WorldPairs, open_pairs
 from pipeline.prompting.bridges import GAP_FILE, ModalityGap
+from pipeline.prompting.bridges import GAP_SUMMARY as SUMMARY_FILE
 from pipeline.world.embedded import World
 
 # The share of the pairs each bridge's summary cosine is measured on (fitted on the rest).
@@ -77,6 +78,9 @@ def run_gap_stage(params: Params, out_dir: Path,
     prompts then need --bridge none, and augment.image must be 0)."""
     base, g, device = params.base, params.gap, params.render.device
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The summary (its `computed` flag) goes first and comes back last: a stage killed in
+    # between leaves no summary vouching for statistics that are gone or from other params.
+    (out_dir / SUMMARY_FILE).unlink(missing_ok=True)
     (out_dir / GAP_FILE).unlink(missing_ok=True)
     world = World.of(base.clip, base.sd)
     pairs = WorldPairs(g.pairs, g.seed) if world else open_pairs(g)
@@ -84,7 +88,7 @@ def run_gap_stage(params: Params, out_dir: Path,
         summary = {"base_clip": base.clip, "computed": False,
                    "why": f"gap.source {g.source!r} has no image/caption pairs: image prompts "
                           "with this base.clip need --bridge none until it has"}
-        write_json(out_dir / "modality_gap.json", summary)
+        write_json(out_dir / SUMMARY_FILE, summary)
         return summary
     clip = load_clip(base.clip, device=device)
     tower = ImageTower.load(base.clip, device=device)
@@ -93,9 +97,9 @@ def run_gap_stage(params: Params, out_dir: Path,
     image = image_embeddings(tower, pairs.images(list(range(count))))
     bank = text_embeddings(clip, read_split(captions_dir, "train")[:g.bank])
     gap, summary = measure_gap(text, image, bank, g.temperature, g.bridge)
-    gap.save(out_dir / GAP_FILE)
+    gap.save(out_dir / GAP_FILE)  # atomic; the summary after it
     source = f"world scenes (seed {g.seed})" if world else g.source
     summary = {"base_clip": base.clip, "computed": True, "source": source, "bridge": g.bridge,
                **summary}
-    write_json(out_dir / "modality_gap.json", summary)
+    write_json(out_dir / SUMMARY_FILE, summary)
     return summary

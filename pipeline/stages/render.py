@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline.config.params import Params, RenderParams
 from pipeline.config.runs import check_runs
+from pipeline.core.atomic import save_image
 from pipeline.core.errors import DeprojectorError, read_json
 from pipeline.core.jsonio import write_json
 from pipeline.core.names import (
@@ -186,26 +187,26 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
         if extras and what == "single":
             add_image_prompt_rows(columns, pipe, runs[showcase], world, r, scorer)
         grid, done.layouts[what] = make_grid([c.grid_column() for c in columns])
-        grid.save(reports_dir / f"grid_{what}.png")
+        save_image(grid, reports_dir / f"grid_{what}.png")
         done.columns[what] = columns
         done.fidelity[what] = grid_fidelity(columns, list(runs))
         done.scores[what] = grid_scores(columns)
-    cosine_chart(read_json(curve_file, RenderError, RERUN_EVALUATE, expect=list)).save(
-        curve_file.with_suffix(".png"))
+    save_image(cosine_chart(read_json(curve_file, RenderError, RERUN_EVALUATE, expect=list)),
+               curve_file.with_suffix(".png"))
     held_out_file = reports_dir / "metrics" / f"{ADHERENCE}.json"
     held_out = read_json(held_out_file, RenderError, RERUN_EVALUATE) \
         if held_out_file.is_file() else None
     chart = reports_dir / "plots" / "adherence.png"
     if held_out:
-        adherence_chart(held_out).save(chart)
+        save_image(adherence_chart(held_out), chart)
     else:  # an output DVC expects, saying why it is empty
-        notice("no held-out pictures: evaluate.adherence_prompts is 0").save(chart)
+        save_image(notice("no held-out pictures: evaluate.adherence_prompts is 0"), chart)
     if extras:
         done.interpolation = render_interpolation(pipe, runs, scorer, r, reports_dir)
     else:
         why = "interpolation is judged with the builtin world only (base.clip/sd: builtin)"
         for image in ("interpolation.png", "plots/interpolation.png"):
-            notice(why).save(reports_dir / image)
+            save_image(notice(why), reports_dir / image)
         write_json(reports_dir / "interpolation.json", {"available": False, "why": why})
     write_json(reports_dir / "fidelity.json", done.fidelity)
     write_json(reports_dir / "grid_scores.json", done.scores)
@@ -241,10 +242,11 @@ def render_interpolation(pipe, encoders: dict[str, PromptEncoder], scorer: Score
     curves, strips = run_interpolation(pipe, encoders, scorer, r)
     columns = [GridColumn(f"t = {t:.3g}", {name: strip[k] for name, strip in strips.items()})
                for k, t in enumerate(fractions(r.interpolation_steps))]
-    make_grid(columns)[0].save(reports_dir / "interpolation.png")
+    save_image(make_grid(columns)[0], reports_dir / "interpolation.png")
     write_json(reports_dir / "interpolation.json", curves)
-    line_chart({name: list(zip(c["t"], c["balance"], strict=True)) for name, c in curves.items()},
-               f"{r.interpolation_from} -> {r.interpolation_to}: judge's balance "
-               f"({r.interpolation_seeds} seeds per t)", "t",
-               "adherence to B - adherence to A").save(reports_dir / "plots" / "interpolation.png")
+    chart = line_chart(
+        {name: list(zip(c["t"], c["balance"], strict=True)) for name, c in curves.items()},
+        f"{r.interpolation_from} -> {r.interpolation_to}: judge's balance "
+        f"({r.interpolation_seeds} seeds per t)", "t", "adherence to B - adherence to A")
+    save_image(chart, reports_dir / "plots" / "interpolation.png")
     return curves

@@ -10,6 +10,7 @@ in a per-epoch seeded order, early stopping on the test loss. A checkpoint after
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -21,16 +22,19 @@ from tqdm import tqdm
 
 from pipeline.base.files import clip_fingerprint, source_folder
 from pipeline.base.loaders import base_source, load_clip
-from pipeline.config.params import ModelSpec, Params, ParamsError, TrainParams, validate
+from pipeline.config.params import ModelSpec, Params, TrainParams, validate
 from pipeline.core.atomic import atomic_path
 from pipeline.core.conventions import BUILTIN
+from pipeline.core.errors import DeprojectorError, read_json, read_torch
 from pipeline.core.jsonio import write_json
+from pipeline.core.sections import ParamsError
 from pipeline.data.shards import ShardError, ShardReader, load_constants, read_meta
 from pipeline.metrics.losses import weighted_mse
 from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
 from pipeline.models.base import CONFIG_FILE
 from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
 from pipeline.prompting.bridges import GAP_FILE
+from pipeline.prompting.bridges import GAP_SUMMARY as SUMMARY_FILE
 
 
 def model_spec(name: str, params: Params) -> ModelSpec:
@@ -105,10 +109,31 @@ def record_base(model: Deprojector | DeprojectorConfig, base_clip: str) -> None:
 
 def copy_gap(out_dir: Path, gap_dir: Path) -> None:
     """Put gap_dir's modality-gap statistics, when the `gap` stage computed them, into a
-    saved deprojector's folder (image prompts read them from there)."""
+    saved deprojector's folder (image prompts read them from there).
+
+    The gap stage writes its summary (modality_gap.json, `computed`) after the statistics and
+    deletes it first: statistics without a summary, or a summary saying `computed` without
+    them, are the outputs of an interrupted gap stage, refused rather than copied or skipped."""
     (out_dir / GAP_FILE).unlink(missing_ok=True)
-    if (gap_dir / GAP_FILE).is_file():
-        shutil.copyfile(gap_dir / GAP_FILE, out_dir / GAP_FILE)
+    stats, summary_file = gap_dir / GAP_FILE, gap_dir / SUMMARY_FILE
+    computed = read_json(summary_file, GapOutputError).get("computed") is True \
+        if summary_file.exists() else None
+    if computed is None and stats.exists() or computed and not stats.is_file():
+        raise GapOutputError(
+            f"{gap_dir}: incomplete outputs of the gap stage ({SUMMARY_FILE} "
+            f"{'says computed' if computed else 'missing'}, {GAP_FILE} "
+            f"{'missing' if not stats.exists() else 'present'}); rerun `deprojector gap`")
+    if computed:
+        with atomic_path(out_dir / GAP_FILE) as tmp:
+            shutil.copyfile(stats, tmp)
+
+
+class TrainingDiverged(DeprojectorError):
+    """The loss became NaN or infinite: training stops, the last good checkpoint is kept."""
+
+
+class GapOutputError(DeprojectorError):
+    """The gap stage's outputs do not go together (an interrupted stage)."""
 
 
 def write_ensemble(name: str, params: Params, shards_dir: Path, out_dir: Path,
@@ -155,6 +180,9 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     mixed_precision = "no" if t.precision == "fp32" else t.precision
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=mixed_precision)
     device = accelerator.device
+    if t.precision == "fp16" and device.type == "cpu":
+        log(accelerator, f"{name}: train.precision fp16 needs a GPU; on the CPU this run "
+                         "trains in fp32 (bf16 runs on a CPU)")
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(t.seed)
     model = build_model(name, params, shards_dir).to(device)
@@ -206,6 +234,13 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         train_loss = accelerator.reduce(running, reduction="mean").item() / steps
         # Every process scores the whole test split: same numbers, same early-stopping choice.
         test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
+        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+            kept = f"the checkpoint of epoch {epoch} is kept in {checkpoint}" \
+                if epoch and checkpoint.is_file() else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"{name}: training diverged at epoch {epoch + 1}: train loss {train_loss}, "
+                f"test loss {test_loss} (train.lr = {t.lr:g}: a smaller learning rate?); "
+                f"stopped, models/{name} left as it was, {kept}")
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
         if test_loss < best["loss"]:
             best = {"loss": test_loss, "epoch": epoch,
@@ -214,10 +249,17 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
                          f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
         if accelerator.is_main_process:
             with atomic_path(checkpoint) as tmp:
+                # Serialised in memory and written by Python: a full disk is an OSError
+                # (pipeline/core/atomic.py), not torch's writer's RuntimeError.
+                buffer = io.BytesIO()
                 torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
                             "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                            "history": history, "best": best}, tmp)
+                            "history": history, "best": best}, buffer)
+                tmp.write_bytes(buffer.getbuffer())
 
+    if best["state"] is None:  # no epoch ran (epochs already done) or none was scored
+        raise TrainingDiverged(f"{name}: no epoch with a finite test loss to save; "
+                               f"models/{name} left as it was")
     if accelerator.is_main_process:
         model.load_state_dict(best["state"])
         record_base(model, params.base.clip)
@@ -236,17 +278,18 @@ CHECKPOINT_KEYS = ("fingerprint", "model", "optimizer", "rng", "history", "best"
 
 def read_checkpoint(path: Path, device: torch.device | str) -> dict | None:
     """A training checkpoint, or None where the file is cut short or corrupt (the run then
-    starts over, as with a checkpoint of other params: it only saves time)."""
-    import pickle
-    import zipfile
-
+    starts over, as with a checkpoint of other params: it only saves time). Read as data
+    (pipeline.core.errors.read_torch): one that needs pickle is refused, naming it; nothing runs."""
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile):
+        state = read_torch(path, _CorruptCheckpoint, map_location=device)
+    except _CorruptCheckpoint:
         return None
     return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) \
         else None
+
+
+class _CorruptCheckpoint(Exception):
+    pass
 
 
 def log(accelerator, message: str) -> None:

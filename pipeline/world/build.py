@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from pipeline.core.atomic import atomic_path
+from pipeline.core.atomic import atomic_path, write_text
 from pipeline.world import clip as world_clip
 from pipeline.world import diffusion, judge, vae
 from pipeline.world import scenes as world
@@ -54,18 +54,26 @@ CODE = {"clip": ("clip.py", "tokenizer.py"), "vae": ("vae.py",), "unet": ("diffu
 ASSEMBLED = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "judge": "judge"}
 
 
+# What in the modules of CODE only reads or writes files ("Class.method" for a method): it
+# cannot change a trained part, so a part's fingerprint leaves it out, and making a save
+# atomic does not retrain the world. Nothing that computes weights belongs here.
+FILE_IO = {"judge.py": ("Judge.save_pretrained",), "tokenizer.py": ("save_tokenizer",)}
+
+
 def _code_digest(part: str) -> str:
     digest = hashlib.sha256()
     for name in ("scenes.py", "loop.py", *CODE[part]):
-        digest.update(_code_shape((Path(__file__).parent / name).read_text()).encode())
+        source = (Path(__file__).parent / name).read_text()
+        digest.update(_code_shape(source, FILE_IO.get(name, ())).encode())
     return digest.hexdigest()[:16]
 
 
-def _code_shape(source: str) -> str:
+def _code_shape(source: str, file_io: tuple[str, ...] = ()) -> str:
     """What a module's code does, without what cannot change a trained part: comments,
-    formatting and the imports of project modules (a module that moves is the same code).
-    Python's syntax tree, written out field by field with empty fields left out, so that a
-    Python version that adds a field (empty in this code) reads the same."""
+    formatting, import statements (a module that moves is the same code; a changed import
+    shows where the imported name is used) and the `file_io` definitions. Python's syntax
+    tree, written out field by field with empty fields left out, so that a Python version
+    that adds a field (empty in this code) reads the same."""
 
     def shape(node: object) -> str:
         if isinstance(node, ast.AST):
@@ -76,9 +84,21 @@ def _code_shape(source: str) -> str:
             return f"[{', '.join(shape(item) for item in node)}]"
         return repr(node)
 
+    def kept(nodes: list[ast.stmt], prefix: str = "") -> list[ast.stmt]:
+        out = []
+        for node in nodes:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                if prefix + node.name in file_io:
+                    continue
+                if isinstance(node, ast.ClassDef):
+                    node.body = kept(node.body, f"{node.name}.")
+            out.append(node)
+        return out
+
     tree = ast.parse(source)
-    tree.body = [node for node in tree.body if not (
-        isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "pipeline")]
+    tree.body = kept(tree.body)
     return shape(tree)
 
 
@@ -282,7 +302,7 @@ class WorldBuild:
         judge.Judge.from_pretrained(self.work / "judge").save_pretrained(out / "judge")
         summary = {"params": dataclasses.asdict(self.p),
                    **{part: self.info(part) for part in PARTS}}
-        (out / "world.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(out / "world.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 

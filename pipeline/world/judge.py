@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import save_file
 from torch import nn
 
+from pipeline.core.atomic import save_tensors, write_text
 from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
 from pipeline.world import scenes as world
 from pipeline.world.loop import step_generators, train_steps
@@ -153,9 +153,9 @@ class Judge:
         folder.mkdir(parents=True, exist_ok=True)
         config = {"width": self.net.head[1].in_features // 64, "colors": list(world.COLOR_NAMES),
                   "shapes": list(world.SHAPES), "image_size": world.IMAGE_SIZE}
-        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()},
-                  str(folder / WEIGHTS_FILE))
+        write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+        save_tensors(folder / WEIGHTS_FILE,
+                     {k: v.contiguous() for k, v in self.net.state_dict().items()})
 
     @torch.no_grad()
     def probabilities(self, images: Images) -> tuple[np.ndarray, np.ndarray]:

@@ -8,13 +8,14 @@ uninterrupted one.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from pipeline.world.checkpoints import read_checkpoint, save_atomic
 
 CHECKPOINT_EVERY = 250  # steps
 
@@ -31,27 +32,6 @@ def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def save_atomic(state: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path: Path) -> dict | None:
-    """A checkpoint of train_steps, or None where the file is cut short or corrupt."""
-    import pickle
-    import zipfile
-
-    try:
-        state = torch.load(path, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile):
-        return None
-    keys = ("modules", "optimizer", "step", "losses")
-    return state if isinstance(state, dict) and all(k in state for k in keys) else None
 
 
 def train_steps(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,

@@ -13,6 +13,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 from transformers import CLIPTokenizer
 
+from pipeline.core.atomic import write_text
 from pipeline.core.conventions import MAX_LENGTH
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -49,5 +50,5 @@ def save_tokenizer(tokenizer: CLIPTokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
     state = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
     merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
-    (folder / "vocab.json").write_text(json.dumps(state["vocab"], ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_text(folder / "vocab.json", json.dumps(state["vocab"], ensure_ascii=False))
+    write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -37,8 +37,14 @@ from pipeline.core.names import BRIDGES, IMAGE_PROMPTS, REFERENCE
 from pipeline.data.shards import ShardReader
 from pipeline.metrics.adherence import Scorer, column, evaluate_adherence
 from pipeline.metrics.intervals import mean_with_ci, paired_difference
-from pipeline.metrics.records import ADHERENCE, AUTOREGRESSIVE, COSINE_MASKED, IMAGE_TO_TEXT
-from pipeline.metrics.scores import IMAGE_ROW_METRICS, score_model
+from pipeline.metrics.records import (
+    ADHERENCE,
+    AUTOREGRESSIVE,
+    COSINE_MASKED,
+    IMAGE_ROW_METRICS,
+    IMAGE_TO_TEXT,
+)
+from pipeline.metrics.scores import score_model
 from pipeline.models import load_deprojector
 from pipeline.sampling.encoders import load_encoders
 from pipeline.sampling.sd import load_pipeline

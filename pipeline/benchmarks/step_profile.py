@@ -3,13 +3,13 @@
 `pipeline.training.loop.train_model` itself runs (Accelerate, tqdm, per-epoch test loss and
 checkpoint, all as in the `train` stage) on shards of the builtin world CLIP (D = 128) with
 params.yaml's `train:` settings (batch 100, Adam) and each architecture's params.yaml
-hyperparameters, while perf_counter segments are taken around its phases by wrapping what it
-calls (nothing in train.py changes for this):
+hyperparameters, while perf_counter segments are taken around its phases by its `hooks`
+(`pipeline.training.loop.TrainHooks`, which do nothing in the `train` stage):
 
 - read: `ShardReader.iter_batches` producing a batch (gather from the memory-mapped shards,
   float16 -> float32, batch assembly); `read_gather` / `read_convert` split it by timing a
   plain gather of the same rows in the storage dtype;
-- forward: the deprojector's forward pass (module hooks);
+- forward: the deprojector's forward pass;
 - loss: `weighted_mse` (position weights, squared error) and its backward, which ends when
   the gradient reaches the prediction (a tensor hook on it);
 - backward: the rest of `accelerator.backward`, through the model;
@@ -45,8 +45,7 @@ from pipeline.config.params import load_params, parse_params
 from pipeline.data.extraction import compute_constants, extract_split
 from pipeline.data.shards import ShardReader, save_constants
 from pipeline.models import ARCHITECTURES
-from pipeline.training import loop as train_module
-from pipeline.training.loop import train_model
+from pipeline.training.loop import TrainHooks, train_model
 from pipeline.world.scenes import generate_captions
 
 ARITHMETIC = ("forward", "backward", "optimizer")
@@ -92,134 +91,47 @@ def profile_models(params_path: Path = Path("params.yaml")) -> dict[str, dict]:
     return {name: chosen.get(name, {}) for name in ARCHITECTURES}
 
 
-class _Clock:
-    """Seconds per phase and steps; `in_eval` marks the per-epoch test-loss pass, whose reads,
-    forwards and losses are not the training step's."""
+class _Clock(TrainHooks):
+    """train_model's hooks: seconds per phase and steps. The per-epoch test-loss pass is its
+    own phase (`evaluate`), so its reads, forwards and losses are not the training step's."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
         self.steps = 0
-        self.in_eval = False
-        self.start: float | None = None
-        self.end = 0.0
+        self.start: float | None = None  # the first batch read
+        self.end = 0.0  # the last checkpoint written
+        self.grad_at_pred: float | None = None
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         begin = time.perf_counter()
+        if self.start is None and name == "read":
+            self.start = begin
         try:
             yield
         finally:
-            self.seconds[name] += time.perf_counter() - begin
+            end = time.perf_counter()
+            if name == "backward":
+                # The loss's own backward ends where the gradient reaches the prediction.
+                reached = self.grad_at_pred if self.grad_at_pred is not None else begin
+                self.grad_at_pred = None
+                self.seconds["loss"] += reached - begin
+                self.seconds["backward"] += end - reached
+            else:
+                self.seconds[name] += end - begin
+            if name == "optimizer":
+                self.steps += 1
+            elif name == "checkpoint":
+                self.end = end
 
+    def model_built(self, model: torch.nn.Module) -> None:
+        def reached(grad: torch.Tensor) -> None:
+            self.grad_at_pred = time.perf_counter()
 
-@contextlib.contextmanager
-def _instrumented(clock: _Clock) -> Iterator[None]:
-    """Wrap what train_model calls with timers; everything is restored on exit."""
-    import accelerate
-
-
-    saved = {name: getattr(train_module, name) for name in
-             ("ShardReader", "weighted_mse", "build_model", "evaluate_loss", "atomic_path")}
-    saved_backward, saved_prepare = accelerate.Accelerator.backward, accelerate.Accelerator.prepare
-    marks: dict[str, float] = {}
-
-    class TimedReader(ShardReader):
-        def iter_batches(self, *args, **kwargs):
-            batches = super().iter_batches(*args, **kwargs)
-            if clock.in_eval:
-                yield from batches
-                return
-            while True:
-                begin = time.perf_counter()
-                if clock.start is None:
-                    clock.start = begin
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    clock.seconds["read"] += time.perf_counter() - begin
-                    return
-                clock.seconds["read"] += time.perf_counter() - begin
-                clock.steps += 1
-                yield batch
-
-    def timed_loss(*args, **kwargs):
-        if clock.in_eval:
-            return saved["weighted_mse"](*args, **kwargs)
-        with clock.phase("loss"):
-            return saved["weighted_mse"](*args, **kwargs)
-
-    def build_model(*args, **kwargs):
-        model = saved["build_model"](*args, **kwargs)
-
-        def pre(module, inputs):
-            if module.training:
-                marks["forward"] = time.perf_counter()
-
-        def post(module, inputs, output):
-            if module.training:
-                clock.seconds["forward"] += time.perf_counter() - marks.pop("forward")
-                if output.requires_grad:  # the loss's backward ends where this fires
-                    output.register_hook(_grad_reached)
-        model.register_forward_pre_hook(pre)
+        def post(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+            if module.training and output.requires_grad:
+                output.register_hook(reached)
         model.register_forward_hook(post)
-        return model
-
-    def _grad_reached(grad):
-        marks["grad_at_pred"] = time.perf_counter()
-
-    def evaluate_loss(*args, **kwargs):
-        clock.in_eval = True
-        try:
-            with clock.phase("evaluate"):
-                return saved["evaluate_loss"](*args, **kwargs)
-        finally:
-            clock.in_eval = False
-
-    @contextlib.contextmanager
-    def atomic_path(path):
-        begin = time.perf_counter()
-        try:
-            with saved["atomic_path"](path) as tmp:
-                yield tmp
-        finally:
-            clock.seconds["checkpoint"] += time.perf_counter() - begin
-            clock.end = time.perf_counter()
-
-    def backward(self, loss, **kwargs):
-        begin = time.perf_counter()
-        saved_backward(self, loss, **kwargs)
-        end = time.perf_counter()
-        reached = marks.pop("grad_at_pred", begin)
-        clock.seconds["loss"] += reached - begin
-        clock.seconds["backward"] += end - reached
-
-    def prepare(self, *objects, **kwargs):
-        prepared = saved_prepare(self, *objects, **kwargs)
-        for obj in prepared if isinstance(prepared, tuple) else (prepared,):
-            if isinstance(obj, torch.optim.Optimizer) or hasattr(obj, "optimizer"):
-                for name, phase in (("step", "optimizer"), ("zero_grad", "zero_grad")):
-                    method = getattr(obj, name)
-
-                    def timed(*a, _method=method, _phase=phase, **k):
-                        with clock.phase(_phase):
-                            return _method(*a, **k)
-                    setattr(obj, name, timed)
-        return prepared
-
-    try:
-        train_module.ShardReader = TimedReader
-        train_module.weighted_mse = timed_loss
-        train_module.build_model = build_model
-        train_module.evaluate_loss = evaluate_loss
-        train_module.atomic_path = atomic_path
-        accelerate.Accelerator.backward = backward
-        accelerate.Accelerator.prepare = prepare
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(train_module, name, value)
-        accelerate.Accelerator.backward = saved_backward
-        accelerate.Accelerator.prepare = saved_prepare
 
 
 def read_split(shards_dir: Path, batch_size: int, seed: int = 0, repeats: int = 3) -> dict:
@@ -259,9 +171,10 @@ def profile_one(name: str, hparams: dict, shards_dir: Path, work: Path, epochs: 
     params = parse_params({"base": {"clip": "builtin", "sd": "builtin"}, "train": train,
                            "models": {name: {"type": name, **hparams}}})
     clock = _Clock()
-    with _instrumented(clock), contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr):
         train_model(name, params, shards_dir=shards_dir, out_dir=work / "models" / name,
-                    plots_dir=work / "reports", checkpoint_dir=work / "checkpoints")
+                    plots_dir=work / "reports", checkpoint_dir=work / "checkpoints",
+                    hooks=clock)
     s = clock.seconds
     evaluate = s.pop("evaluate", 0.0)
     total = clock.end - clock.start - evaluate  # first batch read .. last checkpoint written

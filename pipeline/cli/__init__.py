@@ -275,6 +275,7 @@ def evaluate_command(
     spread over seed replicates (runs that differ only in train.seed).
     """
     from pipeline.core.names import ADHERENCE, COMPARISON, IMAGE_PROMPTS
+    from pipeline.metrics.records import AUTOREGRESSIVE, CLIP_SCORE, COSINE_MASKED
     from pipeline.stages.evaluate import run_evaluate_stage
 
     results = _run(lambda: run_evaluate_stage(_params(params), shards))
@@ -282,20 +283,20 @@ def evaluate_command(
     image_prompts = results.pop(IMAGE_PROMPTS, {})
     compared = results.pop(COMPARISON)["autoregressive_cosine_masked"]
     for name, metrics in results.items():
-        free = metrics["autoregressive"]
-        typer.echo(f"{name:>20}: autoregressive cosine_masked {free['cosine_masked']:.4f}, "
+        free = metrics[AUTOREGRESSIVE]
+        typer.echo(f"{name:>20}: autoregressive cosine_masked {free[COSINE_MASKED]:.4f}, "
                    f"weighted_mse {free['weighted_mse']:.5f}")
     for kind, rows in pictures.items():
         for name, s in rows.items():
-            adherence = f"adherence {s['adherence']:.3f}, " if "adherence" in s else ""
-            typer.echo(f"{kind:>6} {name:>20}: {adherence}CLIP score {s['clip_score']:.2f}")
+            adherence = f"adherence {s[ADHERENCE]:.3f}, " if ADHERENCE in s else ""
+            typer.echo(f"{kind:>6} {name:>20}: {adherence}CLIP score {s[CLIP_SCORE]:.2f}")
     within = [name for name, row in compared["rows"].items() if row["within_noise"]]
     typer.echo(f"best autoregressive cosine_masked: {compared['best']}; within its 95 % "
                f"interval: {', '.join(within) or 'none'}")
     for name, rows in image_prompts.items():
         judged = {"text": rows["text"], **rows.get("bridges", {})}
         typer.echo(f"image prompts {name:>20}: adherence " + ", ".join(
-            f"{key} {s['adherence']:.3f}" for key, s in judged.items() if "adherence" in s))
+            f"{key} {s[ADHERENCE]:.3f}" for key, s in judged.items() if ADHERENCE in s))
 
 
 @app.command("render")

@@ -289,7 +289,7 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
     not import the architectures, so an edit to one reruns only the stages that use them."""
     raw = raw or {}
     check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
-    specs = {}
+    specs: dict[str, ModelSpec] = {}
     for name, entry in raw.items():
         check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None,
               f"models.{name}", f"a run name of {RUN_NAME_RULE}", name)
@@ -330,7 +330,9 @@ def parse_params(raw: dict[str, Any]) -> Params:
     if unknown:
         raise ParamsError(f"params: unknown section `{unknown[0]}` (known: "
                           f"{', '.join([*SECTIONS, 'models'])})")
-    parsed = {name: section(cls, raw.get(name), name) for name, cls in SECTIONS.items()}
+    # Each section its own dataclass: Params(**parsed) checks them by name.
+    parsed: dict[str, Any] = {name: section(cls, raw.get(name), name)
+                              for name, cls in SECTIONS.items()}
     return validate(Params(**parsed, models=parse_models(raw.get("models"))))
 
 

@@ -44,7 +44,7 @@ def is_write_refusal(err: BaseException) -> bool:
 def write_error(path: str | Path, err: OSError) -> OutputError:
     """The one line for a refused write: the path, the system's reason, what to do."""
     reason = os.strerror(err.errno) if err.errno else str(err)
-    advice = _ADVICE.get(err.errno, "write elsewhere")
+    advice = _ADVICE.get(err.errno, "write elsewhere") if err.errno else "write elsewhere"
     return OutputError(f"{path}: cannot write it ({reason}); {advice}. Nothing was replaced")
 
 
@@ -75,7 +75,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        if is_write_refusal(err):
+        if isinstance(err, OSError) and is_write_refusal(err):
             raise write_error(path, err) from err
         raise
 

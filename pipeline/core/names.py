@@ -6,13 +6,15 @@ table, so a run may take none of these (params derives its reserved names from h
 
 from __future__ import annotations
 
+from typing import Final
+
 WORLD = "world"  # models/world/: the embedded world
 BASE_RECORD = "base"  # models/base.json: the base models' check and fingerprint
 NULL_BASELINE = "null-baseline"  # reports/metrics/null-baseline.json
 RETRIEVAL = "retrieval"  # reports/metrics/retrieval.json: the nearest training rows' states
 COMPARISON = "comparison"  # reports/metrics/comparison.json: differences inside the noise
-ADHERENCE = "adherence"  # reports/metrics/adherence.json: held-out pictures judged
-IMAGE_PROMPTS = "image_prompts"  # reports/metrics/image_prompts.json: scenes as prompts
+ADHERENCE: Final = "adherence"  # reports/metrics/adherence.json: held-out pictures judged
+IMAGE_PROMPTS: Final = "image_prompts"  # reports/metrics/image_prompts.json: scenes as prompts
 REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
 IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
 

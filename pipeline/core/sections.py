@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -23,7 +23,10 @@ class ParamsError(DeprojectorError, ValueError):
     """A value in params.yaml is missing, of the wrong type or out of range."""
 
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a params section: a dataclass
 
 
 def section(cls: type[T], raw: Any, name: str) -> T:

@@ -37,7 +37,14 @@ from pipeline.core.names import BRIDGES, IMAGE_PROMPTS, REFERENCE
 from pipeline.data.shards import ShardReader
 from pipeline.metrics.adherence import Scorer, column, evaluate_adherence
 from pipeline.metrics.intervals import mean_with_ci, paired_difference
-from pipeline.metrics.scores import IMAGE_ROW_METRICS, score_model
+from pipeline.metrics.records import (
+    ADHERENCE,
+    AUTOREGRESSIVE,
+    COSINE_MASKED,
+    IMAGE_ROW_METRICS,
+    IMAGE_TO_TEXT,
+)
+from pipeline.metrics.scores import score_model
 from pipeline.models import load_deprojector
 from pipeline.sampling.encoders import load_encoders
 from pipeline.sampling.sd import load_pipeline
@@ -65,15 +72,15 @@ def interval(metrics: dict, key: str) -> dict:
 def summary(results: dict, run: str) -> dict:
     """The figures of one run in one variant (see the module docstring)."""
     metrics = results[run]
-    out = {"cosine_masked": interval(metrics["autoregressive"], "cosine_masked")}
+    out = {COSINE_MASKED: interval(metrics[AUTOREGRESSIVE], COSINE_MASKED)}
     if IMAGE_ROW_METRICS in metrics:
         out["image_rows_cosine_masked"] = interval(
-            metrics[IMAGE_ROW_METRICS]["autoregressive"], "cosine_masked")
+            metrics[IMAGE_ROW_METRICS][AUTOREGRESSIVE], COSINE_MASKED)
     images = results.get(IMAGE_PROMPTS, {}).get(run)
     if images:
         out["image_prompts"] = {
-            "text": interval(images["text"], "adherence"),
-            **{bridge: interval(rows, "adherence") | interval(rows, "image_to_text")
+            "text": interval(images["text"], ADHERENCE),
+            **{bridge: interval(rows, ADHERENCE) | interval(rows, IMAGE_TO_TEXT)
                for bridge, rows in images["bridges"].items()}}
     return out
 
@@ -111,7 +118,7 @@ def run(params: Params, runs: list[str], image_fraction: float, bridges: list[st
             reader = ShardReader(folder_of(work, bridge) / "shards" / "test")
             _, free = score_model(model, reader, e.batch_size, mask_weight,
                                   reader.rows_of(image=True))
-            by_bridge[bridge] = interval(free.result(e.seed), "cosine_masked")
+            by_bridge[bridge] = interval(free.result(e.seed), COSINE_MASKED)
     judge_text_prompts(params, runs, [name for name, _, _ in variants], work, table)
     return table
 
@@ -137,11 +144,11 @@ def judge_text_prompts(params: Params, runs: list[str], variants: list[str], wor
     for kind, scores in per_prompt.items():
         for variant in variants:
             for run_name in runs:
-                mine = column(scores[f"{variant} / {run_name}"], "adherence")
+                mine = column(scores[f"{variant} / {run_name}"], ADHERENCE)
                 out = table[variant]["runs"][run_name]
-                out[f"text_adherence_{kind}"] = mean_with_ci("adherence", mine, seed)
+                out[f"text_adherence_{kind}"] = mean_with_ci(ADHERENCE, mine, seed)
                 if variant != TEXT_ONLY:
-                    before = column(scores[f"{TEXT_ONLY} / {run_name}"], "adherence")
+                    before = column(scores[f"{TEXT_ONLY} / {run_name}"], ADHERENCE)
                     out[f"text_adherence_{kind}_vs_text_only"] = paired_difference(
                         np.mean, [mine], [before], seed)
 

@@ -18,6 +18,7 @@ from pipeline.base.loaders import load_clip
 from pipeline.config.params import RenderParams
 from pipeline.core.conventions import BUILTIN
 from pipeline.metrics.adherence import Scorer, summarise
+from pipeline.metrics.records import ADHERENCE, ALL_PARTS, CLIP_SCORE
 from pipeline.prompting.encoder import PromptEncoder
 from pipeline.sampling.sd import generate_images, load_pipeline
 from pipeline.world.embedded import World
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_report(rows: list[dict]) -> None:
     """The text report of `run`'s result."""
-    keys = ("adherence", "adherence_1_object", "adherence_2_objects", "adherence_3_objects",
-            "all_parts", "clip_score")
+    keys = (ADHERENCE, "adherence_1_object", "adherence_2_objects", "adherence_3_objects",
+            ALL_PARTS, CLIP_SCORE)
     print("| scheduler | steps | guidance | " + " | ".join(keys) + " |")
     print("| --- | ---: | ---: |" + " ---: |" * len(keys))
     for row in rows:

@@ -54,6 +54,7 @@ from pipeline.config.params import Params, load_params
 from pipeline.core.jsonio import write_json
 from pipeline.metrics.adherence import by_object_count, objects_key, prompt_seeds
 from pipeline.metrics.intervals import mean_with_ci, paired_difference
+from pipeline.metrics.records import ADHERENCE
 from pipeline.sampling.sd import generate_images, load_pipeline
 from pipeline.world import scenes as world
 from pipeline.world import vae
@@ -162,7 +163,7 @@ def rows_by_objects(pipe, judge: Judge, render, by_objects: dict[int, dict], see
     for k, prompts in by_objects.items():
         for kind in kinds:
             values = judged_adherence(pipe, judge, render, prompts[kind], seed)
-            out[kind][objects_key(k)] = {**mean_with_ci("adherence", values, seed),
+            out[kind][objects_key(k)] = {**mean_with_ci(ADHERENCE, values, seed),
                                          "prompts": len(values)}
     return out
 
@@ -183,7 +184,7 @@ def summary(scores: dict[str, np.ndarray], against: dict[str, np.ndarray] | None
             objects: list[int], seed: int) -> dict:
     out = {}
     for kind, values in scores.items():
-        row = {**mean_with_ci("adherence", values, seed), "prompts": len(values),
+        row = {**mean_with_ci(ADHERENCE, values, seed), "prompts": len(values),
                **by_object_count(values, objects, seed)}
         if against is not None:  # the same prompts and seeds: a paired difference
             row["vs_first_arm"] = paired_difference(np.mean, [values], [against[kind]], seed)
@@ -257,7 +258,7 @@ class Bench:
             sweep[str(scale)] = rows_by_objects(pipe, self.judge, render, by_objects, seed,
                                                 ("single",))["single"]
             self.results["guidance"]["chosen"] = max(
-                sweep, key=lambda g: np.mean([r["adherence"] for r in sweep[g].values()]))
+                sweep, key=lambda g: np.mean([r[ADHERENCE] for r in sweep[g].values()]))
             self.save()
             sweep = self.results["guidance"]["scales"]
             print(f"guidance {scale}: {json.dumps(sweep[str(scale)])}")
@@ -312,7 +313,7 @@ def print_report(results: dict) -> None:
                                         for k in w["reference_by_objects"][kind]) + " |")
         print("| --- |" + " ---: |" * 3 * len(KINDS))
         print("| reference adherence | " + " | ".join(
-            interval_text(row, "adherence") for kind in KINDS
+            interval_text(row, ADHERENCE) for kind in KINDS
             for row in w["reference_by_objects"][kind].values()) + " |")
         for reads in ("crisp", "round_trip"):
             r = w["judge"][reads]
@@ -326,7 +327,7 @@ def print_report(results: dict) -> None:
         print("| ---: |" + " ---: |" * len(counts))
         for scale, rows in sweep.items():
             mark = " (chosen)" if scale == results["guidance"]["chosen"] else ""
-            print(f"| {scale}{mark} | " + " | ".join(interval_text(rows[k], "adherence")
+            print(f"| {scale}{mark} | " + " | ".join(interval_text(rows[k], ADHERENCE)
                                                     for k in counts) + " |")
         print()
     if results.get("vae"):
@@ -347,7 +348,7 @@ def print_report(results: dict) -> None:
             for kind in KINDS:
                 row = r["reference"][kind]
                 paired = row.get("vs_first_arm")
-                cells += [interval_text(row, "adherence"),
+                cells += [interval_text(row, ADHERENCE),
                           f"{paired['difference']:+.3f} [{paired['difference_ci95'][0]:+.3f}, "
                           f"{paired['difference_ci95'][1]:+.3f}]" if paired else "—"]
             print(f"| {name} | {json.dumps(r['settings'])} | {r['train_seconds']} | "

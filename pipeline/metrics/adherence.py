@@ -13,7 +13,9 @@ mean over prompts comes with its 95 % bootstrap interval over the prompts
 
 from __future__ import annotations
 
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,21 +28,37 @@ from pipeline.config.params import Params
 from pipeline.core.conventions import MAX_LENGTH
 from pipeline.core.names import BRIDGES, REFERENCE
 from pipeline.metrics.intervals import ci_key, interval, mean_with_ci, ratio_of_sums, ratio_with_ci
+from pipeline.metrics.records import (
+    ADHERENCE,
+    ALL_PARTS,
+    CLIP_SCORE,
+    IMAGE_TO_TEXT,
+    PICTURE_SCORES,
+    PROMPTS,
+    AdherenceResults,
+    HeldOutScores,
+    ImagePromptResults,
+    Kind,
+    PictureScores,
+    Summary,
+)
 from pipeline.prompting.encoder import PromptEncoder
 from pipeline.sampling.sd import generate_images
 from pipeline.world.embedded import World
 from pipeline.world.judge import Judge
 
-KINDS = ("single", "multi")  # whole prompt deprojected; comma-separated parts combined
+KINDS: tuple[Kind, ...] = ("single", "multi")  # whole prompt deprojected; comma parts combined
 
 
 @dataclass
 class Scorer:
     """The base CLIP's two towers (CLIP score) and, for the builtin world, the judge."""
 
-    model: object  # transformers.CLIPModel
-    processor: object  # transformers.CLIPImageProcessor
-    tokenizer: object
+    # Any: transformers' classes (CLIPModel, CLIPImageProcessor, CLIPTokenizer) are typed
+    # too loosely for their call results to be checked here.
+    model: Any
+    processor: Any
+    tokenizer: Any
     judge: Judge | None
 
     @classmethod
@@ -65,30 +83,31 @@ class Scorer:
     def adherence(self, images: list[Image.Image], prompts: list[str]) -> list[float] | None:
         return None if self.judge is None else self.judge.adherence(images, prompts)
 
-    def score(self, images: list[Image.Image], prompts: list[str]) -> list[dict[str, float]]:
+    def score(self, images: list[Image.Image], prompts: list[str]) -> list[PictureScores]:
         """Per image: clip_score, and adherence where a judge is available."""
         clip = self.clip_scores(images, prompts)
         adherence = self.adherence(images, prompts)
-        return [{"clip_score": c, **({} if adherence is None else {"adherence": a})}
-                for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
+        if adherence is None:
+            return [PictureScores(clip_score=c) for c in clip]
+        return [PictureScores(clip_score=c, adherence=a)
+                for c, a in zip(clip, adherence, strict=True)]
 
 
-def column(scores: list[dict[str, float]], key: str) -> np.ndarray:
+def column(scores: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
     """[prompts]: one score of every prompt."""
     return np.array([s[key] for s in scores], dtype=np.float64)
 
 
-def summarise(scores: list[dict[str, float]], objects: list[int],
-              seed: int = 0) -> dict[str, float]:
+def summarise(scores: list[PictureScores], objects: list[int], seed: int = 0) -> Summary:
     """Means over prompts, each with its interval over resampled prompts (KEY_ci95);
     `all_parts`: how often every stated attribute was found; and the mean adherence of
     prompts with 1, 2, 3 objects."""
-    out = {**mean_with_ci("clip_score", column(scores, "clip_score"), seed),
-           "prompts": len(scores)}
-    if scores and "adherence" in scores[0]:
-        adherence = column(scores, "adherence")
-        out |= mean_with_ci("adherence", adherence, seed)
-        out |= mean_with_ci("all_parts", adherence == 1.0, seed)
+    out: Summary = {**mean_with_ci(CLIP_SCORE, column(scores, CLIP_SCORE), seed),
+                    PROMPTS: len(scores)}
+    if scores and ADHERENCE in scores[0]:
+        adherence = column(scores, ADHERENCE)
+        out |= mean_with_ci(ADHERENCE, adherence, seed)
+        out |= mean_with_ci(ALL_PARTS, adherence == 1.0, seed)
         out |= by_object_count(adherence, objects, seed)
     return out
 
@@ -99,27 +118,31 @@ def objects_key(k: int) -> str:
 
 
 def by_object_count(adherence: np.ndarray, objects: list[int],
-                    seed: int = 0) -> dict[str, float]:
+                    seed: int = 0) -> Summary:
     """`adherence_K_object(s)` (with its interval) over the prompts stating K objects, for each
     K in `objects` (one count per prompt)."""
-    out: dict[str, float] = {}
+    out: Summary = {}
     for k in sorted(set(objects)):
-        out |= mean_with_ci(f"adherence_{objects_key(k)}", adherence[np.array(objects) == k],
+        out |= mean_with_ci(f"{ADHERENCE}_{objects_key(k)}", adherence[np.array(objects) == k],
                             seed)
     return out
 
 
-def with_ratios(rows: dict[str, dict[str, float]],
-                per_prompt: dict[str, list[dict[str, float]]] | None = None,
-                seed: int = 0) -> dict[str, dict[str, float]]:
+Row = TypeVar("Row", bound=MutableMapping[str, Any])  # a row's means (and what it adds)
+
+
+def with_ratios(rows: dict[str, Row],
+                per_prompt: dict[str, list[PictureScores]] | None = None,
+                seed: int = 0) -> dict[str, Row]:
     """Adds each row's ratio to the reference row (adherence and CLIP score); given every
     row's per-prompt scores, with its interval: Σ row / Σ reference over the same resampled
     prompts."""
     reference = rows[REFERENCE]
     for name, scores in rows.items():
-        for key in ("adherence", "clip_score"):
-            if key in scores and reference.get(key):
-                scores[f"{key}_ratio"] = scores[key] / reference[key]
+        for key in PICTURE_SCORES:
+            value, against = scores.get(key), reference.get(key)
+            if isinstance(value, int | float) and isinstance(against, int | float) and against:
+                scores[f"{key}_ratio"] = value / against
                 if per_prompt is not None:
                     scores[ci_key(f"{key}_ratio")] = interval(
                         ratio_of_sums, [column(per_prompt[name], key),
@@ -133,14 +156,14 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
 
 
 def judged(pipe, conditioning: torch.Tensor, negative: torch.Tensor, params: Params,
-           seeds: list[int], scorer: Scorer, prompts: list[str]) -> list[dict[str, float]]:
+           seeds: list[int], scorer: Scorer, prompts: list[str]) -> list[PictureScores]:
     """Generate one picture per row of conditioning [N, 77, D]; each picture's scores."""
     images = generate_images(pipe, conditioning, negative, params.render, seeds)
     return scorer.score(images, prompts)
 
 
 def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
-                       scorer: Scorer, exclude: set[str]) -> tuple[dict, dict]:
+                       scorer: Scorer, exclude: set[str]) -> tuple[AdherenceResults, HeldOutScores]:
     """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind,
     and {kind: {row: per-prompt scores}} (the same prompts, in the same order, in every row);
     encoders: the reference row's (no deprojector) first, then each run's."""
@@ -148,12 +171,12 @@ def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
     prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude)
     seeds = prompt_seeds(e.seed, e.adherence_prompts)
     negative = encoders[REFERENCE].encode_negative("", deproject=False)
-    result: dict[str, dict] = {}
-    per_prompt: dict[str, dict] = {}
+    result: AdherenceResults = {}
+    per_prompt: HeldOutScores = {}
     for kind in KINDS:
         texts = prompts[kind]
         objects = [World.objects(p) for p in texts]
-        scores = {}
+        scores: dict[str, list[PictureScores]] = {}
         for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row"):
             conditioning = encoder.encode_prompts(texts, combine=kind == "multi",
                                                   deproject=name != REFERENCE)
@@ -165,7 +188,8 @@ def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
 
 
 def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], pipe,
-                           scorer: Scorer, world: World, exclude: set[str]) -> dict[str, dict]:
+                           scorer: Scorer, world: World,
+                           exclude: set[str]) -> ImagePromptResults:
     """Drawn held-out scenes as the only prompt, judged against their descriptions.
 
     Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
@@ -184,18 +208,18 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
     reference = encoders[REFERENCE]
     negative = reference.encode_negative("", deproject=False)
 
-    def score(conditioning: torch.Tensor) -> list[dict[str, float]]:
+    def score(conditioning: torch.Tensor) -> list[PictureScores]:
         return judged(pipe, conditioning, negative, params, seeds, scorer, texts)
 
-    def with_ratio(scores: list[dict], text: list[dict]) -> dict:
+    def with_ratio(scores: list[PictureScores], text: list[PictureScores]) -> Summary:
         summary = summarise(scores, objects, e.seed)
-        if any(s.get("adherence") for s in text):
-            summary |= ratio_with_ci("image_to_text", column(scores, "adherence"),
-                                     column(text, "adherence"), e.seed)
+        if any(s.get(ADHERENCE) for s in text):
+            summary |= ratio_with_ci(IMAGE_TO_TEXT, column(scores, ADHERENCE),
+                                     column(text, ADHERENCE), e.seed)
         return summary
 
     text = score(reference.encode_prompts(texts, deproject=False))
-    result = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
+    result: ImagePromptResults = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
     runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
     for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
         text = score(encoder.encode_prompts(texts, combine=False))
@@ -203,7 +227,7 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
                                     text) for kind in BRIDGES}
         own = bridges[params.gap.bridge]
         result[name] = {"text": summarise(text, objects, e.seed),
-                        "image": {k: v for k, v in own.items() if not k.startswith("image_to")},
-                        **{k: v for k, v in own.items() if k.startswith("image_to")},
+                        "image": {k: v for k, v in own.items() if not k.startswith(IMAGE_TO_TEXT)},
+                        **{k: v for k, v in own.items() if k.startswith(IMAGE_TO_TEXT)},
                         "bridge": params.gap.bridge, "bridges": bridges}
     return result

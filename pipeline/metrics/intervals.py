@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from scipy.stats import DegenerateDataWarning, bootstrap
 
+from pipeline.metrics.records import Estimates, Interval, PairedDifference
+
 N_RESAMPLES = 1000
 CONFIDENCE = 0.95
 # Resamples evaluated at once: memory is BATCH × rows × 8 bytes per sample, so 50,000 rows
@@ -37,6 +39,7 @@ CONFIDENCE = 0.95
 BATCH = 100
 
 Statistic = Callable[..., np.ndarray]  # statistic(*samples, axis) over the resampled axis
+Values = np.ndarray | Sequence[float]  # per-row values
 
 
 def ci_key(key: str) -> str:
@@ -50,37 +53,35 @@ def ratio_of_sums(numerator: np.ndarray, denominator: np.ndarray, axis: int = -1
         return np.sum(numerator, axis=axis) / np.sum(denominator, axis=axis)
 
 
-def interval(statistic: Statistic, samples: Sequence[np.ndarray],
-             seed: int) -> list[float] | None:
+def interval(statistic: Statistic, samples: Sequence[Values], seed: int) -> Interval:
     """[low, high]: the 95 % percentile bootstrap interval of statistic(*samples), the same
     resampled rows for every sample (each [rows]); None for fewer than two rows or a bound
     that is not finite."""
-    samples = [np.asarray(s, dtype=np.float64) for s in samples]
-    if len(samples[0]) < 2:
+    arrays = [np.asarray(s, dtype=np.float64) for s in samples]
+    if len(arrays[0]) < 2:
         return None
     with warnings.catch_warnings():  # a NaN statistic: answered by None below
         warnings.simplefilter("ignore", DegenerateDataWarning)
-        result = bootstrap(samples, statistic, n_resamples=N_RESAMPLES, batch=BATCH,
+        result = bootstrap(arrays, statistic, n_resamples=N_RESAMPLES, batch=BATCH,
                            vectorized=True, paired=True, confidence_level=CONFIDENCE,
                            method="percentile", rng=np.random.default_rng(seed))
     bounds = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
     return bounds if np.isfinite(bounds).all() else None
 
 
-def mean_with_ci(key: str, values: Sequence[float], seed: int) -> dict:
+def mean_with_ci(key: str, values: Values, seed: int) -> Estimates:
     """{key: mean of values, KEY_ci95: its interval}."""
     return {key: float(np.mean(values)), ci_key(key): interval(np.mean, [values], seed)}
 
 
-def ratio_with_ci(key: str, numerator: Sequence[float], denominator: Sequence[float],
-                  seed: int) -> dict:
+def ratio_with_ci(key: str, numerator: Values, denominator: Values, seed: int) -> Estimates:
     """{key: Σ numerator / Σ denominator, KEY_ci95: its interval over resampled rows}."""
     return {key: float(ratio_of_sums(np.asarray(numerator), np.asarray(denominator))),
             ci_key(key): interval(ratio_of_sums, [numerator, denominator], seed)}
 
 
-def paired_difference(statistic: Statistic, samples: Sequence[np.ndarray],
-                      against: Sequence[np.ndarray], seed: int) -> dict:
+def paired_difference(statistic: Statistic, samples: Sequence[Values],
+                      against: Sequence[Values], seed: int) -> PairedDifference:
     """statistic(*samples) − statistic(*against) over the same rows, with its interval from
     one resampling of the rows for both, and `within_noise`: whether the interval contains 0
     (None without an interval).
@@ -96,5 +97,6 @@ def paired_difference(statistic: Statistic, samples: Sequence[np.ndarray],
 
     both = [np.asarray(s, dtype=np.float64) for s in (*samples, *against)]
     bounds = interval(difference, both, seed)
-    return {"difference": float(difference(*both)), ci_key("difference"): bounds,
-            "within_noise": None if bounds is None else bool(bounds[0] <= 0 <= bounds[1])}
+    return PairedDifference(
+        difference=float(difference(*both)), difference_ci95=bounds,
+        within_noise=None if bounds is None else bool(bounds[0] <= 0 <= bounds[1]))

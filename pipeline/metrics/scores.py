@@ -23,12 +23,13 @@ from pipeline.metrics.losses import (
     mse,
     weighted_mse,
 )
+from pipeline.metrics.records import (
+    COSINE_MASKED,
+    CombinationScores,
+    StatesMetrics,
+)
 from pipeline.metrics.retrieval import K_CANDIDATES, Retrieval
 from pipeline.models import Deprojector
-
-# The key of a run's metrics on the test split's image rows (augment.image).
-IMAGE_ROW_METRICS = "image_rows"
-
 
 # The share of the training rows that chooses the retrieval's k (answered from the rest).
 VALIDATION_FRACTION = 0.1
@@ -71,12 +72,12 @@ class Scores:
     def cosine_masked(self) -> float:
         return float(ratio_of_sums(*self.masked_terms()))
 
-    def result(self, seed: int) -> dict[str, float | list[float] | None]:
+    def result(self, seed: int) -> StatesMetrics:
         """Each metric and its interval (KEY_ci95) over test rows resampled with `seed`."""
-        out = {}
+        out: StatesMetrics = {}
         for key in ("mse", "weighted_mse", "cosine"):
             out |= mean_with_ci(key, self.values(key), seed)
-        return out | ratio_with_ci("cosine_masked", *self.masked_terms(), seed)
+        return out | ratio_with_ci(COSINE_MASKED, *self.masked_terms(), seed)
 
     def per_position(self) -> list[float]:
         return (self.cosine[1:] / self.rows).tolist()
@@ -139,13 +140,14 @@ def choose_k(train: ShardReader, null: torch.Tensor, seed: int, batch_size: int,
         for k, pred in retrieval.answers(batch.embeds, candidates).items():
             scores[k].add(pred, batch.hidden, batch.mask, mask_weight)
     values = {k: s.cosine_masked() for k, s in scores.items()}
-    return max(values, key=values.get), values
+    return max(values, key=values.__getitem__), values
 
 
-def combination_pairs(captions: list[str], count: int, seed: int, clip: ClipText) -> list:
+def combination_pairs(captions: list[str], count: int, seed: int,
+                      clip: ClipText) -> list[tuple[str, str]]:
     """Held-out pairs (A, B) of test captions whose joined text "A B" fits the context."""
     rng = random.Random(seed)
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for _ in range(count * 4):
         if len(pairs) == count or len(captions) < 2:
             break
@@ -157,8 +159,8 @@ def combination_pairs(captions: list[str], count: int, seed: int, clip: ClipText
 
 @torch.no_grad()
 def combination_scores(models: dict[str, Deprojector], retrieval: Retrieval, k: int,
-                       pairs: list, clip: ClipText, null: torch.Tensor,
-                       seed: int) -> dict[str, dict]:
+                       pairs: list[tuple[str, str]], clip: ClipText, null: torch.Tensor,
+                       seed: int) -> dict[str, CombinationScores]:
     """Against H("A B") of held-out pairs: each run's deprojection of Σ(e_k − null) + null
     (`deprojector_cosine`), the averaged states of A and B (`blend_cosine`) and the
     retrieval's answer to the combined embedding, the mean states of its k nearest training
@@ -169,7 +171,7 @@ def combination_scores(models: dict[str, Deprojector], retrieval: Retrieval, k: 
     joined = encode_texts(clip, [f"{x} {y}" for x, y in pairs])
     embeds = combine_embeddings(torch.stack([a.pooled, b.pooled], dim=1), null)
 
-    def masked(key: str, pred: torch.Tensor) -> dict:
+    def masked(key: str, pred: torch.Tensor) -> CombinationScores:
         total, count = masked_cosine_terms(cosine_per_position(pred, joined.hidden),
                                            joined.mask)
         return ratio_with_ci(key, total.double().numpy(), count.double().numpy(), seed)

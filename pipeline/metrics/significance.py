@@ -9,26 +9,40 @@ over training seeds, which the bootstrap over test rows does not see.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import combinations
+from typing import cast
 
 import numpy as np
 
 from pipeline.config.params import ModelSpec
-from pipeline.core.names import ADHERENCE, REFERENCE, RETRIEVAL
+from pipeline.core.names import REFERENCE, RETRIEVAL
 from pipeline.metrics.adherence import column
 from pipeline.metrics.intervals import paired_difference, ratio_of_sums
+from pipeline.metrics.records import (
+    ADHERENCE,
+    AUTOREGRESSIVE,
+    COMBINATION,
+    COSINE_MASKED,
+    TEACHER_FORCED,
+    BestRun,
+    Comparison,
+    HeldOutScores,
+    PairedDifference,
+    SeedSpread,
+    Spread,
+)
 
 # One masked-cosine score per test row: (in-mask cosine sum, in-mask count), each [rows].
 MaskedTerms = tuple[np.ndarray, np.ndarray]
 
 # The means whose spread over seeds seed_spread gives: (name, path into a run's metrics).
 SEED_METRICS = (
-    ("autoregressive_cosine_masked", ("autoregressive", "cosine_masked")),
-    ("teacher_forced_cosine_masked", ("teacher_forced", "cosine_masked")),
-    ("combination_deprojector_cosine", ("combination", "deprojector_cosine")),
-    ("adherence_single", ("adherence", "single")),  # held-out pictures judged, per kind
-    ("adherence_multi", ("adherence", "multi")),
+    ("autoregressive_cosine_masked", (AUTOREGRESSIVE, COSINE_MASKED)),
+    ("teacher_forced_cosine_masked", (TEACHER_FORCED, COSINE_MASKED)),
+    ("combination_deprojector_cosine", (COMBINATION, "deprojector_cosine")),
+    ("adherence_single", (ADHERENCE, "single")),  # held-out pictures judged, per kind
+    ("adherence_multi", (ADHERENCE, "multi")),
 )
 
 
@@ -51,26 +65,34 @@ def seed_replicates(models: dict[str, ModelSpec], train_seed: int) -> dict[str, 
     return {first: runs for first, runs in groups.items() if len(runs) > 1}
 
 
-def seed_spread(metrics: dict[str, dict], groups: dict[str, list[str]],
-                seeds: dict[str, int]) -> dict[str, dict]:
+def seed_spread(metrics: Mapping[str, Mapping[str, object]],
+                groups: dict[str, list[str]], seeds: dict[str, int]) -> dict[str, SeedSpread]:
     """Per group of seed replicates and metric of SEED_METRICS (where every run has it): the
     mean over the runs, the sample standard deviation (ddof = 1), min and max. `metrics`:
     run -> its metrics, with {"adherence": {kind: mean adherence}} where pictures were judged."""
-    out = {}
+    out: dict[str, SeedSpread] = {}
     for first, runs in groups.items():
-        entry: dict = {"runs": runs, "seeds": [seeds[name] for name in runs]}
+        entry = SeedSpread(runs=runs, seeds=[seeds[name] for name in runs])
         for key, (group, metric) in SEED_METRICS:
-            values = [(metrics[name].get(group) or {}).get(metric) for name in runs]
+            values = [_lookup(metrics[name], group, metric) for name in runs]
             if all(v is not None for v in values):
                 v = np.asarray(values, dtype=np.float64)
-                entry[key] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)),
-                              "min": float(v.min()), "max": float(v.max())}
+                # key: one of SEED_METRICS, each a field of SeedSpread
+                cast(dict[str, Spread], entry)[key] = Spread(
+                    mean=float(v.mean()), std=float(v.std(ddof=1)), min=float(v.min()),
+                    max=float(v.max()))
         out[first] = entry
     return out
 
 
+def _lookup(metrics: Mapping[str, object], group: str, metric: str) -> object:
+    """metrics[group][metric], None where either is missing."""
+    section = metrics.get(group)
+    return section.get(metric) if isinstance(section, Mapping) else None
+
+
 def comparison(terms: dict[str, MaskedTerms], runs: Sequence[str], headline: Sequence[str],
-               held_out: dict[str, dict[str, list]] | None, seed: int) -> dict:
+               held_out: HeldOutScores | None, seed: int) -> Comparison:
     """The paired differences of comparison.json.
 
     `autoregressive_cosine_masked`: the best of `runs` and, for every other run and
@@ -79,26 +101,25 @@ def comparison(terms: dict[str, MaskedTerms], runs: Sequence[str], headline: Seq
     models). `adherence` (held-out pictures judged; per-prompt scores {kind: {row: [...]}}):
     each run's mean adherence − the reference row's over the same resampled prompts.
     """
-    out: dict[str, dict] = {}
+    out = Comparison()
 
-    def difference(a: str, b: str) -> dict:
+    def difference(a: str, b: str) -> PairedDifference:
         return paired_difference(ratio_of_sums, terms[a], terms[b], seed)
 
     if runs:
         values = {name: float(ratio_of_sums(*terms[name])) for name in runs}
-        best = max(values, key=values.get)
-        out["autoregressive_cosine_masked"] = {
-            "best": best, "sign": "row − best",
-            "rows": {name: difference(name, best) for name in (*runs, RETRIEVAL)
-                     if name != best}}
+        best = max(values, key=values.__getitem__)
+        out["autoregressive_cosine_masked"] = BestRun(
+            best=best, sign="row − best",
+            rows={name: difference(name, best) for name in (*runs, RETRIEVAL) if name != best})
         out["pairs"] = {"metric": "autoregressive cosine_masked", "sign": "first − second"} | {
             f"{a} vs {b}": difference(a, b) for a, b in combinations([*headline, RETRIEVAL], 2)}
     judged = {kind: scores for kind, scores in (held_out or {}).items()
-              if scores[REFERENCE] and "adherence" in scores[REFERENCE][0]}
+              if scores[REFERENCE] and ADHERENCE in scores[REFERENCE][0]}
     if judged:
         out[ADHERENCE] = {"sign": "run − reference"} | {
-            kind: {name: paired_difference(np.mean, [column(rows, "adherence")],
-                                           [column(scores[REFERENCE], "adherence")], seed)
+            kind: {name: paired_difference(np.mean, [column(rows, ADHERENCE)],
+                                           [column(scores[REFERENCE], ADHERENCE)], seed)
                    for name, rows in scores.items() if name != REFERENCE}
             for kind, scores in judged.items()}
     return out

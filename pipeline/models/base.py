@@ -68,6 +68,11 @@ def few_rows_linear(
 
 # Config fields are plain scalars (an ensemble's member list aside); values arrive from YAML
 # and JSON, so check them by type.
+# transformers' CLIPTextModel, as init_from_base reads it: submodules reached by name
+# (encoder.layers[k].self_attn, final_layer_norm, config), which nn.Module's typing cannot
+# follow (its attribute lookup says only "Tensor or Module").
+ClipTextModel = Any
+
 _FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}
 
 
@@ -144,6 +149,11 @@ class Deprojector(nn.Module):
     config_class: type[DeprojectorConfig] = DeprojectorConfig
     # True: training passes the base CLIP text model to config_from_base and init_from_base.
     uses_base_model: bool = False
+    # The base CLIP's constants (buffers, registered in __init__), typed for the checker:
+    # nn.Module's attribute lookup says only "Tensor or Module".
+    sos: torch.Tensor
+    null: torch.Tensor
+    deprojection: torch.Tensor
 
     def __init__(self, config: DeprojectorConfig) -> None:
         super().__init__()
@@ -179,7 +189,7 @@ class Deprojector(nn.Module):
         """Hyperparameters taken from the base CLIP text model's config (params override)."""
         return {}
 
-    def init_from_base(self, text_model: nn.Module) -> None:
+    def init_from_base(self, text_model: ClipTextModel) -> None:
         """Start from the base CLIP text model's weights (no-op for a fresh architecture)."""
 
     @classmethod
@@ -270,6 +280,13 @@ class Deprojector(nn.Module):
         write_text(folder / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_tensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+
+    @classmethod
+    def from_folder(cls, folder: Path, raw: dict[str, Any],
+                    device: str | torch.device = "cpu") -> Deprojector:
+        """A composite's loader (register_composite): the deprojector whose parsed config.json
+        is `raw`; from_pretrained calls it. Architectures with weights of their own have none."""
+        raise NotImplementedError(f"{cls.__name__} is not a composite: use from_pretrained")
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Deprojector:

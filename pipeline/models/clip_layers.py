@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.models.base import check_activation
+from pipeline.models.base import ClipTextModel, check_activation
 
 # Our config field -> the CLIP text config attribute it must equal to copy CLIP's weights.
 CLIP_FIELDS = {
@@ -41,7 +41,7 @@ def check_clip_layer_config(config: Any) -> None:
     check_activation(config.activation)
 
 
-def check_clip_shape(config: Any, text_model: nn.Module, layers: int = 1) -> None:
+def check_clip_shape(config: Any, text_model: ClipTextModel, layers: int = 1) -> None:
     """Raise if `config` cannot take the weights of `text_model`'s last `layers` layers."""
     clip = text_model.config
     for ours, theirs in {"hidden_size": "hidden_size", **CLIP_FIELDS}.items():

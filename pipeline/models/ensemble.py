@@ -18,7 +18,7 @@ import json
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ class EnsembleConfig(DeprojectorConfig):
 class EnsembleDeprojector(Deprojector):
     model_type = "ensemble"
     config_class = EnsembleConfig
+    config: EnsembleConfig
 
     def __init__(self, config: EnsembleConfig, members: list[Deprojector]) -> None:
         super().__init__(config)
@@ -98,14 +99,19 @@ class EnsembleDeprojector(Deprojector):
 
     # --- the math -----------------------------------------------------------------------------
 
+    @property
+    def deprojectors(self) -> list[Deprojector]:
+        """The members (nn.ModuleList yields them typed as plain modules)."""
+        return cast(list[Deprojector], list(self.members))
+
     def predict(self, e_rel: torch.Tensor, prev_rel: torch.Tensor) -> torch.Tensor:
         """Mean of the members' teacher-forced predictions: [B,D], [B,T,D] -> [B,T+1,D]."""
-        return torch.stack([m.predict(e_rel, prev_rel) for m in self.members]).mean(dim=0)
+        return torch.stack([m.predict(e_rel, prev_rel) for m in self.deprojectors]).mean(dim=0)
 
     def generation_steps(self, e_rel: torch.Tensor) -> Generator[torch.Tensor, torch.Tensor, None]:
         """The members' own fast paths in lockstep: each yields its next state, the ensemble
         yields their mean, and what it is sent back is sent on to every member."""
-        members = [m.generation_steps(e_rel) for m in self.members]
+        members = [m.generation_steps(e_rel) for m in self.deprojectors]
         s = torch.stack([next(m) for m in members]).mean(dim=0)
         for _ in range(self.config.num_positions - 2):
             fed = yield s
@@ -119,7 +125,7 @@ class EnsembleDeprojector(Deprojector):
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
-        for i, member in enumerate(self.members):
+        for i, member in enumerate(self.deprojectors):
             names.append(f"{MEMBERS_DIR}/{i:02d}-{Path(str(member.name_or_path)).name}")
             member.save_pretrained(folder / names[-1])
         config = {**self.config.to_dict(), "members": names}
@@ -130,7 +136,8 @@ class EnsembleDeprojector(Deprojector):
                     device: str | torch.device = "cpu") -> EnsembleDeprojector:
         """Load the ensemble whose parsed config.json is `raw`, members from their folders."""
         advice = "write the ensemble again (`deprojector train NAME` for a `models:` entry)"
-        config = cls.config_from_file(folder / CONFIG_FILE, raw, advice)
+        # config_from_file builds cls.config_class: an EnsembleConfig.
+        config = cast(EnsembleConfig, cls.config_from_file(folder / CONFIG_FILE, raw, advice))
         members = []
         for member in config.members:
             path = folder / member

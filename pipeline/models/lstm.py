@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.models.base import Deprojector, DeprojectorConfig, register
+from pipeline.models.base import ClipTextModel, Deprojector, DeprojectorConfig, register
 from pipeline.models.clip_layers import copy_module
 
 CELLS = ("standard", "layernorm")
@@ -65,6 +65,7 @@ class LayerNormLSTMCell(nn.Module):
 class LSTMDeprojector(Deprojector):
     model_type = "lstm"
     config_class = LSTMConfig
+    config: LSTMConfig
     uses_base_model = True  # the final LayerNorm starts from CLIP's
 
     def __init__(self, config: LSTMConfig) -> None:
@@ -86,7 +87,7 @@ class LSTMDeprojector(Deprojector):
     def tiny_config(cls) -> dict[str, Any]:
         return {"num_layers": 2, "embed_linear": True}
 
-    def init_from_base(self, text_model: nn.Module) -> None:
+    def init_from_base(self, text_model: ClipTextModel) -> None:
         copy_module(self.ln_final, text_model.final_layer_norm)
 
     def _start(self, e_rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

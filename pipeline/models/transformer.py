@@ -26,6 +26,7 @@ from torch import nn
 
 from pipeline.models.base import (
     ACTIVATIONS,
+    ClipTextModel,
     Deprojector,
     DeprojectorConfig,
     Linear,
@@ -73,6 +74,7 @@ class TransformerConfig(DeprojectorConfig):
 class TransformerDeprojector(Deprojector):
     model_type = "transformer"
     config_class = TransformerConfig
+    config: TransformerConfig
     uses_base_model = True
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -102,7 +104,7 @@ class TransformerDeprojector(Deprojector):
     def tiny_config(cls) -> dict[str, Any]:
         return {"num_heads": 4, "intermediate_size": 64}
 
-    def init_from_base(self, text_model: nn.Module) -> None:
+    def init_from_base(self, text_model: ClipTextModel) -> None:
         """Copy the last encoder layer and the final LayerNorm of a CLIP text model."""
         check_clip_shape(self.config, text_model)
         layer = text_model.encoder.layers[-1]

@@ -83,6 +83,7 @@ class VicinityDeprojector(Deprojector):
     """
 
     config_class = VicinityConfig
+    config: VicinityConfig
 
     def __init__(self, config: VicinityConfig) -> None:
         super().__init__(config)

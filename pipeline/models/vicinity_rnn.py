@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline.models.base import (
     ACTIVATIONS,
+    ClipTextModel,
     Deprojector,
     DeprojectorConfig,
     check_activation,
@@ -57,6 +58,7 @@ def mlp(d_in: int, d_hidden: int, d_out: int, act: nn.Module) -> nn.Sequential:
 class VicinityRNNDeprojector(Deprojector):
     model_type = "vicinity-rnn"
     config_class = VicinityRNNConfig
+    config: VicinityRNNConfig
     uses_base_model = True  # the final LayerNorm starts from CLIP's
 
     def __init__(self, config: VicinityRNNConfig) -> None:
@@ -75,7 +77,7 @@ class VicinityRNNDeprojector(Deprojector):
     def tiny_config(cls) -> dict[str, Any]:
         return {"vicinity": 2, "mlp_ratio": 1}
 
-    def init_from_base(self, text_model: nn.Module) -> None:
+    def init_from_base(self, text_model: ClipTextModel) -> None:
         copy_module(self.ln_final, text_model.final_layer_norm)
 
     def _first_states(self, e_rel: torch.Tensor) -> torch.Tensor:

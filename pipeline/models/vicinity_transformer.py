@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from torch import nn
 
 from pipeline.models.base import (
     ACTIVATIONS,
+    ClipTextModel,
     Deprojector,
     DeprojectorConfig,
     register,
@@ -138,6 +139,7 @@ class Layer(nn.Module):
 class VicinityTransformerDeprojector(Deprojector):
     model_type = "vicinity-transformer"
     config_class = VicinityTransformerConfig
+    config: VicinityTransformerConfig
     uses_base_model = True
 
     def __init__(self, config: VicinityTransformerConfig) -> None:
@@ -148,6 +150,11 @@ class VicinityTransformerDeprojector(Deprojector):
         nn.init.normal_(self.position_embedding, std=0.02)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
 
+    @property
+    def blocks(self) -> list[Layer]:
+        """self.layers, typed (nn.ModuleList yields plain modules)."""
+        return cast(list[Layer], list(self.layers))
+
     @classmethod
     def config_from_base(cls, text_config: Any) -> dict[str, Any]:
         return clip_shape(text_config)
@@ -156,11 +163,11 @@ class VicinityTransformerDeprojector(Deprojector):
     def tiny_config(cls) -> dict[str, Any]:
         return {"num_heads": 4, "intermediate_size": 64, "num_layers": 2}
 
-    def init_from_base(self, text_model: nn.Module) -> None:
+    def init_from_base(self, text_model: ClipTextModel) -> None:
         """Layer k from the k-th of CLIP's last N layers; every ln_out from the final norm."""
         n = self.config.num_layers
         check_clip_shape(self.config, text_model, layers=n)
-        for ours, theirs in zip(self.layers, text_model.encoder.layers[-n:], strict=True):
+        for ours, theirs in zip(self.blocks, text_model.encoder.layers[-n:], strict=True):
             for a, b in ((ours.ln1, theirs.layer_norm1), (ours.q_proj, theirs.self_attn.q_proj),
                          (ours.k_proj, theirs.self_attn.k_proj),
                          (ours.v_proj, theirs.self_attn.v_proj),
@@ -191,7 +198,7 @@ class VicinityTransformerDeprojector(Deprojector):
         z = self._window(e_rel, inputs)
         B, T, D = inputs.shape
         x = inputs + self.position_embedding[:T]
-        for layer in self.layers:
+        for layer in self.blocks:
             q, k, v = layer.qkv(x)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             x = layer.rest(x, y.transpose(1, 2).reshape(B, T, D), layer.vicinity(z))
@@ -204,13 +211,13 @@ class VicinityTransformerDeprojector(Deprojector):
         n, v = self.config.num_positions, self.config.vicinity
         H = self.config.num_heads
         caches = [(e_rel.new_empty(B, H, n, D // H), e_rel.new_empty(B, H, n, D // H))
-                  for _ in self.layers]
-        e_terms = [F.linear(e_rel, layer.vicinity.in_weights()[:, :D]) for layer in self.layers]
-        window_weights = [layer.vicinity.in_weights()[:, D:] for layer in self.layers]
+                  for _ in self.blocks]
+        e_terms = [F.linear(e_rel, layer.vicinity.in_weights()[:, :D]) for layer in self.blocks]
+        window_weights = [layer.vicinity.in_weights()[:, D:] for layer in self.blocks]
 
         # Slots 0 and 1 together (their vicinity windows hold no state yet).
         x = self._slots(e_rel, e_rel.new_zeros(B, 0, D)) + self.position_embedding[:2]
-        for layer, (keys, values), e_term in zip(self.layers, caches, e_terms, strict=True):
+        for layer, (keys, values), e_term in zip(self.blocks, caches, e_terms, strict=True):
             q, k, v_ = layer.qkv(x)
             keys[:, :, :2], values[:, :, :2] = k, v_
             y = F.scaled_dot_product_attention(q, k, v_, is_causal=True)
@@ -222,7 +229,7 @@ class VicinityTransformerDeprojector(Deprojector):
             s_rel = s - self.null
             window = torch.cat([s_rel, window[:, : (v - 1) * D]], dim=1)
             x = (s_rel + self.position_embedding[t])[:, None]  # [B, 1, D]
-            for layer, (keys, values), e_term, w in zip(self.layers, caches, e_terms,
+            for layer, (keys, values), e_term, w in zip(self.blocks, caches, e_terms,
                                                         window_weights, strict=True):
                 q, k, v_ = layer.qkv(x)
                 keys[:, :, t : t + 1], values[:, :, t : t + 1] = k, v_

@@ -21,11 +21,12 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from PIL import Image
 
-from pipeline.base.clip_encode import encode_texts, token_ids
+from pipeline.base.clip_encode import Encoded, encode_texts, token_ids
 from pipeline.base.loaders import ClipText, load_clip
 from pipeline.base.vision import ImageTower
 from pipeline.core.conventions import MAX_LENGTH, combine_embeddings, interpolate_embeddings
@@ -75,7 +76,9 @@ def truncated_text(clip: ClipText, text: str, ids: list[int] | None = None) -> s
     if len(ids) <= MAX_LENGTH:
         return ""
     # ids = BOS, tokens..., EOS; the encoder keeps BOS, 75 tokens and puts EOS last.
-    return clip.tokenizer.decode(ids[MAX_LENGTH - 1 : -1], skip_special_tokens=True).strip()
+    # One sequence decodes to one str (transformers types decode for batches too).
+    cut = cast(str, clip.tokenizer.decode(ids[MAX_LENGTH - 1 : -1], skip_special_tokens=True))
+    return cut.strip()
 
 
 class PromptEncoder:
@@ -122,7 +125,7 @@ class PromptEncoder:
 
     # --- pooled space ---------------------------------------------------------------------
 
-    def _encode(self, text: str) -> torch.Tensor:
+    def _encode(self, text: str) -> Encoded:
         """The CLIP output of one text (as the SD pipeline encodes a prompt: alone, 77
         positions), warning about what truncation cut."""
         self._warn_cut(text)

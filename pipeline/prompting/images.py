@@ -30,7 +30,8 @@ class ImagePromptError(DeprojectorError, ValueError):
 
 
 # Pillow's own limit (about 89.5 million pixels); larger images are refused before decoding.
-MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+# (Pillow's None, no limit, is never set here: its default then.)
+MAX_IMAGE_PIXELS: int = Image.MAX_IMAGE_PIXELS or 1024 * 1024 * 1024 // 4 // 3
 
 
 def read_image(path: str | Path, what: str = "image") -> Image.Image:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.core.errors import DeprojectorError
+from pipeline.metrics.records import ADHERENCE, CLIP_SCORE
 
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
 
@@ -174,15 +175,15 @@ def cosine_chart(rows: list[dict]) -> Image.Image:
 
 def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
     """Horizontal bars: mean held-out adherence (or CLIP score without a judge) per row."""
-    key = "adherence" if "adherence" in next(iter(by_kind["single"].values())) else "clip_score"
-    top = 1.0 if key == "adherence" else 100.0
+    key = ADHERENCE if ADHERENCE in next(iter(by_kind["single"].values())) else CLIP_SCORE
+    top = 1.0 if key == ADHERENCE else 100.0
     rows = list(by_kind["single"])
     face, small = font(16), font(13)
     bar, margin_l, width = 14, 190, 720
     height = 60 + len(rows) * (2 * bar + 14) + 30
     chart = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(chart)
-    title = "Held-out prompts: " + ("adherence (judge)" if key == "adherence" else "CLIP score")
+    title = "Held-out prompts: " + ("adherence (judge)" if key == ADHERENCE else "CLIP score")
     draw.text((width / 2, 10), title, fill="black", font=face, anchor="ma")
     plot_w = width - margin_l - 80
     for i, row in enumerate(rows):

@@ -11,20 +11,32 @@ from pipeline.core.atomic import write_text
 from pipeline.core.names import RETRIEVAL
 from pipeline.metrics.image_metrics import PSNR_CAP_DB
 from pipeline.metrics.intervals import ci_key
+from pipeline.metrics.records import (
+    ADHERENCE,
+    ALL_PARTS,
+    AUTOREGRESSIVE,
+    CLIP_SCORE,
+    COMBINATION,
+    COSINE_MASKED,
+    IMAGE_ROW_METRICS,
+    IMAGE_TO_TEXT,
+    SEED_SPREAD,
+    TEACHER_FORCED,
+)
 
 METRIC_ROWS = (
-    ("teacher_forced", "cosine_masked", "teacher-forced cosine (in mask)"),
-    ("teacher_forced", "weighted_mse", "teacher-forced weighted MSE"),
-    ("teacher_forced", "mse", "teacher-forced MSE"),
-    ("autoregressive", "cosine_masked", "autoregressive cosine (in mask)"),
-    ("autoregressive", "weighted_mse", "autoregressive weighted MSE"),
-    ("autoregressive", "mse", "autoregressive MSE"),
-    ("combination", "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
-    ("combination", "blend_cosine", "combination: blended hidden states"),
-    ("combination", "retrieval_cosine", "combination: retrieval of Σ(e_k − null) + null"),
+    (TEACHER_FORCED, COSINE_MASKED, "teacher-forced cosine (in mask)"),
+    (TEACHER_FORCED, "weighted_mse", "teacher-forced weighted MSE"),
+    (TEACHER_FORCED, "mse", "teacher-forced MSE"),
+    (AUTOREGRESSIVE, COSINE_MASKED, "autoregressive cosine (in mask)"),
+    (AUTOREGRESSIVE, "weighted_mse", "autoregressive weighted MSE"),
+    (AUTOREGRESSIVE, "mse", "autoregressive MSE"),
+    (COMBINATION, "deprojector_cosine", "combination: deprojected Σ(e_k − null) + null"),
+    (COMBINATION, "blend_cosine", "combination: blended hidden states"),
+    (COMBINATION, "retrieval_cosine", "combination: retrieval of Σ(e_k − null) + null"),
     # The test split's image rows (augment.image): an image's embedding, its caption's states.
-    ("image_rows/teacher_forced", "cosine_masked", "image rows: teacher-forced cosine"),
-    ("image_rows/autoregressive", "cosine_masked", "image rows: autoregressive cosine"),
+    (f"{IMAGE_ROW_METRICS}/{TEACHER_FORCED}", COSINE_MASKED, "image rows: teacher-forced cosine"),
+    (f"{IMAGE_ROW_METRICS}/{AUTOREGRESSIVE}", COSINE_MASKED, "image rows: autoregressive cosine"),
 )
 
 
@@ -100,7 +112,7 @@ SPREAD_COLUMNS = (("autoregressive_cosine_masked", "AR cosine (mask)"),
 
 def seed_spread_table(comparison: dict) -> str:
     """Per group of seed replicates: mean ± standard deviation [min, max] over the seeds."""
-    spread = comparison.get("seed_spread")
+    spread = comparison.get(SEED_SPREAD)
     if not spread:
         return ""
     columns = [(key, label) for key, label in SPREAD_COLUMNS
@@ -134,7 +146,7 @@ def fidelity_table(fidelity: dict[str, dict]) -> str:
 def _score(scores: dict, key: str) -> str:
     if key not in scores:
         return "—"
-    text = _with_interval(scores, key, "{:.1f}".format if key == "clip_score" else "{:.3f}".format)
+    text = _with_interval(scores, key, "{:.1f}".format if key == CLIP_SCORE else "{:.3f}".format)
     ratio = scores.get(f"{key}_ratio")
     return text if ratio is None else f"{text} ({ratio:.2f}×)"
 
@@ -147,17 +159,17 @@ def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) 
     lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
     for row in by_kind[kinds[0]]:
         # Rows only one grid has (the image-prompt rows) are blank in the others.
-        cells = [f"{_score(by_kind[k][row], 'adherence')} | {_score(by_kind[k][row], 'clip_score')}"
+        cells = [f"{_score(by_kind[k][row], ADHERENCE)} | {_score(by_kind[k][row], CLIP_SCORE)}"
                  if row in by_kind[k] else "– | –" for k in kinds]
         if all_parts:
-            cells.append(_score(by_kind["multi"][row], "all_parts"))
+            cells.append(_score(by_kind["multi"][row], ALL_PARTS))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def adherence_noise_line(comparison: dict) -> str:
     """Per kind, the runs whose held-out adherence is within the noise of the reference's."""
-    adherence = comparison.get("adherence")
+    adherence = comparison.get(ADHERENCE)
     if not adherence:
         return ""
     kinds = [f"{kind}: {', '.join(n for n, r in rows.items() if r['within_noise']) or 'none'}"
@@ -191,7 +203,7 @@ the same tags at commas and deprojects Σ(e_k − null) + null. "Every part show
 comma-combined prompts whose every stated attribute the judge finds. Each mean with its 95 %
 bootstrap interval over the prompts:
 
-{picture_table(held_out, all_parts="all_parts" in next(iter(held_out["multi"].values())))}\
+{picture_table(held_out, all_parts=ALL_PARTS in next(iter(held_out["multi"].values())))}\
 {adherence_noise_line(comparison)}
 
 ![adherence](plots/adherence.png)"""
@@ -199,8 +211,8 @@ bootstrap interval over the prompts:
 
 
 def _adherence(rows: dict, key: str) -> str:
-    return _with_interval(rows[key], "adherence", "{:.3f}".format) \
-        if key in rows and "adherence" in rows[key] else "–"
+    return _with_interval(rows[key], ADHERENCE, "{:.3f}".format) \
+        if key in rows and ADHERENCE in rows[key] else "–"
 
 
 def extras_section(showcase: str | None, image_prompts: dict | None,
@@ -223,8 +235,8 @@ space (gap.bridge, data/gap) → pseudo-inverse of the text projection → depro
         lines = ["| run | text prompt | " + " | ".join(f"image, {k}" for k in kinds)
                  + " | image / text |", "| --- | ---: |" + " ---: |" * (len(kinds) + 1)]
         for name, rows in image_prompts.items():
-            ratio = _with_interval(rows, "image_to_text", "{:.2f}".format) \
-                if "image_to_text" in rows else "–"
+            ratio = _with_interval(rows, IMAGE_TO_TEXT, "{:.2f}".format) \
+                if IMAGE_TO_TEXT in rows else "–"
             cells = [_adherence(rows.get("bridges", {}), k) for k in kinds]
             lines.append(f"| {name} | {_adherence(rows, 'text')} | {' | '.join(cells)} "
                          f"| {ratio} |")

@@ -35,14 +35,14 @@ def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions")
         "projection_size": clip.projection_size,
         "dtype": params.extract.dtype,
         "rows_per_shard": params.extract.rows_per_shard,
-        "splits": {},
     }
+    splits = {}
     # Test first: with folder or hub pairs it takes its pairs before training does.
     for split in ("test", "train"):
         captions = read_split(captions_dir, split)
-        meta["splits"][split] = extract_split(
+        splits[split] = extract_split(
             clip, captions, out_dir / split, params,
             params.augment.seed + SPLITS.index(split), constants["null"], images)
-    meta["splits"] = {split: meta["splits"][split] for split in SPLITS}
+    meta["splits"] = {split: splits[split] for split in SPLITS}
     write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

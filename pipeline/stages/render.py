@@ -32,8 +32,10 @@ from pipeline.core.names import (
     RETRIEVAL,
 )
 from pipeline.metrics.adherence import Scorer, with_ratios
+from pipeline.metrics.adherence import column as score_column
 from pipeline.metrics.image_metrics import psnr, ssim
 from pipeline.metrics.losses import cosine_per_position
+from pipeline.metrics.records import CLIP_SCORE, PictureScores
 from pipeline.prompting.encoder import PromptEncoder
 from pipeline.reporting.drawing import (
     GridColumn,
@@ -62,13 +64,15 @@ class Column:
     prompt: str
     images: dict[str, Image.Image]
     conds: dict[str, torch.Tensor]  # [1, 77, D]
-    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # clip_score, adherence
+    scores: dict[str, PictureScores] = field(default_factory=dict)  # per row
 
     def label(self, row: str) -> str:
         """The score line under a cell: adherence (world only) and CLIP score."""
-        s = self.scores.get(row, {})
-        parts = [f"adh {s['adherence']:.2f}"] if "adherence" in s else []
-        parts += [f"CLIP {s['clip_score']:.1f}"] if "clip_score" in s else []
+        s = self.scores.get(row)
+        if s is None:
+            return ""
+        parts = [f"adh {s[ADHERENCE]:.2f}"] if ADHERENCE in s else []
+        parts += [f"CLIP {s[CLIP_SCORE]:.1f}"] if CLIP_SCORE in s else []
         return " · ".join(parts)
 
     def grid_column(self) -> GridColumn:
@@ -128,13 +132,13 @@ def grid_fidelity(columns: list[Column], models: list[str]) -> dict[str, dict]:
     return result
 
 
-def grid_scores(columns: list[Column]) -> dict[str, dict]:
+def grid_scores(columns: list[Column]) -> dict[str, dict[str, object]]:
     """Per row: mean adherence and CLIP score over the columns, ratios to the reference row,
     and each column's scores."""
-    rows = {}
+    rows: dict[str, dict[str, object]] = {}
     for row in columns[0].scores:
         per_prompt = {c.prompt: c.scores[row] for c in columns}
-        rows[row] = {k: float(np.mean([s[k] for s in per_prompt.values()]))
+        rows[row] = {k: float(np.mean(score_column(list(per_prompt.values()), k)))
                      for k in next(iter(per_prompt.values()))}
         rows[row]["per_prompt"] = per_prompt
     return with_ratios(rows) if rows else {}
@@ -184,7 +188,7 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
     showcase = r.showcase(list(runs))
     for what, prompts, combine in (("single", single, False), ("multi", multi, True)):
         columns = render_grid(pipe, encoders, prompts, combine, r, scorer)
-        if extras and what == "single":
+        if extras and world is not None and what == "single":
             add_image_prompt_rows(columns, pipe, runs[showcase], world, r, scorer)
         grid, done.layouts[what] = make_grid([c.grid_column() for c in columns])
         save_image(grid, reports_dir / f"grid_{what}.png")

@@ -14,8 +14,11 @@ import io
 import json
 import math
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TypedDict, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -35,6 +38,48 @@ from pipeline.models.base import CONFIG_FILE
 from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
 from pipeline.prompting.bridges import GAP_FILE
 from pipeline.prompting.bridges import GAP_SUMMARY as SUMMARY_FILE
+
+# The phases of training that train_model reports to its hooks, in the order of a step.
+PHASES = ("read", "forward", "loss", "zero_grad", "backward", "optimizer", "evaluate",
+          "checkpoint")
+
+
+class TrainHooks:
+    """What train_model calls around its phases (a benchmark times them:
+    pipeline/benchmarks/step_profile.py). This one does nothing: training with it is
+    training without hooks (no RNG draws, no arithmetic)."""
+
+    def phase(self, name: str) -> AbstractContextManager[object]:
+        """A context around one phase of PHASES: `read` a batch from the shards, a `forward`
+        pass, the `loss`, `zero_grad`, `backward`, the `optimizer`'s step, the per-epoch test
+        loss (`evaluate`), the `checkpoint` write."""
+        return nullcontext()
+
+    def model_built(self, model: Deprojector) -> None:
+        """Called once with the fresh model, before training (e.g. to add module hooks)."""
+
+
+NO_HOOKS = TrainHooks()
+Item = TypeVar("Item")
+
+
+def _each_in_phase(items: Iterable[Item], hooks: TrainHooks, phase: str) -> Iterator[Item]:
+    """`items`, each one produced inside hooks.phase(phase) (the last, empty read too)."""
+    iterator = iter(items)
+    while True:
+        with hooks.phase(phase):
+            item = next(iterator, None)
+        if item is None:
+            return
+        yield item
+
+
+class Best(TypedDict):
+    """The best epoch so far (by test loss) and its weights (None before the first epoch)."""
+
+    loss: float
+    epoch: int
+    state: dict[str, torch.Tensor] | None
 
 
 def model_spec(name: str, params: Params) -> ModelSpec:
@@ -161,7 +206,7 @@ def write_ensemble(name: str, params: Params, shards_dir: Path, out_dir: Path,
 def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
                 out_dir: Path | None = None, plots_dir: Path = Path("reports/train"),
                 checkpoint_dir: Path = Path("data/checkpoints"),
-                gap_dir: Path = Path("data/gap")) -> list[dict]:
+                gap_dir: Path = Path("data/gap"), hooks: TrainHooks = NO_HOOKS) -> list[dict]:
     """Train `name`, save the best epoch to models/<name>/, return the per-epoch history.
 
     The saved folder records its base CLIP (`record_base`) and carries a copy of the
@@ -169,7 +214,8 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
 
     Runs as one process, or data-parallel under `torchrun` / `accelerate launch`: each process
     takes its share of every global batch of `train.batch_size` rows, gradients are averaged,
-    and only the main process writes checkpoints and outputs.
+    and only the main process writes checkpoints and outputs. `hooks` are called around each
+    phase of training (TrainHooks; the default does nothing).
     """
     from accelerate import Accelerator
 
@@ -186,6 +232,7 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(t.seed)
     model = build_model(name, params, shards_dir).to(device)
+    hooks.model_built(model)
     train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
     test_reader = ShardReader(shards_dir / "test", model.config.hidden_size)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
@@ -193,7 +240,7 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     checkpoint = checkpoint_dir / f"{name}.pt"
     fingerprint = _fingerprint(name, params, shards_dir)
     history: list[dict] = []
-    best = {"loss": math.inf, "state": None, "epoch": -1}
+    best = Best(loss=math.inf, state=None, epoch=-1)
     if t.resume and checkpoint.exists():
         state = read_checkpoint(checkpoint, device)
         if state is None:
@@ -215,25 +262,34 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         running = torch.zeros((), device=device)
         batches = train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed,
                                             epoch=epoch, rank=rank, world=world)
-        for batch in tqdm(batches, total=steps, desc=f"{name} epoch {epoch + 1}/{t.epochs}",
-                          unit="batch", leave=False, disable=not accelerator.is_main_process):
+        for batch in tqdm(_each_in_phase(batches, hooks, "read"), total=steps,
+                          desc=f"{name} epoch {epoch + 1}/{t.epochs}", unit="batch",
+                          leave=False, disable=not accelerator.is_main_process):
             hidden, mask = batch.hidden.to(device), batch.mask.to(device)
             embeds = batch.embeds.to(device)
-            pred = ddp_model(embeds, hidden)
-            loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+            with hooks.phase("forward"):
+                pred = ddp_model(embeds, hidden)
+            with hooks.phase("loss"):
+                loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
             for _ in range(t.rollout):
                 # Free-running: the model's own predictions as inputs, the gradient truncated
                 # at each pass (docs/architectures.md, training data and loss).
-                pred = ddp_model(embeds, pred.detach())
-                loss = loss + weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+                with hooks.phase("forward"):
+                    pred = ddp_model(embeds, pred.detach())
+                with hooks.phase("loss"):
+                    loss = loss + weighted_mse(pred.float(), hidden, mask, t.mask_weight)
             loss = loss / (1 + t.rollout)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
+            with hooks.phase("zero_grad"):
+                optimizer.zero_grad(set_to_none=True)
+            with hooks.phase("backward"):
+                accelerator.backward(loss)
+            with hooks.phase("optimizer"):
+                optimizer.step()
             running += loss.detach()  # summed on the device; read once per epoch
         train_loss = accelerator.reduce(running, reduction="mean").item() / steps
         # Every process scores the whole test split: same numbers, same early-stopping choice.
-        test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
+        with hooks.phase("evaluate"):
+            test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
             kept = f"the checkpoint of epoch {epoch} is kept in {checkpoint}" \
                 if epoch and checkpoint.is_file() else "no checkpoint was written"
@@ -243,12 +299,12 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
                 f"stopped, models/{name} left as it was, {kept}")
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
         if test_loss < best["loss"]:
-            best = {"loss": test_loss, "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+            best = Best(loss=test_loss, epoch=epoch,
+                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
         log(accelerator, f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
                          f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
         if accelerator.is_main_process:
-            with atomic_path(checkpoint) as tmp:
+            with hooks.phase("checkpoint"), atomic_path(checkpoint) as tmp:
                 # Serialised in memory and written by Python: a full disk is an OSError
                 # (pipeline/core/atomic.py), not torch's writer's RuntimeError.
                 buffer = io.BytesIO()
@@ -261,6 +317,7 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         raise TrainingDiverged(f"{name}: no epoch with a finite test loss to save; "
                                f"models/{name} left as it was")
     if accelerator.is_main_process:
+        assert best["state"] is not None, "train.epochs >= 1: an epoch was scored"
         model.load_state_dict(best["state"])
         record_base(model, params.base.clip)
         model.save_pretrained(out_dir)

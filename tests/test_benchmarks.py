@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.benchmarks import extraction, generation, step_profile, training
+from pipeline.benchmarks import extraction, generation, pictures, step_profile, training
 from pipeline.cli import app
 from pipeline.experiments import bridges, schedulers, world_recipes
 from pipeline.models import ARCHITECTURES
@@ -85,6 +85,21 @@ def check_training(r: dict) -> None:
     check_profile(r["profile"])
 
 
+def check_pictures(p: dict) -> None:
+    assert p["prompts"] == pictures.TINY["prompts"] and p["steps"] == pictures.TINY["steps"]
+    assert set(p["paths"]) == {"pipeline", "direct"}
+    for entry in p["paths"].values():
+        assert positive(entry["pictures_per_s"])
+        assert set(entry["fractions"]) == set(pictures.SEGMENTS)
+        assert positive(entry["fractions"]["unet"])
+        assert sum(entry["fractions"].values()) == pytest.approx(1)
+    assert positive(p["speedup_median"]) and p["guidance_share"] < 1
+    # The direct path draws the bytes StableDiffusionPipeline draws.
+    assert p["pixels_equal"] is True
+    assert all(positive(n) for n in p["stages"]["pictures"].values())
+    assert sum(p["stages"]["shares"].values()) == pytest.approx(1)
+
+
 def check_schedulers(rows: list[dict]) -> None:
     assert [(r["scheduler"], r["guidance_scale"]) for r in rows] == \
         [(s, g) for s, _, g in schedulers.SETTINGS]
@@ -109,13 +124,14 @@ def test_bench_command_tiny_runs_every_benchmark():
     assert out["generation"]["hidden_size"] == generation.TINY["width"]
     check_training(out["training"])
     assert out["training"]["step"]["hidden_size"] == training.TINY["step_width"]
+    check_pictures(out["pictures"])
     check_schedulers(out["schedulers"])
-
 
     # Each module's text report of the same results (what `python -m ...` prints).
     for module, section in ((extraction, "extraction"), (extraction, "extraction_clip_l"),
                             (generation, "generation"), (training, "training"),
-                            (schedulers, "schedulers"), (step_profile, None)):
+                            (pictures, "pictures"), (schedulers, "schedulers"),
+                            (step_profile, None)):
         module.print_report(out["training"]["profile"] if section is None else out[section])
 
 

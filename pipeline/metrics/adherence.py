@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.base.loaders import base_source
@@ -29,6 +30,7 @@ from pipeline.prompting.encoder import PromptEncoder
 from pipeline.sampling.sd import generate_pixels
 from pipeline.world.embedded import World
 from pipeline.world.judge import Images, Judge
+from pipeline.world.scenes import IMAGE_SIZE
 
 KINDS = ("single", "multi")  # whole prompt deprojected; comma-separated parts combined
 
@@ -72,6 +74,10 @@ class Scorer:
         scores = []
         for begin in range(0, len(prompts), self.batch):
             chunk = images[begin:begin + self.batch]
+            size = self.processor.crop_size
+            if isinstance(chunk, np.ndarray) and chunk.shape[1:3] != (size["height"],
+                                                                       size["width"]):
+                chunk = as_pil(chunk)  # resized as PIL images always were
             pixels = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"]
             image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
                                 dim=-1)
@@ -80,7 +86,11 @@ class Scorer:
         return scores
 
     def adherence(self, images: Images, prompts: list[str]) -> list[float] | None:
-        return None if self.judge is None else self.judge.adherence(images, prompts)
+        if self.judge is None:
+            return None
+        if isinstance(images, np.ndarray) and images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = as_pil(images)  # the judge resizes PIL images to its size
+        return self.judge.adherence(images, prompts)
 
     def score(self, images: Images, prompts: list[str]) -> list[dict[str, float]]:
         """Per image: clip_score, and adherence where a judge is available."""
@@ -88,6 +98,11 @@ class Scorer:
         adherence = self.adherence(images, prompts)
         return [{"clip_score": c, **({} if adherence is None else {"adherence": a})}
                 for c, a in zip(clip, adherence or [None] * len(clip), strict=True)]
+
+
+def as_pil(images: np.ndarray) -> list[Image.Image]:
+    """uint8 [N, H, W, 3] as PIL images."""
+    return [Image.fromarray(image) for image in images]
 
 
 def column(scores: list[dict[str, float]], key: str) -> np.ndarray:

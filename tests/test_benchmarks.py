@@ -224,3 +224,15 @@ def test_held_out_prompts_by_object_count_state_that_many_objects():
         assert len(kinds["single"]) == len(kinds["multi"]) == 20
         assert all(World.objects(p) == k for p in kinds["single"] + kinds["multi"])
         assert "red circle white background" not in kinds["single"]
+
+
+def test_steps_sweep_pairs_every_count_against_the_first():
+    result = schedulers.run_steps(steps=(2, 1), per_objects=1)
+    assert result["prompts_per_kind"] == 3  # one prompt each of 1, 2 and 3 objects
+    assert [row["steps"] for row in result["rows"]] == [2, 1]
+    for row in result["rows"]:
+        for kind in ("single", "multi"):
+            assert 0 <= row[kind]["adherence"] <= 1 and positive(row[kind]["sampling_s"])
+    assert all(result["rows"][0][kind]["vs_first"]["difference"] == 0
+               for kind in ("single", "multi"))
+    schedulers.print_steps_report(result)

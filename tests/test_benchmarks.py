@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.benchmarks import extraction, generation, step_profile, training
+from pipeline.benchmarks import extraction, generation, pictures, step_profile, training
 from pipeline.cli import app
 from pipeline.experiments import bridges, schedulers, world_recipes
 from pipeline.models import ARCHITECTURES
@@ -85,6 +85,21 @@ def check_training(r: dict) -> None:
     check_profile(r["profile"])
 
 
+def check_pictures(p: dict) -> None:
+    assert p["prompts"] == pictures.TINY["prompts"] and p["steps"] == pictures.TINY["steps"]
+    assert set(p["paths"]) == {"pipeline", "direct"}
+    for entry in p["paths"].values():
+        assert positive(entry["pictures_per_s"])
+        assert set(entry["fractions"]) == set(pictures.SEGMENTS)
+        assert positive(entry["fractions"]["unet"])
+        assert sum(entry["fractions"].values()) == pytest.approx(1)
+    assert positive(p["speedup_median"]) and p["guidance_share"] < 1
+    # The direct path draws the bytes StableDiffusionPipeline draws.
+    assert p["pixels_equal"] is True
+    assert all(positive(n) for n in p["stages"]["pictures"].values())
+    assert sum(p["stages"]["shares"].values()) == pytest.approx(1)
+
+
 def check_schedulers(rows: list[dict]) -> None:
     assert [(r["scheduler"], r["guidance_scale"]) for r in rows] == \
         [(s, g) for s, _, g in schedulers.SETTINGS]
@@ -109,13 +124,14 @@ def test_bench_command_tiny_runs_every_benchmark():
     assert out["generation"]["hidden_size"] == generation.TINY["width"]
     check_training(out["training"])
     assert out["training"]["step"]["hidden_size"] == training.TINY["step_width"]
+    check_pictures(out["pictures"])
     check_schedulers(out["schedulers"])
-
 
     # Each module's text report of the same results (what `python -m ...` prints).
     for module, section in ((extraction, "extraction"), (extraction, "extraction_clip_l"),
                             (generation, "generation"), (training, "training"),
-                            (schedulers, "schedulers"), (step_profile, None)):
+                            (pictures, "pictures"), (schedulers, "schedulers"),
+                            (step_profile, None)):
         module.print_report(out["training"]["profile"] if section is None else out[section])
 
 
@@ -208,3 +224,15 @@ def test_held_out_prompts_by_object_count_state_that_many_objects():
         assert len(kinds["single"]) == len(kinds["multi"]) == 20
         assert all(World.objects(p) == k for p in kinds["single"] + kinds["multi"])
         assert "red circle white background" not in kinds["single"]
+
+
+def test_steps_sweep_pairs_every_count_against_the_first():
+    result = schedulers.run_steps(steps=(2, 1), per_objects=1)
+    assert result["prompts_per_kind"] == 3  # one prompt each of 1, 2 and 3 objects
+    assert [row["steps"] for row in result["rows"]] == [2, 1]
+    for row in result["rows"]:
+        for kind in ("single", "multi"):
+            assert 0 <= row[kind]["adherence"] <= 1 and positive(row[kind]["sampling_s"])
+    assert all(result["rows"][0][kind]["vs_first"]["difference"] == 0
+               for kind in ("single", "multi"))
+    schedulers.print_steps_report(result)

@@ -6,11 +6,11 @@ from collections.abc import Callable
 
 import torch
 
-from pipeline.benchmarks import extraction, generation, training
+from pipeline.benchmarks import extraction, generation, pictures, training
 from pipeline.experiments import schedulers as scheduler_bench
 
 REPORTS = {"extraction": extraction, "extraction_clip_l": extraction, "generation": generation,
-           "training": training, "schedulers": scheduler_bench}
+           "training": training, "pictures": pictures, "schedulers": scheduler_bench}
 
 
 def run_suite(repeats: int = 3, clip_l_captions: int = 64, schedulers: bool = False,
@@ -22,18 +22,21 @@ def run_suite(repeats: int = 3, clip_l_captions: int = 64, schedulers: bool = Fa
     if tiny:
         clip_l = extraction.TINY_CLIP_L
         sizes = {"extraction": extraction.TINY, "generation": generation.TINY,
-                 "training": training.TINY, "schedulers": scheduler_bench.TINY}
+                 "training": training.TINY, "pictures": pictures.TINY,
+                 "schedulers": scheduler_bench.TINY}
     else:
         clip_l = {"captions": clip_l_captions, "repeats": repeats} if clip_l_captions else None
         sizes = {"extraction": {"repeats": repeats},
                  "generation": {"batch": 16, "repeats": repeats},
-                 "training": {"repeats": repeats}, "schedulers": {}}
+                 "training": {"repeats": repeats}, "pictures": {"repeats": repeats},
+                 "schedulers": {}}
     results: dict = {"threads": torch.get_num_threads(), "tiny": tiny,
                      "extraction": extraction.run(**sizes["extraction"])}
     if clip_l:
         results["extraction_clip_l"] = extraction.run_clip_l(**clip_l)
     results["generation"] = generation.run(**sizes["generation"])
     results["training"] = training.run(**sizes["training"])
+    results["pictures"] = pictures.run(**sizes["pictures"])
     if schedulers:
         results["schedulers"] = scheduler_bench.run(**sizes["schedulers"])
     return results

@@ -14,7 +14,7 @@ mean over prompts comes with its 95 % bootstrap interval over the prompts
 from __future__ import annotations
 
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -43,16 +43,20 @@ from pipeline.metrics.records import (
     Summary,
 )
 from pipeline.prompting.encoder import PromptEncoder
-from pipeline.sampling.sd import generate_images
+from pipeline.sampling.sd import generate_pixels
 from pipeline.world.embedded import World
-from pipeline.world.judge import Judge
+from pipeline.world.judge import Images, Judge
+from pipeline.world.scenes import IMAGE_SIZE
 
 KINDS: tuple[Kind, ...] = ("single", "multi")  # whole prompt deprojected; comma parts combined
 
 
 @dataclass
 class Scorer:
-    """The base CLIP's two towers (CLIP score) and, for the builtin world, the judge."""
+    """The base CLIP's two towers (CLIP score) and, for the builtin world, the judge.
+
+    Images are PIL images or uint8 arrays [N, H, W, 3] (`generate_pixels`' pictures, judged
+    without a PIL round trip); each prompt's text features are computed once and kept."""
 
     # Any: transformers' classes (CLIPModel, CLIPImageProcessor, CLIPTokenizer) are typed
     # too loosely for their call results to be checked here.
@@ -60,6 +64,8 @@ class Scorer:
     processor: Any
     tokenizer: Any
     judge: Judge | None
+    texts: dict[str, torch.Tensor] = field(default_factory=dict)  # prompt -> text features
+    batch: int = 512  # images per pass of the vision tower
 
     @classmethod
     def load(cls, base_clip: str, world: World | None) -> Scorer:
@@ -70,20 +76,41 @@ class Scorer:
         return cls(CLIPModel.from_pretrained(source).eval(),
                    CLIPImageProcessor.from_pretrained(source),
                    CLIPTokenizer.from_pretrained(source), judge)
-    @torch.no_grad()
-    def clip_scores(self, images: list[Image.Image], prompts: list[str]) -> list[float]:
-        pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, truncation=True,
-                             return_tensors="pt")["input_ids"]
-        image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
-                            dim=-1)
-        text = F.normalize(self.model.get_text_features(input_ids=ids).pooler_output, dim=-1)
-        return (100 * (image * text).sum(-1).clamp(min=0)).tolist()
 
-    def adherence(self, images: list[Image.Image], prompts: list[str]) -> list[float] | None:
-        return None if self.judge is None else self.judge.adherence(images, prompts)
+    def text_features(self, prompts: list[str]) -> torch.Tensor:
+        """[N, P]: the normalised text features of each prompt (computed once per prompt)."""
+        new = [p for p in dict.fromkeys(prompts) if p not in self.texts]
+        if new:
+            ids = self.tokenizer(new, padding="max_length", max_length=MAX_LENGTH,
+                                 truncation=True, return_tensors="pt")["input_ids"]
+            text = F.normalize(self.model.get_text_features(input_ids=ids).pooler_output, dim=-1)
+            self.texts.update(zip(new, text, strict=True))
+        return torch.stack([self.texts[p] for p in prompts])
 
-    def score(self, images: list[Image.Image], prompts: list[str]) -> list[PictureScores]:
+    @torch.inference_mode()
+    def clip_scores(self, images: Images, prompts: list[str]) -> list[float]:
+        scores = []
+        for begin in range(0, len(prompts), self.batch):
+            chunk = images[begin:begin + self.batch]
+            size = self.processor.crop_size
+            if isinstance(chunk, np.ndarray) and chunk.shape[1:3] != (size["height"],
+                                                                       size["width"]):
+                chunk = as_pil(chunk)  # resized as PIL images always were
+            pixels = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"]
+            image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
+                                dim=-1)
+            text = self.text_features(prompts[begin:begin + self.batch])
+            scores += (100 * (image * text).sum(-1).clamp(min=0)).tolist()
+        return scores
+
+    def adherence(self, images: Images, prompts: list[str]) -> list[float] | None:
+        if self.judge is None:
+            return None
+        if isinstance(images, np.ndarray) and images.shape[1:3] != (IMAGE_SIZE, IMAGE_SIZE):
+            images = as_pil(images)  # the judge resizes PIL images to its size
+        return self.judge.adherence(images, prompts)
+
+    def score(self, images: Images, prompts: list[str]) -> list[PictureScores]:
         """Per image: clip_score, and adherence where a judge is available."""
         clip = self.clip_scores(images, prompts)
         adherence = self.adherence(images, prompts)
@@ -91,6 +118,11 @@ class Scorer:
             return [PictureScores(clip_score=c) for c in clip]
         return [PictureScores(clip_score=c, adherence=a)
                 for c, a in zip(clip, adherence, strict=True)]
+
+
+def as_pil(images: np.ndarray) -> list[Image.Image]:
+    """uint8 [N, H, W, 3] as PIL images."""
+    return [Image.fromarray(image) for image in images]
 
 
 def column(scores: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
@@ -158,8 +190,19 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
 def judged(pipe, conditioning: torch.Tensor, negative: torch.Tensor, params: Params,
            seeds: list[int], scorer: Scorer, prompts: list[str]) -> list[PictureScores]:
     """Generate one picture per row of conditioning [N, 77, D]; each picture's scores."""
-    images = generate_images(pipe, conditioning, negative, params.render, seeds)
+    images = generate_pixels(pipe, conditioning, negative, params.render, seeds)
     return scorer.score(images, prompts)
+
+
+def judged_rows(pipe, conditionings: dict[str, torch.Tensor], negative: torch.Tensor,
+                params: Params, seeds: list[int], scorer: Scorer,
+                prompts: list[str]) -> dict[str, list[PictureScores]]:
+    """`judged` of every row's conditioning [N, 77, D] (the same prompts and seeds in each),
+    all rows' pictures drawn in shared UNet batches: {row: each picture's scores}."""
+    names, n = list(conditionings), len(prompts)
+    scores = judged(pipe, torch.cat([conditionings[name].float() for name in names]), negative,
+                    params, seeds * len(names), scorer, prompts * len(names))
+    return {name: scores[k * n:(k + 1) * n] for k, name in enumerate(names)}
 
 
 def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
@@ -168,7 +211,7 @@ def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
     and {kind: {row: per-prompt scores}} (the same prompts, in the same order, in every row);
     encoders: the reference row's (no deprojector) first, then each run's."""
     e = params.evaluate
-    prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude)
+    prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude, distinct=True)
     seeds = prompt_seeds(e.seed, e.adherence_prompts)
     negative = encoders[REFERENCE].encode_negative("", deproject=False)
     result: AdherenceResults = {}
@@ -176,11 +219,11 @@ def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
     for kind in KINDS:
         texts = prompts[kind]
         objects = [World.objects(p) for p in texts]
-        scores: dict[str, list[PictureScores]] = {}
-        for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row"):
-            conditioning = encoder.encode_prompts(texts, combine=kind == "multi",
-                                                  deproject=name != REFERENCE)
-            scores[name] = judged(pipe, conditioning, negative, params, seeds, scorer, texts)
+        conditionings = {name: encoder.encode_prompts(texts, combine=kind == "multi",
+                                                      deproject=name != REFERENCE)
+                         for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}",
+                                                   unit="row")}
+        scores = judged_rows(pipe, conditionings, negative, params, seeds, scorer, texts)
         summary = {name: summarise(s, objects, e.seed) for name, s in scores.items()}
         result[kind] = with_ratios(summary, scores, e.seed)
         per_prompt[kind] = scores
@@ -200,7 +243,7 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
     seeds for every row.
     """
     e = params.evaluate
-    scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude)
+    scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude, distinct=True)
     texts = [world.describe(scene, " ") for scene in scenes]
     drawn = world.draw(scenes, e.seed)
     seeds = prompt_seeds(e.seed + 1, len(scenes))
@@ -222,9 +265,12 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
     result: ImagePromptResults = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
     runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
     for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
-        text = score(encoder.encode_prompts(texts, combine=False))
-        bridges = {kind: with_ratio(score(encoder.deproject(encoder.image_embedding(drawn, kind))),
-                                    text) for kind in BRIDGES}
+        conditionings = {kind: encoder.deproject(encoder.image_embedding(drawn, kind))
+                         for kind in BRIDGES}
+        scored = judged_rows(pipe, {"text": encoder.encode_prompts(texts, combine=False),
+                                    **conditionings}, negative, params, seeds, scorer, texts)
+        text = scored.pop("text")
+        bridges = {kind: with_ratio(scored[kind], text) for kind in BRIDGES}
         own = bridges[params.gap.bridge]
         result[name] = {"text": summarise(text, objects, e.seed),
                         "image": {k: v for k, v in own.items() if not k.startswith(IMAGE_TO_TEXT)},

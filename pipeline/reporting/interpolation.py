@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.config.params import RenderParams
 from pipeline.metrics.adherence import Scorer
 from pipeline.prompting.encoder import PromptEncoder
-from pipeline.sampling.sd import generate_images
+from pipeline.sampling.sd import generate_pixels
 
 
 def fractions(steps: int) -> list[float]:
@@ -29,30 +29,47 @@ def interpolate_run(pipe, encoder: PromptEncoder, scorer: Scorer,
                     r: RenderParams) -> tuple[dict, list[Image.Image]]:
     """The judged curve of one run's encoder and its strip (one image per t, seed
     render.seed)."""
+    curves, strips = run_interpolation(pipe, {"run": encoder}, scorer, r)
+    return curves["run"], strips["run"]
+
+
+def interpolation_embeds(encoder: PromptEncoder, r: RenderParams) -> torch.Tensor:
+    """[T x seeds, 77, D]: the deprojected e(t), each repeated once per seed (t-major)."""
     start = encoder.embedding(r.interpolation_from)
     end = encoder.embedding(r.interpolation_to)
+    embeds = encoder.interpolate(start, end, fractions(r.interpolation_steps),
+                                 r.interpolation_slerp)  # [T, 77, D]
+    return embeds.repeat_interleave(r.interpolation_seeds, dim=0)
+
+
+def judged_curve(images: np.ndarray, scorer: Scorer, r: RenderParams) -> dict:
+    """The judge's adherence to A and to B per t (mean over the seeds) of one run's pictures
+    (t-major: T x seeds), their balance, its largest jump and its reversals."""
     ts = fractions(r.interpolation_steps)
-    seeds = [r.seed + k for k in range(r.interpolation_seeds)]
-    embeds = encoder.interpolate(start, end, ts, r.interpolation_slerp)  # [T, 77, D]
-    repeated = embeds.repeat_interleave(len(seeds), dim=0)  # t-major: T x seeds
-    images = generate_images(pipe, repeated, encoder.encode_negative("", deproject=False), r,
-                             seeds * len(ts))
     found_a = np.array(scorer.adherence(images, [r.interpolation_from] * len(images)))
     found_b = np.array(scorer.adherence(images, [r.interpolation_to] * len(images)))
-    a = found_a.reshape(len(ts), len(seeds)).mean(1)
-    b = found_b.reshape(len(ts), len(seeds)).mean(1)
+    a = found_a.reshape(len(ts), r.interpolation_seeds).mean(1)
+    b = found_b.reshape(len(ts), r.interpolation_seeds).mean(1)
     balance = b - a
     steps = np.diff(balance)
-    curve = {"t": ts, "from": a.tolist(), "to": b.tolist(), "balance": balance.tolist(),
-             "max_jump": float(np.abs(steps).max()), "reversals": int((steps < 0).sum())}
-    return curve, images[::len(seeds)]
+    return {"t": ts, "from": a.tolist(), "to": b.tolist(), "balance": balance.tolist(),
+            "max_jump": float(np.abs(steps).max()), "reversals": int((steps < 0).sum())}
 
 
 def run_interpolation(pipe, encoders: dict[str, PromptEncoder], scorer: Scorer,
                       r: RenderParams) -> tuple[dict[str, dict], dict[str, list[Image.Image]]]:
-    """The curve and strip of each run's encoder."""
-    curves, strips = {}, {}
+    """The curve and strip (one image per t, seed render.seed) of each run's encoder; every
+    run's pictures drawn in shared UNet batches."""
+    seeds = [r.seed + k for k in range(r.interpolation_seeds)]
     with torch.no_grad():
-        for name, encoder in encoders.items():
-            curves[name], strips[name] = interpolate_run(pipe, encoder, scorer, r)
+        embeds = {name: interpolation_embeds(encoder, r) for name, encoder in encoders.items()}
+        negative = next(iter(encoders.values())).encode_negative("", deproject=False)
+        per_run = r.interpolation_steps * len(seeds)
+        pixels = generate_pixels(pipe, torch.cat(list(embeds.values())), negative, r,
+                                 seeds * r.interpolation_steps * len(embeds))
+    curves, strips = {}, {}
+    for k, name in enumerate(embeds):
+        images = pixels[k * per_run:(k + 1) * per_run]
+        curves[name] = judged_curve(images, scorer, r)
+        strips[name] = [Image.fromarray(image) for image in images[::len(seeds)]]
     return curves, strips

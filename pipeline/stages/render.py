@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline.config.params import Params, RenderParams
 from pipeline.config.runs import check_runs
@@ -49,7 +48,7 @@ from pipeline.reporting.drawing import (
 from pipeline.reporting.interpolation import fractions, run_interpolation
 from pipeline.reporting.report import extras_section, write_report
 from pipeline.sampling.encoders import load_encoders
-from pipeline.sampling.sd import generate_images, load_pipeline
+from pipeline.sampling.sd import generate_images, generate_pixels, load_pipeline
 from pipeline.world.embedded import World
 
 
@@ -92,14 +91,29 @@ def render_column(pipe, encoders: dict[str, PromptEncoder], prompt: str, combine
                   scorer: Scorer | None = None) -> Column:
     """Every row's picture of `prompt` from seed render.seed: REFERENCE from the ordinary
     CLIP states, each run's from its deprojected conditioning (parts combined or not)."""
-    conds = {name: encoder.encode_prompt(prompt, combine=combine, deproject=name != REFERENCE)
-             for name, encoder in encoders.items()}
-    images = generate_images(pipe, torch.cat([c.float() for c in conds.values()]), negative, r)
-    column = Column(prompt, dict(zip(conds, images, strict=True)), conds)
-    if scorer is not None:
-        scores = scorer.score(images, [prompt] * len(images))
-        column.scores = dict(zip(conds, scores, strict=True))
-    return column
+    return render_columns(pipe, encoders, [prompt], combine, negative, r, scorer)[0]
+
+
+def render_columns(pipe, encoders: dict[str, PromptEncoder], prompts: list[str], combine: bool,
+                   negative: torch.Tensor, r: RenderParams,
+                   scorer: Scorer | None = None) -> list[Column]:
+    """`render_column` of each prompt, every cell of every column drawn in shared UNet
+    batches (each picture from seed render.seed, as when drawn alone)."""
+    conds = [{name: encoder.encode_prompt(prompt, combine=combine, deproject=name != REFERENCE)
+              for name, encoder in encoders.items()} for prompt in prompts]
+    pixels = generate_pixels(pipe, torch.cat([c.float() for cs in conds for c in cs.values()]),
+                             negative, r)
+    cells = [prompt for prompt, cs in zip(prompts, conds, strict=True) for _ in cs]
+    scores = scorer.score(pixels, cells) if scorer is not None else None
+    columns, k = [], 0
+    for prompt, cs in zip(prompts, conds, strict=True):
+        images = [Image.fromarray(image) for image in pixels[k:k + len(cs)]]
+        column = Column(prompt, dict(zip(cs, images, strict=True)), cs)
+        if scores is not None:
+            column.scores = dict(zip(cs, scores[k:k + len(cs)], strict=True))
+        columns.append(column)
+        k += len(cs)
+    return columns
 
 
 # --- report -------------------------------------------------------------------------------
@@ -149,9 +163,7 @@ def grid_scores(columns: list[Column]) -> dict[str, dict[str, object]]:
 def render_grid(pipe, encoders: dict[str, PromptEncoder], prompts: list[str], combine: bool,
                 r: RenderParams, scorer: Scorer | None = None) -> list[Column]:
     negative = encoders[REFERENCE].encode_negative("", deproject=False)
-    what = "multi" if combine else "single"
-    return [render_column(pipe, encoders, prompt, combine, negative, r, scorer)
-            for prompt in tqdm(prompts, desc=f"render {what}", unit="prompt")]
+    return render_columns(pipe, encoders, prompts, combine, negative, r, scorer)
 
 
 @dataclass

@@ -60,22 +60,29 @@ class World:
         return separator.join([*tags, f"{scene.background} background"])
 
     @classmethod
-    def held_out_scenes(cls, count: int, seed: int, exclude: set[str]) -> list[scenes.Scene]:
-        """`count` fresh scenes whose full descriptions are not in `exclude`."""
+    def held_out_scenes(cls, count: int, seed: int, exclude: set[str],
+                        distinct: bool = False) -> list[scenes.Scene]:
+        """`count` fresh scenes whose full descriptions are not in `exclude`; `distinct`: and
+        differ from each other (a repeated description is skipped; the first 48 of seeds 0
+        and 1 have none, so they are the same either way)."""
         rng = random.Random(f"adherence-{seed}")
         found: list[scenes.Scene] = []
+        seen: set[str] = set()
         while len(found) < count:
             scene = scenes.random_scene(rng)
-            if cls.describe(scene, " ") not in exclude and \
+            text = cls.describe(scene, " ")
+            if text not in exclude and not (distinct and text in seen) and \
                     cls.describe(scene, ", ") not in exclude:
                 found.append(scene)
+                seen.add(text)
         return found
 
     @classmethod
-    def held_out_prompts(cls, count: int, seed: int, exclude: set[str]) -> dict[str, list[str]]:
+    def held_out_prompts(cls, count: int, seed: int, exclude: set[str],
+                         distinct: bool = False) -> dict[str, list[str]]:
         """`count` prompts per kind describing fresh scenes in full: tags without commas
         (`single`) and with commas (`multi`). Plain text prompts: any base CLIP can take them."""
-        held_out = cls.held_out_scenes(count, seed, exclude)
+        held_out = cls.held_out_scenes(count, seed, exclude, distinct)
         return {"single": [cls.describe(s, " ") for s in held_out],
                 "multi": [cls.describe(s, ", ") for s in held_out]}
 

@@ -23,6 +23,7 @@ from pipeline.atomic import atomic_path
 from pipeline.base_files import clip_fingerprint, source_folder
 from pipeline.base_models import base_source, load_clip
 from pipeline.conventions import BUILTIN
+from pipeline.cross_attention_loss import Loss, training_loss
 from pipeline.image_prompts import GAP_FILE
 from pipeline.jsonio import write_json
 from pipeline.losses import weighted_mse
@@ -74,14 +75,17 @@ def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
 
 @torch.no_grad()
 def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask_weight: float,
-                  device: torch.device) -> float:
-    """Teacher-forced weighted loss over a whole split (row-weighted mean over batches)."""
+                  device: torch.device, loss: Loss | None = None) -> float:
+    """Teacher-forced loss (the weighted states loss, or `loss`: the run's `train.loss`)
+    over a whole split (row-weighted mean over batches)."""
     model.eval()
     total = torch.zeros((), device=device)
     for batch in reader.iter_batches(batch_size):
         hidden, mask = batch.hidden.to(device), batch.mask.to(device)
         pred = model(batch.embeds.to(device), hidden)
-        total += weighted_mse(pred, hidden, mask, mask_weight) * len(hidden)
+        error = weighted_mse(pred, hidden, mask, mask_weight) if loss is None \
+            else loss(pred, hidden, mask)
+        total += error * len(hidden)
     return total.item() / len(reader)
 
 
@@ -161,6 +165,10 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
     test_reader = ShardReader(shards_dir / "test", model.config.hidden_size)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
+    # train.loss: states (the weighted squared error), or measured through base.sd's UNet
+    # cross-attention keys and values (pipeline/cross_attention_loss.py).
+    loss_of = training_loss(t.loss, t.mask_weight, params.base.sd, model.config.hidden_size,
+                            device=device)
 
     checkpoint = checkpoint_dir / f"{name}.pt"
     fingerprint = _fingerprint(name, params, shards_dir)
@@ -192,12 +200,12 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
             hidden, mask = batch.hidden.to(device), batch.mask.to(device)
             embeds = batch.embeds.to(device)
             pred = ddp_model(embeds, hidden)
-            loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+            loss = loss_of(pred.float(), hidden, mask)
             for _ in range(t.rollout):
                 # Free-running: the model's own predictions as inputs, the gradient truncated
                 # at each pass (docs/architectures.md, training data and loss).
                 pred = ddp_model(embeds, pred.detach())
-                loss = loss + weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+                loss = loss + loss_of(pred.float(), hidden, mask)
             loss = loss / (1 + t.rollout)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(loss)
@@ -205,7 +213,8 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
             running += loss.detach()  # summed on the device; read once per epoch
         train_loss = accelerator.reduce(running, reduction="mean").item() / steps
         # Every process scores the whole test split: same numbers, same early-stopping choice.
-        test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
+        test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device,
+                                  None if t.loss == "states" else loss_of)
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
         if test_loss < best["loss"]:
             best = {"loss": test_loss, "epoch": epoch,

@@ -15,6 +15,10 @@ from pipeline.world.config import WorldParams
 
 STORAGE_DTYPES = ("float16", "float32")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# train.loss: the position-weighted squared error of the states, the same error in the space
+# of the base UNet's cross-attention keys and values, or their mean
+# (pipeline/metrics/cross_attention.py).
+LOSSES = ("states", "cross_attention", "mix")
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class TrainParams:
     # model its own (detached) predictions; after k passes positions 1..k+1 see exactly what
     # generation feeds them. The loss averages all passes. 0 = teacher forcing (the article).
     rollout: int = 0
+    # What the error is measured in: states | cross_attention | mix (LOSSES).
+    loss: str = "states"
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,9 @@ def validate(p: Params) -> Params:
     check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
     check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
     check(t.rollout >= 0, "train.rollout", "0 (teacher forcing) or more", t.rollout)
+    check(t.loss in LOSSES, "train.loss",
+          f"one of {LOSSES} (cross_attention and mix measure the error through base.sd's "
+          "UNet cross-attention keys and values)", t.loss)
     check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
           p.evaluate.batch_size)
     check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",

@@ -32,6 +32,7 @@ from pipeline.core.errors import DeprojectorError, read_json, read_torch
 from pipeline.core.jsonio import write_json
 from pipeline.core.sections import ParamsError
 from pipeline.data.shards import ShardError, ShardReader, load_constants, read_meta
+from pipeline.metrics.cross_attention import Loss, training_loss
 from pipeline.metrics.losses import weighted_mse
 from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
 from pipeline.models.base import CONFIG_FILE
@@ -123,14 +124,17 @@ def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
 
 @torch.no_grad()
 def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask_weight: float,
-                  device: torch.device) -> float:
-    """Teacher-forced weighted loss over a whole split (row-weighted mean over batches)."""
+                  device: torch.device, loss: Loss | None = None) -> float:
+    """Teacher-forced loss (the weighted states loss, or `loss`: the run's `train.loss`)
+    over a whole split (row-weighted mean over batches)."""
     model.eval()
     total = torch.zeros((), device=device)
     for batch in reader.iter_batches(batch_size):
         hidden, mask = batch.hidden.to(device), batch.mask.to(device)
         pred = model(batch.embeds.to(device), hidden)
-        total += weighted_mse(pred, hidden, mask, mask_weight) * len(hidden)
+        error = weighted_mse(pred, hidden, mask, mask_weight) if loss is None \
+            else loss(pred, hidden, mask)
+        total += error * len(hidden)
     return total.item() / len(reader)
 
 
@@ -236,6 +240,10 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
     test_reader = ShardReader(shards_dir / "test", model.config.hidden_size)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
+    # train.loss: states (the weighted squared error), or measured through base.sd's UNet
+    # cross-attention keys and values (pipeline/metrics/cross_attention.py).
+    loss_of = training_loss(t.loss, t.mask_weight, params.base.sd, model.config.hidden_size,
+                            device=device)
 
     checkpoint = checkpoint_dir / f"{name}.pt"
     fingerprint = _fingerprint(name, params, shards_dir)
@@ -270,14 +278,14 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
             with hooks.phase("forward"):
                 pred = ddp_model(embeds, hidden)
             with hooks.phase("loss"):
-                loss = weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+                loss = loss_of(pred.float(), hidden, mask)
             for _ in range(t.rollout):
                 # Free-running: the model's own predictions as inputs, the gradient truncated
                 # at each pass (docs/architectures.md, training data and loss).
                 with hooks.phase("forward"):
                     pred = ddp_model(embeds, pred.detach())
                 with hooks.phase("loss"):
-                    loss = loss + weighted_mse(pred.float(), hidden, mask, t.mask_weight)
+                    loss = loss + loss_of(pred.float(), hidden, mask)
             loss = loss / (1 + t.rollout)
             with hooks.phase("zero_grad"):
                 optimizer.zero_grad(set_to_none=True)
@@ -289,7 +297,8 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         train_loss = accelerator.reduce(running, reduction="mean").item() / steps
         # Every process scores the whole test split: same numbers, same early-stopping choice.
         with hooks.phase("evaluate"):
-            test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device)
+            test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device,
+                                      None if t.loss == "states" else loss_of)
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
             kept = f"the checkpoint of epoch {epoch} is kept in {checkpoint}" \
                 if epoch and checkpoint.is_file() else "no checkpoint was written"

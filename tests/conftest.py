@@ -46,8 +46,9 @@ def project_dir(work: Path, base_dir: Path) -> Path:
     return work
 
 
-def run_small_pipeline(work: Path, base_dir: Path, params: Params | None = None,
-                       before_extract=None) -> Path:
+def run_small_pipeline(
+    work: Path, base_dir: Path, params: Params | None = None, before_extract=None
+) -> Path:
     """captions + extract of a small builtin dataset in `work` (calling before_extract() in
     between, in `work`); returns the shards folder."""
     import os

@@ -33,25 +33,38 @@ WIDTH = 32
 
 # --- tiny models of each kind ---------------------------------------------------------------
 
+
 def tiny_tokenizer() -> CLIPTokenizer:
     """A CLIP byte-level BPE tokenizer without merges: every character is a token."""
     alphabet = sorted(ByteLevel.alphabet())
     tokens = alphabet + [c + "</w>" for c in alphabet] + [BOS, EOS]
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[],
-                         model_max_length=77)
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
 
 
 def text_config(tokenizer: CLIPTokenizer, **overrides) -> CLIPTextConfig:
-    values = dict(vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=64,
-                  num_hidden_layers=2, num_attention_heads=2, projection_dim=WIDTH,
-                  max_position_embeddings=77, hidden_act="quick_gelu",
-                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    values = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        projection_dim=WIDTH,
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return CLIPTextConfig(**{**values, **overrides})
 
 
-def save_clip(folder: Path, seed: int = 0, tokenizer_files: bool = True,
-              model_class=CLIPTextModelWithProjection, **config) -> Path:
+def save_clip(
+    folder: Path,
+    seed: int = 0,
+    tokenizer_files: bool = True,
+    model_class=CLIPTextModelWithProjection,
+    **config,
+) -> Path:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     model_class(text_config(tokenizer, **config)).save_pretrained(folder)
@@ -64,11 +77,20 @@ def save_clip_model(folder: Path) -> Path:
     """A full CLIPModel (text and vision towers) folder, saved without tokenizer files."""
     from transformers import CLIPVisionConfig
 
-    vision = CLIPVisionConfig(hidden_size=WIDTH, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, image_size=32, patch_size=16,
-                              projection_dim=WIDTH)
-    config = CLIPConfig(text_config=text_config(tiny_tokenizer()).to_dict(),
-                        vision_config=vision.to_dict(), projection_dim=WIDTH)
+    vision = CLIPVisionConfig(
+        hidden_size=WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=16,
+        projection_dim=WIDTH,
+    )
+    config = CLIPConfig(
+        text_config=text_config(tiny_tokenizer()).to_dict(),
+        vision_config=vision.to_dict(),
+        projection_dim=WIDTH,
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
     return folder
@@ -85,19 +107,37 @@ def save_sd(folder: Path, clip_dir: Path, cross_attention_dim: int = WIDTH) -> P
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
-        layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(16,),
-                        down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4,
-                        norm_num_groups=8, sample_size=8)
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=8,
+    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=CLIPTextModel.from_pretrained(clip_dir),
-        tokenizer=CLIPTokenizer.from_pretrained(clip_dir), unet=unet,
-        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(clip_dir),
+        tokenizer=CLIPTokenizer.from_pretrained(clip_dir),
+        unet=unet,
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(folder)
     return folder
 
@@ -114,6 +154,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 # --- running `deprojector base` -------------------------------------------------------------
+
 
 def run_cli(tmp_path: Path, *args: str, **base: str):
     params = tmp_path / "params.yaml"
@@ -146,9 +187,15 @@ def test_good_models_pass_and_record_a_fingerprint(tmp_path, models):
     assert (record["clip"], record["sd"]) == (str(models["clip"]), str(models["sd"]))
     assert record["hidden_size"] == WIDTH and len(record["fingerprint"]) == 64
     files = record["files"]
-    for name in ("clip/config.json", "clip/model.safetensors", "clip/tokenizer.json",
-                 "sd/model_index.json", "sd/unet/diffusion_pytorch_model.safetensors",
-                 "sd/text_encoder/model.safetensors", "sd/tokenizer/tokenizer.json"):
+    for name in (
+        "clip/config.json",
+        "clip/model.safetensors",
+        "clip/tokenizer.json",
+        "sd/model_index.json",
+        "sd/unet/diffusion_pytorch_model.safetensors",
+        "sd/text_encoder/model.safetensors",
+        "sd/tokenizer/tokenizer.json",
+    ):
         assert files[name].startswith("sha256:"), name
     # Deterministic: a second run writes the same bytes (downstream stages stay up to date).
     before = out.read_bytes()
@@ -159,9 +206,14 @@ def test_good_models_pass_and_record_a_fingerprint(tmp_path, models):
 def test_clip_model_folder_without_tokenizer_files(tmp_path, models):
     folder = save_clip_model(tmp_path / "clip-model")
     result, out = run_base(tmp_path, folder, models["sd"])
-    assert_known_error(result, f"base.clip: the folder '{folder}'", "has no tokenizer files",
-                       "tokenizer.json, or vocab.json and merges.txt", "2-token tokenizer",
-                       "hf download openai/clip-vit-large-patch14 --local-dir DIR")
+    assert_known_error(
+        result,
+        f"base.clip: the folder '{folder}'",
+        "has no tokenizer files",
+        "tokenizer.json, or vocab.json and merges.txt",
+        "2-token tokenizer",
+        "hf download openai/clip-vit-large-patch14 --local-dir DIR",
+    )
     assert not out.exists()
     # The same folder with the tokenizer files is a valid base.clip (text tower + projection).
     tiny_tokenizer().save_pretrained(folder)
@@ -175,17 +227,24 @@ def test_text_encoder_without_projection(tmp_path, models):
     with_tokenizer = save_clip(tmp_path / "text-encoder", model_class=CLIPTextModel)
     for folder in (sd_text_encoder, with_tokenizer):
         result, _ = run_base(tmp_path, folder, models["sd"])
-        assert_known_error(result, f"base.clip: '{folder}' has no text_projection weights",
-                           "(in model.safetensors)", "initialise the projection at random",
-                           "Stable Diffusion's text_encoder folder",
-                           "openai/clip-vit-large-patch14 for SD 1.x")
+        assert_known_error(
+            result,
+            f"base.clip: '{folder}' has no text_projection weights",
+            "(in model.safetensors)",
+            "initialise the projection at random",
+            "Stable Diffusion's text_encoder folder",
+            "openai/clip-vit-large-patch14 for SD 1.x",
+        )
 
 
 def test_unet_of_another_width(tmp_path, models):
     result, _ = run_base(tmp_path, models["clip"], models["sd48"])
-    assert_known_error(result, f"base.sd '{models['sd48']}' does not fit base.clip",
-                       "cross-attends to 48-wide conditioning",
-                       f"hidden states are {WIDTH} wide")
+    assert_known_error(
+        result,
+        f"base.sd '{models['sd48']}' does not fit base.clip",
+        "cross-attends to 48-wide conditioning",
+        f"hidden states are {WIDTH} wide",
+    )
 
 
 def test_unet_of_another_width_is_refused_when_generating():
@@ -201,11 +260,14 @@ def test_eos_token_id_that_misses_the_tokenizer(tmp_path, models):
     tokenizer = tiny_tokenizer()
     folder = save_clip(tmp_path / "bad-eos", eos_token_id=5)  # a byte, not <|endoftext|>
     result, _ = run_base(tmp_path, folder, models["sd"])
-    assert_known_error(result, "does not pool at the end-of-text token",
-                       "two different prompts pool to the same vector",
-                       "eos_token_id = 5",
-                       f"<|endoftext|> is id {tokenizer.eos_token_id}",
-                       f'Set "eos_token_id": {tokenizer.eos_token_id}')
+    assert_known_error(
+        result,
+        "does not pool at the end-of-text token",
+        "two different prompts pool to the same vector",
+        "eos_token_id = 5",
+        f"<|endoftext|> is id {tokenizer.eos_token_id}",
+        f'Set "eos_token_id": {tokenizer.eos_token_id}',
+    )
 
 
 def test_weights_replaced_at_the_same_path_change_the_fingerprint(tmp_path, models):
@@ -259,17 +321,26 @@ def test_missing_builtin_models_name_the_world_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(config, "CHECKOUT_WORLD_DIR", tmp_path / "no-checkout-world")
     for args in (("base",), ("captions",)):
         result = run_cli(tmp_path, *args, clip="builtin", sd="builtin")
-        output = assert_known_error(result, "base.clip: builtin:", "does not exist yet",
-                                    "built by the world stage", "`deprojector world`",
-                                    "`dvc repro world`")
+        output = assert_known_error(
+            result,
+            "base.clip: builtin:",
+            "does not exist yet",
+            "built by the world stage",
+            "`deprojector world`",
+            "`dvc repro world`",
+        )
         assert "hub" not in output.lower()
 
 
 def test_offline_hub_id_advises_hf_download(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     result = run_cli(tmp_path, "base", clip="no-such-org/no-such-clip", sd="no-such-org/no-sd")
-    assert_known_error(result, "'no-such-org/no-such-clip' is not a local folder",
-                       "`hf download no-such-org/no-such-clip --local-dir DIR`", lines=2)
+    assert_known_error(
+        result,
+        "'no-such-org/no-such-clip' is not a local folder",
+        "`hf download no-such-org/no-such-clip --local-dir DIR`",
+        lines=2,
+    )
 
 
 def test_the_advised_download_command_exists():
@@ -294,19 +365,30 @@ def test_evaluate_refuses_deprojectors_of_another_width(tmp_path, models, monkey
     clip = load_clip(str(models["clip"]))
     constants = compute_constants(clip)
     shards = tmp_path / "data" / "shards"
-    params = parse_params({"base": {"clip": str(models["clip"]), "sd": str(models["sd"])},
-                           "models": {"vb": {"type": "vicinity-batch"}}})
-    extract_split(clip, ["a red circle", "a blue square"], shards / "test", params, 0,
-                  constants["null"])
+    params = parse_params(
+        {
+            "base": {"clip": str(models["clip"]), "sd": str(models["sd"])},
+            "models": {"vb": {"type": "vicinity-batch"}},
+        }
+    )
+    extract_split(
+        clip, ["a red circle", "a blue square"], shards / "test", params, 0, constants["null"]
+    )
     save_constants(shards / "constants.safetensors", **constants)
     other = {"sos": torch.zeros(16), "null": torch.zeros(16), "deprojection": torch.eye(16)}
     build_deprojector("vicinity-batch", 16, 16, other).save_pretrained(tmp_path / "models" / "vb")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"base": {"clip": str(models["clip"]), "sd": str(models["sd"])},
-         "models": {"vb": {"type": "vicinity-batch"}}}))
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "base": {"clip": str(models["clip"]), "sd": str(models["sd"])},
+                "models": {"vb": {"type": "vicinity-batch"}},
+            }
+        )
+    )
     result = CliRunner().invoke(app, ["evaluate", "--params", str(tmp_path / "params.yaml")])
-    assert_known_error(result, "trained for D=16", f"base model has D={WIDTH}",
-                       "retrain it or use its base CLIP")
+    assert_known_error(
+        result, "trained for D=16", f"base model has D={WIDTH}", "retrain it or use its base CLIP"
+    )
 
 
 def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
@@ -326,8 +408,7 @@ def fake_hub_cache(cache: Path, repo: str, folder: Path) -> None:
         (root / "snapshots" / commit / path.name).symlink_to(f"../../blobs/{blob}")
 
 
-def test_hub_ids_are_checked_and_fingerprinted_from_the_local_cache(tmp_path, models,
-                                                                    monkeypatch):
+def test_hub_ids_are_checked_and_fingerprinted_from_the_local_cache(tmp_path, models, monkeypatch):
     from huggingface_hub import constants
 
     cache = tmp_path / "hub"
@@ -343,8 +424,9 @@ def test_hub_ids_are_checked_and_fingerprinted_from_the_local_cache(tmp_path, mo
     assert_known_error(result, "'tiny-org/text-encoder-only' has no text_projection weights")
     shutil.rmtree(cache / "models--tiny-org--tiny-clip")  # gone from the cache, and offline
     result, _ = run_base(tmp_path, "tiny-org/tiny-clip", models["sd"])
-    assert_known_error(result, "Hub is not reachable (offline)", "hf download tiny-org/tiny-clip",
-                       lines=2)
+    assert_known_error(
+        result, "Hub is not reachable (offline)", "hf download tiny-org/tiny-clip", lines=2
+    )
 
 
 def test_dvc_reruns_the_users_of_the_base_models_when_the_fingerprint_changes():
@@ -356,14 +438,22 @@ def test_dvc_reruns_the_users_of_the_base_models_when_the_fingerprint_changes():
     base = stages["base"]
     assert base["always_changed"] is True
     # persist: an experiment whose params fail base's checks leaves them (issue 32)
-    assert base["outs"] == [{"models/base.json": {"cache": False, "persist": True}},
-                            {"models/base-clip.json": {"cache": False, "persist": True}}]
+    assert base["outs"] == [
+        {"models/base.json": {"cache": False, "persist": True}},
+        {"models/base-clip.json": {"cache": False, "persist": True}},
+    ]
     for name in ("captions", "extract", "gap", "train"):
         deps = stages[name].get("do", stages[name])["deps"]
         assert "models/base-clip.json" in deps and "models/base.json" not in deps, name
-        assert not any(d in deps for d in ("pipeline/world", "pipeline/world/judge.py",
-                                           "pipeline/world/diffusion.py",
-                                           "pipeline/world/vae.py")), name
+        assert not any(
+            d in deps
+            for d in (
+                "pipeline/world",
+                "pipeline/world/judge.py",
+                "pipeline/world/diffusion.py",
+                "pipeline/world/vae.py",
+            )
+        ), name
     for name, stage in stages.items():
         assert "models/base" not in stage.get("deps", stage.get("do", {}).get("deps", [])), name
 
@@ -382,35 +472,54 @@ def test_text_projection_is_found_in_bin_and_sharded_checkpoints(tmp_path, model
     sharded = tmp_path / "sharded"
     sharded.mkdir()
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[::2],
-              "model-00002-of-00002.safetensors": names[1::2]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for shard, keys in halves.items():
         save_file({k: tensors[k] for k in keys}, str(sharded / shard))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(
-        {"weight_map": {k: shard for shard, keys in halves.items() for k in keys}}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: shard for shard, keys in halves.items() for k in keys}})
+    )
     assert [p.name for p in weight_files(sharded)] == sorted(halves)
     check_text_projection(sharded, "sharded")
-    torch.save({k: v for k, v in tensors.items() if "text_projection" not in k},
-               binary / "pytorch_model.bin")
+    torch.save(
+        {k: v for k, v in tensors.items() if "text_projection" not in k},
+        binary / "pytorch_model.bin",
+    )
     with pytest.raises(BaseModelError, match=r"no text_projection weights \(in pytorch_model"):
         check_text_projection(binary, "bin")
 
 
 def cut(path: Path, keep: float = 0.5) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damage, fragments", [
-    (lambda clip: cut(clip / "model.safetensors"),
-     ["clip/model.safetensors: incomplete or corrupt safetensors file", "download the model "
-      "again"]),
-    (lambda clip: (clip / "model.safetensors").write_bytes(b"\x00" * 4),
-     ["clip/model.safetensors: incomplete or corrupt safetensors file (Error while "
-      "deserializing header: header too small)"]),
-    (lambda clip: cut(clip / "config.json"), ["clip/config.json:", "not valid JSON"]),
-    (lambda clip: cut(clip / "tokenizer.json"), ["clip/tokenizer.json", "incomplete or corrupt"]),
-])
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (
+            lambda clip: cut(clip / "model.safetensors"),
+            [
+                "clip/model.safetensors: incomplete or corrupt safetensors file",
+                "download the model again",
+            ],
+        ),
+        (
+            lambda clip: (clip / "model.safetensors").write_bytes(b"\x00" * 4),
+            [
+                "clip/model.safetensors: incomplete or corrupt safetensors file (Error while "
+                "deserializing header: header too small)"
+            ],
+        ),
+        (lambda clip: cut(clip / "config.json"), ["clip/config.json:", "not valid JSON"]),
+        (
+            lambda clip: cut(clip / "tokenizer.json"),
+            ["clip/tokenizer.json", "incomplete or corrupt"],
+        ),
+    ],
+)
 def test_damaged_clip_files_name_the_file(tmp_path, models, damage, fragments):
     clip = tmp_path / "clip"
     shutil.copytree(models["clip"], clip)
@@ -432,13 +541,27 @@ def test_damaged_sharded_and_bin_checkpoints_name_the_file(tmp_path, models):
     save_file(tensors, str(sharded / "model-00001-of-00002.safetensors"))
     index = sharded / "model.safetensors.index.json"
     index.write_text('{"weight_map": {"a": "model-00001-of-00002.safetensors"')
-    with pytest.raises(BaseModelError, match=r"model\.safetensors\.index\.json:1: not valid JSON "
-                                             r"\(.*\); the file is incomplete or corrupt"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"model\.safetensors\.index\.json:1: not valid JSON "
+        r"\(.*\); the file is incomplete or corrupt",
+    ):
         check_text_projection(sharded, "sharded")
-    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                "b": "model-00002-of-00002.safetensors"}}))
-    with pytest.raises(BaseModelError, match=r"index\.json: names model-00002-of-00002\."
-                                             r"safetensors, not in the folder"):
+    index.write_text(
+        json.dumps(
+            {
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                }
+            }
+        )
+    )
+    with pytest.raises(
+        BaseModelError,
+        match=r"index\.json: names model-00002-of-00002\."
+        r"safetensors, not in the folder",
+    ):
         check_text_projection(sharded, "sharded")
     index.write_text(json.dumps({"metadata": {}}))
     with pytest.raises(BaseModelError, match=r'index\.json: expected a "weight_map" object'):
@@ -447,16 +570,24 @@ def test_damaged_sharded_and_bin_checkpoints_name_the_file(tmp_path, models):
     binary.mkdir()
     torch.save(tensors, binary / "pytorch_model.bin")
     cut(binary / "pytorch_model.bin")
-    with pytest.raises(BaseModelError, match=r"pytorch_model\.bin: incomplete or corrupt "
-                                             r"PyTorch checkpoint"):
+    with pytest.raises(
+        BaseModelError,
+        match=r"pytorch_model\.bin: incomplete or corrupt "
+        r"PyTorch checkpoint",
+    ):
         check_text_projection(binary, "bin")
 
 
-@pytest.mark.parametrize("damage, fragments", [
-    (lambda sd: cut(sd / "model_index.json"), ["model_index.json"]),
-    (lambda sd: cut(sd / "unet" / "diffusion_pytorch_model.safetensors"),
-     ["unet/diffusion_pytorch_model.safetensors"]),
-])
+@pytest.mark.parametrize(
+    "damage, fragments",
+    [
+        (lambda sd: cut(sd / "model_index.json"), ["model_index.json"]),
+        (
+            lambda sd: cut(sd / "unet" / "diffusion_pytorch_model.safetensors"),
+            ["unet/diffusion_pytorch_model.safetensors"],
+        ),
+    ],
+)
 def test_damaged_sd_files_name_the_file(tmp_path, models, damage, fragments):
     sd = tmp_path / "sd"
     shutil.copytree(models["sd"], sd)

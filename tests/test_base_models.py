@@ -50,7 +50,8 @@ def test_fast_tokenize_equals_the_transformers_tokenizer(clip):
 
     texts = PROMPTS + ["", "Ünïcode 🐱 text", "word " * 100, "  spaced   out  ", "a,b , c"]
     ours = tokenize(clip, texts)
-    theirs = clip.tokenizer(texts, padding="max_length", max_length=77, truncation=True,
-                            return_tensors="pt")
+    theirs = clip.tokenizer(
+        texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    )
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])

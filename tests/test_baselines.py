@@ -26,8 +26,10 @@ def test_intervals_contain_their_estimate_and_are_deterministic_for_a_seed() -> 
     values = rng.normal(0.6, 0.1, 200)
     counts = rng.integers(2, 20, 200).astype(float)
     totals = counts * rng.uniform(0.3, 0.9, 200)
-    for result, key in ((mean_with_ci("cosine", values, seed=3), "cosine"),
-                        (ratio_with_ci("cosine_masked", totals, counts, seed=3), "cosine_masked")):
+    for result, key in (
+        (mean_with_ci("cosine", values, seed=3), "cosine"),
+        (ratio_with_ci("cosine_masked", totals, counts, seed=3), "cosine_masked"),
+    ):
         low, high = result[ci_key(key)]
         assert low < result[key] < high
         assert high - low < 0.1
@@ -37,8 +39,10 @@ def test_intervals_contain_their_estimate_and_are_deterministic_for_a_seed() -> 
     # A ratio whose denominator is 0 in some resamples (one text picture of six judged
     # right) is unbounded there: no interval, rather than NaN in the file.
     one = np.array([0.0, 0, 0, 0, 0, 1])
-    assert ratio_with_ci("image_to_text", one, one, seed=0) == {"image_to_text": 1.0,
-                                                                "image_to_text_ci95": None}
+    assert ratio_with_ci("image_to_text", one, one, seed=0) == {
+        "image_to_text": 1.0,
+        "image_to_text_ci95": None,
+    }
 
 
 def test_a_ratio_of_sums_is_bootstrapped_as_a_ratio_not_as_a_mean_of_row_ratios() -> None:
@@ -66,8 +70,9 @@ def test_paired_difference_is_zero_for_equal_scores_and_clear_for_different_ones
     noise = paired_difference(np.mean, [base + rng.normal(0, 0.2, 100)], [base], seed=0)
     assert noise["within_noise"] is True
     counts = np.full(100, 5.0)
-    ratio = paired_difference(ratio_of_sums, [better * counts, counts], [base * counts, counts],
-                              seed=0)
+    ratio = paired_difference(
+        ratio_of_sums, [better * counts, counts], [base * counts, counts], seed=0
+    )
     assert ratio["difference"] == pytest.approx(clear["difference"])
     assert ratio["within_noise"] is False
 

@@ -37,8 +37,13 @@ def positive(x) -> bool:
 def check_extraction(r: dict, hidden_size: int) -> None:
     assert r["hidden_size"] == hidden_size
     assert r["texts_encoded"] >= r["captions"] > 0
-    for key in ("extract_s_median", "bare_forward_s_median", "ratio_median",
-                "captions_per_s", "shard_bytes_per_row"):
+    for key in (
+        "extract_s_median",
+        "bare_forward_s_median",
+        "ratio_median",
+        "captions_per_s",
+        "shard_bytes_per_row",
+    ):
         assert positive(r[key]), key
     # float16 hidden states are most of a row: 77 x D x 2 bytes
     assert r["shard_bytes_per_row"] > 77 * hidden_size * 2
@@ -70,8 +75,7 @@ def check_profile(p: dict) -> None:
 def check_training(r: dict) -> None:
     i = r["input_overhead"]
     assert i["rows"] > 0 and i["hidden_size"] == 128
-    for key in ("streamed_s_median", "in_memory_s_median", "read_only_s_median",
-                "ratio_median"):
+    for key in ("streamed_s_median", "in_memory_s_median", "read_only_s_median", "ratio_median"):
         assert positive(i[key]), key
     s = r["step"]
     assert set(s["models"]) | set(s["no_plain_reference"]) == set(ARCHITECTURES)
@@ -101,8 +105,9 @@ def check_pictures(p: dict) -> None:
 
 
 def check_schedulers(rows: list[dict]) -> None:
-    assert [(r["scheduler"], r["guidance_scale"]) for r in rows] == \
-        [(s, g) for s, _, g in schedulers.SETTINGS]
+    assert [(r["scheduler"], r["guidance_scale"]) for r in rows] == [
+        (s, g) for s, _, g in schedulers.SETTINGS
+    ]
     for row in rows:
         assert row["prompts"] == schedulers.TINY["prompts"]
         assert row["steps"] <= schedulers.TINY["max_steps"]
@@ -111,8 +116,9 @@ def check_schedulers(rows: list[dict]) -> None:
 
 def test_bench_command_tiny_runs_every_benchmark():
     # One torch thread: on a busy 2-core machine two threads wait on each other for seconds.
-    result = CliRunner().invoke(app, ["bench", "--tiny", "--schedulers", "--threads", "1",
-                                      "--json"])
+    result = CliRunner().invoke(
+        app, ["bench", "--tiny", "--schedulers", "--threads", "1", "--json"]
+    )
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)
     assert out["tiny"] is True
@@ -128,15 +134,21 @@ def test_bench_command_tiny_runs_every_benchmark():
     check_schedulers(out["schedulers"])
 
     # Each module's text report of the same results (what `python -m ...` prints).
-    for module, section in ((extraction, "extraction"), (extraction, "extraction_clip_l"),
-                            (generation, "generation"), (training, "training"),
-                            (pictures, "pictures"), (schedulers, "schedulers"),
-                            (step_profile, None)):
+    for module, section in (
+        (extraction, "extraction"),
+        (extraction, "extraction_clip_l"),
+        (generation, "generation"),
+        (training, "training"),
+        (pictures, "pictures"),
+        (schedulers, "schedulers"),
+        (step_profile, None),
+    ):
         module.print_report(out["training"]["profile"] if section is None else out[section])
 
 
-@pytest.mark.parametrize("module", [extraction, generation, schedulers, step_profile, training,
-                                    bridges, world_recipes])
+@pytest.mark.parametrize(
+    "module", [extraction, generation, schedulers, step_profile, training, bridges, world_recipes]
+)
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
     with pytest.raises(SystemExit) as exit_:
         module.main(["--help"])
@@ -152,8 +164,13 @@ def test_the_bridge_table_runs_every_variant_at_tiny_size(capsys):
         assert -1 <= run["cosine_masked"]["cosine_masked"] <= 1
         # Image rows exist (and are scored) exactly when the variant trains on them.
         assert ("image_rows_cosine_masked" in run) == (name != bridges.TEXT_ONLY)
-        assert set(run["image_prompts"]) == {"text", "none", "mean-shift", "linear",
-                                             "text-projection"}
+        assert set(run["image_prompts"]) == {
+            "text",
+            "none",
+            "mean-shift",
+            "linear",
+            "text-projection",
+        }
         assert 0 <= run["text_adherence_single"]["adherence"] <= 1
         # Every variant's text prompts against the same run without image rows, paired.
         paired = run.get("text_adherence_multi_vs_text_only")
@@ -176,8 +193,9 @@ def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
     for kind in world_recipes.KINDS:
         by_objects = world["reference_by_objects"][kind]
         assert list(by_objects) == ["1_object", "2_objects", "3_objects"]
-        assert all(row["prompts"] == 4 and 0 <= row["adherence"] <= 1
-                   for row in by_objects.values())
+        assert all(
+            row["prompts"] == 4 and 0 <= row["adherence"] <= 1 for row in by_objects.values()
+        )
     for reads in ("crisp", "round_trip"):
         assert 0 <= world["judge"][reads]["exact"] <= 1
     sweep = table["guidance"]
@@ -205,15 +223,18 @@ def test_the_guidance_sweep_is_chosen_on_prompts_no_row_scores():
     count, seed = 40, params.evaluate.seed
     grid = world_recipes.grid_prompts(params)
     scored = set(grid)
-    for by_kind in [World.held_out_prompts(count, seed, grid),
-                    *world_recipes.prompts_by_objects(count, seed, grid).values()]:
+    for by_kind in [
+        World.held_out_prompts(count, seed, grid),
+        *world_recipes.prompts_by_objects(count, seed, grid).values(),
+    ]:
         scored |= {p for kind in by_kind.values() for p in kind}
     validation = world_recipes.validation_prompts(params, count)
     prompts = {p for by_kind in validation.values() for kind in by_kind.values() for p in kind}
     assert all(len(kind) == count for by_kind in validation.values() for kind in by_kind.values())
     assert not prompts & scored
-    assert all(World.objects(p) == k for k, by_kind in validation.items()
-               for p in by_kind["single"])
+    assert all(
+        World.objects(p) == k for k, by_kind in validation.items() for p in by_kind["single"]
+    )
 
 
 def test_held_out_prompts_by_object_count_state_that_many_objects():
@@ -233,6 +254,7 @@ def test_steps_sweep_pairs_every_count_against_the_first():
     for row in result["rows"]:
         for kind in ("single", "multi"):
             assert 0 <= row[kind]["adherence"] <= 1 and positive(row[kind]["sampling_s"])
-    assert all(result["rows"][0][kind]["vs_first"]["difference"] == 0
-               for kind in ("single", "multi"))
+    assert all(
+        result["rows"][0][kind]["vs_first"]["difference"] == 0 for kind in ("single", "multi")
+    )
     schedulers.print_steps_report(result)

@@ -44,8 +44,9 @@ def shell_commands(script: str) -> list[list[str]]:
 
 def run_steps(workflow: Path) -> list[tuple[str, str]]:
     jobs = yaml.safe_load(workflow.read_text())["jobs"]
-    return [(name, step["run"]) for name, job in jobs.items()
-            for step in job["steps"] if "run" in step]
+    return [
+        (name, step["run"]) for name, job in jobs.items() for step in job["steps"] if "run" in step
+    ]
 
 
 def check_deprojector(args: list[str]) -> None:
@@ -91,18 +92,31 @@ def check_command(words: list[str]) -> None:
 
 
 def test_the_splitter_sees_every_command() -> None:
-    script = "A=1 ./setup.sh && . .venv/bin/activate && dvc repro  # comment\ncml comment \\\n" \
-             "  create --pr x.md; deprojector compare main | cat"
+    script = (
+        "A=1 ./setup.sh && . .venv/bin/activate && dvc repro  # comment\ncml comment \\\n"
+        "  create --pr x.md; deprojector compare main | cat"
+    )
     assert shell_commands(script) == [
-        ["./setup.sh"], [".", ".venv/bin/activate"], ["dvc", "repro"],
-        ["cml", "comment", "create", "--pr", "x.md"], ["deprojector", "compare", "main"],
-        ["cat"]]
+        ["./setup.sh"],
+        [".", ".venv/bin/activate"],
+        ["dvc", "repro"],
+        ["cml", "comment", "create", "--pr", "x.md"],
+        ["deprojector", "compare", "main"],
+        ["cat"],
+    ]
 
 
-@pytest.mark.parametrize("words", [["deprojector", "compare", "--no-such-flag"],
-                                   ["deprojector", "retrain"], ["dvc", "exp", "run", "-S",
-                                                                 "train.no_such_key=1"],
-                                   ["dvc", "reproduce"], ["make", "all"], ["cml", "send"]])
+@pytest.mark.parametrize(
+    "words",
+    [
+        ["deprojector", "compare", "--no-such-flag"],
+        ["deprojector", "retrain"],
+        ["dvc", "exp", "run", "-S", "train.no_such_key=1"],
+        ["dvc", "reproduce"],
+        ["make", "all"],
+        ["cml", "send"],
+    ],
+)
 def test_unknown_commands_and_options_are_caught(words: list[str]) -> None:
     from dvc.cli import DvcParserError
 
@@ -119,8 +133,9 @@ def test_every_run_step_calls_only_commands_that_exist_here(workflow: Path) -> N
             try:
                 check_command(words)
             except BaseException as err:
-                raise AssertionError(f"{workflow.name} job {job}: {shlex.join(words)}: "
-                                     f"{err}") from err
+                raise AssertionError(
+                    f"{workflow.name} job {job}: {shlex.join(words)}: {err}"
+                ) from err
 
 
 def test_the_pull_request_workflow_tests_reproduces_compares_and_comments() -> None:
@@ -133,12 +148,18 @@ def test_the_pull_request_workflow_tests_reproduces_compares_and_comments() -> N
     assert "iterative/setup-cml" in uses
 
     readme = (ROOT / "README.md").read_text()
-    test_command = next(line.split("#")[0].strip() for line in readme.splitlines()
-                        if "-m pytest" in line and line.startswith("./setup.sh"))
+    test_command = next(
+        line.split("#")[0].strip()
+        for line in readme.splitlines()
+        if "-m pytest" in line and line.startswith("./setup.sh")
+    )
     runs = [s["run"].strip() for s in steps if "run" in s]
-    assert runs == [test_command, ". .venv/bin/activate && dvc repro",
-                    f".venv/bin/deprojector compare {DEFAULT_BASELINE}",
-                    "cml comment create --pr reports/compare.md"]
+    assert runs == [
+        test_command,
+        ". .venv/bin/activate && dvc repro",
+        f".venv/bin/deprojector compare {DEFAULT_BASELINE}",
+        "cml comment create --pr reports/compare.md",
+    ]
     default_out = typer.main.get_command(app).commands["compare"].params
     assert any(p.name == "out" and str(p.default) == "reports/compare.md" for p in default_out)
 
@@ -147,7 +168,11 @@ def test_the_gpu_variant_launches_a_cml_runner_and_runs_on_it() -> None:
     workflow = yaml.safe_load((ROOT / ".github/workflows/compare-gpu.yml").read_text())
     assert set(workflow.get("on", workflow.get(True))) == {"workflow_dispatch"}
     jobs = workflow["jobs"]
-    launch = [w for _, s in run_steps(ROOT / ".github/workflows/compare-gpu.yml")
-              for w in shell_commands(s) if w[:3] == ["cml", "runner", "launch"]]
+    launch = [
+        w
+        for _, s in run_steps(ROOT / ".github/workflows/compare-gpu.yml")
+        for w in shell_commands(s)
+        if w[:3] == ["cml", "runner", "launch"]
+    ]
     assert len(launch) == 1 and "--labels=cml-gpu" in launch[0]
     assert jobs["compare-gpu"]["runs-on"] == ["self-hosted", "cml-gpu"]

@@ -17,20 +17,25 @@ from pipeline.cli import app
 from pipeline.reporting.compare import CompareError, resolve, write_comparison
 
 DVC_YAML = {
-    "stages": {"render": {
-        "cmd": "echo rendered elsewhere",
-        "params": ["train"],
-        "metrics": [{"reports/metrics.json": {"cache": False}}],
-        "outs": [{"reports/grid_single.png": {"cache": False}},
-                 {"reports/grid_multi.png": {"cache": False}}],
-    }},
+    "stages": {
+        "render": {
+            "cmd": "echo rendered elsewhere",
+            "params": ["train"],
+            "metrics": [{"reports/metrics.json": {"cache": False}}],
+            "outs": [
+                {"reports/grid_single.png": {"cache": False}},
+                {"reports/grid_multi.png": {"cache": False}},
+            ],
+        }
+    },
     "plots": ["reports/grid_single.png", "reports/grid_multi.png"],
 }
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def write_revision(repo: Path, epochs: int, cosine: float, grey: int) -> None:
@@ -77,8 +82,9 @@ def repo(tmp_path_factory) -> Path:
 
 
 def image_links(report: Path) -> list[Path]:
-    return [report.parent / link for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)",
-                                                         report.read_text())]
+    return [
+        report.parent / link for link in re.findall(r"!\[[^]]*\]\(([^)]+)\)", report.read_text())
+    ]
 
 
 def test_report_shows_both_revisions_grids_and_the_changed_param_and_metric(repo: Path) -> None:
@@ -90,12 +96,16 @@ def test_report_shows_both_revisions_grids_and_the_changed_param_and_metric(repo
 
     links = image_links(report)
     assert [p.relative_to(repo).as_posix() for p in links] == [
-        "reports/compare/1-v1/grid_single.png", "reports/compare/1-v1/grid_multi.png",
-        "reports/compare/2-main/grid_single.png", "reports/compare/2-main/grid_multi.png"]
+        "reports/compare/1-v1/grid_single.png",
+        "reports/compare/1-v1/grid_multi.png",
+        "reports/compare/2-main/grid_single.png",
+        "reports/compare/2-main/grid_multi.png",
+    ]
     for path in links:  # each link is the committed image of its revision
         rev = "v1" if "/1-v1/" in path.as_posix() else "main"
-        committed = subprocess.run(["git", "show", f"{rev}:reports/{path.name}"], cwd=repo,
-                                   check=True, capture_output=True).stdout
+        committed = subprocess.run(
+            ["git", "show", f"{rev}:reports/{path.name}"], cwd=repo, check=True, capture_output=True
+        ).stdout
         assert path.read_bytes() == committed
     assert Image.open(links[0]).getpixel((0, 0)) == 10
     assert Image.open(links[2]).getpixel((0, 0)) == 90
@@ -121,7 +131,8 @@ def test_the_report_is_deterministic_and_drops_stale_images(repo: Path) -> None:
 
 def test_a_dvc_experiment_is_compared_by_name(repo: Path) -> None:
     assert resolve("five-epochs", repo).commit == git(
-        repo, "for-each-ref", "--format=%(objectname)", "refs/exps/")
+        repo, "for-each-ref", "--format=%(objectname)", "refs/exps/"
+    )
     report = write_comparison(["v1", "five-epochs"], Path("reports/compare.md"), root=repo)
     text = report.read_text()
     assert "**five-epochs**" in text and "exp: five epochs" in text

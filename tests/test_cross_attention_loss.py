@@ -29,8 +29,10 @@ class FakeUNet(nn.Module):
         blocks = []
         for wk, wv in weights:
             block = nn.Module()
-            for attn, (k, v) in (("attn1", (torch.randn(D, D), torch.randn(D, D))),
-                                 ("attn2", (wk, wv))):
+            for attn, (k, v) in (
+                ("attn1", (torch.randn(D, D), torch.randn(D, D))),
+                ("attn2", (wk, wv)),
+            ):
                 module = nn.Module()
                 module.to_k = nn.Linear(D, k.shape[0], bias=False)
                 module.to_v = nn.Linear(D, v.shape[0], bias=False)
@@ -57,14 +59,22 @@ def test_identity_projections_give_the_states_loss() -> None:
         metric = metric_of(cross_attention_weights(FakeUNet(layers)))
         torch.testing.assert_close(metric, torch.eye(D), atol=1e-6, rtol=0)
         pred, target, mask = batch()
-        torch.testing.assert_close(cross_attention_mse(pred, target, mask, metric, 25.0),
-                                   weighted_mse(pred, target, mask, 25.0), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(
+            cross_attention_mse(pred, target, mask, metric, 25.0),
+            weighted_mse(pred, target, mask, 25.0),
+            atol=1e-6,
+            rtol=1e-6,
+        )
     # Orthogonal projections preserve lengths, so they give it too.
     q = torch.linalg.qr(torch.randn(D, D))[0]
     metric = metric_of(cross_attention_weights(FakeUNet([(q, q.T)])))
     pred, target, mask = batch(1)
-    torch.testing.assert_close(cross_attention_mse(pred, target, mask, metric),
-                               weighted_mse(pred, target, mask), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cross_attention_mse(pred, target, mask, metric),
+        weighted_mse(pred, target, mask),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_it_is_the_error_of_the_projected_states() -> None:
@@ -76,11 +86,15 @@ def test_it_is_the_error_of_the_projected_states() -> None:
     w = cross_attention_weights(unet)
     assert w.shape == (2 * (40 + 64), D)
     pred, target, mask = batch()
-    projected = weighted_mse(pred @ w.T, target @ w.T, mask) * w.shape[0] / (w ** 2).sum()
-    torch.testing.assert_close(cross_attention_mse(pred, target, mask, metric_of(w)),
-                               projected, atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(cross_attention_mse(pred, target, mask, metric_of(w)),
-                              weighted_mse(pred, target, mask), rtol=1e-2)
+    projected = weighted_mse(pred @ w.T, target @ w.T, mask) * w.shape[0] / (w**2).sum()
+    torch.testing.assert_close(
+        cross_attention_mse(pred, target, mask, metric_of(w)), projected, atol=1e-5, rtol=1e-4
+    )
+    assert not torch.allclose(
+        cross_attention_mse(pred, target, mask, metric_of(w)),
+        weighted_mse(pred, target, mask),
+        rtol=1e-2,
+    )
 
 
 def test_the_states_loss_is_the_weighted_squared_error_itself() -> None:
@@ -120,18 +134,21 @@ def test_the_metric_of_a_diffusers_unet(base_dir) -> None:
     width = unet.config.cross_attention_dim
     metric = load_cross_attention_metric("builtin", width, base_dir=base_dir)
     assert metric.shape == (width, width)
-    torch.testing.assert_close(torch.trace(metric), torch.tensor(float(width)), rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(torch.trace(metric), torch.tensor(float(width)), rtol=1e-5, atol=0)
     torch.testing.assert_close(metric, metric_of(w), atol=1e-6, rtol=0)
     from pipeline.base.files import BaseModelError
+
     with pytest.raises(BaseModelError, match="reads states of width"):
         load_cross_attention_metric("builtin", width + 1, base_dir=base_dir)
 
 
 def test_train_loss_is_validated_by_key() -> None:
     assert small_params().train.loss == "states"
-    with pytest.raises(ParamsError, match=r"`train\.loss` must be one of \('states', "
-                                          r"'cross_attention', 'mix'\)"):
+    with pytest.raises(
+        ParamsError,
+        match=r"`train\.loss` must be one of \('states', "
+        r"'cross_attention', 'mix'\)",
+    ):
         parse_params({"train": {"loss": "l2"}})
     with pytest.raises(ParamsError, match=r"`train\.loss` must be str"):
         parse_params({"train": {"loss": 2}})
@@ -162,18 +179,23 @@ def test_training_with_each_loss(tmp_path, base_dir, small_shards, monkeypatch) 
     work = project_dir(tmp_path, base_dir)
     shutil.copytree(small_shards.parent, work / "data")
     monkeypatch.chdir(work)
-    models = {"default": {"type": "queries"},
-              "states": {"type": "queries", "train": {"loss": "states"}},
-              "xattn": {"type": "queries", "train": {"loss": "cross_attention"}},
-              "mix": {"type": "vicinity-batch", "train": {"loss": "mix"}}}
-    params = small_params(train={"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0},
-                          models=models)
+    models = {
+        "default": {"type": "queries"},
+        "states": {"type": "queries", "train": {"loss": "states"}},
+        "xattn": {"type": "queries", "train": {"loss": "cross_attention"}},
+        "mix": {"type": "vicinity-batch", "train": {"loss": "mix"}},
+    }
+    params = small_params(
+        train={"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0}, models=models
+    )
     history = {name: train_model(name, params) for name in models}
     for name, runs in history.items():
         assert len(runs) == 2 and all(r["test_loss"] > 0 for r in runs), name
     assert history["states"] == history["default"]
-    weights = {name: load_file(work / "models" / name / "model.safetensors")
-               for name in ("default", "states", "xattn")}
+    weights = {
+        name: load_file(work / "models" / name / "model.safetensors")
+        for name in ("default", "states", "xattn")
+    }
     for key, value in weights["default"].items():
         assert torch.equal(value, weights["states"][key]), key
     assert history["xattn"] != history["default"]

@@ -40,7 +40,8 @@ DVC = {"dvc", ".venv/bin/dvc"}
 # Commands that appear in the docs but are not this project's to parse: checked by name only.
 NOT_PARSED = {
     "./setup.sh",  # the tests' own subject (tests/test_ci_workflows.py)
-    ".", "source",  # `. .venv/bin/activate`
+    ".",
+    "source",  # `. .venv/bin/activate`
     "hf",  # huggingface_hub's downloader (network)
     "cml",  # CML on GitHub (tests/test_ci_workflows.py checks the workflows' cml lines)
 }
@@ -65,8 +66,10 @@ def code_blocks(path: Path, text: str | None = None) -> list[Block]:
         if fence is None and stripped.startswith("```"):
             fence, start, language = line[: len(line) - len(line.lstrip())], number, stripped[3:]
         elif fence is not None and stripped == "```":
-            body = [raw[len(fence):] if raw.startswith(fence) else raw
-                    for raw in lines[start:number - 1]]
+            body = [
+                raw[len(fence) :] if raw.startswith(fence) else raw
+                for raw in lines[start : number - 1]
+            ]
             blocks.append(Block(path, start + 1, language.strip().lower(), "\n".join(body)))
             fence = None
     assert fence is None, f"{path.relative_to(ROOT)}:{start}: a code block is never closed"
@@ -162,8 +165,9 @@ def simple_commands(line: str, variables: dict[str, str]) -> list[list[str]]:
             assert name in variables, f"${name} is not set in this block"
             current.extend(shlex.split(variables[name]))
         else:
-            assert "$" not in token and "`" not in token, \
+            assert "$" not in token and "`" not in token, (
                 f"shell expansion in {token!r}: not parsed here (write the command out)"
+            )
             current.append(token)
     return commands
 
@@ -172,8 +176,9 @@ def check_deprojector(args: list[str]) -> None:
     assert args, "deprojector without a command"
     group = typer.main.get_command(app)
     name, rest = args[0], args[1:]
-    assert name in group.commands, f"deprojector has no command {name!r} " \
-                                   f"(it has {', '.join(sorted(group.commands))})"
+    assert name in group.commands, (
+        f"deprojector has no command {name!r} (it has {', '.join(sorted(group.commands))})"
+    )
     command = group.commands[name]
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -200,8 +205,9 @@ def check_set_param(value: str) -> None:
         parent = key[1:].rsplit(".", 1)[0]
         assert "." in key and params_has(parent), f"-S {value!r}: params.yaml has no {parent!r}"
     elif key.startswith("~"):  # remove a key, or a run of models: (NAME a placeholder)
-        assert key.startswith("~models.") or params_has(key[1:]), \
+        assert key.startswith("~models.") or params_has(key[1:]), (
             f"-S {value!r}: params.yaml has no {key[1:]!r}"
+        )
     else:
         assert params_has(key), f"-S {value!r}: params.yaml has no {key!r}"
 
@@ -238,10 +244,12 @@ def check_command(words: list[str]) -> None:
         module = args[args.index("-m") + 1]
         check_module(module)
         if module == "pipeline":  # `python -m pipeline SUB` is the deprojector CLI
-            check_deprojector(args[args.index("-m") + 2:])
+            check_deprojector(args[args.index("-m") + 2 :])
     else:
-        assert exe in NOT_PARSED, f"{exe!r}: a command test_docs.py knows nothing about " \
-                                  f"(parse it here, or add it to NOT_PARSED)"
+        assert exe in NOT_PARSED, (
+            f"{exe!r}: a command test_docs.py knows nothing about "
+            f"(parse it here, or add it to NOT_PARSED)"
+        )
 
 
 def command_problems(block: Block) -> list[str]:
@@ -260,14 +268,20 @@ def command_problems(block: Block) -> list[str]:
 
 def registered_architectures() -> set[str]:
     """`model_type = "..."` of pipeline/models/ (read, not imported: importing needs torch)."""
-    return {name for path in (ROOT / "pipeline" / "models").glob("*.py")
-            for name in re.findall(r"^\s+model_type = \"([\w-]+)\"", path.read_text(), re.M)}
+    return {
+        name
+        for path in (ROOT / "pipeline" / "models").glob("*.py")
+        for name in re.findall(r"^\s+model_type = \"([\w-]+)\"", path.read_text(), re.M)
+    }
 
 
 def readme_python_example() -> str:
     readme = (ROOT / "README.md").read_text()
-    return next(block.split("```")[0] for block in readme.split("```python\n")[1:]
-                if "PromptEncoder.from_pretrained" in block)
+    return next(
+        block.split("```")[0]
+        for block in readme.split("```python\n")[1:]
+        if "PromptEncoder.from_pretrained" in block
+    )
 
 
 def block_problems(block: Block) -> list[str]:
@@ -280,14 +294,20 @@ def block_problems(block: Block) -> list[str]:
             return [f"{block.where()}: not valid YAML: {err}"]
         runs = (data or {}).get("models", {}) if isinstance(data, dict) else {}
         known = registered_architectures()
-        return [f"{block.where()}: models.{name}: unknown type {spec.get('type')!r}"
-                for name, spec in runs.items()
-                if isinstance(spec, dict) and spec.get("type") not in known]
+        return [
+            f"{block.where()}: models.{name}: unknown type {spec.get('type')!r}"
+            for name, spec in runs.items()
+            if isinstance(spec, dict) and spec.get("type") not in known
+        ]
     if block.language == "python":
-        if "PromptEncoder.from_pretrained" in block.text and \
-                block.text.strip() != readme_python_example().strip():
-            return [f"{block.where()}: differs from the README's Python example, the one "
-                    "tests/test_prompt_encoder.py runs"]
+        if (
+            "PromptEncoder.from_pretrained" in block.text
+            and block.text.strip() != readme_python_example().strip()
+        ):
+            return [
+                f"{block.where()}: differs from the README's Python example, the one "
+                "tests/test_prompt_encoder.py runs"
+            ]
         try:
             ast.parse(block.text)
         except SyntaxError as err:
@@ -328,8 +348,9 @@ def test_docs_the_commands_checked_are_the_ones_shown() -> None:
 
 def test_docs_spec_is_in_the_repository() -> None:
     for path in DOCS:
-        assert "shared/SPEC.md" not in path.read_text(), \
+        assert "shared/SPEC.md" not in path.read_text(), (
             f"{path.relative_to(ROOT)} points outside the repository; use docs/spec.md"
+        )
 
 
 def test_docs_every_record_is_listed() -> None:
@@ -363,22 +384,26 @@ def test_docs_checker_catches_a_planted_bad_line(line: str, message: str) -> Non
 
 
 def test_docs_checker_accepts_what_the_docs_write() -> None:
-    good = ('M="--model models/vicinity-batch"\n'
-            'deprojector generate "red circle" $M -o a.png   # a comment\n'
-            "deprojector encode 'cat, maid' -m models/t --no-combine -o x.safetensors\n"
-            "deprojector bench --help\n"
-            "dvc exp run -S '+models.vb2={type: vicinity-batch, vicinity: 2}' -S '~models.vb2'\n"
-            "dvc exp show ; dvc params diff\n"
-            "python -m pipeline.experiments.world_recipes --world \\\n  --out x.json\n"
-            "accelerate launch --num_processes 4 -m pipeline train transformer\n")
+    good = (
+        'M="--model models/vicinity-batch"\n'
+        'deprojector generate "red circle" $M -o a.png   # a comment\n'
+        "deprojector encode 'cat, maid' -m models/t --no-combine -o x.safetensors\n"
+        "deprojector bench --help\n"
+        "dvc exp run -S '+models.vb2={type: vicinity-batch, vicinity: 2}' -S '~models.vb2'\n"
+        "dvc exp show ; dvc params diff\n"
+        "python -m pipeline.experiments.world_recipes --world \\\n  --out x.json\n"
+        "accelerate launch --num_processes 4 -m pipeline train transformer\n"
+    )
     assert command_problems(Block(ROOT / "docs" / "good.md", 1, "bash", good)) == []
 
 
 def test_docs_link_checker_catches_a_missing_file_and_anchor(tmp_path: Path) -> None:
     page = ROOT / "docs" / "planted.md"  # never written: its text is passed in
-    text = ("See [usage](usage.md), [gone](gone.md), [grid](../reports/grid_single.png),\n"
-            "[a heading](world.md#no-such-heading), [ok](world.md#how-world-v2-was-found),\n"
-            "`[not a link](nowhere.md)` and [web](https://example.com/x.md).\n")
+    text = (
+        "See [usage](usage.md), [gone](gone.md), [grid](../reports/grid_single.png),\n"
+        "[a heading](world.md#no-such-heading), [ok](world.md#how-world-v2-was-found),\n"
+        "`[not a link](nowhere.md)` and [web](https://example.com/x.md).\n"
+    )
     problems = link_problems(page, text)
     assert len(problems) == 2, problems
     assert "gone.md" in problems[0] and "#no-such-heading" in problems[1]
@@ -389,6 +414,7 @@ def test_docs_python_and_yaml_blocks_are_checked() -> None:
     assert block_problems(bad_python)
     bad_yaml = Block(ROOT / "docs" / "p.md", 3, "yaml", "models:\n  x: {type: vicinity-bach}\n")
     assert "vicinity-bach" in block_problems(bad_yaml)[0]
-    copied = Block(ROOT / "docs" / "p.md", 3, "python",
-                   readme_python_example().replace("seed(0)", "seed(1)"))
+    copied = Block(
+        ROOT / "docs" / "p.md", 3, "python", readme_python_example().replace("seed(0)", "seed(1)")
+    )
     assert "differs from the README" in block_problems(copied)[0]

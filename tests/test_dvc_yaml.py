@@ -34,8 +34,13 @@ def test_a_run_added_in_params_gets_its_train_stage(tmp_path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([*DVC, "init", "-q"], cwd=tmp_path, check=True)
-    stages = subprocess.run([*DVC, "stage", "list", "--name-only"], cwd=tmp_path, check=True,
-                            capture_output=True, text=True).stdout.split()
+    stages = subprocess.run(
+        [*DVC, "stage", "list", "--name-only"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
     trains = [s for s in stages if s.startswith("train@")]
     assert trains == [f"train@{name}" for name in raw["models"]]
     assert "evaluate" in stages and "render" in stages

@@ -17,15 +17,21 @@ from tests.conftest import run_small_pipeline, small_params
 
 
 def rows_of(shards):
-    return [r for p in sorted((shards / "train").glob("shard-*.arrow"))
-            for r in open_shard(p).to_pylist()]
+    return [
+        r
+        for p in sorted((shards / "train").glob("shard-*.arrow"))
+        for r in open_shard(p).to_pylist()
+    ]
 
 
 def test_layout_and_meta(small_shards):
     meta = json.loads((small_shards / "meta.json").read_text())
     assert meta["splits"]["train"]["rows"] == 48 and meta["splits"]["test"]["rows"] == 12
     assert [p.name for p in sorted((small_shards / "train").glob("*"))] == [
-        "shard-00000.arrow", "shard-00001.arrow", "shard-00002.arrow"]  # 20 rows each
+        "shard-00000.arrow",
+        "shard-00001.arrow",
+        "shard-00002.arrow",
+    ]  # 20 rows each
     constants = load_constants(small_shards / "constants.safetensors")
     d = meta["hidden_size"]
     assert constants["sos"].shape == (d,) and constants["deprojection"].shape == (d, d)
@@ -91,12 +97,16 @@ def test_reader_streams_batches_and_datasets_opens_shards(small_shards):
 
 
 def digest(folder):
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_params_give_identical_shards_and_resume_rewrites_only_what_is_missing(
-        tmp_path, base_dir, small_shards):
+    tmp_path, base_dir, small_shards
+):
     shards = run_small_pipeline(tmp_path / "again", base_dir)
     assert digest(shards) == digest(small_shards)
     assert digest(shards.parent / "captions") == digest(small_shards.parent / "captions")
@@ -117,10 +127,13 @@ def test_same_params_give_identical_shards_and_resume_rewrites_only_what_is_miss
 def test_changed_params_rebuild_stale_shards(tmp_path, base_dir):
     work = tmp_path / "p"
     run_small_pipeline(work, base_dir)
-    shards = run_small_pipeline(work, base_dir, small_params(augment={"seed": 5},
-                                                             extract={"rows_per_shard": 30}))
+    shards = run_small_pipeline(
+        work, base_dir, small_params(augment={"seed": 5}, extract={"rows_per_shard": 30})
+    )
     assert sorted(p.name for p in (shards / "train").glob("*.arrow")) == [
-        "shard-00000.arrow", "shard-00001.arrow"]
+        "shard-00000.arrow",
+        "shard-00001.arrow",
+    ]
     assert len(ShardReader(shards / "train")) == 48
 
 
@@ -128,10 +141,13 @@ def test_two_workers_write_exactly_the_single_worker_shards(tmp_path, base_dir, 
     work = tmp_path / "workers"
     for index in (0, 1):
         shards = run_small_pipeline(
-            work, base_dir, small_params(extract={"num_workers": 2, "worker_index": index}))
+            work, base_dir, small_params(extract={"num_workers": 2, "worker_index": index})
+        )
         if index == 0:
             assert sorted(p.name for p in (shards / "train").glob("*.arrow")) == [
-                "shard-00000.arrow", "shard-00002.arrow"]
+                "shard-00000.arrow",
+                "shard-00002.arrow",
+            ]
     assert digest(shards) == digest(small_shards)
 
 
@@ -143,8 +159,10 @@ def test_a_rebuilt_base_model_of_the_same_name_invalidates_the_shards(tmp_path, 
     work = tmp_path / "p"
     first = digest(run_small_pipeline(work, base_dir))
     (work / "models" / "world").unlink()  # same name `builtin`, other weights
-    assert digest(run_small_pipeline(work, other_base))["train/shard-00000.arrow"] != \
-        first["train/shard-00000.arrow"]
+    assert (
+        digest(run_small_pipeline(work, other_base))["train/shard-00000.arrow"]
+        != first["train/shard-00000.arrow"]
+    )
 
 
 def stream_schema_length(path) -> int:
@@ -156,18 +174,22 @@ def stream_schema_length(path) -> int:
     return len(sink.getvalue()) - 8  # less the end-of-stream marker
 
 
-def test_a_shard_cut_after_its_schema_is_refused_and_rebuilt(tmp_path, base_dir, small_shards,
-                                                             capsys):
+def test_a_shard_cut_after_its_schema_is_refused_and_rebuilt(
+    tmp_path, base_dir, small_shards, capsys
+):
     import shutil
 
     work = tmp_path / "cut"
     shutil.copytree(small_shards.parent, work / "data")
     shards = work / "data" / "shards"
     cut = shards / "test" / "shard-00000.arrow"
-    cut.write_bytes(cut.read_bytes()[:stream_schema_length(cut)])
+    cut.write_bytes(cut.read_bytes()[: stream_schema_length(cut)])
     # A valid stream of 0 rows: the row count its metadata promises tells it from a complete one.
-    with pytest.raises(ShardError, match=r"test/shard-00000\.arrow: incomplete shard: 0 rows, "
-                                         r"its metadata promises 12"):
+    with pytest.raises(
+        ShardError,
+        match=r"test/shard-00000\.arrow: incomplete shard: 0 rows, "
+        r"its metadata promises 12",
+    ):
         ShardReader(shards / "test")
     capsys.readouterr()
     run_small_pipeline(work, base_dir)
@@ -182,22 +204,38 @@ def test_the_reader_refuses_a_split_short_of_what_meta_json_promises(tmp_path, s
     shards = tmp_path / "shards"
     shutil.copytree(small_shards, shards)
     (shards / "train" / "shard-00001.arrow").unlink()
-    with pytest.raises(ShardError, match=r"train: 28 rows in 2 shards, but .*meta\.json promises "
-                                         r"48 rows in 3 shards; missing shard-00001\.arrow"):
+    with pytest.raises(
+        ShardError,
+        match=r"train: 28 rows in 2 shards, but .*meta\.json promises "
+        r"48 rows in 3 shards; missing shard-00001\.arrow",
+    ):
         ShardReader(shards / "train")
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("meta.json", '{"base_clip": "builtin", "hidden',
-     r"meta\.json:1: not valid JSON .*incomplete or corrupt"),
-    ("meta.json", '{"base_clip": "builtin"}', r"meta\.json: missing keys hidden_size, "
-                                              r"projection_size, splits"),
-    ("meta.json", "[]", r"meta\.json: expected a JSON object, found a list"),
-    ("constants.safetensors", b"\x10\x00", r"constants\.safetensors: incomplete or corrupt "
-                                           r"safetensors file \(.*header too small"),
-])
-def test_corrupt_meta_and_constants_name_the_file(tmp_path, small_shards, name, content,
-                                                  message):
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        (
+            "meta.json",
+            '{"base_clip": "builtin", "hidden',
+            r"meta\.json:1: not valid JSON .*incomplete or corrupt",
+        ),
+        (
+            "meta.json",
+            '{"base_clip": "builtin"}',
+            r"meta\.json: missing keys hidden_size, "
+            r"projection_size, splits",
+        ),
+        ("meta.json", "[]", r"meta\.json: expected a JSON object, found a list"),
+        (
+            "constants.safetensors",
+            b"\x10\x00",
+            r"constants\.safetensors: incomplete or corrupt "
+            r"safetensors file \(.*header too small",
+        ),
+    ],
+)
+def test_corrupt_meta_and_constants_name_the_file(tmp_path, small_shards, name, content, message):
     import shutil
 
     from pipeline.data.shards import read_meta
@@ -213,9 +251,12 @@ def test_corrupt_meta_and_constants_name_the_file(tmp_path, small_shards, name, 
 def test_truncated_constants_name_the_file(tmp_path, small_shards):
     path = tmp_path / "constants.safetensors"
     data = (small_shards / "constants.safetensors").read_bytes()
-    path.write_bytes(data[:len(data) // 2])
-    with pytest.raises(ShardError, match=r"constants\.safetensors: incomplete or corrupt "
-                                         r"safetensors file.*rerun `deprojector extract`"):
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(
+        ShardError,
+        match=r"constants\.safetensors: incomplete or corrupt "
+        r"safetensors file.*rerun `deprojector extract`",
+    ):
         load_constants(path)
 
 
@@ -229,13 +270,13 @@ def test_a_killed_runs_temporary_shard_file_is_removed_on_resume(tmp_path, base_
     other = shards / "train" / ".shard-00001.arrow.tmp-12345"
     other.write_bytes(b"another half")
     before = sorted(p.name for p in (shards / "train").iterdir())
-    run_small_pipeline(work, base_dir, small_params(extract={"num_workers": 2,
-                                                             "worker_index": 0}))
+    run_small_pipeline(work, base_dir, small_params(extract={"num_workers": 2, "worker_index": 0}))
     assert other.exists() and leftover.exists()  # shard 1 belongs to worker 1 of 2
     run_small_pipeline(work, base_dir)
     assert not leftover.exists() and not other.exists()
-    assert sorted(p.name for p in (shards / "train").iterdir()) == \
-        [name for name in before if ".tmp-" not in name]
+    assert sorted(p.name for p in (shards / "train").iterdir()) == [
+        name for name in before if ".tmp-" not in name
+    ]
 
 
 def test_image_rows_take_plain_slots_in_training_and_are_added_to_test():
@@ -244,8 +285,9 @@ def test_image_rows_take_plain_slots_in_training_and_are_added_to_test():
     plain, _ = plan_rows(captions, 0.3, 0.2, 0, count)
     pairs = [(f"pair {k}", f"a picture {k}") for k in range(5)]
     mixed, _ = plan_rows(captions, 0.3, 0.2, 0, count, pairs)
-    assert len(mixed) == 20 and [r.target_text for r in mixed if r.kind == "image"] == \
-        [caption for _, caption in pairs]
+    assert len(mixed) == 20 and [r.target_text for r in mixed if r.kind == "image"] == [
+        caption for _, caption in pairs
+    ]
     for before, after in zip(plain, mixed, strict=True):  # only plain rows became images
         assert after == before or (before.kind == "plain" and after.kind == "image")
     added, _ = plan_rows(captions, 0.3, 0.2, 0, count, pairs, add_pairs=True)
@@ -261,9 +303,12 @@ def test_image_rows_hold_the_bridged_scene_and_its_captions_states(tmp_path, bas
     from pipeline.stages.gap import run_gap_stage
 
     params = small_params(augment={"image": 0.25}, gap={"pairs": 32, "bridge": "linear"})
-    shards = run_small_pipeline(tmp_path, base_dir, params,
-                                before_extract=lambda: run_gap_stage(params, tmp_path / "data"
-                                                                     / "gap"))
+    shards = run_small_pipeline(
+        tmp_path,
+        base_dir,
+        params,
+        before_extract=lambda: run_gap_stage(params, tmp_path / "data" / "gap"),
+    )
     meta = json.loads((shards / "meta.json").read_text())
     train, test = meta["splits"]["train"], meta["splits"]["test"]
     assert train["rows"] == 48 and train["kinds"]["image"] == 12
@@ -281,8 +326,8 @@ def test_image_rows_hold_the_bridged_scene_and_its_captions_states(tmp_path, bas
         assert row["target_text"] == pairs.captions[k]
         expected = gap.correct(tower.embed([pairs.image(k)]), "linear") @ deprojection.T
         # The shard embeds its images in one batch: float32 batching noise only.
-        torch.testing.assert_close(torch.tensor([row["embeds"]]), expected, rtol=1e-3,
-                                   atol=1e-3)
+        torch.testing.assert_close(torch.tensor([row["embeds"]]), expected, rtol=1e-3, atol=1e-3)
         stored = torch.tensor(np.array(row["hidden"], dtype=np.float32))
-        torch.testing.assert_close(stored, encode_texts(clip, [row["target_text"]]).hidden[0],
-                                   rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(
+            stored, encode_texts(clip, [row["target_text"]]).hidden[0], rtol=2e-3, atol=2e-3
+        )

@@ -41,8 +41,12 @@ def test_psnr_matches_the_formula() -> None:
 def test_separable_filter_equals_a_2d_window() -> None:
     x = np.random.default_rng(1).normal(size=(20, 17))
     kernel = np.outer(_gaussian_window(), _gaussian_window())
-    expected = np.array([[np.sum(x[i:i + WINDOW, j:j + WINDOW] * kernel)
-                          for j in range(17 - WINDOW + 1)] for i in range(20 - WINDOW + 1)])
+    expected = np.array(
+        [
+            [np.sum(x[i : i + WINDOW, j : j + WINDOW] * kernel) for j in range(17 - WINDOW + 1)]
+            for i in range(20 - WINDOW + 1)
+        ]
+    )
     np.testing.assert_allclose(_filter(x, _gaussian_window()), expected, rtol=1e-12)
 
 
@@ -54,12 +58,13 @@ def test_ssim_matches_a_direct_computation() -> None:
     values = []
     for i in range(2):
         for j in range(2):
-            wx, wy = x[i:i + WINDOW, j:j + WINDOW], y[i:i + WINDOW, j:j + WINDOW]
+            wx, wy = x[i : i + WINDOW, j : j + WINDOW], y[i : i + WINDOW, j : j + WINDOW]
             mx, my = np.sum(kernel * wx), np.sum(kernel * wy)
             vx, vy = np.sum(kernel * (wx - mx) ** 2), np.sum(kernel * (wy - my) ** 2)
             cov = np.sum(kernel * (wx - mx) * (wy - my))
-            values.append((2 * mx * my + c1) * (2 * cov + c2)
-                          / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+            values.append(
+                (2 * mx * my + c1) * (2 * cov + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+            )
     assert ssim(a, b) == pytest.approx(np.mean(values), rel=1e-9)
 
 

@@ -12,12 +12,26 @@ from pipeline.core.jsonio import round_floats, write_json
 
 
 def test_round_floats_keeps_six_significant_digits_at_every_scale() -> None:
-    data = {"cos": 0.95078295705186, "mse": 0.000123456789, "psnr": 26.90327996247178,
-            "big": 123456789.0, "n": 100, "flag": True, "name": "x",
-            "rows": [{"a": 1.0000004}, (2.5e-12,)]}
-    assert round_floats(data) == {"cos": 0.950783, "mse": 0.000123457, "psnr": 26.9033,
-                                  "big": 123457000.0, "n": 100, "flag": True, "name": "x",
-                                  "rows": [{"a": 1.0}, [2.5e-12]]}
+    data = {
+        "cos": 0.95078295705186,
+        "mse": 0.000123456789,
+        "psnr": 26.90327996247178,
+        "big": 123456789.0,
+        "n": 100,
+        "flag": True,
+        "name": "x",
+        "rows": [{"a": 1.0000004}, (2.5e-12,)],
+    }
+    assert round_floats(data) == {
+        "cos": 0.950783,
+        "mse": 0.000123457,
+        "psnr": 26.9033,
+        "big": 123457000.0,
+        "n": 100,
+        "flag": True,
+        "name": "x",
+        "rows": [{"a": 1.0}, [2.5e-12]],
+    }
     assert math.isnan(round_floats(float("nan")))
     assert round_floats(float("inf")) == float("inf")
 
@@ -30,7 +44,8 @@ def test_differences_below_the_sixth_digit_give_identical_files(tmp_path: Path) 
 
 
 def test_write_json_keeps_key_order_ends_with_newline_and_leaves_no_temp_file(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "deep" / "metrics.json"
     write_json(path, {"teacher_forced": 1.5, "autoregressive": 0.25})
     text = path.read_text()

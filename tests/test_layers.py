@@ -17,19 +17,19 @@ PACKAGE = ROOT / "pipeline"
 # The package's rooms, lowest first (docs/design.md): a module imports only from its own room
 # and the rooms before it. Rooms on one row are side by side and may not import each other.
 ROOMS = [
-    ("core",),                     # errors, conventions, names, atomic I/O, params sections
-    ("models", "world"),           # one file per architecture; the embedded world
-    ("config",),                   # params.yaml's dataclasses; `models:` against the registry
-    ("base",),                     # loading and checking base CLIP / SD / vision tower
-    ("prompting",),                # grammar, image reading, bridges, PromptEncoder
-    ("data",),                     # caption sources, pairs, extraction, shards
-    ("sampling",),                 # each run's encoder; SD sampling
-    ("metrics",),                  # losses, intervals, retrieval, scores, adherence, significance
-    ("reporting", "training"),     # grids, report, compare; the training loop
-    ("stages",),                   # one module per DVC stage
-    ("experiments",),              # ablations and sweeps (may run whole stages)
-    ("benchmarks",),               # timing
-    ("cli",),                      # `deprojector`
+    ("core",),  # errors, conventions, names, atomic I/O, params sections
+    ("models", "world"),  # one file per architecture; the embedded world
+    ("config",),  # params.yaml's dataclasses; `models:` against the registry
+    ("base",),  # loading and checking base CLIP / SD / vision tower
+    ("prompting",),  # grammar, image reading, bridges, PromptEncoder
+    ("data",),  # caption sources, pairs, extraction, shards
+    ("sampling",),  # each run's encoder; SD sampling
+    ("metrics",),  # losses, intervals, retrieval, scores, adherence, significance
+    ("reporting", "training"),  # grids, report, compare; the training loop
+    ("stages",),  # one module per DVC stage
+    ("experiments",),  # ablations and sweeps (may run whole stages)
+    ("benchmarks",),  # timing
+    ("cli",),  # `deprojector`
 ]
 RANK = {room: rank for rank, rooms in enumerate(ROOMS) for room in rooms}
 # Who may import a stage: the CLI, and experiments that run the pipeline end to end.
@@ -60,8 +60,12 @@ def imports(module: str, body: list[ast.stmt] | None = None) -> set[str]:
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             # `from pipeline.world import scenes` imports the module pipeline.world.scenes
-            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in MODULES
-                     else node.module for alias in node.names]
+            names = [
+                f"{node.module}.{alias.name}"
+                if f"{node.module}.{alias.name}" in MODULES
+                else node.module
+                for alias in node.names
+            ]
         else:
             continue
         found |= {name for name in names if name in MODULES and name != module}
@@ -87,8 +91,9 @@ def closure(roots: set[str]) -> set[str]:
 def test_the_graph_is_read() -> None:
     # A parser that found nothing would pass every test below.
     assert "pipeline.models.base" in GRAPH["pipeline.models.transformer"]
-    assert {"pipeline.prompting.encoder", "pipeline.reporting.drawing"} \
-        <= GRAPH["pipeline.stages.render"]
+    assert {"pipeline.prompting.encoder", "pipeline.reporting.drawing"} <= GRAPH[
+        "pipeline.stages.render"
+    ]
     assert "pipeline.world.scenes" in GRAPH["pipeline.world.embedded"]
 
 
@@ -111,8 +116,9 @@ def test_rooms_only_look_down(part: str) -> None:
         for target in GRAPH[module]:
             if target == "pipeline" or room(target) == part:
                 continue
-            assert room(target) is not None and RANK[room(target)] < RANK[part], \
+            assert room(target) is not None and RANK[room(target)] < RANK[part], (
                 f"{module} imports {target}: {part} may import only the rooms before it"
+            )
 
 
 def test_stages_are_imported_only_by_the_cli_and_experiments() -> None:
@@ -136,12 +142,16 @@ def test_only_the_cli_imports_the_cli() -> None:
 
 # --- DVC stages ------------------------------------------------------------------------------
 
+
 def command_roots(command: str) -> set[str]:
     """The project modules `deprojector COMMAND` imports in its function body."""
     function = next(c.callback for c in cli.app.registered_commands if c.name == command)
     source = ast.parse(Path(cli.__file__).read_text())
-    definition = next(node for node in ast.walk(source)
-                      if isinstance(node, ast.FunctionDef) and node.name == function.__name__)
+    definition = next(
+        node
+        for node in ast.walk(source)
+        if isinstance(node, ast.FunctionDef) and node.name == function.__name__
+    )
     helpers = {"pipeline.core.errors"}  # `_run` of every command
     if "_params(" in ast.unparse(definition):  # reads the whole params file
         helpers.add("pipeline.config.params")

@@ -41,9 +41,7 @@ def test_weighted_mse_by_hand() -> None:
     expected = (25 * 2 + 1 * 4) / 124 / 2
     torch.testing.assert_close(weighted_mse(pred, target, mask), torch.tensor(expected))
     # Float16 targets (the storage dtype) are compared in the prediction's dtype.
-    torch.testing.assert_close(
-        weighted_mse(pred, target.half(), mask), torch.tensor(expected)
-    )
+    torch.testing.assert_close(weighted_mse(pred, target.half(), mask), torch.tensor(expected))
 
 
 def test_mse_ignores_position_0() -> None:
@@ -59,8 +57,9 @@ def test_cosine_per_position() -> None:
     assert cosine_per_position(target, target).shape == (2, N)
     torch.testing.assert_close(cosine_per_position(target, target), torch.ones(2, N))
     torch.testing.assert_close(cosine_per_position(-target, target), -torch.ones(2, N))
-    torch.testing.assert_close(cosine_per_position(3 * target, target.half()), torch.ones(2, N),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        cosine_per_position(3 * target, target.half()), torch.ones(2, N), atol=1e-3, rtol=0
+    )
 
 
 def test_masked_cosine_averages_the_predicted_in_mask_positions() -> None:

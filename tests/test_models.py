@@ -30,12 +30,23 @@ def tiny(name: str) -> dict:
 # Every registered architecture at its tiny settings, plus variants of their options.
 CASES = [(name, tiny(name)) for name in ARCHITECTURES] + [
     ("vicinity-individual", {"norm": "layer", "mlp_layers": 2, "vicinity": 5}),
-    ("transformer", {**tiny("transformer"), "freeze": "qkvo", "position": "residual",
-                     "position_init_std": 0.02}),
-    ("vicinity-transformer", {**tiny("vicinity-transformer"), "vicinity_block": "gate",
-                              "vicinity": 3}),
-    ("vicinity-transformer", {**tiny("vicinity-transformer"), "vicinity_block": "mlp",
-                              "num_layers": 1, "vicinity": 1}),
+    (
+        "transformer",
+        {
+            **tiny("transformer"),
+            "freeze": "qkvo",
+            "position": "residual",
+            "position_init_std": 0.02,
+        },
+    ),
+    (
+        "vicinity-transformer",
+        {**tiny("vicinity-transformer"), "vicinity_block": "gate", "vicinity": 3},
+    ),
+    (
+        "vicinity-transformer",
+        {**tiny("vicinity-transformer"), "vicinity_block": "mlp", "num_layers": 1, "vicinity": 1},
+    ),
     ("lstm", {"cell": "layernorm", "num_layers": 2}),
     ("lstm", {"num_layers": 1}),
 ]
@@ -161,29 +172,53 @@ def test_loading_reports_the_missing_file(tmp_path) -> None:
 
 def truncate(path, keep: float = 0.5) -> None:
     data = path.read_bytes()
-    path.write_bytes(data[:int(len(data) * keep)])
+    path.write_bytes(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: truncate(f / "model.safetensors"),
-     r"model\.safetensors: incomplete or corrupt safetensors file \(.*\); save or train"),
-    (lambda f: (f / "model.safetensors").write_bytes(b""),
-     r"model\.safetensors: incomplete or corrupt safetensors file \(.*header too small"),
-    (lambda f: truncate(f / "config.json"),
-     r"config\.json:\d+: not valid JSON \(.*, column \d+\); the file is incomplete or corrupt"),
-    (lambda f: (f / "config.json").write_text('{"model_type": "vicinity-batch"}'),
-     r"config\.json: missing keys hidden_size, projection_size \(a vicinity-batch config"),
-    (lambda f: (f / "config.json").write_text('["vicinity-batch"]'),
-     r"config\.json: expected a JSON object, found a list"),
-    (lambda f: (f / "config.json").write_text('{"model_type": "mlp", "hidden_size": 3}'),
-     r"config\.json: unknown model_type 'mlp'"),
-    (lambda f: (f / "config.json").write_text(
-        (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": "32"')),
-     r"config\.json: VicinityConfig\.hidden_size must be int, got '32'"),
-    (lambda f: (f / "config.json").write_text(
-        (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": 16')),
-     r"model\.safetensors: its tensors do not fit .*config\.json \(.*size mismatch"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda f: truncate(f / "model.safetensors"),
+            r"model\.safetensors: incomplete or corrupt safetensors file \(.*\); save or train",
+        ),
+        (
+            lambda f: (f / "model.safetensors").write_bytes(b""),
+            r"model\.safetensors: incomplete or corrupt safetensors file \(.*header too small",
+        ),
+        (
+            lambda f: truncate(f / "config.json"),
+            r"config\.json:\d+: not valid JSON \(.*, column \d+\); "
+            r"the file is incomplete or corrupt",
+        ),
+        (
+            lambda f: (f / "config.json").write_text('{"model_type": "vicinity-batch"}'),
+            r"config\.json: missing keys hidden_size, projection_size \(a vicinity-batch config",
+        ),
+        (
+            lambda f: (f / "config.json").write_text('["vicinity-batch"]'),
+            r"config\.json: expected a JSON object, found a list",
+        ),
+        (
+            lambda f: (f / "config.json").write_text('{"model_type": "mlp", "hidden_size": 3}'),
+            r"config\.json: unknown model_type 'mlp'",
+        ),
+        (
+            lambda f: (f / "config.json").write_text(
+                (f / "config.json")
+                .read_text()
+                .replace(f'"hidden_size": {D}', '"hidden_size": "32"')
+            ),
+            r"config\.json: VicinityConfig\.hidden_size must be int, got '32'",
+        ),
+        (
+            lambda f: (f / "config.json").write_text(
+                (f / "config.json").read_text().replace(f'"hidden_size": {D}', '"hidden_size": 16')
+            ),
+            r"model\.safetensors: its tensors do not fit .*config\.json \(.*size mismatch",
+        ),
+    ],
+)
 def test_a_damaged_deprojector_folder_names_the_file(tmp_path, damage, message) -> None:
     from pipeline.core.errors import DeprojectorError
     from pipeline.models import ModelFileError
@@ -207,8 +242,9 @@ def test_check_base(tmp_path) -> None:
     model.check_base(D, P)
     model.save_pretrained(tmp_path)
     loaded = load_deprojector(tmp_path)
-    with pytest.raises(ValueError, match=f"deprojector in {tmp_path} was trained for D={D}, "
-                       "base model has D=768"):
+    with pytest.raises(
+        ValueError, match=f"deprojector in {tmp_path} was trained for D={D}, base model has D=768"
+    ):
         loaded.check_base(768, P)
     with pytest.raises(ValueError, match=f"trained for P={P}, base model has P=768"):
         loaded.check_base(D, 768)
@@ -297,15 +333,17 @@ def test_init_from_base_copies_the_last_layer() -> None:
 
 def test_init_from_base_checks_the_shape() -> None:
     with pytest.raises(ValueError, match="num_attention_heads=4"):
-        build_deprojector("transformer", D, P, make_constants()[0], base=tiny_clip(),
-                          num_heads=2)
+        build_deprojector("transformer", D, P, make_constants()[0], base=tiny_clip(), num_heads=2)
 
 
-@pytest.mark.parametrize("freeze, frozen_names", [
-    ("qkv", ("q_proj", "k_proj", "v_proj")),
-    ("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj")),
-    ("none", ()),
-])
+@pytest.mark.parametrize(
+    "freeze, frozen_names",
+    [
+        ("qkv", ("q_proj", "k_proj", "v_proj")),
+        ("qkvo", ("q_proj", "k_proj", "v_proj", "out_proj")),
+        ("none", ()),
+    ],
+)
 def test_transformer_freeze(freeze: str, frozen_names: tuple[str, ...]) -> None:
     model = make_model("transformer", **tiny("transformer"), freeze=freeze).train()
     frozen = {id(p) for name in frozen_names for p in getattr(model, name).parameters()}
@@ -317,8 +355,9 @@ def test_transformer_freeze(freeze: str, frozen_names: tuple[str, ...]) -> None:
     assert model.fc1.weight.grad is not None
 
 
-def transformer_reference(model: TransformerDeprojector, e: torch.Tensor,
-                          hidden: torch.Tensor) -> torch.Tensor:
+def transformer_reference(
+    model: TransformerDeprojector, e: torch.Tensor, hidden: torch.Tensor
+) -> torch.Tensor:
     """The original's block written out slot by slot with an explicit causal softmax:
     h = x + out_proj(attn(LN1(x + pos))), h = h + MLP(LN2(h)), s = LN_final(h)."""
     x = torch.cat([e[:, None], hidden[:, 1 : N - 1]], dim=1) - model.null  # [B, 76, D]
@@ -342,8 +381,9 @@ def test_transformer_matches_the_original_block() -> None:
     model = make_model("transformer", **tiny("transformer"))
     e, hidden = embeds(), torch.randn(3, N, D)
     with torch.no_grad():
-        torch.testing.assert_close(model(e, hidden)[:, 1:],
-                                   transformer_reference(model, e, hidden), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model(e, hidden)[:, 1:], transformer_reference(model, e, hidden), atol=1e-5, rtol=0
+        )
     # The position embedding starts as N(0, 1), as the original's.
     assert 0.8 < model.position_embedding.std().item() < 1.2
 
@@ -351,8 +391,9 @@ def test_transformer_matches_the_original_block() -> None:
 # --- vicinity ------------------------------------------------------------------------------------
 
 
-def vicinity_reference(model: VicinityDeprojector, e: torch.Tensor, hidden: torch.Tensor,
-                       i: int) -> torch.Tensor:
+def vicinity_reference(
+    model: VicinityDeprojector, e: torch.Tensor, hidden: torch.Tensor, i: int
+) -> torch.Tensor:
     """Prediction at position i written straight from docs/architectures.md, position by
     position."""
     v, null = model.config.vicinity, model.null
@@ -369,16 +410,18 @@ def vicinity_reference(model: VicinityDeprojector, e: torch.Tensor, hidden: torc
     return model.norm(x)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ("vicinity-batch",
-                                                                 "vicinity-individual")], ids=str)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c[0] in ("vicinity-batch", "vicinity-individual")], ids=str
+)
 def test_vicinity_matches_per_position_reference(case: tuple[str, dict]) -> None:
     model = make_model(case[0], **case[1])
     e, hidden = embeds(), torch.randn(3, N, D)
     with torch.no_grad():
         out = model(e, hidden)
         for i in (1, 2, model.config.vicinity + 1, 40, N - 1):
-            torch.testing.assert_close(out[:, i], vicinity_reference(model, e, hidden, i),
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(
+                out[:, i], vicinity_reference(model, e, hidden, i), atol=1e-5, rtol=0
+            )
 
 
 @pytest.mark.parametrize("name", ["vicinity-batch", "vicinity-individual"])
@@ -413,8 +456,15 @@ def test_vicinity_transformer_starts_as_clips_last_layers(block: str) -> None:
     from pipeline.models.vicinity_transformer import VicinityTransformerDeprojector
 
     clip = tiny_clip().text_model
-    model = build_deprojector("vicinity-transformer", D, P, make_constants()[0], base=clip,
-                              num_layers=2, vicinity_block=block)
+    model = build_deprojector(
+        "vicinity-transformer",
+        D,
+        P,
+        make_constants()[0],
+        base=clip,
+        num_layers=2,
+        vicinity_block=block,
+    )
     assert isinstance(model, VicinityTransformerDeprojector)
     for ours, theirs in zip(model.layers, clip.encoder.layers, strict=True):
         assert torch.equal(ours.q_proj.weight, theirs.self_attn.q_proj.weight)
@@ -433,7 +483,7 @@ def test_vicinity_transformer_sees_embedding_and_window_only_through_its_inputs(
     later[:, i:] += torch.randn(3, N - i, D)  # s_i and after: causal, must not matter
     with torch.no_grad():
         out = model(e, hidden)
-        torch.testing.assert_close(model(e, later)[:, : i], out[:, : i], atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(e, later)[:, :i], out[:, :i], atol=1e-6, rtol=0)
         assert not torch.allclose(model(e, later)[:, i + 1], out[:, i + 1])
 
 
@@ -490,8 +540,9 @@ def test_ensemble_feeds_every_member_the_average_of_their_states(tmp_path) -> No
     for member in members:
         assert not torch.allclose(member.generate(x), generated, atol=1e-3)
     hidden = torch.randn(3, N, D)
-    assert torch.allclose(ensemble(x, hidden),
-                          torch.stack([m(x, hidden) for m in members]).mean(dim=0), atol=1e-6)
+    assert torch.allclose(
+        ensemble(x, hidden), torch.stack([m(x, hidden) for m in members]).mean(dim=0), atol=1e-6
+    )
 
 
 def test_ensemble_folders_load_their_members(tmp_path) -> None:

@@ -11,47 +11,83 @@ from pipeline.config.params import ParamsError, load_params, parse_params
 from pipeline.config.runs import check_runs
 
 
-@pytest.mark.parametrize("raw, key", [
-    ({"captions": {"train_size": -5}}, "captions.train_size"),
-    ({"train": {"epochs": 0}}, "train.epochs"),
-    ({"augment": {"split": 1.5}}, "augment.split"),
-    ({"augment": {"split": 0.6, "combine": 0.6}},
-     "augment.split + augment.combine + augment.image"),
-    ({"augment": {"split": 0.4, "combine": 0.3, "image": 0.4}},
-     "augment.split + augment.combine + augment.image"),
-    ({"augment": {"image": -0.1}}, "augment.image"),
-    ({"gap": {"bridge": "nearest"}}, "gap.bridge"),
-    ({"gap": {"temperature": 0}}, "gap.temperature"),
-    ({"extract": {"dtype": "bfloat8"}}, "extract.dtype"),
-    ({"train": {"precision": "fp8"}}, "train.precision"),
-    ({"extract": {"num_workers": 2, "worker_index": 2}}, "extract.worker_index"),
-    ({"models": {"transfomer": {}}}, "models.transfomer.type"),
-    ({"models": {"foo": {"type": "mlp"}}}, "models.foo.type"),
-    ({"models": {"foo": {"type": "vicinity-batch", "vicinityy": 2}}}, "models.foo.vicinityy"),
-    ({"models": {"foo": 3}}, "models.foo"),
-    ({"models": {"base": {"type": "vicinity-batch"}}}, "models.base"),
-    ({"models": {"a/b": {"type": "vicinity-batch"}}}, "models.a/b"),
-    ({"captions": {"train_size": "many"}}, "captions.train_size"),
-    ({"captions": {"trian_size": 3}}, "captions.trian_size"),
-    ({"captoins": {"train_size": 3}}, "captoins"),
-    ({"base": {"clip": "builtin", "sd": "some/sd"}}, "base"),
-    ({"base": {"clip": "some/clip"}}, "base"),
-    # An ensemble names 2 or more distinct trained runs, and nothing else.
-    ({"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a"]}}},
-     "models.e.members"),
-    ({"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a", "b"]}}},
-     "models.e.members"),
-    ({"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a", "a"]}}},
-     "models.e.members"),
-    ({"models": {"a": {"type": "lstm"}, "b": {"type": "lstm"},
-                 "e": {"type": "ensemble", "members": ["a", "b"]},
-                 "f": {"type": "ensemble", "members": ["a", "e"]}}}, "models.f.members"),
-    ({"models": {"a": {"type": "lstm"}, "b": {"type": "lstm"},
-                 "e": {"type": "ensemble", "members": ["a", "b"], "train": {"seed": 1}}}},
-     "models.e"),
-    ({"models": {"a": {"type": "lstm"}, "b": {"type": "lstm"},
-                 "e": {"type": "ensemble", "members": "a, b"}}}, "models.e.members"),
-])
+@pytest.mark.parametrize(
+    "raw, key",
+    [
+        ({"captions": {"train_size": -5}}, "captions.train_size"),
+        ({"train": {"epochs": 0}}, "train.epochs"),
+        ({"augment": {"split": 1.5}}, "augment.split"),
+        (
+            {"augment": {"split": 0.6, "combine": 0.6}},
+            "augment.split + augment.combine + augment.image",
+        ),
+        (
+            {"augment": {"split": 0.4, "combine": 0.3, "image": 0.4}},
+            "augment.split + augment.combine + augment.image",
+        ),
+        ({"augment": {"image": -0.1}}, "augment.image"),
+        ({"gap": {"bridge": "nearest"}}, "gap.bridge"),
+        ({"gap": {"temperature": 0}}, "gap.temperature"),
+        ({"extract": {"dtype": "bfloat8"}}, "extract.dtype"),
+        ({"train": {"precision": "fp8"}}, "train.precision"),
+        ({"extract": {"num_workers": 2, "worker_index": 2}}, "extract.worker_index"),
+        ({"models": {"transfomer": {}}}, "models.transfomer.type"),
+        ({"models": {"foo": {"type": "mlp"}}}, "models.foo.type"),
+        ({"models": {"foo": {"type": "vicinity-batch", "vicinityy": 2}}}, "models.foo.vicinityy"),
+        ({"models": {"foo": 3}}, "models.foo"),
+        ({"models": {"base": {"type": "vicinity-batch"}}}, "models.base"),
+        ({"models": {"a/b": {"type": "vicinity-batch"}}}, "models.a/b"),
+        ({"captions": {"train_size": "many"}}, "captions.train_size"),
+        ({"captions": {"trian_size": 3}}, "captions.trian_size"),
+        ({"captoins": {"train_size": 3}}, "captoins"),
+        ({"base": {"clip": "builtin", "sd": "some/sd"}}, "base"),
+        ({"base": {"clip": "some/clip"}}, "base"),
+        # An ensemble names 2 or more distinct trained runs, and nothing else.
+        (
+            {"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a"]}}},
+            "models.e.members",
+        ),
+        (
+            {"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a", "b"]}}},
+            "models.e.members",
+        ),
+        (
+            {"models": {"a": {"type": "lstm"}, "e": {"type": "ensemble", "members": ["a", "a"]}}},
+            "models.e.members",
+        ),
+        (
+            {
+                "models": {
+                    "a": {"type": "lstm"},
+                    "b": {"type": "lstm"},
+                    "e": {"type": "ensemble", "members": ["a", "b"]},
+                    "f": {"type": "ensemble", "members": ["a", "e"]},
+                }
+            },
+            "models.f.members",
+        ),
+        (
+            {
+                "models": {
+                    "a": {"type": "lstm"},
+                    "b": {"type": "lstm"},
+                    "e": {"type": "ensemble", "members": ["a", "b"], "train": {"seed": 1}},
+                }
+            },
+            "models.e",
+        ),
+        (
+            {
+                "models": {
+                    "a": {"type": "lstm"},
+                    "b": {"type": "lstm"},
+                    "e": {"type": "ensemble", "members": "a, b"},
+                }
+            },
+            "models.e.members",
+        ),
+    ],
+)
 def test_invalid_values_name_their_key(raw, key):
     """Each stage parses its params file and, where it builds, loads or lists runs (and in
     `base`, the first stage of every `dvc repro`), checks `models:` against the registry."""
@@ -62,8 +98,17 @@ def test_invalid_values_name_their_key(raw, key):
 def test_reserved_run_names_are_every_name_another_output_or_row_takes():
     from pipeline.core.names import IMAGE_ROWS, RESERVED_RUN_NAMES
 
-    for name in ("null-baseline", "retrieval", "comparison", "adherence", "image_prompts",
-                 "reference", "world", "base", *IMAGE_ROWS):
+    for name in (
+        "null-baseline",
+        "retrieval",
+        "comparison",
+        "adherence",
+        "image_prompts",
+        "reference",
+        "world",
+        "base",
+        *IMAGE_ROWS,
+    ):
         assert name in RESERVED_RUN_NAMES
         with pytest.raises(ParamsError, match=re.escape(f"`models.{name}`")):
             parse_params({"models": {name: {"type": "vicinity-batch"}}})
@@ -92,8 +137,10 @@ def test_shards_of_another_base_model_are_refused(small_shards):
     from pipeline.training.loop import build_model
     from tests.conftest import small_params
 
-    p = small_params(base={"clip": "openai/clip-vit-large-patch14", "sd": "some/sd"},
-                     models={"transformer": {"type": "transformer"}})
+    p = small_params(
+        base={"clip": "openai/clip-vit-large-patch14", "sd": "some/sd"},
+        models={"transformer": {"type": "transformer"}},
+    )
     with pytest.raises(ShardError, match="extracted with base.clip='builtin'"):
         build_model("transformer", p, small_shards)
 
@@ -113,8 +160,19 @@ def test_params_survive_a_dvc_style_rewrite(tmp_path):
     assert dataclasses.asdict(load_params(rewritten)) == dataclasses.asdict(original)
 
 
-FLOAT_SPELLINGS = ["1e-06", "1e-4", "5.0e-4", "1E5", ".5", "1.0e-3", "-1e3", "+.5", "2e+2",
-                   "1_000.5", "3."]
+FLOAT_SPELLINGS = [
+    "1e-06",
+    "1e-4",
+    "5.0e-4",
+    "1E5",
+    ".5",
+    "1.0e-3",
+    "-1e3",
+    "+.5",
+    "2e+2",
+    "1_000.5",
+    "3.",
+]
 
 
 @pytest.mark.parametrize("text", FLOAT_SPELLINGS)
@@ -125,9 +183,11 @@ def test_every_float_param_takes_what_dvc_and_people_write(tmp_path, text):
     value = parse_yaml(f"v: {text}\n", "dvc")["v"]
     assert isinstance(value, float)  # what DVC itself makes of it
     path = tmp_path / "params.yaml"
-    path.write_text(f"train:\n  lr: {text}\n  mask_weight: {text.lstrip('-')}\n"
-                    f"world:\n  unet_lr: {text.lstrip('-')}\n"
-                    f"models:\n  vt:\n    type: transformer\n    train:\n      lr: {text}\n")
+    path.write_text(
+        f"train:\n  lr: {text}\n  mask_weight: {text.lstrip('-')}\n"
+        f"world:\n  unet_lr: {text.lstrip('-')}\n"
+        f"models:\n  vt:\n    type: transformer\n    train:\n      lr: {text}\n"
+    )
     if value <= 0:  # lr must be positive: the check names the key, with the number read
         with pytest.raises(ParamsError, match=rf"`train\.lr` must be positive, got {value}"):
             load_params(path)
@@ -161,27 +221,38 @@ def test_dvc_exp_run_set_param_round_trips(tmp_path):
 def test_a_float_param_that_is_no_number_still_names_the_key(tmp_path, text):
     path = tmp_path / "params.yaml"
     path.write_text(f"models:\n  vt:\n    type: transformer\n    train:\n      lr: {text}\n")
-    with pytest.raises(ParamsError, match=r"params\.yaml: params: `models\.vt\.train\.lr` must "
-                                          r"be float, got '"):
+    with pytest.raises(
+        ParamsError,
+        match=r"params\.yaml: params: `models\.vt\.train\.lr` must "
+        r"be float, got '",
+    ):
         load_params(path)
 
 
-@pytest.mark.parametrize("name", ["vb.v2", "a@b", "a:b", "a/b", "a b", "a$b", "-a", "a,b",
-                                  "a+b", "é"])
+@pytest.mark.parametrize(
+    "name", ["vb.v2", "a@b", "a:b", "a/b", "a b", "a$b", "-a", "a,b", "a+b", "é"]
+)
 def test_run_names_are_what_dvc_can_address(name):
-    with pytest.raises(ParamsError, match=re.escape(f"`models.{name}` must be a run name of "
-                                                    "letters, digits, '_' and '-'")
-                       + r".*'\.' would split the key"):
+    with pytest.raises(
+        ParamsError,
+        match=re.escape(f"`models.{name}` must be a run name of letters, digits, '_' and '-'")
+        + r".*'\.' would split the key",
+    ):
         parse_params({"models": {name: {"type": "vicinity-batch"}}})
 
 
 def test_run_names_differing_only_in_case_are_refused():
     models = {"VB": {"type": "vicinity-batch"}, "vb": {"type": "vicinity-batch"}}
-    with pytest.raises(ParamsError, match=r"`models\.vb` must be a run name that differs from "
-                                          r"'VB' in more than letter case"):
+    with pytest.raises(
+        ParamsError,
+        match=r"`models\.vb` must be a run name that differs from "
+        r"'VB' in more than letter case",
+    ):
         parse_params({"models": models})
-    assert list(parse_params({"models": {"vb_2": models["vb"], "vb-3": models["vb"]}}).models) \
-        == ["vb_2", "vb-3"]
+    assert list(parse_params({"models": {"vb_2": models["vb"], "vb-3": models["vb"]}}).models) == [
+        "vb_2",
+        "vb-3",
+    ]
 
 
 def test_every_run_name_in_params_yaml_is_a_valid_dvc_stage_name():
@@ -199,15 +270,25 @@ def test_every_run_name_in_params_yaml_is_a_valid_dvc_stage_name():
     assert is_valid_name("ok_1-x") and RUN_NAME.fullmatch("ok_1-x")
 
 
-@pytest.mark.parametrize("content, message", [
-    ("models:\n  vb: {type: vicinity-batch}\n  vb: {type: transformer}\n",
-     r"params\.yaml:3:3: not valid YAML \(duplicate key 'vb' \(first on line 2\)\)"),
-    ("train:\n  lr: 1e-3\n  epochs: 2\n  lr: 1e-4\n",
-     r"params\.yaml:4:3: not valid YAML \(duplicate key 'lr' \(first on line 2\)\)"),
-    ("train:\n  lr: [1, 2\n", r"params\.yaml:3:1: not valid YAML \(while parsing a flow"),
-    (b"train:\n  lr: 1e-3 # \xe9\n", r"params\.yaml:2: not valid UTF-8 \(byte offset 20: "
-                                     r"b'\\xe9'\)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (
+            "models:\n  vb: {type: vicinity-batch}\n  vb: {type: transformer}\n",
+            r"params\.yaml:3:3: not valid YAML \(duplicate key 'vb' \(first on line 2\)\)",
+        ),
+        (
+            "train:\n  lr: 1e-3\n  epochs: 2\n  lr: 1e-4\n",
+            r"params\.yaml:4:3: not valid YAML \(duplicate key 'lr' \(first on line 2\)\)",
+        ),
+        ("train:\n  lr: [1, 2\n", r"params\.yaml:3:1: not valid YAML \(while parsing a flow"),
+        (
+            b"train:\n  lr: 1e-3 # \xe9\n",
+            r"params\.yaml:2: not valid UTF-8 \(byte offset 20: "
+            r"b'\\xe9'\)",
+        ),
+    ],
+)
 def test_a_bad_params_file_names_line_and_column(tmp_path, content, message):
     path = tmp_path / "params.yaml"
     path.write_bytes(content if isinstance(content, bytes) else content.encode())

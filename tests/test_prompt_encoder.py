@@ -38,21 +38,28 @@ from tests.conftest import project_dir, small_params
 
 def test_weights_default_to_one_and_may_be_negative() -> None:
     assert parse_weighted("red circle:1.2, blue square:-0.6, white background") == [
-        WeightedPart("red circle", 1.2, True), WeightedPart("blue square", -0.6, True),
-        WeightedPart("white background", 1.0, False)]
-    assert parse_weighted(" a : .5 ,, b:2e-1 ") == [WeightedPart("a", 0.5, True),
-                                                    WeightedPart("b", 0.2, True)]
+        WeightedPart("red circle", 1.2, True),
+        WeightedPart("blue square", -0.6, True),
+        WeightedPart("white background", 1.0, False),
+    ]
+    assert parse_weighted(" a : .5 ,, b:2e-1 ") == [
+        WeightedPart("a", 0.5, True),
+        WeightedPart("b", 0.2, True),
+    ]
 
 
-@pytest.mark.parametrize("prompt, message", [
-    ("red:abc", r"prompt part 1 'red:abc': .* character 5 'a' is not part of a number"),
-    ("red:", r"prompt part 1 'red:': ':' at character 4 is followed by no weight"),
-    ("cat, red: 1.2x", r"prompt part 2 'red: 1.2x': .* character 14 'x'"),
-    ("a, b:1..2", r"prompt part 2 'b:1..2': .* '1..2' is not a number"),
-    ("a:1:2", r"prompt part 1 'a:1:2': .* character 4 ':'"),
-    (":2", r"prompt part 1 ':2': a weight without text"),
-    (" , ", r"has no text"),
-])
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("red:abc", r"prompt part 1 'red:abc': .* character 5 'a' is not part of a number"),
+        ("red:", r"prompt part 1 'red:': ':' at character 4 is followed by no weight"),
+        ("cat, red: 1.2x", r"prompt part 2 'red: 1.2x': .* character 14 'x'"),
+        ("a, b:1..2", r"prompt part 2 'b:1..2': .* '1..2' is not a number"),
+        ("a:1:2", r"prompt part 1 'a:1:2': .* character 4 ':'"),
+        (":2", r"prompt part 1 ':2': a weight without text"),
+        (" , ", r"has no text"),
+    ],
+)
 def test_malformed_weights_name_the_part_and_the_character(prompt: str, message: str) -> None:
     with pytest.raises(PromptError, match=message):
         parse_weighted(prompt)
@@ -69,10 +76,12 @@ def test_parsing_never_crashes(prompt: str) -> None:
         assert "," not in part.text and ":" not in part.text and math.isfinite(part.weight)
 
 
-words = st.text(st.characters(blacklist_characters=",:", blacklist_categories=("Cs",)),
-                min_size=1, max_size=10).filter(lambda t: t.strip() == t and t)
-weights = st.floats(allow_nan=False, allow_infinity=False, min_value=-MAX_WEIGHT,
-                    max_value=MAX_WEIGHT)
+words = st.text(
+    st.characters(blacklist_characters=",:", blacklist_categories=("Cs",)), min_size=1, max_size=10
+).filter(lambda t: t.strip() == t and t)
+weights = st.floats(
+    allow_nan=False, allow_infinity=False, min_value=-MAX_WEIGHT, max_value=MAX_WEIGHT
+)
 
 
 @given(st.lists(st.tuples(words, st.one_of(st.none(), weights)), min_size=1, max_size=5))
@@ -84,13 +93,16 @@ def test_weights_round_trip(parts: list[tuple[str, float | None]]) -> None:
 
 # --- the formulas -------------------------------------------------------------------------
 
+
 def test_weighted_combination_scales_offsets_from_null() -> None:
     torch.manual_seed(0)
     null, a, b = torch.randn(3, 8)
     combined = combine_embeddings(torch.stack([a, b]), null, torch.tensor([1.5, -0.5]))
     torch.testing.assert_close(combined, 1.5 * (a - null) - 0.5 * (b - null) + null)
-    torch.testing.assert_close(combine_embeddings(torch.stack([a, b]), null, torch.ones(2)),
-                               combine_embeddings(torch.stack([a, b]), null))
+    torch.testing.assert_close(
+        combine_embeddings(torch.stack([a, b]), null, torch.ones(2)),
+        combine_embeddings(torch.stack([a, b]), null),
+    )
 
 
 def test_interpolation_ends_and_slerp_keeps_the_norm_around_null() -> None:
@@ -107,8 +119,9 @@ def test_interpolation_ends_and_slerp_keeps_the_norm_around_null() -> None:
         torch.testing.assert_close((middle - null).norm(), u.norm())
     assert (interpolate_embeddings(a, b, null, 0.5) - null).norm() < u.norm()  # the chord
     # Parallel offsets fall back to the straight line instead of dividing by sin 0.
-    torch.testing.assert_close(interpolate_embeddings(a, null + 2 * u, null, 0.5, True),
-                               null + 1.5 * u)
+    torch.testing.assert_close(
+        interpolate_embeddings(a, null + 2 * u, null, 0.5, True), null + 1.5 * u
+    )
 
 
 def test_modality_gap_moves_image_embeddings_onto_their_texts() -> None:
@@ -116,8 +129,9 @@ def test_modality_gap_moves_image_embeddings_onto_their_texts() -> None:
     text = torch.randn(64, 8) + 3.0
     image = text + torch.tensor([9.0] + [0.0] * 7)  # the same things, across a gap
     gap = ModalityGap.measure(text, image)
-    torch.testing.assert_close(gap.mean_image - gap.mean_text,
-                               torch.tensor([9.0] + [0.0] * 7), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        gap.mean_image - gap.mean_text, torch.tensor([9.0] + [0.0] * 7), atol=1e-5, rtol=0
+    )
     corrected = gap.correct(image)
     torch.testing.assert_close(corrected.norm(dim=-1), torch.full((64,), gap.text_norm))
     before = torch.nn.functional.cosine_similarity(text, image).mean()
@@ -139,13 +153,16 @@ def test_each_bridge_brings_image_embeddings_to_their_texts(tmp_path) -> None:
     assert cosine(mixed, None) > 0.99 > cosine(mixed, "mean-shift")  # default: linear
     torch.testing.assert_close(gap.correct(mixed, "none"), mixed)
     for kind in ("mean-shift", "linear", "text-projection"):  # each on the mean text norm
-        torch.testing.assert_close(gap.correct(mixed, kind).norm(dim=-1),
-                                   torch.full((300,), gap.text_norm))
+        torch.testing.assert_close(
+            gap.correct(mixed, kind).norm(dim=-1), torch.full((300,), gap.text_norm)
+        )
     # Projection onto a bank holding the texts: the mean shift finds each image's own text
     # (the nearest by far at this temperature), so the answer is that text.
     pure = ModalityGap.measure(text, shifted, bank=text, temperature=0.01)
-    assert torch.nn.functional.cosine_similarity(
-        text, pure.correct(shifted, "text-projection")).min() > 0.99
+    assert (
+        torch.nn.functional.cosine_similarity(text, pure.correct(shifted, "text-projection")).min()
+        > 0.99
+    )
     with pytest.raises(ImagePromptError, match="unknown bridge 'nearest'"):
         gap.correct(mixed, "nearest")
     # Saved and loaded: every tensor and the default bridge (the bank in half precision).
@@ -153,8 +170,12 @@ def test_each_bridge_brings_image_embeddings_to_their_texts(tmp_path) -> None:
     loaded = ModalityGap.load(tmp_path)
     assert loaded.bridge == "linear" and loaded.temperature == pytest.approx(0.01)
     torch.testing.assert_close(loaded.correct(mixed), gap.correct(mixed))
-    torch.testing.assert_close(loaded.correct(mixed, "text-projection"),
-                               gap.correct(mixed, "text-projection"), atol=2e-2, rtol=0)
+    torch.testing.assert_close(
+        loaded.correct(mixed, "text-projection"),
+        gap.correct(mixed, "text-projection"),
+        atol=2e-2,
+        rtol=0,
+    )
 
 
 # --- image prompts and the gap stage --------------------------------------------------------
@@ -168,8 +189,9 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     work = project_dir(tmp_path_factory.mktemp("prompts"), base_dir)
     constants = load_file(str(small_shards / "constants.safetensors"))
     torch.manual_seed(0)
-    build_deprojector("vicinity-batch", clip.hidden_size, clip.projection_size, constants,
-                      vicinity=2).eval().save_pretrained(work / "models" / "vb")
+    build_deprojector(
+        "vicinity-batch", clip.hidden_size, clip.projection_size, constants, vicinity=2
+    ).eval().save_pretrained(work / "models" / "vb")
     World.scene_for("red circle blue square white background", 0).save(work / "scene.png")
     (work / "params.yaml").write_text("render:\n  steps: 2\n")
     previous = os.getcwd()
@@ -186,8 +208,9 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder(project, base_dir) -> PromptEncoder:
-    return PromptEncoder.from_pretrained(project / "models" / "vb", clip="builtin",
-                                         gap=project / "data" / "gap", base_dir=base_dir)
+    return PromptEncoder.from_pretrained(
+        project / "models" / "vb", clip="builtin", gap=project / "data" / "gap", base_dir=base_dir
+    )
 
 
 def test_gap_stage_writes_statistics_and_is_deterministic(project, tmp_path) -> None:
@@ -202,13 +225,16 @@ def test_gap_stage_writes_statistics_and_is_deterministic(project, tmp_path) -> 
         run_gap_stage(GAP_PARAMS, tmp_path / "again")
     finally:
         os.chdir(Path(__file__).parent.parent)
-    assert (tmp_path / "again" / GAP_FILE).read_bytes() == \
-        (project / "data" / "gap" / GAP_FILE).read_bytes()
+    assert (tmp_path / "again" / GAP_FILE).read_bytes() == (
+        project / "data" / "gap" / GAP_FILE
+    ).read_bytes()
 
 
 def test_gap_without_pairs_for_a_real_clip_says_so(tmp_path) -> None:
-    params = small_params(base={"clip": "some/real-clip", "sd": "some/real-sd"},
-                          gap={"pairs": 10, "source": str(tmp_path / "empty")})
+    params = small_params(
+        base={"clip": "some/real-clip", "sd": "some/real-sd"},
+        gap={"pairs": 10, "source": str(tmp_path / "empty")},
+    )
     (tmp_path / "empty").mkdir()
     summary = run_gap_stage(params, tmp_path / "gap")
     assert summary["computed"] is False and "--bridge none" in summary["why"]
@@ -259,8 +285,9 @@ def header_only_png(width: int, height: int) -> bytes:
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + \
-            struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
@@ -295,13 +322,19 @@ def test_a_header_claiming_a_giant_image_is_refused_naming_the_size(tmp_path) ->
 
     (tmp_path / "bomb.png").write_bytes(header_only_png(20_000, 10_000))
     assert len((tmp_path / "bomb.png").read_bytes()) == 45
-    with pytest.raises(ImagePromptError, match=r"image prompt '.*bomb\.png': its header claims "
-                       rf"200,000,000 pixels, more than the limit of {MAX_IMAGE_PIXELS:,}"):
+    with pytest.raises(
+        ImagePromptError,
+        match=r"image prompt '.*bomb\.png': its header claims "
+        rf"200,000,000 pixels, more than the limit of {MAX_IMAGE_PIXELS:,}",
+    ):
         load_image(tmp_path / "bomb.png")
     # Between Pillow's limit and twice it Pillow only warns: refused too, with the size.
     (tmp_path / "big.png").write_bytes(header_only_png(10_000, 9_000))
-    with pytest.raises(ImagePromptError, match=r"big\.png': its header claims 10000 × 9000 = "
-                                               r"90,000,000 pixels, more than the limit"):
+    with pytest.raises(
+        ImagePromptError,
+        match=r"big\.png': its header claims 10000 × 9000 = "
+        r"90,000,000 pixels, more than the limit",
+    ):
         load_image(tmp_path / "big.png")
     (tmp_path / "bomb.txt").write_text("bomb")
     (tmp_path / "big.txt").write_text("big")
@@ -322,13 +355,16 @@ def test_bad_gap_folder_files_name_the_file(tmp_path) -> None:
         load_image(tmp_path / "folder.png")
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"", r"modality_gap\.safetensors: incomplete or corrupt safetensors file"),
-    (None, r"modality_gap\.safetensors: incomplete or corrupt .*run `deprojector gap` again"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", r"modality_gap\.safetensors: incomplete or corrupt safetensors file"),
+        (None, r"modality_gap\.safetensors: incomplete or corrupt .*run `deprojector gap` again"),
+    ],
+)
 def test_a_damaged_gap_file_names_the_file(project, tmp_path, content, message) -> None:
     data = (project / "data" / "gap" / GAP_FILE).read_bytes()
-    (tmp_path / GAP_FILE).write_bytes(data[:len(data) - 7] if content is None else content)
+    (tmp_path / GAP_FILE).write_bytes(data[: len(data) - 7] if content is None else content)
     with pytest.raises(ImagePromptError, match=message):
         ModalityGap.load(tmp_path)
 
@@ -366,8 +402,9 @@ def test_image_part_enters_pooled_space_through_the_gap_and_pinv(encoder, projec
 
 def test_without_statistics_image_prompts_say_what_to_do(project, base_dir) -> None:
     with pytest.raises(ImagePromptError, match="no modality-gap statistics.*--bridge none"):
-        PromptEncoder.from_pretrained(project / "models" / "vb", clip="builtin",
-                                      gap=project / "nowhere", base_dir=base_dir)
+        PromptEncoder.from_pretrained(
+            project / "models" / "vb", clip="builtin", gap=project / "nowhere", base_dir=base_dir
+        )
     folder = project / "models" / "vb-without-gap"  # as trained before the gap stage ran
     folder.mkdir(exist_ok=True)
     for name in ("config.json", "model.safetensors"):
@@ -395,40 +432,101 @@ def _cli(project: Path, *args: str):
 
 def test_cli_encode_equals_the_python_api(project, encoder) -> None:
     prompt = "red circle:1.2, blue square:-0.4"
-    result = _cli(project, "encode", prompt, "-m", "models/vb", "--image", "scene.png:0.7",
-                  "--negative", "black background", "-o", "cond.safetensors")
+    result = _cli(
+        project,
+        "encode",
+        prompt,
+        "-m",
+        "models/vb",
+        "--image",
+        "scene.png:0.7",
+        "--negative",
+        "black background",
+        "-o",
+        "cond.safetensors",
+    )
     assert result.exit_code == 0, result.output
     saved = load_file(str(project / "cond.safetensors"))
     expected = encoder.encode_prompt(prompt, [ImagePart(project / "scene.png", 0.7)])
     torch.testing.assert_close(saved["prompt_embeds"], expected, rtol=0, atol=0)
-    torch.testing.assert_close(saved["negative_prompt_embeds"],
-                               encoder.encode_negative("black background"), rtol=0, atol=0)
+    torch.testing.assert_close(
+        saved["negative_prompt_embeds"], encoder.encode_negative("black background"), rtol=0, atol=0
+    )
 
 
 def test_cli_interpolation_strip_equals_the_api(project, encoder) -> None:
-    result = _cli(project, "encode", "red circle", "-m", "models/vb", "--mix", "blue square",
-                  "--t", "0", "--t", "0.5", "--t", "1", "--slerp", "-o", "strip.safetensors")
+    result = _cli(
+        project,
+        "encode",
+        "red circle",
+        "-m",
+        "models/vb",
+        "--mix",
+        "blue square",
+        "--t",
+        "0",
+        "--t",
+        "0.5",
+        "--t",
+        "1",
+        "--slerp",
+        "-o",
+        "strip.safetensors",
+    )
     assert result.exit_code == 0, result.output
     embeds = load_file(str(project / "strip.safetensors"))["prompt_embeds"]
     start, end = encoder.embedding("red circle"), encoder.embedding("blue square")
     torch.testing.assert_close(embeds, encoder.interpolate(start, end, [0, 0.5, 1], True))
     torch.testing.assert_close(embeds[0:1], encoder.encode_prompt("red circle"))
-    result = _cli(project, "generate", "red circle", "-m", "models/vb", "--mix", "blue square",
-                  "--t", "0", "--t", "1", "--steps", "2", "-o", "strip.png")
+    result = _cli(
+        project,
+        "generate",
+        "red circle",
+        "-m",
+        "models/vb",
+        "--mix",
+        "blue square",
+        "--t",
+        "0",
+        "--t",
+        "1",
+        "--steps",
+        "2",
+        "-o",
+        "strip.png",
+    )
     assert result.exit_code == 0, result.output
     assert "2 images" in result.output and Image.open(project / "strip.png").width > 64
 
 
 def test_cli_negative_rows_match_the_prompt_rows(project, encoder) -> None:
     """diffusers refuses negative_prompt_embeds of another shape than prompt_embeds."""
-    result = _cli(project, "encode", "red circle", "-m", "models/vb", "--mix", "blue square",
-                  "--t", "0", "--t", "0.5", "--t", "1", "--negative", "black background",
-                  "-o", "strip.safetensors")
+    result = _cli(
+        project,
+        "encode",
+        "red circle",
+        "-m",
+        "models/vb",
+        "--mix",
+        "blue square",
+        "--t",
+        "0",
+        "--t",
+        "0.5",
+        "--t",
+        "1",
+        "--negative",
+        "black background",
+        "-o",
+        "strip.safetensors",
+    )
     assert result.exit_code == 0, result.output
     saved = load_file(str(project / "strip.safetensors"))
     assert saved["negative_prompt_embeds"].shape == saved["prompt_embeds"].shape
-    torch.testing.assert_close(saved["negative_prompt_embeds"],
-                               encoder.encode_negative("black background").expand(3, -1, -1))
+    torch.testing.assert_close(
+        saved["negative_prompt_embeds"],
+        encoder.encode_negative("black background").expand(3, -1, -1),
+    )
 
 
 def test_huge_weights_are_refused_before_they_reach_the_deprojector(encoder) -> None:
@@ -466,24 +564,30 @@ def test_non_finite_states_are_an_error_not_a_black_picture(encoder) -> None:
 
 
 def test_negative_prompt_deprojected_or_ordinary(encoder) -> None:
-    torch.testing.assert_close(encoder.encode_negative("black background", deproject=False),
-                               encode_texts(encoder.clip, ["black background"]).hidden)
-    torch.testing.assert_close(encoder.encode_negative(""),
-                               encoder.deprojector.generate(encoder.deprojector.null[None]))
+    torch.testing.assert_close(
+        encoder.encode_negative("black background", deproject=False),
+        encode_texts(encoder.clip, ["black background"]).hidden,
+    )
+    torch.testing.assert_close(
+        encoder.encode_negative(""), encoder.deprojector.generate(encoder.deprojector.null[None])
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["red:abc"], "character 5 'a' is not part of a number"),
-    (["x", "--image", "missing.png"], "image prompt 'missing.png': no such file"),
-    (["x", "--image", "scene.png", "--no-deprojector"], "--image needs a deprojector"),
-    (["x", "--image", "scene.png", "--no-combine"], "--image works on combined parts"),
-    (["x", "--t", "0.3"], "--t, --mix-image and --slerp need --mix"),
-    (["x", "--mix", "y", "--t", "1.5"], "--t must lie in [0, 1], got 1.5"),
-    (["x:2", "--no-deprojector"], "the weight of 'x' needs a deprojector"),
-    (["x", "--image", "scene.png", "--gap", "nowhere"], "no modality-gap statistics"),
-    (["red circle:1e30"], "the weight 1e+30 is outside [-100, 100]"),
-    (["red circle:1e39"], "the weight 1e+39 is outside [-100, 100]"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["red:abc"], "character 5 'a' is not part of a number"),
+        (["x", "--image", "missing.png"], "image prompt 'missing.png': no such file"),
+        (["x", "--image", "scene.png", "--no-deprojector"], "--image needs a deprojector"),
+        (["x", "--image", "scene.png", "--no-combine"], "--image works on combined parts"),
+        (["x", "--t", "0.3"], "--t, --mix-image and --slerp need --mix"),
+        (["x", "--mix", "y", "--t", "1.5"], "--t must lie in [0, 1], got 1.5"),
+        (["x:2", "--no-deprojector"], "the weight of 'x' needs a deprojector"),
+        (["x", "--image", "scene.png", "--gap", "nowhere"], "no modality-gap statistics"),
+        (["red circle:1e30"], "the weight 1e+30 is outside [-100, 100]"),
+        (["red circle:1e39"], "the weight 1e+39 is outside [-100, 100]"),
+    ],
+)
 def test_cli_errors_are_one_clear_line(project, args: list[str], message: str) -> None:
     result = _cli(project, "encode", *args, "-m", "models/vb", "-o", "e.safetensors")
     assert result.exit_code == 2, result.output
@@ -502,10 +606,14 @@ def test_cli_bad_image_model_and_gap_files_are_one_clear_line(project, tmp_path)
     (project / "gap-cut" / GAP_FILE).write_bytes(b"\x08\x00\x00")
     for args, message in [
         (["--image", "bomb.png"], "image prompt 'bomb.png': its header claims 200,000,000 pixels"),
-        (["-m", "models/vb-cut"], "models/vb-cut/model.safetensors: incomplete or corrupt "
-                                  "safetensors file"),
-        (["--image", "scene.png", "--gap", "gap-cut"],
-         "gap-cut/modality_gap.safetensors: incomplete or corrupt safetensors file"),
+        (
+            ["-m", "models/vb-cut"],
+            "models/vb-cut/model.safetensors: incomplete or corrupt safetensors file",
+        ),
+        (
+            ["--image", "scene.png", "--gap", "gap-cut"],
+            "gap-cut/modality_gap.safetensors: incomplete or corrupt safetensors file",
+        ),
     ]:
         if "-m" not in args:
             args = [*args, "-m", "models/vb"]
@@ -533,27 +641,38 @@ def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch
     if not (CHECKOUT_WORLD_DIR / "sd").is_dir():
         pytest.skip("the committed world is not in this checkout")
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    example = next(block.split("```")[0] for block in readme.split("```python\n")[1:]
-                   if "PromptEncoder.from_pretrained" in block)
+    example = next(
+        block.split("```")[0]
+        for block in readme.split("```python\n")[1:]
+        if "PromptEncoder.from_pretrained" in block
+    )
     project = tmp_path / "project"  # stands in for the repository folder
     (project / "models" / "world").mkdir(parents=True)
     (project / "models" / "world" / "sd").symlink_to(CHECKOUT_WORLD_DIR / "sd")
     clip = load_clip("builtin", base_dir=CHECKOUT_WORLD_DIR)
     torch.manual_seed(0)
-    model = build_deprojector("vicinity-batch", clip.hidden_size, clip.projection_size,
-                              compute_constants(clip), vicinity=2).eval()
+    model = build_deprojector(
+        "vicinity-batch",
+        clip.hidden_size,
+        clip.projection_size,
+        compute_constants(clip),
+        vicinity=2,
+    ).eval()
     record_base(model, "builtin")
     model.save_pretrained(project / "models" / "vicinity-batch")
-    ModalityGap.measure(torch.randn(8, clip.projection_size), torch.randn(8, clip.projection_size)
-                        ).save(project / "models" / "vicinity-batch" / GAP_FILE)
+    ModalityGap.measure(
+        torch.randn(8, clip.projection_size), torch.randn(8, clip.projection_size)
+    ).save(project / "models" / "vicinity-batch" / GAP_FILE)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     setup = 'project = Path(".")'
     assert setup in example
     scope: dict = {}
-    exec(compile(example.replace(setup, f"project = Path({str(project)!r})"), "README.md",
-                 "exec"), scope)
+    exec(
+        compile(example.replace(setup, f"project = Path({str(project)!r})"), "README.md", "exec"),
+        scope,
+    )
     assert (elsewhere / "weighted.png").is_file() and len(scope["images"]) == 4
     assert scope["strip"].shape[0] == 3
     assert scope["encoder"].deprojector.config.base_clip == "builtin"
@@ -584,15 +703,21 @@ def test_hub_dataset_pairs_read_an_image_and_a_text_column(tmp_path, monkeypatch
     folder = tmp_path / "set"
     folder.mkdir()
     images = [Image.new("RGB", (16, 16), color) for color in ("red", "blue")]
-    datasets.Dataset.from_dict({"image": images, "caption": [["a red square", "red"],
-                                                             ["a blue square"]]}).cast_column(
-        "image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
+    datasets.Dataset.from_dict(
+        {"image": images, "caption": [["a red square", "red"], ["a blue square"]]}
+    ).cast_column("image", datasets.Image()).to_parquet(str(folder / "train.parquet"))
     pairs = HubPairs(str(folder), "train", "image", "caption")
     assert pairs.captions == ["a red square", "a blue square"]  # the first caption of each
     assert pairs.image(1).mode == "RGB" and pairs.image(1).getpixel((0, 0)) == (0, 0, 255)
-    with pytest.raises(ImagePromptError, match=r"no column 'text' \(columns: image, caption\); "
-                                               r"set gap.text_column"):
+    with pytest.raises(
+        ImagePromptError,
+        match=r"no column 'text' \(columns: image, caption\); "
+        r"set gap.text_column",
+    ):
         HubPairs(str(folder), "train", "image", "text")
-    with pytest.raises(ImagePromptError, match=r"row 0, column 'caption' holds list, expected "
-                                               r"an image"):
+    with pytest.raises(
+        ImagePromptError,
+        match=r"row 0, column 'caption' holds list, expected "
+        r"an image",
+    ):
         HubPairs(str(folder), "train", "caption", "caption").image(0)

@@ -19,8 +19,9 @@ from pipeline.prompting.grammar import PromptError, parse_weighted
 def deprojector(clip, small_shards):
     """An untrained vicinity model: enough to check what goes into a deprojector."""
     constants = load_file(str(small_shards / "constants.safetensors"))
-    return build_deprojector("vicinity-individual", clip.hidden_size, clip.projection_size,
-                             constants).eval()
+    return build_deprojector(
+        "vicinity-individual", clip.hidden_size, clip.projection_size, constants
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,10 @@ def test_unicode_and_emoji() -> None:
 plain_text = st.text(st.characters(blacklist_characters=",:"), max_size=12)
 
 
-@given(st.lists(plain_text.filter(str.strip), min_size=1, max_size=6),
-       st.lists(st.sampled_from(["", " ", "  ", "\t", ", ", ",,"]), min_size=7, max_size=7))
+@given(
+    st.lists(plain_text.filter(str.strip), min_size=1, max_size=6),
+    st.lists(st.sampled_from(["", " ", "  ", "\t", ", ", ",,"]), min_size=7, max_size=7),
+)
 def test_parts_are_recovered_from_joined_text(parts: list[str], padding: list[str]) -> None:
     # Any mix of extra whitespace and empty parts around the commas is ignored.
     prompt = padding[0] + ",".join(p + padding[k + 1] for k, p in enumerate(parts))
@@ -92,13 +95,16 @@ def test_combine_adds_the_parts_relative_to_null(clip, deprojector, encoder) -> 
 
 
 def test_without_combine_the_whole_prompt_is_deprojected(clip, encoder) -> None:
-    torch.testing.assert_close(encoder.embedding("cat, maid", combine=False),
-                               encode_texts(clip, ["cat, maid"]).pooled)
+    torch.testing.assert_close(
+        encoder.embedding("cat, maid", combine=False), encode_texts(clip, ["cat, maid"]).pooled
+    )
 
 
 def test_weights_need_the_combined_mode(clip, encoder) -> None:
-    for call in (lambda: encoder.encode_prompt("cat:2", combine=False),
-                 lambda: encoder.encode_prompt("cat:2", deproject=False)):
+    for call in (
+        lambda: encoder.encode_prompt("cat:2", combine=False),
+        lambda: encoder.encode_prompt("cat:2", deproject=False),
+    ):
         with pytest.raises(PromptError, match="the weight of 'cat' needs a deprojector"):
             call()
 

@@ -20,20 +20,31 @@ from pipeline.models.queries import QueriesDeprojector
 from tests.test_models import D, N, P, embeds, make_constants, make_model, tiny, tiny_clip
 
 
-@pytest.fixture(params=[{}, {"causal": True}, {"num_tokens": 1, "num_layers": 1}],
-                ids=["default", "causal", "one-token-one-layer"])
+@pytest.fixture(
+    params=[{}, {"causal": True}, {"num_tokens": 1, "num_layers": 1}],
+    ids=["default", "causal", "one-token-one-layer"],
+)
 def model(request) -> QueriesDeprojector:
     return make_model("queries", **{**tiny("queries"), **request.param})
 
 
 def test_registered_with_its_hyperparameters() -> None:
     assert ARCHITECTURES["queries"] is QueriesDeprojector
-    assert {"num_tokens", "num_layers", "causal", "init", "num_heads"} <= \
-        set(hyperparameters("queries"))
-    spec = parse_params({"models": {"q": {"type": "queries", "num_tokens": 4,
-                                          "train": {"loss": "cross_attention"}}}}).models["q"]
-    assert (spec.type, spec.hparams, spec.train) == ("queries", {"num_tokens": 4},
-                                                     {"loss": "cross_attention"})
+    assert {"num_tokens", "num_layers", "causal", "init", "num_heads"} <= set(
+        hyperparameters("queries")
+    )
+    spec = parse_params(
+        {
+            "models": {
+                "q": {"type": "queries", "num_tokens": 4, "train": {"loss": "cross_attention"}}
+            }
+        }
+    ).models["q"]
+    assert (spec.type, spec.hparams, spec.train) == (
+        "queries",
+        {"num_tokens": 4},
+        {"loss": "cross_attention"},
+    )
 
 
 def test_shapes(model) -> None:
@@ -106,8 +117,7 @@ def test_starts_from_clips_last_layers() -> None:
         assert torch.equal(ours.ln2.weight, theirs.layer_norm2.weight)
         assert not ours.cross_attn.out_proj.weight.any()
     assert torch.equal(model.ln_final.weight, text.final_layer_norm.weight)
-    assert torch.equal(model.position_embedding,
-                       text.embeddings.position_embedding.weight[1:N])
+    assert torch.equal(model.position_embedding, text.embeddings.position_embedding.weight[1:N])
     # o_k = 0: at the start every embedding gets the same states, CLIP's last layers run on
     # the position embeddings.
     out = model.eval().generate(embeds())
@@ -116,13 +126,16 @@ def test_starts_from_clips_last_layers() -> None:
     assert not torch.equal(fresh.layers[-1].fc2.weight, text.encoder.layers[-1].mlp.fc2.weight)
 
 
-@pytest.mark.parametrize("hparams, match", [
-    ({"num_tokens": 0}, "num_tokens must be >= 1"),
-    ({"num_layers": 0}, "num_layers must be >= 1"),
-    ({"init": "clip-l"}, "init 'clip-l' is unknown"),
-    ({"causal": "yes"}, "causal must be bool"),
-    ({"queries": 76}, "unknown hyperparameter 'queries'"),
-])
+@pytest.mark.parametrize(
+    "hparams, match",
+    [
+        ({"num_tokens": 0}, "num_tokens must be >= 1"),
+        ({"num_layers": 0}, "num_layers must be >= 1"),
+        ({"init": "clip-l"}, "init 'clip-l' is unknown"),
+        ({"causal": "yes"}, "causal must be bool"),
+        ({"queries": 76}, "unknown hyperparameter 'queries'"),
+    ],
+)
 def test_bad_hyperparameters_are_named(hparams, match) -> None:
     with pytest.raises(ValueError, match=match):
         build_deprojector("queries", D, P, make_constants()[0], **{**tiny("queries"), **hparams})

@@ -22,8 +22,12 @@ from pipeline.world.diffusion import build_unet, save_pipeline
 from pipeline.world.vae import build_vae
 from tests.test_base_checks import text_config, tiny_tokenizer
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-          "yellow": (235, 210, 40)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+}
 SHAPES = ("square", "circle", "stripe")
 
 
@@ -31,19 +35,38 @@ def build_bases(folder: Path) -> tuple[Path, Path]:
     """clip/ (both towers, CLIP-L widths) and sd/ (a tiny UNet, 768-wide cross-attention)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    text = text_config(tokenizer, hidden_size=768, intermediate_size=3072, num_hidden_layers=1,
-                       num_attention_heads=12, projection_dim=768).to_dict()
-    vision = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1,
-                  num_attention_heads=16, image_size=224, patch_size=14, projection_dim=768)
+    text = text_config(
+        tokenizer,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=1,
+        num_attention_heads=12,
+        projection_dim=768,
+    ).to_dict()
+    vision = dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
     model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=768))
     model.save_pretrained(folder / "clip")
     tokenizer.save_pretrained(folder / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 224},
-                       crop_size={"height": 224, "width": 224}).save_pretrained(folder / "clip")
+    CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}
+    ).save_pretrained(folder / "clip")
     from transformers import CLIPTextModel
 
-    save_pipeline(folder / "sd", build_vae(8, 1, 0), build_unet(16, 768, 0),
-                  CLIPTextModel.from_pretrained(folder / "clip"), tokenizer)
+    save_pipeline(
+        folder / "sd",
+        build_vae(8, 1, 0),
+        build_unet(16, 768, 0),
+        CLIPTextModel.from_pretrained(folder / "clip"),
+        tokenizer,
+    )
     return folder / "clip", folder / "sd"
 
 
@@ -64,9 +87,12 @@ def project(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("real-clip")
     clip, sd = build_bases(work / "bases")
     write_pairs(work / "pairs", 12)
-    captions = [f"{size} {color} {shape} on grey" for size in ("a small", "a big", "one",
-                                                                "a tiny")
-                for color in COLORS for shape in SHAPES]  # 48 distinct
+    captions = [
+        f"{size} {color} {shape} on grey"
+        for size in ("a small", "a big", "one", "a tiny")
+        for color in COLORS
+        for shape in SHAPES
+    ]  # 48 distinct
     (work / "captions.txt").write_text("\n".join(captions) + "\n")
     params = {
         "base": {"clip": str(clip), "sd": str(sd)},
@@ -95,13 +121,19 @@ def cli(project: Path, *args: str):
 
 
 def test_every_stage_runs_with_a_clip_l_shaped_base_and_image_rows(project) -> None:
-    for stage in (["base"], ["captions"], ["gap"], ["extract"], ["train", "vb"], ["evaluate"],
-                  ["render"]):
+    for stage in (
+        ["base"],
+        ["captions"],
+        ["gap"],
+        ["extract"],
+        ["train", "vb"],
+        ["evaluate"],
+        ["render"],
+    ):
         cli(project, *stage)
     gap = json.loads((project / "data" / "gap" / "modality_gap.json").read_text())
     assert gap["computed"] and gap["pairs"] == 12 and gap["bank"] == 30
-    assert set(gap["paired_cosine_held_out"]) == {"none", "mean-shift", "linear",
-                                                  "text-projection"}
+    assert set(gap["paired_cosine_held_out"]) == {"none", "mean-shift", "linear", "text-projection"}
     meta = json.loads((project / "data" / "shards" / "meta.json").read_text())
     assert meta["hidden_size"] == 768 and meta["projection_size"] == 768
     train, test = meta["splits"]["train"], meta["splits"]["test"]
@@ -109,16 +141,24 @@ def test_every_stage_runs_with_a_clip_l_shaped_base_and_image_rows(project) -> N
     # split keeps its 8 caption rows and gains 2 image rows, from other pairs.
     assert train["rows"] == 30 and train["kinds"]["image"] == 9
     assert test["rows"] == 10 and test["kinds"]["image"] == 2
-    assert train["image_pairs"] == {"wanted": 9, "used": 9, "bridge": "linear",
-                                    "source": "pairs"}
+    assert train["image_pairs"] == {"wanted": 9, "used": 9, "bridge": "linear", "source": "pairs"}
     metrics = json.loads((project / "reports" / "metrics" / "vb.json").read_text())
     assert metrics["image_rows"]["rows"] == 2
     assert -1 <= metrics["image_rows"]["autoregressive"]["cosine_masked"] <= 1
     assert (project / "reports" / "grid_single.png").is_file()
     assert "cat maid" in (project / "reports" / "report.md").read_text()  # article prompts
     # The trained folder carries the bridge it was trained with, for image prompts.
-    encoded = cli(project, "encode", "--model", "models/vb", "", "--image",
-                  "pairs/pair-00.png", "--out", "image.safetensors")
+    encoded = cli(
+        project,
+        "encode",
+        "--model",
+        "models/vb",
+        "",
+        "--image",
+        "pairs/pair-00.png",
+        "--out",
+        "image.safetensors",
+    )
     assert (project / "image.safetensors").is_file(), encoded.output
 
 
@@ -149,5 +189,4 @@ def test_bad_paired_data_names_the_file_and_keeps_what_was_extracted(project) ->
         missing = CliRunner().invoke(app, ["extract"])
     finally:
         os.chdir(previous)
-    assert missing.exit_code != 0 and "pair-05.png: no caption file pair-05.txt" in \
-        missing.output
+    assert missing.exit_code != 0 and "pair-05.png: no caption file pair-05.txt" in missing.output

@@ -13,8 +13,12 @@ def fields(record: type) -> set[str]:
 
 def test_key_constants_are_fields_of_their_records():
     assert {records.ADHERENCE, records.CLIP_SCORE} == fields(records.PictureScores)
-    assert {records.TEACHER_FORCED, records.AUTOREGRESSIVE, records.IMAGE_ROW_METRICS,
-            records.COMBINATION} == fields(records.RunMetrics)
+    assert {
+        records.TEACHER_FORCED,
+        records.AUTOREGRESSIVE,
+        records.IMAGE_ROW_METRICS,
+        records.COMBINATION,
+    } == fields(records.RunMetrics)
     assert records.ROWS in fields(records.ImageRowMetrics)
     assert records.COSINE_MASKED in fields(records.Validation)
     assert {records.SEED_SPREAD, records.ADHERENCE} <= fields(records.Comparison)
@@ -30,5 +34,4 @@ def test_seed_spread_fields_are_the_seed_metrics():
 def test_paired_difference_keys_follow_the_interval_convention():
     from pipeline.metrics.intervals import ci_key
 
-    assert fields(records.PairedDifference) == {"difference", ci_key("difference"),
-                                                "within_noise"}
+    assert fields(records.PairedDifference) == {"difference", ci_key("difference"), "within_noise"}

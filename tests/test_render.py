@@ -34,13 +34,21 @@ from pipeline.world.embedded import World
 from tests.conftest import project_dir, small_params
 
 SIZE = 16  # px: the smallest image SSIM's 11 x 11 window fits comfortably
-RENDER = {"steps": 2, "height": SIZE, "width": SIZE, "seed": 3, "interpolation_steps": 3,
-          "interpolation_seeds": 2}
+RENDER = {
+    "steps": 2,
+    "height": SIZE,
+    "width": SIZE,
+    "seed": 3,
+    "interpolation_steps": 3,
+    "interpolation_seeds": 2,
+}
 # params.yaml's `models:`: every run gets a row, a second vicinity-batch run included.
-RUNS = {"transformer": {"type": "transformer", "num_heads": 4, "intermediate_size": 256},
-        "vicinity-batch": {"type": "vicinity-batch", "vicinity": 2},
-        "vicinity-individual": {"type": "vicinity-individual", "vicinity": 2, "norm": "layer"},
-        "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 1, "norm": "layer"}}
+RUNS = {
+    "transformer": {"type": "transformer", "num_heads": 4, "intermediate_size": 256},
+    "vicinity-batch": {"type": "vicinity-batch", "vicinity": 2},
+    "vicinity-individual": {"type": "vicinity-individual", "vicinity": 2, "norm": "layer"},
+    "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 1, "norm": "layer"},
+}
 RUN_NAMES = tuple(RUNS)
 ROWS = {"single": (REFERENCE, *RUN_NAMES, *IMAGE_ROWS), "multi": (REFERENCE, *RUN_NAMES)}
 
@@ -53,29 +61,52 @@ def project(tmp_path_factory, base_dir, clip, small_shards) -> Path:
     torch.manual_seed(0)
     for name, spec in RUNS.items():
         hparams = {k: v for k, v in spec.items() if k != "type"}
-        model = build_deprojector(spec["type"], clip.hidden_size, clip.projection_size,
-                                  constants, **hparams)
+        model = build_deprojector(
+            spec["type"], clip.hidden_size, clip.projection_size, constants, **hparams
+        )
         model.eval().save_pretrained(work / "models" / name)
     (work / "reports" / "metrics").mkdir(parents=True)
     (work / "reports" / "plots").mkdir()
     for k, name in enumerate(("null-baseline", "retrieval", *RUN_NAMES)):
-        scores = {"mse": 0.5 - k / 10, "weighted_mse": 0.4, "cosine": 0.2 + k / 5,
-                  "cosine_masked": 0.3 + k / 5, "cosine_masked_ci95": [0.25 + k / 5, 0.35 + k / 5]}
+        scores = {
+            "mse": 0.5 - k / 10,
+            "weighted_mse": 0.4,
+            "cosine": 0.2 + k / 5,
+            "cosine_masked": 0.3 + k / 5,
+            "cosine_masked_ci95": [0.25 + k / 5, 0.35 + k / 5],
+        }
         metrics = {"teacher_forced": scores, "autoregressive": scores}
         if name == "retrieval":
             metrics["k"] = 8
         (work / "reports" / "metrics" / f"{name}.json").write_text(json.dumps(metrics))
-    rows = {"retrieval": False, "transformer": False, "vicinity-individual": True,
-            "vicinity-batch-v2": False}
-    comparison = {"autoregressive_cosine_masked": {"best": "vicinity-batch", "rows": {
-        name: {"difference": -0.1, "difference_ci95": [-0.2, 0.01 if within else -0.05],
-               "within_noise": within} for name, within in rows.items()}}}
+    rows = {
+        "retrieval": False,
+        "transformer": False,
+        "vicinity-individual": True,
+        "vicinity-batch-v2": False,
+    }
+    comparison = {
+        "autoregressive_cosine_masked": {
+            "best": "vicinity-batch",
+            "rows": {
+                name: {
+                    "difference": -0.1,
+                    "difference_ci95": [-0.2, 0.01 if within else -0.05],
+                    "within_noise": within,
+                }
+                for name, within in rows.items()
+            },
+        }
+    }
     (work / "reports" / "metrics" / "comparison.json").write_text(json.dumps(comparison))
-    curve = [{"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in RUN_NAMES}}
-             for i in range(1, MAX_LENGTH)]
+    curve = [
+        {"position": i, "null-baseline": 0.2, **{n: 1 - i / 100 for n in RUN_NAMES}}
+        for i in range(1, MAX_LENGTH)
+    ]
     (work / "reports" / "plots" / "cosine_per_position.json").write_text(json.dumps(curve))
-    (work / "params.yaml").write_text(yaml.safe_dump({"render": RENDER, "models": RUNS},
-                                                     sort_keys=False))  # rows in this order
+    (work / "params.yaml").write_text(
+        yaml.safe_dump({"render": RENDER, "models": RUNS}, sort_keys=False)
+    )  # rows in this order
     with in_dir(work):  # modality-gap statistics for the image-prompt rows
         run_captions_stage(small_params())  # the bank of the text-projection bridge
         run_gap_stage(small_params(gap={"pairs": 32, "seed": 7}), work / "data" / "gap")
@@ -106,8 +137,13 @@ def pipe(project):
 
 def test_stage_writes_every_output(project, rendered) -> None:
     reports = project / "reports"
-    for name in ("grid_single.png", "grid_multi.png", "report.md", "fidelity.json",
-                 "plots/cosine_per_position.png"):
+    for name in (
+        "grid_single.png",
+        "grid_multi.png",
+        "report.md",
+        "fidelity.json",
+        "plots/cosine_per_position.png",
+    ):
         assert (reports / name).is_file(), name
     fidelity = json.loads((reports / "fidelity.json").read_text())
     assert fidelity == round_floats(rendered.fidelity)  # stored to 6 significant digits
@@ -145,8 +181,12 @@ def test_world_extras_image_prompt_rows_and_interpolation(project, rendered, bas
     # column, exactly what the Python API gives for that scene.
     column = rendered.columns["single"][2]
     scene = World.scene_for(column.prompt, RENDER["seed"])
-    encoder = PromptEncoder.from_pretrained(project / "models" / RUN_NAMES[0], clip="builtin",
-                                            gap=project / "data" / "gap", base_dir=base_dir)
+    encoder = PromptEncoder.from_pretrained(
+        project / "models" / RUN_NAMES[0],
+        clip="builtin",
+        gap=project / "data" / "gap",
+        base_dir=base_dir,
+    )
     expected = encoder.deprojector.generate(encoder.image_embedding([scene]))
     torch.testing.assert_close(column.conds["image prompt"], expected)
     assert column.images["scene"].size == (SIZE, SIZE)
@@ -176,9 +216,15 @@ def test_reference_row_equals_plain_diffusers_generation(project, rendered, pipe
     with in_dir(project):
         guidance = load_params("params.yaml").render.guidance_scale
     for column in (rendered.columns["single"][0], rendered.columns["multi"][1]):
-        plain = pipe(prompt=column.prompt, negative_prompt="", num_inference_steps=2,
-                     guidance_scale=guidance, height=SIZE, width=SIZE,
-                     generator=torch.Generator().manual_seed(3)).images[0]
+        plain = pipe(
+            prompt=column.prompt,
+            negative_prompt="",
+            num_inference_steps=2,
+            guidance_scale=guidance,
+            height=SIZE,
+            width=SIZE,
+            generator=torch.Generator().manual_seed(3),
+        ).images[0]
         # The grid draws its prompts in one batch, diffusers here one at a time: float
         # rounding may move a pixel by one uint8 level, nothing more.
         drawn, alone = (np.asarray(im).astype(int) for im in (column.images[REFERENCE], plain))
@@ -201,16 +247,16 @@ class EchoDeprojector:
 
 def echo_encoders(clip, prompt: str) -> dict[str, PromptEncoder]:
     reference = PromptEncoder(clip)
-    return {REFERENCE: reference,
-            "echo": reference.with_deprojector(EchoDeprojector(clip, prompt))}
+    return {REFERENCE: reference, "echo": reference.with_deprojector(EchoDeprojector(clip, prompt))}
 
 
 def test_exact_conditioning_scores_perfect_fidelity(clip, pipe) -> None:
     r = parse_params({"render": RENDER}).render
     prompt = "1girl red hair"
     encoders = echo_encoders(clip, prompt)
-    column = render_column(pipe, encoders, prompt, False,
-                           encoders[REFERENCE].encode_negative("", deproject=False), r)
+    column = render_column(
+        pipe, encoders, prompt, False, encoders[REFERENCE].encode_negative("", deproject=False), r
+    )
     scores = column.fidelity("echo")
     assert scores["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert scores["ssim"] == pytest.approx(1.0, abs=1e-12)
@@ -221,8 +267,14 @@ def test_images_are_deterministic(clip, pipe, rendered) -> None:
     r = parse_params({"render": RENDER}).render
     first = rendered.columns["single"][0]
     encoders = echo_encoders(clip, first.prompt)
-    again = render_column(pipe, encoders, first.prompt, False,
-                          encoders[REFERENCE].encode_negative("", deproject=False), r)
+    again = render_column(
+        pipe,
+        encoders,
+        first.prompt,
+        False,
+        encoders[REFERENCE].encode_negative("", deproject=False),
+        r,
+    )
     assert again.images[REFERENCE].tobytes() == first.images[REFERENCE].tobytes()
 
 
@@ -231,15 +283,26 @@ def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> Non
     header = "| metric | null-baseline | retrieval | " + " | ".join(RUN_NAMES) + " |"
     # Each value with its interval; the best run and which rows are within its noise.
     cosine = "| autoregressive cosine (in mask) | 0.3000 [0.2500, 0.3500] | 0.5000 [0.4500, "
-    noise = ("Best autoregressive cosine (in mask): **vicinity-batch**. Within the noise of it "
-             "(the 95 % paired bootstrap interval of the difference contains 0): "
-             "vicinity-individual; clearly different: retrieval, transformer, vicinity-batch-v2")
-    for needle in ("![single-embedding grid](grid_single.png)",
-                   "![multiple-embedding grid](grid_multi.png)",
-                   "(plots/cosine_per_position.png)", "positions 1..76", header, cosine, noise,
-                   "| teacher-forced MSE | 0.5000 | 0.4000 | ", "its 8 nearest training rows",
-                   "`red, circle`", "`red circle`",
-                   "## Do the pictures show the prompt?", "| reference | "):
+    noise = (
+        "Best autoregressive cosine (in mask): **vicinity-batch**. Within the noise of it "
+        "(the 95 % paired bootstrap interval of the difference contains 0): "
+        "vicinity-individual; clearly different: retrieval, transformer, vicinity-batch-v2"
+    )
+    for needle in (
+        "![single-embedding grid](grid_single.png)",
+        "![multiple-embedding grid](grid_multi.png)",
+        "(plots/cosine_per_position.png)",
+        "positions 1..76",
+        header,
+        cosine,
+        noise,
+        "| teacher-forced MSE | 0.5000 | 0.4000 | ",
+        "its 8 nearest training rows",
+        "`red, circle`",
+        "`red circle`",
+        "## Do the pictures show the prompt?",
+        "| reference | ",
+    ):
         assert needle in report, needle
 
 
@@ -247,44 +310,80 @@ def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
     from pipeline.reporting.report import adherence_noise_line, extras_section, picture_table
 
     def row(adherence: float) -> dict:
-        return {"adherence": adherence, "adherence_ci95": [adherence - 0.1, adherence + 0.1],
-                "clip_score": 25.0, "clip_score_ci95": [24.0, 26.0], "all_parts": 0.25,
-                "all_parts_ci95": [0.125, 0.375], "adherence_ratio": adherence / 0.5,
-                "prompts": 8}
+        return {
+            "adherence": adherence,
+            "adherence_ci95": [adherence - 0.1, adherence + 0.1],
+            "clip_score": 25.0,
+            "clip_score_ci95": [24.0, 26.0],
+            "all_parts": 0.25,
+            "all_parts_ci95": [0.125, 0.375],
+            "adherence_ratio": adherence / 0.5,
+            "prompts": 8,
+        }
 
     held_out = {kind: {REFERENCE: row(0.5), "vb": row(0.4)} for kind in ("single", "multi")}
     table = picture_table(held_out, all_parts=True)
     assert "| vb | 0.400 [0.300, 0.500] (0.80×) | 25.0 [24.0, 26.0] | " in table
     assert table.endswith("| 0.250 [0.125, 0.375] |")
     within = {"difference": -0.1, "difference_ci95": [-0.2, 0.01], "within_noise": True}
-    line = adherence_noise_line({"adherence": {"sign": "run − reference",
-                                               "single": {"vb": within},
-                                               "multi": {"vb": {**within,
-                                                                "within_noise": False}}}})
+    line = adherence_noise_line(
+        {
+            "adherence": {
+                "sign": "run − reference",
+                "single": {"vb": within},
+                "multi": {"vb": {**within, "within_noise": False}},
+            }
+        }
+    )
     assert line.endswith("contains 0): single: vb; multi: none.")
-    images = {REFERENCE: {"text": row(0.5)},
-              "vb": {"text": row(0.5), "image": row(0.4), "image_to_text": 0.8,
-                     "image_to_text_ci95": [0.6, 1.0], "bridge": "linear",
-                     "bridges": {"none": row(0.2), "linear": row(0.4)}}}
+    images = {
+        REFERENCE: {"text": row(0.5)},
+        "vb": {
+            "text": row(0.5),
+            "image": row(0.4),
+            "image_to_text": 0.8,
+            "image_to_text_ci95": [0.6, 1.0],
+            "bridge": "linear",
+            "bridges": {"none": row(0.2), "linear": row(0.4)},
+        },
+    }
     r = parse_params({"render": RENDER}).render
     section = extras_section(None, images, None, r)
     assert "| run | text prompt | image, none | image, linear | image / text |" in section
-    assert "| vb | 0.500 [0.400, 0.600] | 0.200 [0.100, 0.300] | 0.400 [0.300, 0.500] | " \
-           "0.80 [0.60, 1.00] |" in section
+    assert (
+        "| vb | 0.500 [0.400, 0.600] | 0.200 [0.100, 0.300] | 0.400 [0.300, 0.500] | "
+        "0.80 [0.60, 1.00] |" in section
+    )
     assert "| reference | 0.500 [0.400, 0.600] | – | – | – |" in section
 
 
 def test_pairs_and_seed_spread_tables() -> None:
     from pipeline.reporting.report import pairs_table, seed_spread_table
 
-    comparison = {"pairs": {
-        "metric": "autoregressive cosine_masked", "sign": "first − second",
-        "a vs b": {"difference": 0.01, "difference_ci95": [-0.002, 0.02], "within_noise": True},
-        "a vs retrieval": {"difference": 0.05, "difference_ci95": [0.04, 0.06],
-                           "within_noise": False}},
-        "seed_spread": {"a": {"runs": ["a", "a-seed1", "a-seed2"], "seeds": [0, 1, 2],
-                              "autoregressive_cosine_masked": {
-                                  "mean": 0.7, "std": 0.01, "min": 0.69, "max": 0.71}}}}
+    comparison = {
+        "pairs": {
+            "metric": "autoregressive cosine_masked",
+            "sign": "first − second",
+            "a vs b": {"difference": 0.01, "difference_ci95": [-0.002, 0.02], "within_noise": True},
+            "a vs retrieval": {
+                "difference": 0.05,
+                "difference_ci95": [0.04, 0.06],
+                "within_noise": False,
+            },
+        },
+        "seed_spread": {
+            "a": {
+                "runs": ["a", "a-seed1", "a-seed2"],
+                "seeds": [0, 1, 2],
+                "autoregressive_cosine_masked": {
+                    "mean": 0.7,
+                    "std": 0.01,
+                    "min": 0.69,
+                    "max": 0.71,
+                },
+            }
+        },
+    }
     table = pairs_table(comparison)
     assert "| a vs b | +0.0100 [-0.0020, +0.0200] | no difference (within the noise) |" in table
     assert "| a vs retrieval | +0.0500 [+0.0400, +0.0600] | differs |" in table
@@ -305,8 +404,11 @@ def test_a_cut_metrics_file_names_the_file(tmp_path) -> None:
     (tmp_path / "null-baseline.json").write_text('{"cosine": 0.5}')
     (tmp_path / "retrieval.json").write_text('{"cosine": 0.5}')
     (tmp_path / "vb.json").write_text('{"cosine": 0.')
-    with pytest.raises(RenderError, match=r"vb\.json:1: not valid JSON \(.*\); the file is "
-                                          r"incomplete or corrupt; rerun `deprojector evaluate`"):
+    with pytest.raises(
+        RenderError,
+        match=r"vb\.json:1: not valid JSON \(.*\); the file is "
+        r"incomplete or corrupt; rerun `deprojector evaluate`",
+    ):
         read_metrics(tmp_path, ["vb"])
     (tmp_path / "vb.json").write_text("[1, 2]")
     with pytest.raises(RenderError, match=r"vb\.json: expected a JSON object, found a list"):
@@ -322,13 +424,16 @@ def test_scheduler_names_match_params(pipe) -> None:
         getattr(diffusers, class_name).from_config(pipe.scheduler.config)
 
 
-@pytest.mark.parametrize(("render", "key"), [
-    ({"height": 30}, "render.height"),
-    ({"scheduler": "lms"}, "render.scheduler"),
-    ({"world_prompts_multi": [" , "]}, "render.world_prompts_multi"),
-    ({"prompt_set": "mine"}, "render.prompt_set"),
-    ({"steps": 0}, "render.steps"),
-])
+@pytest.mark.parametrize(
+    ("render", "key"),
+    [
+        ({"height": 30}, "render.height"),
+        ({"scheduler": "lms"}, "render.scheduler"),
+        ({"world_prompts_multi": [" , "]}, "render.world_prompts_multi"),
+        ({"prompt_set": "mine"}, "render.prompt_set"),
+        ({"steps": 0}, "render.steps"),
+    ],
+)
 def test_bad_render_params_name_the_key(render: dict, key: str) -> None:
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         parse_params({"render": render})
@@ -345,8 +450,15 @@ def invoke(project: Path, *args: str):
 
 
 def test_encode_writes_prompt_embeds(project, clip) -> None:
-    result = invoke(project, "encode", "cat, maid", "--model", "models/transformer",
-                    "-o", "out/cond.safetensors")
+    result = invoke(
+        project,
+        "encode",
+        "cat, maid",
+        "--model",
+        "models/transformer",
+        "-o",
+        "out/cond.safetensors",
+    )
     assert result.exit_code == 0, result.output
     embeds = load_file(str(project / "out" / "cond.safetensors"))["prompt_embeds"]
     assert embeds.shape == (1, MAX_LENGTH, clip.hidden_size)
@@ -357,30 +469,59 @@ def test_encode_writes_prompt_embeds(project, clip) -> None:
 
 
 def test_generate_writes_an_image(project) -> None:
-    result = invoke(project, "generate", "cat, maid", "--model", "models/vicinity-batch",
-                    "--seed", "1", "--steps", "1", "--height", "24", "--width", "16",
-                    "--scheduler", "ddim", "-o", "out.png")
+    result = invoke(
+        project,
+        "generate",
+        "cat, maid",
+        "--model",
+        "models/vicinity-batch",
+        "--seed",
+        "1",
+        "--steps",
+        "1",
+        "--height",
+        "24",
+        "--width",
+        "16",
+        "--scheduler",
+        "ddim",
+        "-o",
+        "out.png",
+    )
     assert result.exit_code == 0, result.output
     assert Image.open(project / "out.png").size == (16, 24)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["encode", ""], "has no text"),
-    (["encode", " , ,"], "has no text"),
-    (["generate", ",,"], "has no text"),
-    (["encode", "cat", "--model", "models/missing"], "no deprojector in models/missing"),
-    (["generate", "cat", "--height", "30"], "multiple of 8"),
-    # the CLI's sampler options go through params.yaml's checks (issue 32)
-    (["generate", "cat", "--guidance", "inf"], "--guidance: params: `render.guidance_scale` "
-                                               "must be a finite number"),
-    (["generate", "cat", "--guidance", "nan"], "`render.guidance_scale` must be a finite"),
-    (["generate", "cat", "--guidance", "-5"], "`render.guidance_scale` must be a finite"),
-    (["generate", "cat", "--steps", "0"], "--steps: params: `render.steps` must be in [1, 1000]"),
-    (["generate", "cat", "--scheduler", "ddim", "--steps", "1001"], "`render.steps` must be in"),
-    (["generate", "cat", "--width", "100000"], "--width: params: `render.width` must be a "
-                                               "positive multiple of 8"),
-    (["generate", "cat", "--seed", "-1"], "--seed"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["encode", ""], "has no text"),
+        (["encode", " , ,"], "has no text"),
+        (["generate", ",,"], "has no text"),
+        (["encode", "cat", "--model", "models/missing"], "no deprojector in models/missing"),
+        (["generate", "cat", "--height", "30"], "multiple of 8"),
+        # the CLI's sampler options go through params.yaml's checks (issue 32)
+        (
+            ["generate", "cat", "--guidance", "inf"],
+            "--guidance: params: `render.guidance_scale` must be a finite number",
+        ),
+        (["generate", "cat", "--guidance", "nan"], "`render.guidance_scale` must be a finite"),
+        (["generate", "cat", "--guidance", "-5"], "`render.guidance_scale` must be a finite"),
+        (
+            ["generate", "cat", "--steps", "0"],
+            "--steps: params: `render.steps` must be in [1, 1000]",
+        ),
+        (
+            ["generate", "cat", "--scheduler", "ddim", "--steps", "1001"],
+            "`render.steps` must be in",
+        ),
+        (
+            ["generate", "cat", "--width", "100000"],
+            "--width: params: `render.width` must be a positive multiple of 8",
+        ),
+        (["generate", "cat", "--seed", "-1"], "--seed"),
+    ],
+)
 def test_bad_inputs_exit_2_with_one_line(project, args: list[str], message: str) -> None:
     result = invoke(project, *args)
     assert result.exit_code == 2

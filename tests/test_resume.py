@@ -28,8 +28,13 @@ def write_params(work: Path, **sections) -> None:
 
 def start(work: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=work, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def kill_when(process: subprocess.Popen, ready, timeout: float = 120.0) -> None:
@@ -68,8 +73,10 @@ def test_extraction_killed_midway_resumes_to_identical_shards(tmp_path, base_dir
 
 @pytest.mark.slow
 def test_training_killed_midway_resumes_to_identical_weights(tmp_path, base_dir, small_shards):
-    settings = {"train": {"epochs": 12, "batch_size": 16, "patience": 0},
-                "models": {"vicinity-batch": {"type": "vicinity-batch", "norm": "layer"}}}
+    settings = {
+        "train": {"epochs": 12, "batch_size": 16, "patience": 0},
+        "models": {"vicinity-batch": {"type": "vicinity-batch", "norm": "layer"}},
+    }
     results = {}
     for name in ("reference", "killed"):
         work = project_dir(tmp_path / name, base_dir)

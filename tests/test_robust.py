@@ -67,8 +67,10 @@ def project(tmp_path, base_dir, small_shards, monkeypatch):
 @contextmanager
 def deadline(seconds: int):
     """Turn a read that would block (a FIFO) into a failure instead of a hung test."""
+
     def fail(*_):
         raise AssertionError(f"still reading after {seconds} s: the file was not refused")
+
     previous = signal.signal(signal.SIGALRM, fail)
     signal.alarm(seconds)
     try:
@@ -79,6 +81,7 @@ def deadline(seconds: int):
 
 
 # --- 1, 2: nothing a user loads runs code -----------------------------------------------------
+
 
 class Payload:
     """Unpickling this creates the marker file: harmless proof that code ran."""
@@ -99,28 +102,43 @@ def plant(path: Path, marker: Path, extra: dict | None = None) -> Path:
 
 def tiny_model(clip, small_shards):
     constants = load_file(str(small_shards / "constants.safetensors"))
-    return build_deprojector("vicinity-batch", clip.hidden_size, clip.projection_size,
-                             constants, norm="layer")
+    return build_deprojector(
+        "vicinity-batch", clip.hidden_size, clip.projection_size, constants, norm="layer"
+    )
 
 
-def test_a_planted_pickle_runs_nowhere_the_project_reads(tmp_path, project, base_dir, clip,
-                                                         small_shards) -> None:
+def test_a_planted_pickle_runs_nowhere_the_project_reads(
+    tmp_path, project, base_dir, clip, small_shards
+) -> None:
     marker = tmp_path / "MARKER"
     places = {}
 
     # training checkpoints: data/checkpoints/NAME.pt, read when a run resumes
     plant(project / "data" / "checkpoints" / "vicinity-batch.pt", marker)
-    with pytest.raises(UnsafeFileError, match=r"vicinity-batch\.pt: holds Python objects "
-                                              r"only pickle could load"):
+    with pytest.raises(
+        UnsafeFileError,
+        match=r"vicinity-batch\.pt: holds Python objects "
+        r"only pickle could load",
+    ):
         train_model("vicinity-batch", small_params(train=TRAIN, models=MODELS))
     places["data/checkpoints/NAME.pt"] = True
 
     # the world's part checkpoints (data/world-work/judge-<fp>.pt and the others)
-    judge = plant(tmp_path / "world-work" / "judge-0123.pt", marker,
-                  {"modules": {}, "optimizer": {}, "step": 1, "losses": []})
+    judge = plant(
+        tmp_path / "world-work" / "judge-0123.pt",
+        marker,
+        {"modules": {}, "optimizer": {}, "step": 1, "losses": []},
+    )
     with pytest.raises(UnsafeFileError, match=r"judge-0123\.pt"):
-        loop.train_steps("judge", {}, torch.optim.Adam([torch.zeros(1, requires_grad=True)]),
-                         2, 1e-3, lambda step: torch.zeros((), requires_grad=True), judge)
+        loop.train_steps(
+            "judge",
+            {},
+            torch.optim.Adam([torch.zeros(1, requires_grad=True)]),
+            2,
+            1e-3,
+            lambda step: torch.zeros((), requires_grad=True),
+            judge,
+        )
     places["data/world-work/PART-<fp>.pt"] = True
 
     # a deprojector folder: pickle in place of model.safetensors, and a pytorch_model.bin
@@ -153,8 +171,10 @@ def test_a_planted_pickle_runs_nowhere_the_project_reads(tmp_path, project, base
     places["base.sd folder"] = True
 
     # caches the stages hand on: gap statistics, the shards' constants, a saved model's gap
-    for path, reader in ((tmp_path / "gap" / "modality_gap.safetensors", ModalityGap.load),
-                         (tmp_path / "shards" / "constants.safetensors", load_constants)):
+    for path, reader in (
+        (tmp_path / "gap" / "modality_gap.safetensors", ModalityGap.load),
+        (tmp_path / "shards" / "constants.safetensors", load_constants),
+    ):
         plant(path, marker)
         with pytest.raises(DeprojectorError, match=path.name):
             reader(path)
@@ -173,10 +193,13 @@ def test_the_cli_says_one_line_for_a_pickled_base_folder(tmp_path, base_dir) -> 
     tensors = load_file(str(sd_dir / "unet" / "diffusion_pytorch_model.safetensors"))
     (sd_dir / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     plant(sd_dir / "unet" / "diffusion_pytorch_model.bin", tmp_path / "M", tensors)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(
-        {"base": {"clip": str(base_dir / "clip"), "sd": str(sd_dir)}}))
-    result = CliRunner().invoke(app, ["base", "--params", str(tmp_path / "params.yaml"),
-                                      "--out", str(tmp_path / "base.json")])
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"base": {"clip": str(base_dir / "clip"), "sd": str(sd_dir)}})
+    )
+    result = CliRunner().invoke(
+        app,
+        ["base", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "base.json")],
+    )
     assert result.exit_code == 2, result.output
     assert "diffusion_pytorch_model.bin: holds Python objects" in result.output
     assert "Traceback" not in result.output
@@ -184,6 +207,7 @@ def test_the_cli_says_one_line_for_a_pickled_base_folder(tmp_path, base_dir) -> 
 
 
 # --- 3: special files are refused by kind, before reading ------------------------------------
+
 
 def test_fifos_and_device_links_are_refused_without_reading(tmp_path, base_dir) -> None:
     fifo = tmp_path / "fifo.json"
@@ -221,12 +245,14 @@ def test_fifos_and_device_links_are_refused_without_reading(tmp_path, base_dir) 
 
 # --- 4: advice that prints a command quotes what the user gave -------------------------------
 
+
 def test_offline_advice_quotes_the_hub_id(monkeypatch) -> None:
     monkeypatch.setattr("pipeline.base.loaders._hub_reachable", lambda: False)
     hub_id = "openai/clip$(touch M)"
 
     def load(source, **kwargs):
         raise OSError("not in the cache")
+
     with pytest.raises(BaseModelError) as caught:
         load_or_explain(load, hub_id, "clip")
     command = str(caught.value).split("`")[1]
@@ -246,8 +272,9 @@ WRITERS = {
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
 @pytest.mark.parametrize("writer", WRITERS)
-def test_a_refused_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch, writer,
-                                                              code) -> None:
+def test_a_refused_write_leaves_the_old_file_and_no_temporary(
+    tmp_path, monkeypatch, writer, code
+) -> None:
     write, name = WRITERS[writer]
     out = tmp_path / "out" / name
     out.parent.mkdir()
@@ -255,6 +282,7 @@ def test_a_refused_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypa
 
     def refuse(*args, **kwargs):
         raise OSError(code, os.strerror(code))
+
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OutputError) as caught:
         write(out)
@@ -264,13 +292,13 @@ def test_a_refused_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypa
     assert sorted(p.name for p in out.parent.iterdir()) == [name]
 
 
-def test_a_missing_output_folder_is_made_and_an_unwritable_one_named(tmp_path,
-                                                                      monkeypatch) -> None:
+def test_a_missing_output_folder_is_made_and_an_unwritable_one_named(tmp_path, monkeypatch) -> None:
     write_text(tmp_path / "a" / "b" / "c.json", "{}")
     assert (tmp_path / "a" / "b" / "c.json").read_text() == "{}"
 
     def refuse(self, *args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(OutputError, match=r"d: cannot write it \(Read-only file system\)"):
         save_image(Image.new("RGB", (4, 4)), tmp_path / "d" / "x.png")
@@ -282,12 +310,18 @@ def test_a_writer_killed_mid_write_leaves_the_old_file(tmp_path) -> None:
     out = tmp_path / "grid_single.png"
     save_image(Image.new("RGB", (8, 8), "red"), out)
     old = out.read_bytes()
-    script = (f"import os, signal\nfrom pipeline.core.atomic import atomic_path\n"
-              f"with atomic_path({str(out)!r}) as tmp:\n"
-              f"    tmp.write_bytes(b'half a picture')\n"
-              f"    os.kill(os.getpid(), signal.SIGKILL)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=False,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    script = (
+        f"import os, signal\nfrom pipeline.core.atomic import atomic_path\n"
+        f"with atomic_path({str(out)!r}) as tmp:\n"
+        f"    tmp.write_bytes(b'half a picture')\n"
+        f"    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert done.returncode == -signal.SIGKILL
     assert out.read_bytes() == old
     assert len(list(tmp_path.glob(".grid_single.png.tmp-*"))) == 1
@@ -309,23 +343,33 @@ def test_every_output_is_written_through_the_atomic_writers() -> None:
                 continue
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-            owner = func.value.id if isinstance(func, ast.Attribute) and isinstance(
-                func.value, ast.Name) else ""
-            if name in ("write_text", "write_bytes") and isinstance(func, ast.Attribute) \
-                    and owner != "tmp":
+            owner = (
+                func.value.id
+                if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name)
+                else ""
+            )
+            if (
+                name in ("write_text", "write_bytes")
+                and isinstance(func, ast.Attribute)
+                and owner != "tmp"
+            ):
                 found.append(f"{relative}:{node.lineno} {owner}.{name}")
             elif name == "save_file":
                 found.append(f"{relative}:{node.lineno} save_file")
-            elif name == "save" and owner == "torch" and not (
-                    len(node.args) > 1 and getattr(node.args[1], "id", "") == "buffer"):
+            elif (
+                name == "save"
+                and owner == "torch"
+                and not (len(node.args) > 1 and getattr(node.args[1], "id", "") == "buffer")
+            ):
                 found.append(f"{relative}:{node.lineno} torch.save")
             elif name == "save" and owner not in ("torch", "gap", "self"):
                 found.append(f"{relative}:{node.lineno} {owner}.save")
     assert not found, found
 
 
-def test_a_killed_gap_stage_leaves_no_summary_vouching_for_its_statistics(project,
-                                                                          monkeypatch) -> None:
+def test_a_killed_gap_stage_leaves_no_summary_vouching_for_its_statistics(
+    project, monkeypatch
+) -> None:
     from pipeline.stages.gap import run_gap_stage
 
     params = small_params(gap={"pairs": 20, "bank": 16})
@@ -334,6 +378,7 @@ def test_a_killed_gap_stage_leaves_no_summary_vouching_for_its_statistics(projec
 
     def killed(self, path):
         raise KeyboardInterrupt  # as a kill between the deletion and the new statistics
+
     monkeypatch.setattr(ModalityGap, "save", killed)
     with pytest.raises(KeyboardInterrupt):
         run_gap_stage(params, out)
@@ -351,13 +396,17 @@ def cli(project: Path, *args: str):
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_encode_generate_and_captions_say_one_line_when_the_disk_refuses(
-        project, clip, small_shards, monkeypatch, code) -> None:
+    project, clip, small_shards, monkeypatch, code
+) -> None:
     tiny_model(clip, small_shards).save_pretrained(project / "models" / "vb")
-    (project / "params.yaml").write_text(yaml.safe_dump(
-        {"captions": {"train_size": 48, "test_size": 12}, "render": {"steps": 2}}))
-    outs = {"encode": project / "out" / "cond.safetensors",
-            "generate": project / "out" / "out.png",
-            "captions": project / "data" / "captions" / "test.parquet"}
+    (project / "params.yaml").write_text(
+        yaml.safe_dump({"captions": {"train_size": 48, "test_size": 12}, "render": {"steps": 2}})
+    )
+    outs = {
+        "encode": project / "out" / "cond.safetensors",
+        "generate": project / "out" / "out.png",
+        "captions": project / "data" / "captions" / "test.parquet",
+    }
     for path in outs.values():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"old")
@@ -367,12 +416,13 @@ def test_encode_generate_and_captions_say_one_line_when_the_disk_refuses(
         if Path(dst).absolute() in outs.values():
             raise OSError(code, os.strerror(code))
         return real_replace(src, dst, *args, **kwargs)
+
     monkeypatch.setattr(os, "replace", refuse)
-    for command, args in (("encode", ["red circle", "--model", "models/vb", "-o",
-                                      str(outs["encode"])]),
-                          ("generate", ["red circle", "--model", "models/vb", "-o",
-                                        str(outs["generate"])]),
-                          ("captions", ["--out", str(outs["captions"].parent)])):
+    for command, args in (
+        ("encode", ["red circle", "--model", "models/vb", "-o", str(outs["encode"])]),
+        ("generate", ["red circle", "--model", "models/vb", "-o", str(outs["generate"])]),
+        ("captions", ["--out", str(outs["captions"].parent)]),
+    ):
         result = cli(project, command, *args)
         assert result.exit_code == 2, (command, result.output)
         lines = result.output.strip().splitlines()
@@ -388,17 +438,20 @@ def test_the_cli_names_any_write_the_system_refuses(monkeypatch) -> None:
 
     def step():
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), "data/gap")
+
     with pytest.raises(typer.Exit) as caught:
         _run(step)
     assert caught.value.exit_code == 2
 
     def bug():
         raise OSError(errno.EIO, "input/output error")
+
     with pytest.raises(OSError):
         _run(bug)
 
 
 # --- 9, 10: bounded resources ----------------------------------------------------------------
+
 
 def test_captions_are_tokenised_in_batches() -> None:
     from pipeline.data import captions
@@ -408,19 +461,33 @@ def test_captions_are_tokenised_in_batches() -> None:
     def count(texts):
         sizes.append(len(texts))
         return [3] * len(texts)
+
     raw = (f"caption {k}" for k in range(3 * captions.TOKENIZE_BATCH + 5))
     result = clean_captions(raw, count)
     assert len(result.captions) == 3 * captions.TOKENIZE_BATCH + 5
     assert max(sizes) <= captions.TOKENIZE_BATCH and len(sizes) == 4
 
 
-def test_a_prompt_of_many_parts_encodes_each_distinct_part_once(clip, small_shards,
-                                                               monkeypatch) -> None:
+def test_a_prompt_of_many_parts_encodes_each_distinct_part_once(
+    clip, small_shards, monkeypatch
+) -> None:
     from pipeline.prompting import encoder as prompt_encoder
 
     encoder = PromptEncoder(clip, tiny_model(clip, small_shards).eval())
-    words = ["red", "blue", "green", "yellow", "circle", "square", "star", "triangle",
-             "big", "small", "white", "black"]
+    words = [
+        "red",
+        "blue",
+        "green",
+        "yellow",
+        "circle",
+        "square",
+        "star",
+        "triangle",
+        "big",
+        "small",
+        "white",
+        "black",
+    ]
     prompt = ", ".join(words[k % 12] for k in range(10_000))
     calls = []
     real = prompt_encoder.encode_texts
@@ -428,6 +495,7 @@ def test_a_prompt_of_many_parts_encodes_each_distinct_part_once(clip, small_shar
     def spy(clip_, texts):
         calls.append(len(texts))
         return real(clip_, texts)
+
     monkeypatch.setattr(prompt_encoder, "encode_texts", spy)
     start = time.perf_counter()
     pooled = encoder.embedding(prompt)
@@ -435,18 +503,23 @@ def test_a_prompt_of_many_parts_encodes_each_distinct_part_once(clip, small_shar
     assert calls == [12]
     null = encoder.deprojector.null
     each = torch.cat([real(clip, [w]).pooled for w in words]).to(null)
-    expected = (each - null).sum(0) * (10_000 // 12) + (each[:10_000 % 12] - null).sum(0) + null
+    expected = (each - null).sum(0) * (10_000 // 12) + (each[: 10_000 % 12] - null).sum(0) + null
     torch.testing.assert_close(pooled[0], expected, rtol=1e-4, atol=1e-3)
 
 
 # --- 11: training that diverges --------------------------------------------------------------
 
+
 def test_training_that_diverges_stops_with_one_line_and_keeps_the_last_good_checkpoint(
-        project, monkeypatch) -> None:
+    project, monkeypatch
+) -> None:
     from pipeline.training import loop as train_module
 
-    with pytest.raises(TrainingDiverged, match=r"vicinity-batch: training diverged at epoch 1: "
-                                               r"train loss (nan|inf)"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"vicinity-batch: training diverged at epoch 1: "
+        r"train loss (nan|inf)",
+    ):
         train_model("vicinity-batch", small_params(train={**TRAIN, "lr": 1e30}, models=MODELS))
     assert not (project / "models" / "vicinity-batch").exists()
     # a NaN after a good epoch: that epoch's checkpoint stays to resume from
@@ -456,12 +529,17 @@ def test_training_that_diverges_stops_with_one_line_and_keeps_the_last_good_chec
     def second_nan(*args, **kwargs):
         value = next(losses)
         return real(*args, **kwargs) if value is None else value
+
     monkeypatch.setattr(train_module, "evaluate_loss", second_nan)
-    with pytest.raises(TrainingDiverged, match=r"at epoch 2: .* test loss nan .*the "
-                                               r"checkpoint of epoch 1 is kept"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"at epoch 2: .* test loss nan .*the "
+        r"checkpoint of epoch 1 is kept",
+    ):
         train_model("vicinity-batch", small_params(train=TRAIN, models=MODELS))
-    state = train_module.read_checkpoint(project / "data" / "checkpoints" / "vicinity-batch.pt",
-                                         "cpu")
+    state = train_module.read_checkpoint(
+        project / "data" / "checkpoints" / "vicinity-batch.pt", "cpu"
+    )
     assert state is not None and len(state["history"]) == 1
 
 
@@ -469,8 +547,12 @@ def test_training_that_diverges_stops_with_one_line_and_keeps_the_last_good_chec
 def test_infinite_numbers_are_refused_in_every_section(tmp_path, value) -> None:
     from pipeline.config.params import load_params
 
-    for section, key in (("train", "lr"), ("render", "guidance_scale"),
-                         ("gap", "temperature"), ("augment", "split")):
+    for section, key in (
+        ("train", "lr"),
+        ("render", "guidance_scale"),
+        ("gap", "temperature"),
+        ("augment", "split"),
+    ):
         (tmp_path / "params.yaml").write_text(f"{section}:\n  {key}: {value}\n")
         with pytest.raises(ParamsError, match=rf"`{section}\.{key}` must be a finite number"):
             load_params(tmp_path / "params.yaml")
@@ -478,19 +560,25 @@ def test_infinite_numbers_are_refused_in_every_section(tmp_path, value) -> None:
 
 # --- 12: num_positions at load ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("positions", [300, 76, 10_000])
-def test_a_hand_edited_num_positions_is_refused_at_load(tmp_path, clip, small_shards,
-                                                        positions) -> None:
+def test_a_hand_edited_num_positions_is_refused_at_load(
+    tmp_path, clip, small_shards, positions
+) -> None:
     folder = tmp_path / "vb"
     tiny_model(clip, small_shards).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "num_positions": positions}))
-    with pytest.raises(ModelFileError, match=rf"config\.json: num_positions must be 77 .*got "
-                                             rf"{positions}"):
+    with pytest.raises(
+        ModelFileError,
+        match=rf"config\.json: num_positions must be 77 .*got "
+        rf"{positions}",
+    ):
         load_deprojector(folder)
 
 
 # --- 14: experiments that cannot succeed fail at the first stage -----------------------------
+
 
 def test_a_dropped_run_fails_the_base_stage_before_it_writes(project, base_dir) -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -513,13 +601,19 @@ def test_a_dropped_run_fails_the_base_stage_before_it_writes(project, base_dir) 
 
 # --- unsure: a 0-row split; fp16 on a CPU ----------------------------------------------------
 
+
 def test_a_split_without_rows_is_named_at_extract_and_train(tmp_path) -> None:
     captions = tmp_path / "captions"
     captions.mkdir()
-    pq.write_table(pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}),
-                   captions / "test.parquet")
-    with pytest.raises(CaptionSourceError, match=r"test\.parquet: no captions in the test "
-                                                 r"split"):
+    pq.write_table(
+        pa.table({"id": pa.array([], pa.int64()), "text": pa.array([], pa.string())}),
+        captions / "test.parquet",
+    )
+    with pytest.raises(
+        CaptionSourceError,
+        match=r"test\.parquet: no captions in the test "
+        r"split",
+    ):
         read_split(captions, "test")
     shards = tmp_path / "shards"
     (shards / "test").mkdir(parents=True)
@@ -533,8 +627,10 @@ def test_fp16_on_a_cpu_is_said_once(project, capsys) -> None:
 
     AcceleratorState._reset_state(True)  # the process's other trainings set "no"
     try:
-        train_model("vicinity-batch", small_params(train={**TRAIN, "epochs": 1,
-                                                          "precision": "fp16"}, models=MODELS))
+        train_model(
+            "vicinity-batch",
+            small_params(train={**TRAIN, "epochs": 1, "precision": "fp16"}, models=MODELS),
+        )
     finally:
         AcceleratorState._reset_state(True)
     said = capsys.readouterr()

@@ -68,16 +68,21 @@ def test_committed_study_results_cover_every_run() -> None:
     lock = yaml.safe_load((STUDY / "dvc.lock").read_text())["stages"]
     assert {f"train@{name}" for name in params.models} | {"evaluate", "render"} <= set(lock)
     comparison = json.loads((metrics / "comparison.json").read_text())
-    assert set(comparison["seed_spread"]) == set(seed_replicates(params.models,
-                                                                 params.train.seed))
+    assert set(comparison["seed_spread"]) == set(seed_replicates(params.models, params.train.seed))
 
 
 def test_seed_replicates_need_distinct_effective_seeds() -> None:
     """A run without its own seed trains with `train.seed`: two such copies are the same run,
     not replicates, and neither is a copy whose own seed equals `train.seed`."""
     spec = {"type": "lstm", "num_layers": 2}
-    models = parse_models({"a": spec, "b": spec, "c": {**spec, "train": {"seed": 0}},
-                           "d": {**spec, "train": {"seed": 1}}})
+    models = parse_models(
+        {
+            "a": spec,
+            "b": spec,
+            "c": {**spec, "train": {"seed": 0}},
+            "d": {**spec, "train": {"seed": 1}},
+        }
+    )
     assert seed_replicates(models, train_seed=0) == {"a": ["a", "d"]}
     assert seed_replicates(models, train_seed=1) == {"a": ["a", "c"]}
     assert seed_replicates({k: models[k] for k in "ab"}, train_seed=0) == {}

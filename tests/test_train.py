@@ -25,9 +25,11 @@ from tests.conftest import SMALL, project_dir, small_params
 
 TRAIN = {"epochs": 2, "batch_size": 16, "patience": 0, "seed": 0}
 # params.yaml's `models:` (run name -> type and hyperparameters), as a user writes it.
-TINY_MODELS = {"transformer": {"type": "transformer"},
-               "vicinity-batch": {"type": "vicinity-batch", "norm": "layer"},
-               "vicinity-individual": {"type": "vicinity-individual", "norm": "layer"}}
+TINY_MODELS = {
+    "transformer": {"type": "transformer"},
+    "vicinity-batch": {"type": "vicinity-batch", "norm": "layer"},
+    "vicinity-individual": {"type": "vicinity-individual", "norm": "layer"},
+}
 
 
 @pytest.fixture
@@ -40,9 +42,11 @@ def project(tmp_path, base_dir, small_shards, monkeypatch):
 
 
 def params(models: dict | None = None, **train):
-    return small_params(train={**TRAIN, **train},
-                        evaluate={"combination_pairs": 8, "image_prompts": 6},
-                        models=models or TINY_MODELS)
+    return small_params(
+        train={**TRAIN, **train},
+        evaluate={"combination_pairs": 8, "image_prompts": 6},
+        models=models or TINY_MODELS,
+    )
 
 
 def test_training_saves_a_loadable_model_and_a_loss_curve(project):
@@ -57,7 +61,8 @@ def test_training_saves_a_loadable_model_and_a_loss_curve(project):
 
 
 def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
-        project, monkeypatch):
+    project, monkeypatch
+):
     train_model("transformer", params())
     reference = load_deprojector(project / "models" / "transformer").state_dict()
 
@@ -88,8 +93,9 @@ def test_unknown_model_setting_is_rejected_naming_the_key(project):
     from pipeline.stages.train import run_train_stage
 
     with pytest.raises(ParamsError, match=r"`models\.vicinity-batch\.vicinityy`"):
-        run_train_stage("vicinity-batch",
-                        params({"vicinity-batch": {"type": "vicinity-batch", "vicinityy": 2}}))
+        run_train_stage(
+            "vicinity-batch", params({"vicinity-batch": {"type": "vicinity-batch", "vicinityy": 2}})
+        )
     with pytest.raises(ParamsError, match=r"no `models\.vicinity-batch-v3` \(defined: transformer"):
         train_model("vicinity-batch-v3", params())
 
@@ -107,9 +113,12 @@ def assert_within(scores: dict, key: str) -> None:
 def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch):
     # A run added in params only (another vicinity-batch) is trained and scored like the rest;
     # so are a seed replicate and an ensemble (which trains nothing).
-    runs = {**TINY_MODELS, "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2},
-            "vicinity-batch-seed1": {**TINY_MODELS["vicinity-batch"], "train": {"seed": 1}},
-            "ensemble": {"type": "ensemble", "members": ["transformer", "vicinity-batch"]}}
+    runs = {
+        **TINY_MODELS,
+        "vicinity-batch-v2": {"type": "vicinity-batch", "vicinity": 2},
+        "vicinity-batch-seed1": {**TINY_MODELS["vicinity-batch"], "train": {"seed": 1}},
+        "ensemble": {"type": "ensemble", "members": ["transformer", "vicinity-batch"]},
+    }
     names = tuple(runs)
     for name in names:
         train_model(name, params(runs, epochs=1))
@@ -117,17 +126,29 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     run_gap_stage(small_params(gap={"pairs": 32, "seed": 7}), Path("data/gap"))  # images
     chosen = []  # the retrieval's k is chosen on the training split only
     real_choose_k = evaluate_module.choose_k
-    monkeypatch.setattr(evaluate_module, "choose_k", lambda reader, *args: chosen.append(
-        (reader.split_dir.name, real_choose_k(reader, *args))) or chosen[-1][1])
+    monkeypatch.setattr(
+        evaluate_module,
+        "choose_k",
+        lambda reader, *args: (
+            chosen.append((reader.split_dir.name, real_choose_k(reader, *args))) or chosen[-1][1]
+        ),
+    )
     first = run_evaluate_stage(params(runs))
     metrics = project / "reports" / "metrics"
     written = {p.name: p.read_bytes() for p in metrics.iterdir()}
     # The second run goes through the CLI (its summary lines read every result) and must
     # write the same bytes.
-    (project / "params.yaml").write_text(yaml.safe_dump(
-        {**SMALL, "train": {**TRAIN, "epochs": 1},
-         "evaluate": {"combination_pairs": 8, "image_prompts": 6}, "models": runs},
-        sort_keys=False))  # the runs in the same order
+    (project / "params.yaml").write_text(
+        yaml.safe_dump(
+            {
+                **SMALL,
+                "train": {**TRAIN, "epochs": 1},
+                "evaluate": {"combination_pairs": 8, "image_prompts": 6},
+                "models": runs,
+            },
+            sort_keys=False,
+        )
+    )  # the runs in the same order
     from pipeline.cli import app
 
     result = CliRunner().invoke(app, ["evaluate"])
@@ -142,10 +163,13 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
             for key in keys:
                 assert_within(saved[mode], key)
     combination = first["transformer"]["combination"]
-    assert set(combination) == {"deprojector_cosine", "blend_cosine", "retrieval_cosine",
-                                "pairs", *(f"{key}_ci95" for key in ("deprojector_cosine",
-                                                                    "blend_cosine",
-                                                                    "retrieval_cosine"))}
+    assert set(combination) == {
+        "deprojector_cosine",
+        "blend_cosine",
+        "retrieval_cosine",
+        "pairs",
+        *(f"{key}_ci95" for key in ("deprojector_cosine", "blend_cosine", "retrieval_cosine")),
+    }
     assert combination["pairs"] > 0
     assert_within(combination, "retrieval_cosine")
     # Retrieval: k chosen on a validation split of the training rows, scored like a run.
@@ -155,8 +179,7 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     assert set(retrieval["validation"]["cosine_masked"]) <= {str(k) for k in K_CANDIDATES}
     assert retrieval["teacher_forcing"] is False
     assert retrieval["teacher_forced"] == retrieval["autoregressive"]
-    assert first["retrieval"]["combination"]["retrieval_cosine"] == \
-        combination["retrieval_cosine"]
+    assert first["retrieval"]["combination"]["retrieval_cosine"] == combination["retrieval_cosine"]
     # Which runs are within the noise of the best one, paired over test rows and prompts.
     comparison = json.loads((metrics / "comparison.json").read_text())
     cosine = comparison["autoregressive_cosine_masked"]
@@ -174,7 +197,9 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     pair = comparison["pairs"]["transformer vs vicinity-batch"]
     assert pair["difference"] == pytest.approx(
         first["transformer"]["autoregressive"]["cosine_masked"]
-        - first["vicinity-batch"]["autoregressive"]["cosine_masked"], rel=1e-5)
+        - first["vicinity-batch"]["autoregressive"]["cosine_masked"],
+        rel=1e-5,
+    )
     spread = comparison["seed_spread"]
     assert list(spread) == ["vicinity-batch"]
     assert spread["vicinity-batch"]["runs"] == ["vicinity-batch", "vicinity-batch-seed1"]
@@ -182,7 +207,7 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     values = [first[n]["autoregressive"]["cosine_masked"] for n in spread["vicinity-batch"]["runs"]]
     cosine_spread = spread["vicinity-batch"]["autoregressive_cosine_masked"]
     assert cosine_spread["mean"] == pytest.approx(sum(values) / 2, abs=1e-6)
-    assert cosine_spread["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-6)
+    assert cosine_spread["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5, abs=1e-6)
     assert {"adherence_single", "adherence_multi"} <= set(spread["vicinity-batch"])
     assert set(comparison["adherence"]) == {"sign", "single", "multi"}
     assert set(comparison["adherence"]["single"]) == set(names)
@@ -223,11 +248,29 @@ def test_two_process_training_matches_one_process(project):
     raw = {**SMALL, "train": TRAIN, "models": TINY_MODELS}
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     single = train_model("vicinity-individual", params())
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
-           "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "-m", "pipeline", "train", "vicinity-individual"],
-                   cwd=project, env=env, check=True, capture_output=True, timeout=600)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "pipeline",
+            "train",
+            "vicinity-individual",
+        ],
+        cwd=project,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     double = json.loads((project / "reports" / "train" / "vicinity-individual.json").read_text())
     assert len(double) == len(single)
     for a, b in zip(single, double, strict=True):
@@ -300,5 +343,7 @@ def test_a_cut_checkpoint_is_ignored_and_training_starts_over(project, capsys):
     assert train_module.read_checkpoint(checkpoint, "cpu") is None
     history = train_model("vicinity-batch", params(epochs=1))
     assert [h["epoch"] for h in history] == [1]
-    assert f"vicinity-batch: {checkpoint.relative_to(project)} is incomplete or corrupt; " \
-           "starting over" in capsys.readouterr().out
+    assert (
+        f"vicinity-batch: {checkpoint.relative_to(project)} is incomplete or corrupt; "
+        "starting over" in capsys.readouterr().out
+    )

@@ -46,7 +46,7 @@ def test_scenes_are_deterministic_and_keep_their_ground_truth():
         assert tuple(image[0, 0]) == world.COLORS[scene.background]
         for thing in scene.things:  # each object's colour is drawn at its centre
             x, y = world.PLACES[thing.place]
-            centre = image[y - 1:y + 2, x - 1:x + 2].reshape(-1, 3).astype(int)
+            centre = image[y - 1 : y + 2, x - 1 : x + 2].reshape(-1, 3).astype(int)
             assert (np.abs(centre - world.COLORS[thing.color]).sum(1) < 60).any(), thing
 
 
@@ -61,19 +61,25 @@ def test_every_caption_states_only_what_its_scene_has(seed):
     assert required & world.scene_bits(scene) == required, (text, scene)
 
 
-@pytest.mark.parametrize("prompt, background, objects", [
-    ("red circle", None, [("red", "circle")]),
-    ("red, circle", None, [("red", "circle")]),
-    ("star, yellow, big, black background", "black", [("yellow", "star")]),
-    ("big yellow star black background", "black", [("yellow", "star")]),
-    ("a big red circle left of a small blue square on a white background", "white",
-     [("red", "circle"), ("blue", "square")]),
-    ("yellow star, black background", "black", [("yellow", "star")]),
-    ("a red circle and a blue square", None, [("red", "circle"), ("blue", "square")]),
-    ("circle", None, [(None, "circle")]),
-    ("green", None, [("green", None)]),
-    ("big", None, []),
-])
+@pytest.mark.parametrize(
+    "prompt, background, objects",
+    [
+        ("red circle", None, [("red", "circle")]),
+        ("red, circle", None, [("red", "circle")]),
+        ("star, yellow, big, black background", "black", [("yellow", "star")]),
+        ("big yellow star black background", "black", [("yellow", "star")]),
+        (
+            "a big red circle left of a small blue square on a white background",
+            "white",
+            [("red", "circle"), ("blue", "square")],
+        ),
+        ("yellow star, black background", "black", [("yellow", "star")]),
+        ("a red circle and a blue square", None, [("red", "circle"), ("blue", "square")]),
+        ("circle", None, [(None, "circle")]),
+        ("green", None, [("green", None)]),
+        ("big", None, []),
+    ],
+)
 def test_prompts_of_every_style_parse_into_their_attributes(prompt, background, objects):
     stated = world.parse_prompt(prompt)
     assert (stated.background, stated.objects) == (background, objects)
@@ -102,8 +108,12 @@ def test_found_fraction_counts_stated_attributes():
 def test_ratios_to_the_reference_row():
     from pipeline.metrics.adherence import with_ratios
 
-    rows = with_ratios({"reference": {"adherence": 0.5, "clip_score": 20.0},
-                        "model": {"adherence": 0.25, "clip_score": 30.0}})
+    rows = with_ratios(
+        {
+            "reference": {"adherence": 0.5, "clip_score": 20.0},
+            "model": {"adherence": 0.25, "clip_score": 30.0},
+        }
+    )
     assert rows["reference"]["adherence_ratio"] == 1.0
     assert rows["model"]["adherence_ratio"] == 0.5 and rows["model"]["clip_score_ratio"] == 1.5
     # A reference that shows nothing gives no ratio (not a division by zero).
@@ -122,13 +132,15 @@ def test_micro_world_loads_like_clip_vit_l_and_sd(base_dir):
     torch.testing.assert_close(text.text_projection.weight, full.text_projection.weight)
     torch.testing.assert_close(vision.visual_projection.weight, full.visual_projection.weight)
     images, _ = world.draw_scenes(3, seed=0)
-    processed = processor(images=[Image.fromarray(i) for i in images],
-                          return_tensors="pt")["pixel_values"]
+    processed = processor(images=[Image.fromarray(i) for i in images], return_tensors="pt")[
+        "pixel_values"
+    ]
     torch.testing.assert_close(processed, pixels(images), atol=1e-5, rtol=0)
     # SD's text encoder is a CLIPTextModel with the same weights.
     encoder = CLIPTextModel.from_pretrained(base_dir / "sd" / "text_encoder")
-    torch.testing.assert_close(encoder.final_layer_norm.weight,
-                               text.text_model.final_layer_norm.weight)
+    torch.testing.assert_close(
+        encoder.final_layer_norm.weight, text.text_model.final_layer_norm.weight
+    )
     Judge.from_pretrained(base_dir / "judge")
 
 
@@ -138,8 +150,12 @@ def test_every_render_scheduler_runs_on_the_world_pipeline(base_dir, scheduler):
 
     pipe = load_sd_pipeline("builtin", base_dir=base_dir)
     pipe.scheduler = getattr(diffusers, SCHEDULERS[scheduler]).from_config(pipe.scheduler.config)
-    image = pipe("red circle", num_inference_steps=2, guidance_scale=7.5,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        "red circle",
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
     assert image.size == (32, 32)  # the UNet's sample size x the VAE's factor 4
 
 
@@ -160,11 +176,18 @@ def test_ddim_does_not_clip_the_latents(base_dir):
 
 def test_world_build_is_deterministic_and_independent_of_jobs(tmp_path, base_dir):
     build_micro_world(tmp_path / "world", seed=0, jobs=2)  # base_dir: jobs=1
-    for name in ("clip/model.safetensors", "clip/tokenizer.json", "judge/model.safetensors",
-                 "sd/unet/diffusion_pytorch_model.safetensors",
-                 "sd/vae/diffusion_pytorch_model.safetensors", "world.json"):
-        digests = [hashlib.sha256((d / name).read_bytes()).hexdigest()
-                   for d in (tmp_path / "world", base_dir)]
+    for name in (
+        "clip/model.safetensors",
+        "clip/tokenizer.json",
+        "judge/model.safetensors",
+        "sd/unet/diffusion_pytorch_model.safetensors",
+        "sd/vae/diffusion_pytorch_model.safetensors",
+        "world.json",
+    ):
+        digests = [
+            hashlib.sha256((d / name).read_bytes()).hexdigest()
+            for d in (tmp_path / "world", base_dir)
+        ]
         assert digests[0] == digests[1], name
 
 
@@ -196,15 +219,23 @@ def test_an_interrupted_part_resumes_to_the_same_weights(tmp_path, monkeypatch):
     for build in (clean, interrupted):
         assert build.done("vae")
     name = "vae/diffusion_pytorch_model.safetensors"
-    assert (tmp_path / "clean" / name).read_bytes() == \
-        (tmp_path / "interrupted" / name).read_bytes()
+    assert (tmp_path / "clean" / name).read_bytes() == (
+        tmp_path / "interrupted" / name
+    ).read_bytes()
 
 
-@pytest.mark.parametrize("name, keep, message", [
-    ("model.safetensors", 0.5, r"judge/model\.safetensors: incomplete or corrupt safetensors "
-                               r"file .*; rebuild the world"),
-    ("config.json", 0.5, r"judge/config\.json:\d+: not valid JSON .*incomplete or corrupt"),
-])
+@pytest.mark.parametrize(
+    "name, keep, message",
+    [
+        (
+            "model.safetensors",
+            0.5,
+            r"judge/model\.safetensors: incomplete or corrupt safetensors "
+            r"file .*; rebuild the world",
+        ),
+        ("config.json", 0.5, r"judge/config\.json:\d+: not valid JSON .*incomplete or corrupt"),
+    ],
+)
 def test_a_damaged_judge_names_the_file(tmp_path, base_dir, name, keep, message):
     import shutil
 
@@ -214,7 +245,7 @@ def test_a_damaged_judge_names_the_file(tmp_path, base_dir, name, keep, message)
     folder = tmp_path / "judge"
     shutil.copytree(base_dir / "judge", folder)
     data = (folder / name).read_bytes()
-    (folder / name).write_bytes(data[:int(len(data) * keep)])
+    (folder / name).write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(DeprojectorError, match=message):
         Judge.from_pretrained(folder)
 
@@ -224,8 +255,15 @@ def test_a_cut_world_checkpoint_or_marker_means_redoing_the_part(tmp_path, capsy
     optimizer = torch.optim.Adam(model.parameters())
     checkpoint = tmp_path / "part.pt"
     checkpoint.write_bytes(b"PK\x03\x04cut short")
-    losses = loop.train_steps("part", {"m": model}, optimizer, 3, 1e-3,
-                              lambda step: model(torch.ones(1, 2)).square().sum(), checkpoint)
+    losses = loop.train_steps(
+        "part",
+        {"m": model},
+        optimizer,
+        3,
+        1e-3,
+        lambda step: model(torch.ones(1, 2)).square().sum(),
+        checkpoint,
+    )
     assert len(losses) == 3
     assert f"part: {checkpoint} is incomplete or corrupt; starting over" in capsys.readouterr().out
     build = WorldBuild(MICRO, tmp_path / "work")
@@ -237,8 +275,9 @@ def test_a_cut_world_checkpoint_or_marker_means_redoing_the_part(tmp_path, capsy
     assert not build.done("vae")
 
 
-def test_a_rebuild_retrains_only_the_changed_part_and_what_needs_it(tmp_path, base_dir,
-                                                                    monkeypatch):
+def test_a_rebuild_retrains_only_the_changed_part_and_what_needs_it(
+    tmp_path, base_dir, monkeypatch
+):
     """A changed UNet recipe retrains the UNet alone: the CLIP (and with it every caption
     shard and deprojector), the VAE and the judge are taken from the assembled world
     byte for byte. A changed VAE retrains the VAE, and the UNet and judge that need it."""
@@ -260,11 +299,15 @@ def test_a_rebuild_retrains_only_the_changed_part_and_what_needs_it(tmp_path, ba
     recipe = dataclasses.replace(MICRO, unet_min_snr_gamma=5.0)
     summary = world_build.build_world(out, recipe, tmp_path / "work")
     assert trained == ["unet"]
-    for name in ("clip/model.safetensors", "judge/model.safetensors",
-                 "sd/vae/diffusion_pytorch_model.safetensors"):
+    for name in (
+        "clip/model.safetensors",
+        "judge/model.safetensors",
+        "sd/vae/diffusion_pytorch_model.safetensors",
+    ):
         assert (out / name).read_bytes() == (base_dir / name).read_bytes(), name
-    assert (out / "sd/unet/diffusion_pytorch_model.safetensors").read_bytes() != \
-        (base_dir / "sd/unet/diffusion_pytorch_model.safetensors").read_bytes()
+    assert (out / "sd/unet/diffusion_pytorch_model.safetensors").read_bytes() != (
+        base_dir / "sd/unet/diffusion_pytorch_model.safetensors"
+    ).read_bytes()
     assert summary["params"]["unet_min_snr_gamma"] == 5.0
     assert json.loads((out / "world.json").read_text())["unet"]["fingerprint"]
 
@@ -336,14 +379,17 @@ def test_the_judge_trains_on_round_trips_and_world_json_records_both_reads(base_
         train_judge(JudgeNet(), images, scenes, 1, 4, 1e-3, 0, base_dir / "x.pt", None, 0.5)
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("device", "tpu", "cpu, cuda, cuda:N or mps"),
-    ("judge_round_trips", 1.5, "at most 1"),
-    ("unet_ema_decay", 1.0, "below 1"),
-    ("unet_width", 40, "a multiple of 16"),
-    ("unet_min_snr_gamma", -1.0, "at least 0"),
-    ("unet_batch", 400, "at most world.unet_scenes = 320"),
-])
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("device", "tpu", "cpu, cuda, cuda:N or mps"),
+        ("judge_round_trips", 1.5, "at most 1"),
+        ("unet_ema_decay", 1.0, "below 1"),
+        ("unet_width", 40, "a multiple of 16"),
+        ("unet_min_snr_gamma", -1.0, "at least 0"),
+        ("unet_batch", 400, "at most world.unet_scenes = 320"),
+    ],
+)
 def test_world_params_out_of_range_name_the_key(key, value, expected):
     from pipeline.core.sections import ParamsError
 
@@ -356,10 +402,14 @@ def test_a_parts_code_shape_ignores_what_cannot_change_its_weights() -> None:
     changed number, name or statement does."""
     from pipeline.world.build import _code_shape
 
-    code = ("import os\n\ndef f(x):\n    return x * 2  # double\n\n"
-            "class A:\n    def save(self):\n        open('a').write('1')\n")
-    same = ("from pipeline.core import atomic\ndef f( x ):\n    return x*2\n"
-            "class A:\n    def save(self):\n        atomic.write_text('a', '1')\n")
+    code = (
+        "import os\n\ndef f(x):\n    return x * 2  # double\n\n"
+        "class A:\n    def save(self):\n        open('a').write('1')\n"
+    )
+    same = (
+        "from pipeline.core import atomic\ndef f( x ):\n    return x*2\n"
+        "class A:\n    def save(self):\n        atomic.write_text('a', '1')\n"
+    )
     assert _code_shape(code, ("A.save",)) == _code_shape(same, ("A.save",))
     assert _code_shape(code) != _code_shape(same)
     assert _code_shape(code) != _code_shape(code.replace("x * 2", "x * 3"))

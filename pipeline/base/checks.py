@@ -33,18 +33,21 @@ PROBE_PROMPTS = ("a red circle on a white background", "two dogs playing in the 
 
 # --- checks of the loaded models ----------------------------------------------------------
 
+
 def check_tokenizer(clip: ClipText, name: str) -> None:
     tokenizer, config = clip.tokenizer, clip.model.config
     if len(tokenizer) < MIN_CLIP_VOCAB:
         raise BaseModelError(
             f"base.clip: the tokenizer of {name!r} has {len(tokenizer)} tokens, not a CLIP BPE "
             f"vocabulary (at least {MIN_CLIP_VOCAB}: the 256 bytes, the same with </w>, "
-            f"<|startoftext|> and <|endoftext|>); its tokenizer files are missing or broken")
+            f"<|startoftext|> and <|endoftext|>); its tokenizer files are missing or broken"
+        )
     if len(tokenizer) > config.vocab_size:
         raise BaseModelError(
             f"base.clip: the tokenizer of {name!r} has {len(tokenizer)} tokens but the text "
             f"model's embedding table only {config.vocab_size} (config.json vocab_size): "
-            f"tokenizer and weights come from different checkpoints")
+            f"tokenizer and weights come from different checkpoints"
+        )
 
 
 def check_pooling(clip: ClipText, name: str) -> None:
@@ -57,18 +60,22 @@ def check_pooling(clip: ClipText, name: str) -> None:
     if same_for_all or not torch.allclose(out.pooled, at_eos, rtol=1e-4, atol=1e-4):
         config_eos = clip.model.config.eos_token_id
         tokenizer_eos = clip.tokenizer.eos_token_id
-        symptom = ("two different prompts pool to the same vector" if same_for_all else
-                   'pooled("") is not the last hidden state at position 1, the EOS of ""')
+        symptom = (
+            "two different prompts pool to the same vector"
+            if same_for_all
+            else 'pooled("") is not the last hidden state at position 1, the EOS of ""'
+        )
         raise BaseModelError(
             f"base.clip: {name!r} does not pool at the end-of-text token ({symptom}): its "
             f"config.json has eos_token_id = {config_eos}, the tokenizer's <|endoftext|> is id "
-            f"{tokenizer_eos}. Set \"eos_token_id\": {tokenizer_eos} (and bos_token_id / "
+            f'{tokenizer_eos}. Set "eos_token_id": {tokenizer_eos} (and bos_token_id / '
             f"pad_token_id to the tokenizer's) in the text config of {name!r}."
         )
 
 
-def check_cross_attention(unet_width: int, clip_width: int, sd: str = "base.sd",
-                          clip: str = "base.clip") -> None:
+def check_cross_attention(
+    unet_width: int, clip_width: int, sd: str = "base.sd", clip: str = "base.clip"
+) -> None:
     """The UNet cross-attends to conditioning of its own width: the CLIP's hidden size."""
     if unet_width != clip_width:
         raise BaseModelError(
@@ -82,6 +89,7 @@ def check_cross_attention(unet_width: int, clip_width: int, sd: str = "base.sd",
 
 # --- the whole check -----------------------------------------------------------------------
 
+
 @dataclass
 class BaseReport:
     clip: str
@@ -93,14 +101,23 @@ class BaseReport:
 
     def as_json(self) -> dict:
         """models/base.json: what the stages that draw or judge pictures depend on."""
-        return {"clip": self.clip, "sd": self.sd, "hidden_size": self.hidden_size,
-                "projection_size": self.projection_size, **self.fingerprint}
+        return {
+            "clip": self.clip,
+            "sd": self.sd,
+            "hidden_size": self.hidden_size,
+            "projection_size": self.projection_size,
+            **self.fingerprint,
+        }
 
     def clip_json(self) -> dict:
         """models/base-clip.json: what the stages that use the CLIP alone (captions, gap,
         extract, train) depend on, so a retrained UNet, VAE or judge does not rerun them."""
-        return {"clip": self.clip, "hidden_size": self.hidden_size,
-                "projection_size": self.projection_size, **self.clip_fingerprint}
+        return {
+            "clip": self.clip,
+            "hidden_size": self.hidden_size,
+            "projection_size": self.projection_size,
+            **self.clip_fingerprint,
+        }
 
 
 def check_base(clip_name: str, sd_name: str, base_dir: Path = WORLD_DIR) -> BaseReport:
@@ -109,11 +126,13 @@ def check_base(clip_name: str, sd_name: str, base_dir: Path = WORLD_DIR) -> Base
     check_tokenizer(clip, clip_name)
     check_pooling(clip, clip_name)
     pipe = load_sd_pipeline(sd_name, base_dir=base_dir)
-    check_cross_attention(pipe.unet.config.cross_attention_dim, clip.hidden_size,
-                          sd_name, clip_name)
+    check_cross_attention(
+        pipe.unet.config.cross_attention_dim, clip.hidden_size, sd_name, clip_name
+    )
     clip_dir = source_folder(clip.model.name_or_path, "config.json")
     sd_dir = source_folder(pipe.name_or_path or sd_name, "model_index.json")
     clip_files = {"clip": (clip_dir, loaded_files(clip_dir))}
     prints = fingerprint({**clip_files, "sd": (sd_dir, sd_files(sd_dir))})
-    return BaseReport(clip_name, sd_name, clip.hidden_size, clip.projection_size, prints,
-                      fingerprint(clip_files))
+    return BaseReport(
+        clip_name, sd_name, clip.hidden_size, clip.projection_size, prints, fingerprint(clip_files)
+    )

@@ -32,8 +32,12 @@ class BaseModelError(DeprojectorError, RuntimeError):
 CLIP_CHECKPOINT = "openai/clip-vit-large-patch14"  # the CLIP SD 1.x's text encoder was cut from
 # What from_pretrained reads by default (transformers, diffusers), safetensors first; each
 # may be sharded with a NAME.index.json beside it.
-WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors",
-                "pytorch_model.bin", "diffusion_pytorch_model.bin")
+WEIGHT_NAMES = (
+    "model.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "pytorch_model.bin",
+    "diffusion_pytorch_model.bin",
+)
 SKIPPED_SD_PARTS = {"safety_checker"}  # loaded with safety_checker=None
 # Files over this size are fingerprinted by size + first and last MiB (a multi-GB checkpoint
 # would take minutes to hash in full on every `dvc repro`); a file in the Hugging Face cache
@@ -45,6 +49,7 @@ REDOWNLOAD = "download the model again (an interrupted download leaves files inc
 
 # --- static checks of a CLIP folder (cheap: file names and safetensors headers) -------------
 
+
 def _named(folder: Path, name: str) -> str:
     """Name base.clip beside the folder where they differ (builtin, a hub snapshot)."""
     return "" if str(folder) == name else f" (base.clip = {name!r})"
@@ -52,7 +57,8 @@ def _named(folder: Path, name: str) -> str:
 
 def has_tokenizer_files(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (
-        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
 
 
 def check_json_files(folder: Path) -> None:
@@ -83,15 +89,19 @@ def weight_files(folder: Path) -> list[Path]:
         if index.is_file():
             weight_map = read_json(index, BaseModelError, REDOWNLOAD).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) for v in weight_map.values()):
-                raise BaseModelError(f"{index}: expected a \"weight_map\" object of tensor name "
-                                     f"to file name, found {type(weight_map).__name__}; "
-                                     f"{REDOWNLOAD}")
+                isinstance(v, str) for v in weight_map.values()
+            ):
+                raise BaseModelError(
+                    f'{index}: expected a "weight_map" object of tensor name '
+                    f"to file name, found {type(weight_map).__name__}; "
+                    f"{REDOWNLOAD}"
+                )
             shards = [folder / shard for shard in sorted(set(weight_map.values()))]
             missing = [shard.name for shard in shards if not shard.is_file()]
             if missing:
-                raise BaseModelError(f"{index}: names {', '.join(missing)}, not in the folder; "
-                                     f"{REDOWNLOAD}")
+                raise BaseModelError(
+                    f"{index}: names {', '.join(missing)}, not in the folder; {REDOWNLOAD}"
+                )
             return shards
         if (folder / name).is_file():
             return [folder / name]
@@ -105,8 +115,7 @@ def weight_names(folder: Path) -> set[str]:
         if path.suffix == ".safetensors":
             names.update(safetensors_names(path, BaseModelError, REDOWNLOAD))
             continue
-        names.update(read_torch(path, BaseModelError, REDOWNLOAD, map_location="cpu",
-                                mmap=True))
+        names.update(read_torch(path, BaseModelError, REDOWNLOAD, map_location="cpu", mmap=True))
     return names
 
 
@@ -115,7 +124,8 @@ def check_text_projection(folder: Path, name: str) -> None:
     if not files:
         raise BaseModelError(
             f"base.clip: the folder {str(folder)!r}{_named(folder, name)} has no weights "
-            f"({', '.join(WEIGHT_NAMES[::2])} or their .index.json)")
+            f"({', '.join(WEIGHT_NAMES[::2])} or their .index.json)"
+        )
     if not any(n.endswith("text_projection.weight") for n in weight_names(folder)):
         raise BaseModelError(
             f"base.clip: {name!r} has no text_projection weights (in "
@@ -133,8 +143,10 @@ def refuse_special_files(folder: Path, depth: int = 0) -> None:
     for entry in sorted(folder.iterdir()):
         kind = special_kind(entry)
         if kind:
-            raise BaseModelError(f"{entry}: is {kind}, not a regular file; refused without "
-                                 f"reading it (a model folder holds files and folders only)")
+            raise BaseModelError(
+                f"{entry}: is {kind}, not a regular file; refused without "
+                f"reading it (a model folder holds files and folders only)"
+            )
         if depth > 0 and entry.is_dir():
             refuse_special_files(entry, depth - 1)
 
@@ -166,6 +178,7 @@ def check_clip_folder(folder: Path, name: str) -> None:
 
 # --- fingerprint ----------------------------------------------------------------------------
 
+
 def file_digest(path: Path) -> str:
     real = path.resolve()
     if real.parent.name == "blobs":  # Hugging Face cache: the blob is named by its etag
@@ -193,21 +206,35 @@ def loaded_files(folder: Path) -> list[Path]:
 def sd_files(folder: Path) -> list[Path]:
     """model_index.json and the files of every component the pipeline loads."""
     index = folder / "model_index.json"
-    parts = [k for k, v in read_json(index, BaseModelError, REDOWNLOAD).items()
-             if isinstance(v, list) and v[0] is not None and k not in SKIPPED_SD_PARTS]
-    return [index, *(f for part in sorted(parts) if (folder / part).is_dir()
-                     for f in loaded_files(folder / part))]
+    parts = [
+        k
+        for k, v in read_json(index, BaseModelError, REDOWNLOAD).items()
+        if isinstance(v, list) and v[0] is not None and k not in SKIPPED_SD_PARTS
+    ]
+    return [
+        index,
+        *(
+            f
+            for part in sorted(parts)
+            if (folder / part).is_dir()
+            for f in loaded_files(folder / part)
+        ),
+    ]
 
 
 def fingerprint(folders: dict[str, tuple[Path, list[Path]]]) -> dict:
     """{"fingerprint": sha256 over the relative paths and digests, "files": {path: digest}}."""
-    files = {f"{key}/{path.relative_to(root).as_posix()}": file_digest(path)
-             for key, (root, paths) in folders.items() for path in paths}
+    files = {
+        f"{key}/{path.relative_to(root).as_posix()}": file_digest(path)
+        for key, (root, paths) in folders.items()
+        for path in paths
+    }
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
     return {"fingerprint": digest, "files": dict(sorted(files.items()))}
 
 
 # --- where the files are ---------------------------------------------------------------------
+
 
 def source_folder(source: str, marker: str) -> Path:
     """A local folder, or the Hugging Face cache snapshot a hub id was loaded from."""
@@ -215,8 +242,10 @@ def source_folder(source: str, marker: str) -> Path:
         return Path(source)
     cached = try_to_load_from_cache(source, marker)
     if not isinstance(cached, str):
-        raise BaseModelError(f"{source!r}: loaded, but {marker} is not in the local Hugging "
-                             f"Face cache, so its files cannot be fingerprinted")
+        raise BaseModelError(
+            f"{source!r}: loaded, but {marker} is not in the local Hugging "
+            f"Face cache, so its files cannot be fingerprinted"
+        )
     return Path(cached).parent
 
 

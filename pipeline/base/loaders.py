@@ -37,6 +37,7 @@ def resolve(name: str, kind: str, base_dir: Path = WORLD_DIR) -> str:
 
 # --- loading ---------------------------------------------------------------------------
 
+
 def _hub_reachable(timeout: float = 5.0) -> bool:
     """One quick connection attempt; the hub client's own retries take minutes offline."""
     import socket
@@ -63,12 +64,16 @@ def load_or_explain(load, source: str, kind: str):
         raise BaseModelError(
             f"base.{kind}: {source!r} holds a weight file only pickle could load, and "
             f"unpickling can run code; refused, nothing in it ran. Use its .safetensors "
-            f"weights") from err
+            f"weights"
+        ) from err
     except (OSError, ValueError) as err:
         if Path(source).exists():
             raise BaseModelError(f"base.{kind}: cannot load the folder {source!r}: {err}") from err
-        why = ("the Hugging Face Hub is not reachable (offline) and it is not in the local cache"
-               if offline else f"could not be fetched from the Hugging Face Hub: {err}")
+        why = (
+            "the Hugging Face Hub is not reachable (offline) and it is not in the local cache"
+            if offline
+            else f"could not be fetched from the Hugging Face Hub: {err}"
+        )
         raise BaseModelError(
             f"base.{kind}: {source!r} is not a local folder and {why}.\n"
             f"On a machine with network run `hf download {shlex.quote(source)} --local-dir "
@@ -137,8 +142,9 @@ def load_clip(name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> Cli
     return ClipText(tokenizer, model.to(device).eval())
 
 
-def load_sd_pipeline(name: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                     base_dir: Path = WORLD_DIR):
+def load_sd_pipeline(
+    name: str, device: str = "cpu", dtype: torch.dtype = torch.float32, base_dir: Path = WORLD_DIR
+):
     """The diffusers StableDiffusionPipeline named by `base.sd` (safety checker off)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging

@@ -31,7 +31,8 @@ class ImageTower:
             raise BaseModelError(
                 f"base.clip {name!r} has no vision tower (its config.json is a "
                 f"{config.model_type!r}, not a full 'clip' model): image prompts need a "
-                "CLIPModel checkpoint with both towers, e.g. openai/clip-vit-large-patch14")
+                "CLIPModel checkpoint with both towers, e.g. openai/clip-vit-large-patch14"
+            )
         model = load_or_explain(CLIPVisionModelWithProjection.from_pretrained, source, "clip")
         processor = load_or_explain(CLIPImageProcessor.from_pretrained, source, "clip")
         return cls(model.to(device).eval(), processor)

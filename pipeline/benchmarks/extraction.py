@@ -40,9 +40,16 @@ from pipeline.world.tokenizer import train_tokenizer
 
 ARTICLE_CAPTIONS = 50_000
 # openai/clip-vit-large-patch14's text_config (vocab 49408, 77 positions, quick_gelu).
-CLIP_L_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072,
-                   num_hidden_layers=12, num_attention_heads=12, projection_dim=768,
-                   max_position_embeddings=77, hidden_act="quick_gelu")
+CLIP_L_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    projection_dim=768,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+)
 # A few seconds each on 2 CPU cores: the code paths of the real runs, not their figures.
 TINY = {"captions": 20, "repeats": 1}
 TINY_CLIP_L = {"captions": 2, "repeats": 1, "layers": 1}
@@ -53,39 +60,55 @@ def clip_l_random(layers: int = 12) -> ClipText:
     below 12 only for quick checks."""
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-
     tokenizer = train_tokenizer(generate_captions(20_000, seed=1), 2048)
-    config = CLIPTextConfig(bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id,
-                            **{**CLIP_L_TEXT, "num_hidden_layers": layers})
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **{**CLIP_L_TEXT, "num_hidden_layers": layers},
+    )
     torch.manual_seed(0)
     return ClipText(tokenizer, CLIPTextModelWithProjection(config).eval())
 
 
-def measure(clip: ClipText, base: str, captions: int, repeats: int, batch: int = 64,
-            full_warmup: bool = True) -> dict:
+def measure(
+    clip: ClipText,
+    base: str,
+    captions: int,
+    repeats: int,
+    batch: int = 64,
+    full_warmup: bool = True,
+) -> dict:
     """Interleaved extract / bare-forward timings of `captions` builtin captions."""
     work = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:
         texts = list(dict.fromkeys(generate_captions(captions * 2, seed=0)))[:captions]
-        params = parse_params({"base": {"clip": base, "sd": base},  # sd unused here
-                               "extract": {"rows_per_shard": 1000, "batch_size": batch}})
+        params = parse_params(
+            {
+                "base": {"clip": base, "sd": base},  # sd unused here
+                "extract": {"rows_per_shard": 1000, "batch_size": batch},
+            }
+        )
         null = compute_constants(clip)["null"]
-        rows, _ = plan_rows(texts, params.augment.split, params.augment.combine, 0,
-                            lambda ts: [len(ids) for ids in token_ids(clip, ts)])
+        rows, _ = plan_rows(
+            texts,
+            params.augment.split,
+            params.augment.combine,
+            0,
+            lambda ts: [len(ids) for ids in token_ids(clip, ts)],
+        )
         # The same distinct texts the extraction encodes, shard by shard.
-        per_shard = [rows[k:k + 1000] for k in range(0, len(rows), 1000)]
-        shard_texts = [sorted({t for r in s for t in (*r.parts, r.target_text)})
-                       for s in per_shard]
+        per_shard = [rows[k : k + 1000] for k in range(0, len(rows), 1000)]
+        shard_texts = [sorted({t for r in s for t in (*r.parts, r.target_text)}) for s in per_shard]
 
         def bare() -> float:
             tokens = [tokenize(clip, t) for t in shard_texts]
             start = time.perf_counter()
             for tok in tokens:
                 for b in range(0, len(tok["input_ids"]), batch):
-                    encode_tokens(clip, tok["input_ids"][b:b + batch],
-                                  tok["attention_mask"][b:b + batch])
+                    encode_tokens(
+                        clip, tok["input_ids"][b : b + batch], tok["attention_mask"][b : b + batch]
+                    )
             return time.perf_counter() - start
 
         def extract() -> float:
@@ -127,9 +150,11 @@ def measure(clip: ClipText, base: str, captions: int, repeats: int, batch: int =
 
 def article_scale(result: dict, captions: int = ARTICLE_CAPTIONS) -> dict:
     """Extraction time and shard disk for `captions` captions at the measured rates."""
-    return {"captions": captions,
-            "cpu_hours": captions / result["captions_per_s"] / 3600,
-            "disk_gb": captions * result["shard_bytes_per_row"] / 1e9}
+    return {
+        "captions": captions,
+        "cpu_hours": captions / result["captions_per_s"] / 3600,
+        "disk_gb": captions * result["shard_bytes_per_row"] / 1e9,
+    }
 
 
 def run(captions: int = 1000, repeats: int = 5, base: str = "builtin") -> dict:
@@ -139,22 +164,32 @@ def run(captions: int = 1000, repeats: int = 5, base: str = "builtin") -> dict:
 
 def run_clip_l(captions: int = 64, repeats: int = 1, layers: int = 12) -> dict:
     """CLIP-L width (random weights): a few minutes on 2 CPU cores at 64 captions."""
-    result = measure(clip_l_random(layers), "clip-l-random", captions, repeats,
-                     full_warmup=False)
+    result = measure(clip_l_random(layers), "clip-l-random", captions, repeats, full_warmup=False)
     return {**result, "layers": layers, "article_scale": article_scale(result)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--captions", type=int, default=None,
-                        help="captions to extract (default 1000; 64 with --clip-l)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats (default 5; 1 with --clip-l)")
+    parser.add_argument(
+        "--captions",
+        type=int,
+        default=None,
+        help="captions to extract (default 1000; 64 with --clip-l)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats (default 5; 1 with --clip-l)"
+    )
     parser.add_argument("--base", default="builtin", help="base.clip: builtin, hub id or folder")
-    parser.add_argument("--clip-l", action="store_true",
-                        help="random-weight CLIP-L text tower (D=768) instead of --base")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"smoke-test sizes ({TINY}; with --clip-l {TINY_CLIP_L})")
+    parser.add_argument(
+        "--clip-l",
+        action="store_true",
+        help="random-weight CLIP-L text tower (D=768) instead of --base",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke-test sizes ({TINY}; with --clip-l {TINY_CLIP_L})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -171,16 +206,20 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_report(result: dict) -> None:
     """The text report of `run`'s result."""
-    print(f"extract {result['extract_s_median']:.2f} s, bare forward "
-          f"{result['bare_forward_s_median']:.2f} s over {result['texts_encoded']} texts "
-          f"(D={result['hidden_size']}, batch {result['batch_size']}): ratio "
-          f"{result['ratio_median']:.3f} (target <= {result['target']}); "
-          f"{result['captions_per_s']:.2f} captions/s, "
-          f"{result['shard_bytes_per_row']:,.0f} shard bytes per row")
+    print(
+        f"extract {result['extract_s_median']:.2f} s, bare forward "
+        f"{result['bare_forward_s_median']:.2f} s over {result['texts_encoded']} texts "
+        f"(D={result['hidden_size']}, batch {result['batch_size']}): ratio "
+        f"{result['ratio_median']:.3f} (target <= {result['target']}); "
+        f"{result['captions_per_s']:.2f} captions/s, "
+        f"{result['shard_bytes_per_row']:,.0f} shard bytes per row"
+    )
     if "article_scale" in result:
         scale = result["article_scale"]
-        print(f"{scale['captions']:,} captions: {scale['cpu_hours']:.1f} h, "
-              f"{scale['disk_gb']:.1f} GB of shards")
+        print(
+            f"{scale['captions']:,} captions: {scale['cpu_hours']:.1f} h, "
+            f"{scale['disk_gb']:.1f} GB of shards"
+        )
 
 
 if __name__ == "__main__":

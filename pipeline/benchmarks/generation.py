@@ -65,8 +65,11 @@ def run(batch: int = 16, repeats: int = 5, width: int = D, layers: int = LAYERS)
         )
     ).eval()
     input_ids = torch.randint(0, VOCAB, (batch, POSITIONS))
-    constants = {"sos": torch.randn(width), "null": torch.randn(width),
-                 "deprojection": torch.randn(width, width)}
+    constants = {
+        "sos": torch.randn(width),
+        "null": torch.randn(width),
+        "deprojection": torch.randn(width, width),
+    }
     embeds = torch.randn(batch, width)
     # Every registered architecture at its defaults, shaped (and initialised) by the CLIP-L
     # sized text model as training would do it.
@@ -97,10 +100,13 @@ def run(batch: int = 16, repeats: int = 5, width: int = D, layers: int = LAYERS)
         "threads": torch.get_num_threads(),
         "clip_encoder_forward_s": encoder_s,
         "models": {
-            name: {"generate_s": seconds[name], "ratio_to_encoder": seconds[name] / encoder_s,
-                   # re-running the teacher-forced model on the prefix for every position
-                   "naive_generate_s": seconds[f"{name}-naive"],
-                   "cache_speedup": seconds[f"{name}-naive"] / seconds[name]}
+            name: {
+                "generate_s": seconds[name],
+                "ratio_to_encoder": seconds[name] / encoder_s,
+                # re-running the teacher-forced model on the prefix for every position
+                "naive_generate_s": seconds[f"{name}-naive"],
+                "cache_speedup": seconds[f"{name}-naive"] / seconds[name],
+            }
             for name in models
         },
     }
@@ -113,15 +119,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--width", type=int, default=D, help="text model width (CLIP-L: 768)")
     parser.add_argument("--layers", type=int, default=LAYERS, help="text model layers (12)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"smoke-test sizes ({TINY}); overrides the options above")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke-test sizes ({TINY}); overrides the options above",
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = TINY if args.tiny else {"batch": args.batch, "repeats": args.repeats,
-                                    "width": args.width, "layers": args.layers}
+    sizes = (
+        TINY
+        if args.tiny
+        else {
+            "batch": args.batch,
+            "repeats": args.repeats,
+            "width": args.width,
+            "layers": args.layers,
+        }
+    )
     result = run(**sizes)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -143,8 +160,10 @@ def print_report(result: dict) -> None:
             f"  = {entry['ratio_to_encoder']:.3f} x encoder  {verdict}"
         )
     for name, entry in result["models"].items():
-        print(f"{name:<20} naive generate {entry['naive_generate_s'] * 1e3:9.1f} ms"
-              f"  fast-path speedup {entry['cache_speedup']:.1f}x")
+        print(
+            f"{name:<20} naive generate {entry['naive_generate_s'] * 1e3:9.1f} ms"
+            f"  fast-path speedup {entry['cache_speedup']:.1f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -55,19 +55,26 @@ TINY = {"prompts": 2, "repeats": 1, "steps": 2}
 PROMPT_SEED = 7  # the benchmark's prompts: another seed than evaluate's held-out ones
 
 
-def pipeline_pictures(pipe, embeds: torch.Tensor, negative: torch.Tensor, r: RenderParams,
-                      seeds: list[int]) -> list:
+def pipeline_pictures(
+    pipe, embeds: torch.Tensor, negative: torch.Tensor, r: RenderParams, seeds: list[int]
+) -> list:
     """The path before: StableDiffusionPipeline per PIPELINE_BATCH prompts, PIL images."""
     images = []
     with torch.no_grad():
         for begin in range(0, len(embeds), PIPELINE_BATCH):
-            chunk = embeds[begin:begin + PIPELINE_BATCH]
-            images += pipe(prompt_embeds=chunk,
-                           negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
-                           generator=[torch.Generator().manual_seed(s)
-                                      for s in seeds[begin:begin + PIPELINE_BATCH]],
-                           num_inference_steps=r.steps, guidance_scale=r.guidance_scale,
-                           height=r.height, width=r.width, output_type="pil").images
+            chunk = embeds[begin : begin + PIPELINE_BATCH]
+            images += pipe(
+                prompt_embeds=chunk,
+                negative_prompt_embeds=negative.expand(len(chunk), -1, -1),
+                generator=[
+                    torch.Generator().manual_seed(s) for s in seeds[begin : begin + PIPELINE_BATCH]
+                ],
+                num_inference_steps=r.steps,
+                guidance_scale=r.guidance_scale,
+                height=r.height,
+                width=r.width,
+                output_type="pil",
+            ).images
     return images
 
 
@@ -75,8 +82,12 @@ def pipeline_pictures(pipe, embeds: torch.Tensor, negative: torch.Tensor, r: Ren
 def timed(times: dict[str, float], pipe, scorer: Scorer) -> Iterator[None]:
     """Adds each segment's seconds to `times` while inside (instance attributes wrap the
     methods; removed on leaving)."""
-    targets = [(pipe.unet, "forward", "unet"), (pipe.vae, "decode", "vae"),
-               (scorer, "adherence", "judge"), (scorer, "clip_scores", "clip_score")]
+    targets = [
+        (pipe.unet, "forward", "unet"),
+        (pipe.vae, "decode", "vae"),
+        (scorer, "adherence", "judge"),
+        (scorer, "clip_scores", "clip_score"),
+    ]
 
     def wrap(f, key):
         def timed_call(*args, **kwargs):
@@ -85,6 +96,7 @@ def timed(times: dict[str, float], pipe, scorer: Scorer) -> Iterator[None]:
                 return f(*args, **kwargs)
             finally:
                 times[key] += time.perf_counter() - start
+
         return timed_call
 
     scheduler_class = type(pipe.scheduler)
@@ -100,8 +112,16 @@ def timed(times: dict[str, float], pipe, scorer: Scorer) -> Iterator[None]:
         scheduler_class.step = step
 
 
-def profile_once(path: str, pipe, scorer: Scorer, embeds: torch.Tensor, negative: torch.Tensor,
-                 r: RenderParams, seeds: list[int], texts: list[str]) -> tuple[dict, np.ndarray]:
+def profile_once(
+    path: str,
+    pipe,
+    scorer: Scorer,
+    embeds: torch.Tensor,
+    negative: torch.Tensor,
+    r: RenderParams,
+    seeds: list[int],
+    texts: list[str],
+) -> tuple[dict, np.ndarray]:
     """One path's segment seconds (`total` included) and its pictures, uint8 [N, H, W, 3]."""
     times: dict[str, float] = defaultdict(float)
     with timed(times, pipe, scorer):
@@ -123,14 +143,20 @@ def stage_pictures(params: Params) -> dict[str, int]:
     e, r = params.evaluate, params.render
     runs = len(params.models)
     single, multi = r.prompts(True)
-    return {"evaluate_adherence": len(KINDS) * (1 + runs) * e.adherence_prompts,
-            "evaluate_image_prompts": e.image_prompts * (1 + runs * (1 + len(BRIDGES))),
-            "render_grids": (1 + runs) * (len(single) + len(multi)) + len(single),
-            "render_interpolation": runs * r.interpolation_steps * r.interpolation_seeds}
+    return {
+        "evaluate_adherence": len(KINDS) * (1 + runs) * e.adherence_prompts,
+        "evaluate_image_prompts": e.image_prompts * (1 + runs * (1 + len(BRIDGES))),
+        "render_grids": (1 + runs) * (len(single) + len(multi)) + len(single),
+        "render_interpolation": runs * r.interpolation_steps * r.interpolation_seeds,
+    }
 
 
-def run(prompts: int = 64, repeats: int = 2, steps: int | None = None,
-        params_file: Path = Path("params.yaml")) -> dict:
+def run(
+    prompts: int = 64,
+    repeats: int = 2,
+    steps: int | None = None,
+    params_file: Path = Path("params.yaml"),
+) -> dict:
     """Both paths `repeats` times, interleaved; medians of each segment and of the ratios."""
     params = load_params(params_file)
     r = params.render if steps is None else dataclasses.replace(params.render, steps=steps)
@@ -149,51 +175,73 @@ def run(prompts: int = 64, repeats: int = 2, steps: int | None = None,
     generate_pixels(pipe, embeds[:1], negative, r, seeds[:1])  # warm-up
     for _ in range(repeats):
         for path in ("pipeline", "direct"):
-            times, pixels[path] = profile_once(path, pipe, scorer, embeds, negative, r, seeds,
-                                               texts)
+            times, pixels[path] = profile_once(
+                path, pipe, scorer, embeds, negative, r, seeds, texts
+            )
             runs[path].append(times)
         times, _ = profile_once("direct", pipe, scorer, embeds, negative, unguided, seeds, texts)
         runs["direct_unguided"].append(times)
     paths = {}
     for path in ("pipeline", "direct"):
         median = {k: statistics.median(t[k] for t in runs[path]) for k in ("total", *SEGMENTS)}
-        paths[path] = {"seconds": median, "pictures_per_s": prompts / median["total"],
-                       "fractions": {k: median[k] / median["total"] for k in SEGMENTS}}
+        paths[path] = {
+            "seconds": median,
+            "pictures_per_s": prompts / median["total"],
+            "fractions": {k: median[k] / median["total"] for k in SEGMENTS},
+        }
     guided = [t["total"] for t in runs["direct"]]
     plain = [t["total"] for t in runs["direct_unguided"]]
-    speedup = statistics.median(p["total"] / d["total"]
-                                for p, d in zip(runs["pipeline"], runs["direct"], strict=True))
+    speedup = statistics.median(
+        p["total"] / d["total"] for p, d in zip(runs["pipeline"], runs["direct"], strict=True)
+    )
     counts = stage_pictures(params)
     rate = paths["direct"]["pictures_per_s"]
-    return {"prompts": prompts, "repeats": repeats, "steps": r.steps,
-            "guidance_scale": r.guidance_scale, "scheduler": r.scheduler,
-            "size": [r.height, r.width], "threads": torch.get_num_threads(),
-            "paths": paths, "speedup_median": speedup,
-            "guidance_share": 1 - statistics.median(p / g for p, g in zip(plain, guided,
-                                                                          strict=True)),
-            "pixels_equal": bool(np.array_equal(pixels["pipeline"], pixels["direct"])),
-            "stages": {"pictures": counts,
-                       "seconds_at_direct_rate": {k: n / rate for k, n in counts.items()},
-                       "shares": {k: n / sum(counts.values()) for k, n in counts.items()}}}
+    return {
+        "prompts": prompts,
+        "repeats": repeats,
+        "steps": r.steps,
+        "guidance_scale": r.guidance_scale,
+        "scheduler": r.scheduler,
+        "size": [r.height, r.width],
+        "threads": torch.get_num_threads(),
+        "paths": paths,
+        "speedup_median": speedup,
+        "guidance_share": 1 - statistics.median(p / g for p, g in zip(plain, guided, strict=True)),
+        "pixels_equal": bool(np.array_equal(pixels["pipeline"], pixels["direct"])),
+        "stages": {
+            "pictures": counts,
+            "seconds_at_direct_rate": {k: n / rate for k, n in counts.items()},
+            "shares": {k: n / sum(counts.values()) for k, n in counts.items()},
+        },
+    }
 
 
 def print_report(result: dict) -> None:
     """The text report of `run`'s result."""
-    print(f"{result['prompts']} prompts, {result['steps']} {result['scheduler']} steps, "
-          f"guidance {result['guidance_scale']}, {result['size'][0]} x {result['size'][1]} px, "
-          f"{result['threads']} threads, medians of {result['repeats']} interleaved repeats")
+    print(
+        f"{result['prompts']} prompts, {result['steps']} {result['scheduler']} steps, "
+        f"guidance {result['guidance_scale']}, {result['size'][0]} x {result['size'][1]} px, "
+        f"{result['threads']} threads, medians of {result['repeats']} interleaved repeats"
+    )
     print("| path | pictures/s | " + " | ".join(SEGMENTS) + " |")
     print("| --- | ---: |" + " ---: |" * len(SEGMENTS))
     for path, entry in result["paths"].items():
-        print(f"| {path} | {entry['pictures_per_s']:.2f} | "
-              + " | ".join(f"{100 * entry['fractions'][k]:.1f} %" for k in SEGMENTS) + " |")
-    print(f"speedup (pipeline / direct time): {result['speedup_median']:.2f}x; "
-          f"guidance share of the direct time: {100 * result['guidance_share']:.0f} %; "
-          f"same pixels: {result['pixels_equal']}")
+        print(
+            f"| {path} | {entry['pictures_per_s']:.2f} | "
+            + " | ".join(f"{100 * entry['fractions'][k]:.1f} %" for k in SEGMENTS)
+            + " |"
+        )
+    print(
+        f"speedup (pipeline / direct time): {result['speedup_median']:.2f}x; "
+        f"guidance share of the direct time: {100 * result['guidance_share']:.0f} %; "
+        f"same pixels: {result['pixels_equal']}"
+    )
     stages = result["stages"]
     for name, n in stages["pictures"].items():
-        print(f"  {name}: {n} pictures, {stages['seconds_at_direct_rate'][name]:.0f} s at "
-              f"this rate ({100 * stages['shares'][name]:.0f} % of the pictures)")
+        print(
+            f"  {name}: {n} pictures, {stages['seconds_at_direct_rate'][name]:.0f} s at "
+            f"this rate ({100 * stages['shares'][name]:.0f} % of the pictures)"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

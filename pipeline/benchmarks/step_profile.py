@@ -52,8 +52,9 @@ ARITHMETIC = ("forward", "backward", "optimizer")
 OVERHEAD = ("read", "loss", "zero_grad", "checkpoint", "other")
 
 
-def build_shards(work: Path, train_captions: int, test_captions: int,
-                 base: str = "builtin") -> Path:
+def build_shards(
+    work: Path, train_captions: int, test_captions: int, base: str = "builtin"
+) -> Path:
     """A `data/shards`-shaped folder (train, test, constants, meta.json) of builtin captions,
     as the extract stage writes it with params.yaml's extract settings."""
 
@@ -64,17 +65,24 @@ def build_shards(work: Path, train_captions: int, test_captions: int,
         params = parse_params({"base": {"clip": base, "sd": base}})  # sd unused here
         constants = compute_constants(clip)
         save_constants(out / "constants.safetensors", **constants)
-        pool = list(dict.fromkeys(generate_captions((train_captions + test_captions) * 2,
-                                                    seed=0)))
-        splits = {"train": pool[:train_captions],
-                  "test": pool[train_captions:train_captions + test_captions]}
-        meta = {"base_clip": base, "base_sd": base, "hidden_size": clip.hidden_size,
-                "projection_size": clip.projection_size, "dtype": params.extract.dtype,
-                "rows_per_shard": params.extract.rows_per_shard, "splits": {}}
+        pool = list(dict.fromkeys(generate_captions((train_captions + test_captions) * 2, seed=0)))
+        splits = {
+            "train": pool[:train_captions],
+            "test": pool[train_captions : train_captions + test_captions],
+        }
+        meta = {
+            "base_clip": base,
+            "base_sd": base,
+            "hidden_size": clip.hidden_size,
+            "projection_size": clip.projection_size,
+            "dtype": params.extract.dtype,
+            "rows_per_shard": params.extract.rows_per_shard,
+            "splits": {},
+        }
         for offset, (split, texts) in enumerate(splits.items()):
-            meta["splits"][split] = extract_split(clip, texts, out / split, params,
-                                                  params.augment.seed + offset,
-                                                  constants["null"])
+            meta["splits"][split] = extract_split(
+                clip, texts, out / split, params, params.augment.seed + offset, constants["null"]
+            )
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
@@ -131,6 +139,7 @@ class _Clock(TrainHooks):
         def post(module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
             if module.training and output.requires_grad:
                 output.register_hook(reached)
+
         model.register_forward_hook(post)
 
 
@@ -148,7 +157,7 @@ def read_split(shards_dir: Path, batch_size: int, seed: int = 0, repeats: int = 
         full.append(time.perf_counter() - begin)
         begin = time.perf_counter()
         for start in range(0, len(reader), batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             chunk = np.searchsorted(reader._starts, rows, side="right") - 1
             offset = rows - reader._starts[chunk]
             for c in np.unique(chunk):
@@ -157,24 +166,47 @@ def read_split(shards_dir: Path, batch_size: int, seed: int = 0, repeats: int = 
                 reader._mask[c][offset[picked]]
         gather.append(time.perf_counter() - begin)
     steps = -(-len(reader) // batch_size)
-    return {"read_s_per_step": statistics.median(full) / steps,
-            "gather_s_per_step": statistics.median(gather) / steps}
+    return {
+        "read_s_per_step": statistics.median(full) / steps,
+        "gather_s_per_step": statistics.median(gather) / steps,
+    }
 
 
-def profile_one(name: str, hparams: dict, shards_dir: Path, work: Path, epochs: int,
-                batch_size: int) -> dict:
+def profile_one(
+    name: str, hparams: dict, shards_dir: Path, work: Path, epochs: int, batch_size: int
+) -> dict:
 
     base = load_params() if Path("params.yaml").exists() else parse_params({})
-    train = {"epochs": epochs, "batch_size": batch_size, "lr": base.train.lr,
-             "mask_weight": base.train.mask_weight, "seed": base.train.seed, "patience": 0,
-             "resume": False, "device": "cpu", "precision": "fp32", "rollout": 0}
-    params = parse_params({"base": {"clip": "builtin", "sd": "builtin"}, "train": train,
-                           "models": {name: {"type": name, **hparams}}})
+    train = {
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": base.train.lr,
+        "mask_weight": base.train.mask_weight,
+        "seed": base.train.seed,
+        "patience": 0,
+        "resume": False,
+        "device": "cpu",
+        "precision": "fp32",
+        "rollout": 0,
+    }
+    params = parse_params(
+        {
+            "base": {"clip": "builtin", "sd": "builtin"},
+            "train": train,
+            "models": {name: {"type": name, **hparams}},
+        }
+    )
     clock = _Clock()
     with contextlib.redirect_stdout(sys.stderr):
-        train_model(name, params, shards_dir=shards_dir, out_dir=work / "models" / name,
-                    plots_dir=work / "reports", checkpoint_dir=work / "checkpoints",
-                    hooks=clock)
+        train_model(
+            name,
+            params,
+            shards_dir=shards_dir,
+            out_dir=work / "models" / name,
+            plots_dir=work / "reports",
+            checkpoint_dir=work / "checkpoints",
+            hooks=clock,
+        )
     s = clock.seconds
     evaluate = s.pop("evaluate", 0.0)
     total = clock.end - clock.start - evaluate  # first batch read .. last checkpoint written
@@ -183,7 +215,10 @@ def profile_one(name: str, hparams: dict, shards_dir: Path, work: Path, epochs: 
     per_step = {k: s.get(k, 0.0) / steps for k in (*ARITHMETIC, *OVERHEAD)}
     step_s = total / steps
     return {
-        "hparams": hparams, "steps": steps, "epochs": epochs, "step_s": step_s,
+        "hparams": hparams,
+        "steps": steps,
+        "epochs": epochs,
+        "step_s": step_s,
         "seconds_per_step": per_step,
         "fractions": {k: v / step_s for k, v in per_step.items()},
         "arithmetic_fraction": sum(per_step[k] for k in ARITHMETIC) / step_s,
@@ -192,8 +227,14 @@ def profile_one(name: str, hparams: dict, shards_dir: Path, work: Path, epochs: 
     }
 
 
-def run(captions: int = 3000, test_captions: int = 200, epochs: int = 2, batch_size: int = 100,
-        models: list[str] | None = None, shards_dir: Path | None = None) -> dict:
+def run(
+    captions: int = 3000,
+    test_captions: int = 200,
+    epochs: int = 2,
+    batch_size: int = 100,
+    models: list[str] | None = None,
+    shards_dir: Path | None = None,
+) -> dict:
     """Profile every architecture (or `models`) over freshly extracted shards (or
     `shards_dir`, a data/shards-shaped folder of the builtin CLIP)."""
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
@@ -204,8 +245,10 @@ def run(captions: int = 3000, test_captions: int = 200, epochs: int = 2, batch_s
         chosen = profile_models()
         if models is not None:
             chosen = {name: chosen[name] for name in models}
-        result = {name: profile_one(name, hparams, shards_dir, work, epochs, batch_size)
-                  for name, hparams in chosen.items()}
+        result = {
+            name: profile_one(name, hparams, shards_dir, work, epochs, batch_size)
+            for name, hparams in chosen.items()
+        }
         reads = read_split(shards_dir, batch_size)
         meta = json.loads((shards_dir / "meta.json").read_text())
     finally:
@@ -216,10 +259,17 @@ def run(captions: int = 3000, test_captions: int = 200, epochs: int = 2, batch_s
         share = min(1.0, reads["gather_s_per_step"] / reads["read_s_per_step"])
         entry["fractions"]["read_gather"] = share * read / entry["step_s"]
         entry["fractions"]["read_convert"] = (1 - share) * read / entry["step_s"]
-    return {"batch_size": batch_size, "epochs": epochs, "hidden_size": meta["hidden_size"],
-            "rows": meta["splits"]["train"]["rows"],
-            "threads": torch.get_num_threads(), "read": reads, "models": result,
-            "data_build_s": data_s, "wall_s": time.perf_counter() - start}
+    return {
+        "batch_size": batch_size,
+        "epochs": epochs,
+        "hidden_size": meta["hidden_size"],
+        "rows": meta["splits"]["train"]["rows"],
+        "threads": torch.get_num_threads(),
+        "read": reads,
+        "models": result,
+        "data_build_s": data_s,
+        "wall_s": time.perf_counter() - start,
+    }
 
 
 # Toy sizes: the code path of the real run in seconds, not its figures.
@@ -228,22 +278,31 @@ TINY = {"captions": 40, "test_captions": 8, "epochs": 1, "batch_size": 16}
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--captions", type=int, default=3000,
-                        help="training captions (params.yaml: 3000)")
+    parser.add_argument(
+        "--captions", type=int, default=3000, help="training captions (params.yaml: 3000)"
+    )
     parser.add_argument("--test-captions", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=100, help="train.batch_size")
     parser.add_argument("--models", nargs="*", help="architectures (default: all)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"smoke-test sizes ({TINY}); overrides the sizes above")
+    parser.add_argument(
+        "--tiny", action="store_true", help=f"smoke-test sizes ({TINY}); overrides the sizes above"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    sizes = TINY if args.tiny else {"captions": args.captions,
-                                    "test_captions": args.test_captions,
-                                    "epochs": args.epochs, "batch_size": args.batch}
+    sizes = (
+        TINY
+        if args.tiny
+        else {
+            "captions": args.captions,
+            "test_captions": args.test_captions,
+            "epochs": args.epochs,
+            "batch_size": args.batch,
+        }
+    )
     result = run(**sizes, models=args.models)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -253,14 +312,18 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_report(result: dict) -> None:
     """The text report of `run`'s result."""
-    print(f"D={result['hidden_size']}, batch {result['batch_size']}, {result['rows']} rows, "
-          f"{result['epochs']} epochs, {result['threads']} threads; fractions of a step:")
+    print(
+        f"D={result['hidden_size']}, batch {result['batch_size']}, {result['rows']} rows, "
+        f"{result['epochs']} epochs, {result['threads']} threads; fractions of a step:"
+    )
     keys = (*ARITHMETIC, *OVERHEAD)
     print(f"{'model':<21}{'step ms':>8} {'overhead':>9} " + " ".join(f"{k:>10}" for k in keys))
     for name, entry in result["models"].items():
         f = entry["fractions"]
-        print(f"{name:<21}{entry['step_s'] * 1e3:8.1f} {entry['overhead_fraction']:9.1%} "
-              + " ".join(f"{f[k]:10.1%}" for k in keys))
+        print(
+            f"{name:<21}{entry['step_s'] * 1e3:8.1f} {entry['overhead_fraction']:9.1%} "
+            + " ".join(f"{f[k]:10.1%}" for k in keys)
+        )
 
 
 if __name__ == "__main__":

@@ -69,9 +69,16 @@ from pipeline.world.scenes import generate_captions
 BATCH = 100
 # A few seconds on 2 CPU cores (plus two short memory-probe subprocesses): the code paths of
 # the real run, not its figures.
-TINY = {"repeats": 1, "captions": 40, "step_width": 64, "step_batch": 4,
-        "profile_captions": 40, "profile_test_captions": 8, "profile_epochs": 1,
-        "profile_batch": 16}
+TINY = {
+    "repeats": 1,
+    "captions": 40,
+    "step_width": 64,
+    "step_batch": 4,
+    "profile_captions": 40,
+    "profile_test_captions": 8,
+    "profile_epochs": 1,
+    "profile_batch": 16,
+}
 LR = 1e-3
 MASK_WEIGHT = 25.0
 TARGETS = {"input_overhead": 1.10, "step": 1.0, "memory": 1.2}
@@ -81,14 +88,21 @@ SMALL_MODEL = ("vicinity-batch", {"vicinity": 3, "norm": "layer"})
 # Item 2: CLIP ViT-L/14 text sizes; every registered architecture at its defaults (which are
 # CLIP-L's shape), the vicinity models with the article's window and BatchNorm.
 D_L = 768
-STEP_OVERRIDES = {"vicinity-batch": {"vicinity": 3, "norm": "batch"},
-                  "vicinity-individual": {"vicinity": 3, "norm": "batch"}}
+STEP_OVERRIDES = {
+    "vicinity-batch": {"vicinity": 3, "norm": "batch"},
+    "vicinity-individual": {"vicinity": 3, "norm": "batch"},
+}
 
 
 # --- the training step (as pipeline.training.loop.train_model runs it) --------------------
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch,
-               loss_fn: Callable = weighted_mse) -> torch.Tensor:
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    loss_fn: Callable = weighted_mse,
+) -> torch.Tensor:
     pred = model(batch.embeds, batch.hidden)
     loss = loss_fn(pred.float(), batch.hidden, batch.mask, MASK_WEIGHT)
     optimizer.zero_grad(set_to_none=True)
@@ -103,8 +117,11 @@ def adam(model: nn.Module) -> torch.optim.Adam:
 
 def random_constants(D: int, P: int, seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"sos": torch.randn(D, generator=g), "null": torch.randn(D, generator=g),
-            "deprojection": torch.randn(D, P, generator=g)}
+    return {
+        "sos": torch.randn(D, generator=g),
+        "null": torch.randn(D, generator=g),
+        "deprojection": torch.randn(D, P, generator=g),
+    }
 
 
 def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
@@ -112,12 +129,13 @@ def _interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str,
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(fns[name]())
     return times
 
 
 # --- 1. input overhead --------------------------------------------------------------------
+
 
 def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor], int]:
     """The shards of `captions` builtin captions (one split) from the builtin world CLIP
@@ -133,8 +151,9 @@ def _build_data(work: Path, captions: int) -> tuple[Path, dict[str, torch.Tensor
     return work / "shards" / "train", constants, clip.projection_size
 
 
-def input_overhead(split_dir: Path, constants: dict[str, torch.Tensor], projection_size: int,
-                   repeats: int) -> dict:
+def input_overhead(
+    split_dir: Path, constants: dict[str, torch.Tensor], projection_size: int, repeats: int
+) -> dict:
     reader = ShardReader(split_dir)
     name, hparams = SMALL_MODEL
     torch.manual_seed(0)
@@ -159,10 +178,13 @@ def input_overhead(split_dir: Path, constants: dict[str, torch.Tensor], projecti
             elapsed = time.perf_counter() - start
             losses[kind].append(total.item())
             return elapsed
+
         return timed
 
-    fns = {"streamed": epoch("streamed", streamed),
-           "in_memory": epoch("in_memory", lambda: in_memory)}
+    fns = {
+        "streamed": epoch("streamed", streamed),
+        "in_memory": epoch("in_memory", lambda: in_memory),
+    }
     for fn in fns.values():
         fn()  # warm-up
     times = _interleaved(fns, repeats)
@@ -179,25 +201,34 @@ def input_overhead(split_dir: Path, constants: dict[str, torch.Tensor], projecti
             pass
         read_s.append(time.perf_counter() - start)
     return {
-        "model": name, "hparams": hparams, "rows": len(reader), "hidden_size": reader.hidden_size,
-        "storage_dtype": str(reader._hidden[0].dtype), "batch_size": BATCH,
-        "steps_per_epoch": len(in_memory), "repeats": repeats,
+        "model": name,
+        "hparams": hparams,
+        "rows": len(reader),
+        "hidden_size": reader.hidden_size,
+        "storage_dtype": str(reader._hidden[0].dtype),
+        "batch_size": BATCH,
+        "steps_per_epoch": len(in_memory),
+        "repeats": repeats,
         "streamed_s_median": statistics.median(times["streamed"]),
         "in_memory_s_median": statistics.median(times["in_memory"]),
         "read_only_s_median": statistics.median(read_s),
-        "ratios": ratios, "ratio_median": ratio,
-        "target": TARGETS["input_overhead"], "pass": ratio <= TARGETS["input_overhead"],
+        "ratios": ratios,
+        "ratio_median": ratio,
+        "target": TARGETS["input_overhead"],
+        "pass": ratio <= TARGETS["input_overhead"],
     }
 
 
 # --- 2. plain reference models ------------------------------------------------------------
 
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-def plain_weighted_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                       mask_weight: float) -> torch.Tensor:
+def plain_weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mask_weight: float
+) -> torch.Tensor:
     weights = torch.where(mask > 0, mask_weight, 1.0)
     weights[:, 0] = 0.0
     weights = weights / weights.mean(dim=1, keepdim=True)
@@ -256,8 +287,15 @@ class PlainVicinity(nn.Module):
     """The vicinity models written out (docs/architectures.md): one window per position,
     built in a Python loop."""
 
-    def __init__(self, individual: bool, D: int, vicinity: int, norm: str,
-                 mlp_layers: int = 1, mlp_ratio: int = 4) -> None:
+    def __init__(
+        self,
+        individual: bool,
+        D: int,
+        vicinity: int,
+        norm: str,
+        mlp_layers: int = 1,
+        mlp_ratio: int = 4,
+    ) -> None:
         super().__init__()
         self.individual, self.v = individual, vicinity
         norm_class = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}[norm]
@@ -268,8 +306,9 @@ class PlainVicinity(nn.Module):
         else:
             self.proj = nn.Linear(D, D)
         self.mix = nn.Linear(D * (1 + vicinity), D)
-        self.blocks = nn.ModuleList(PlainMLPBlock(D, mlp_ratio, norm_class)
-                                    for _ in range(mlp_layers))
+        self.blocks = nn.ModuleList(
+            PlainMLPBlock(D, mlp_ratio, norm_class) for _ in range(mlp_layers)
+        )
         self.norm = norm_class(D)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
@@ -279,17 +318,21 @@ class PlainVicinity(nn.Module):
         zero = e.new_zeros(B, D)
         # Position i (1..76): the states s_{i-1} .. s_{i-v}, zeros before s_1.
         windows = torch.stack(
-            [torch.stack([s[:, i - k] if i - k >= 1 else zero for k in range(1, self.v + 1)],
-                         dim=1)
-             for i in range(1, MAX_LENGTH)], dim=1)  # [B, 76, v, D]
+            [
+                torch.stack(
+                    [s[:, i - k] if i - k >= 1 else zero for k in range(1, self.v + 1)], dim=1
+                )
+                for i in range(1, MAX_LENGTH)
+            ],
+            dim=1,
+        )  # [B, 76, v, D]
         n = MAX_LENGTH - 1
         if self.individual:
             e_feat = quick_gelu(self.embed_proj(e))
             w_feat = quick_gelu(self.state_proj(windows))  # each state once per window
         else:
             e_feat, w_feat = e, windows
-        z = self.mix(torch.cat([e_feat[:, None].expand(B, n, D), w_feat.reshape(B, n, -1)],
-                               dim=2))
+        z = self.mix(torch.cat([e_feat[:, None].expand(B, n, D), w_feat.reshape(B, n, -1)], dim=2))
         x = z if self.individual else self.proj(quick_gelu(z))
         x = x.reshape(B * n, D)
         for block in self.blocks:
@@ -302,8 +345,9 @@ class PlainVicinityTransformer(nn.Module):
     """The vicinity-transformer written out: explicit masked attention per layer, every
     slot's window concat(e, s_{t-1}, ..., s_{t-v}) gathered in a Python loop."""
 
-    def __init__(self, D: int, heads: int, intermediate: int, layers: int, v: int,
-                 eps: float = 1e-5) -> None:
+    def __init__(
+        self, D: int, heads: int, intermediate: int, layers: int, v: int, eps: float = 1e-5
+    ) -> None:
         super().__init__()
         self.heads, self.v = heads, v
         self.register_buffer("sos", torch.zeros(D))
@@ -328,16 +372,21 @@ class PlainVicinityTransformer(nn.Module):
         s = hidden - self.null  # s[:, j] = s_j - null
         zero = e.new_zeros(B, D)
         slots = [self.ln_embed(e), zero] + [s[:, j] for j in range(1, T - 1)]
-        windows = [torch.cat([e] + [s[:, t - k] if t - k >= 1 else zero
-                                    for k in range(1, self.v + 1)], dim=1)
-                   for t in range(T)]
+        windows = [
+            torch.cat(
+                [e] + [s[:, t - k] if t - k >= 1 else zero for k in range(1, self.v + 1)], dim=1
+            )
+            for t in range(T)
+        ]
         x = torch.stack(slots, dim=1) + self.position_embedding
         z = torch.stack(windows, dim=1)
         causal = torch.full((T, T), float("-inf")).triu(1)
         for layer in self.layers:
             a = layer.ln1(x)
-            q, k, v = (p(a).view(B, T, H, D // H).transpose(1, 2)
-                       for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+            q, k, v = (
+                p(a).view(B, T, H, D // H).transpose(1, 2)
+                for p in (layer.q_proj, layer.k_proj, layer.v_proj)
+            )
             y = torch.softmax(q @ k.transpose(-2, -1) * (D // H) ** -0.5 + causal, dim=-1) @ v
             h = x + layer.out_proj(y.transpose(1, 2).reshape(B, T, D)) + layer.vicinity.inner(z)
             h = h + layer.fc2(quick_gelu(layer.fc1(layer.ln2(h))))
@@ -381,8 +430,9 @@ def _plain_transformer(c) -> nn.Module:
 
 def _plain_vicinity_transformer(c) -> nn.Module:
     assert c.vicinity_block == "linear", "the plain reference writes out the linear block"
-    return PlainVicinityTransformer(c.hidden_size, c.num_heads, c.intermediate_size,
-                                    c.num_layers, c.vicinity, c.layer_norm_eps)
+    return PlainVicinityTransformer(
+        c.hidden_size, c.num_heads, c.intermediate_size, c.num_layers, c.vicinity, c.layer_norm_eps
+    )
 
 
 def _plain_lstm(c) -> nn.Module:
@@ -393,10 +443,12 @@ def _plain_lstm(c) -> nn.Module:
 # Independent code by definition: an architecture without an entry is reported, not timed.
 PLAIN_REFERENCES = {
     "transformer": _plain_transformer,
-    "vicinity-batch": lambda c: PlainVicinity(False, c.hidden_size, c.vicinity, c.norm,
-                                              c.mlp_layers, c.mlp_ratio),
-    "vicinity-individual": lambda c: PlainVicinity(True, c.hidden_size, c.vicinity, c.norm,
-                                                   c.mlp_layers, c.mlp_ratio),
+    "vicinity-batch": lambda c: PlainVicinity(
+        False, c.hidden_size, c.vicinity, c.norm, c.mlp_layers, c.mlp_ratio
+    ),
+    "vicinity-individual": lambda c: PlainVicinity(
+        True, c.hidden_size, c.vicinity, c.norm, c.mlp_layers, c.mlp_ratio
+    ),
     "vicinity-transformer": _plain_vicinity_transformer,
     "lstm": _plain_lstm,
 }
@@ -415,8 +467,9 @@ def random_batch(batch: int, D: int, seed: int = 0) -> Batch:
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, MAX_LENGTH + 1, (batch, 1), generator=g)  # BOS..EOS
     mask = (torch.arange(MAX_LENGTH)[None] < lengths).float()
-    return Batch(torch.randn(batch, D, generator=g), torch.randn(batch, MAX_LENGTH, D, generator=g),
-                 mask)
+    return Batch(
+        torch.randn(batch, D, generator=g), torch.randn(batch, MAX_LENGTH, D, generator=g), mask
+    )
 
 
 def _grad_rel_diff(ours: nn.Module, ref: nn.Module) -> float:
@@ -435,8 +488,9 @@ def _grad_rel_diff(ours: nn.Module, ref: nn.Module) -> float:
     return worst
 
 
-def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch.Tensor],
-              repeats: int) -> dict:
+def _step_one(
+    name: str, hparams: dict, batch: Batch, constants: dict[str, torch.Tensor], repeats: int
+) -> dict:
     """Ours vs the plain reference for one model (its tensors are freed on return)."""
     torch.manual_seed(0)
     D = batch.embeds.shape[1]
@@ -464,18 +518,25 @@ def _step_one(name: str, hparams: dict, batch: Batch, constants: dict[str, torch
         train_step(model, opt, batch, loss_fn)
         return time.perf_counter() - start
 
-    times = _interleaved({"ours": lambda: timed(ours, opt_ours, weighted_mse),
-                          "reference": lambda: timed(ref, opt_ref, plain_weighted_mse)},
-                         repeats)
+    times = _interleaved(
+        {
+            "ours": lambda: timed(ours, opt_ours, weighted_mse),
+            "reference": lambda: timed(ref, opt_ref, plain_weighted_mse),
+        },
+        repeats,
+    )
     ratios = [o / r for o, r in zip(times["ours"], times["reference"], strict=True)]
     ratio = statistics.median(ratios)
     return {
         "hparams": hparams,
         "ours_s_median": statistics.median(times["ours"]),
         "reference_s_median": statistics.median(times["reference"]),
-        "ratios": ratios, "ratio_median": ratio,
-        "max_abs_output_diff": out_diff, "max_grad_rel_diff": grad_diff,
-        "target": TARGETS["step"], "pass": ratio <= TARGETS["step"],
+        "ratios": ratios,
+        "ratio_median": ratio,
+        "max_abs_output_diff": out_diff,
+        "max_grad_rel_diff": grad_diff,
+        "target": TARGETS["step"],
+        "pass": ratio <= TARGETS["step"],
     }
 
 
@@ -490,15 +551,25 @@ def step_hparams(name: str, width: int) -> dict:
 def step_vs_reference(repeats: int, width: int = D_L, batch_size: int = BATCH) -> dict:
     batch = random_batch(batch_size, width)
     constants = random_constants(width, width)
-    models = {name: _step_one(name, step_hparams(name, width), batch, constants, repeats)
-              for name in ARCHITECTURES if name in PLAIN_REFERENCES}
-    return {"batch_size": batch_size, "hidden_size": width, "projection_size": width,
-            "threads": torch.get_num_threads(), "repeats": repeats, "models": models,
-            "no_plain_reference": [n for n in ARCHITECTURES if n not in PLAIN_REFERENCES],
-            "pass": all(m["pass"] for m in models.values())}
+    models = {
+        name: _step_one(name, step_hparams(name, width), batch, constants, repeats)
+        for name in ARCHITECTURES
+        if name in PLAIN_REFERENCES
+    }
+    return {
+        "batch_size": batch_size,
+        "hidden_size": width,
+        "projection_size": width,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "models": models,
+        "no_plain_reference": [n for n in ARCHITECTURES if n not in PLAIN_REFERENCES],
+        "pass": all(m["pass"] for m in models.values()),
+    }
 
 
 # --- 3. memory ----------------------------------------------------------------------------
+
 
 def rss_anon_kib() -> int:
     with open("/proc/self/status") as status:
@@ -549,15 +620,24 @@ def memory_probe(split_dir: Path) -> dict:
             train_step(model, optimizer, batch)
             sampler.sample()
             steps += 1
-    return {"rows": len(reader), "steps": steps, "baseline_kib": baseline,
-            "peak_kib": sampler.peak}
+    return {"rows": len(reader), "steps": steps, "baseline_kib": baseline, "peak_kib": sampler.peak}
 
 
 def _probe_subprocess(split_dir: Path) -> dict:
     done = subprocess.run(
-        [sys.executable, "-m", "pipeline.benchmarks.training", "--memory-probe", str(split_dir),
-         "--threads", str(torch.get_num_threads())],
-        capture_output=True, text=True, check=False)
+        [
+            sys.executable,
+            "-m",
+            "pipeline.benchmarks.training",
+            "--memory-probe",
+            str(split_dir),
+            "--threads",
+            str(torch.get_num_threads()),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
         raise RuntimeError(f"memory probe of {split_dir} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -571,8 +651,9 @@ def memory(split_dir: Path, work: Path, repeats: int) -> dict:
     for copy in range(4):
         for k, path in enumerate(shards):
             shutil.copyfile(path, big / f"shard-{copy * len(shards) + k:05d}.arrow")
-    runs = _interleaved({"n": lambda: _probe_subprocess(split_dir),
-                         "4n": lambda: _probe_subprocess(big)}, repeats)
+    runs = _interleaved(
+        {"n": lambda: _probe_subprocess(split_dir), "4n": lambda: _probe_subprocess(big)}, repeats
+    )
     ratios = [b["peak_kib"] / a["peak_kib"] for a, b in zip(runs["n"], runs["4n"], strict=True)]
     ratio = statistics.median(ratios)
     mib = 1 / 1024
@@ -581,24 +662,39 @@ def memory(split_dir: Path, work: Path, repeats: int) -> dict:
         return statistics.median(r[key] for r in runs[kind]) * mib
 
     return {
-        "model": SMALL_MODEL[0], "rows_n": runs["n"][0]["rows"], "rows_4n": runs["4n"][0]["rows"],
+        "model": SMALL_MODEL[0],
+        "rows_n": runs["n"][0]["rows"],
+        "rows_4n": runs["4n"][0]["rows"],
         "repeats": repeats,
-        "peak_n_mib": median("n", "peak_kib"), "peak_4n_mib": median("4n", "peak_kib"),
+        "peak_n_mib": median("n", "peak_kib"),
+        "peak_4n_mib": median("4n", "peak_kib"),
         # Growth above the process's RssAnon before the reader was opened (imports, torch).
-        "growth_n_mib": statistics.median((r["peak_kib"] - r["baseline_kib"]) * mib
-                                          for r in runs["n"]),
-        "growth_4n_mib": statistics.median((r["peak_kib"] - r["baseline_kib"]) * mib
-                                           for r in runs["4n"]),
-        "ratios": ratios, "ratio_median": ratio,
-        "target": TARGETS["memory"], "pass": ratio <= TARGETS["memory"],
+        "growth_n_mib": statistics.median(
+            (r["peak_kib"] - r["baseline_kib"]) * mib for r in runs["n"]
+        ),
+        "growth_4n_mib": statistics.median(
+            (r["peak_kib"] - r["baseline_kib"]) * mib for r in runs["4n"]
+        ),
+        "ratios": ratios,
+        "ratio_median": ratio,
+        "target": TARGETS["memory"],
+        "pass": ratio <= TARGETS["memory"],
     }
 
 
 # --- all ----------------------------------------------------------------------------------
 
-def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
-        step_batch: int = BATCH, profile_captions: int = 3000, profile_test_captions: int = 200,
-        profile_epochs: int = 2, profile_batch: int = BATCH) -> dict:
+
+def run(
+    repeats: int = 3,
+    captions: int = 1000,
+    step_width: int = D_L,
+    step_batch: int = BATCH,
+    profile_captions: int = 3000,
+    profile_test_captions: int = 200,
+    profile_epochs: int = 2,
+    profile_batch: int = BATCH,
+) -> dict:
     """Items 1-4. `captions` is N of items 1 and 3; `step_*` shrink item 2 below CLIP-L's
     sizes and `profile_*` item 4 below the project's defaults, for quick checks only."""
 
@@ -609,14 +705,16 @@ def run(repeats: int = 3, captions: int = 1000, step_width: int = D_L,
         split_dir, constants, projection_size = _build_data(work, captions)
         data_s = time.perf_counter() - start
         # Small-model epochs are cheap next to item 2's steps: more rounds for a steadier median.
-        result = {"input_overhead": input_overhead(split_dir, constants, projection_size,
-                                                   2 * repeats + 1)}
+        result = {
+            "input_overhead": input_overhead(split_dir, constants, projection_size, 2 * repeats + 1)
+        }
         result["memory"] = memory(split_dir, work, repeats=1)
         result["step"] = step_vs_reference(repeats, step_width, step_batch)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    result["profile"] = step_profile.run(profile_captions, profile_test_captions,
-                                         profile_epochs, profile_batch)
+    result["profile"] = step_profile.run(
+        profile_captions, profile_test_captions, profile_epochs, profile_batch
+    )
     result["all_pass"] = all(result[k]["pass"] for k in ("input_overhead", "step", "memory"))
     result["threads"] = threads
     result["data_build_s"] = data_s
@@ -632,11 +730,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--captions", type=int, default=1000, help="N, the rows of items 1, 3")
-    parser.add_argument("--profile-captions", type=int, default=3000,
-                        help="training captions of item 4 (params.yaml: 3000)")
+    parser.add_argument(
+        "--profile-captions",
+        type=int,
+        default=3000,
+        help="training captions of item 4 (params.yaml: 3000)",
+    )
     parser.add_argument("--profile-epochs", type=int, default=2, help="epochs of item 4")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"smoke-test sizes ({TINY}); overrides the sizes above")
+    parser.add_argument(
+        "--tiny", action="store_true", help=f"smoke-test sizes ({TINY}); overrides the sizes above"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--memory-probe", metavar="DIR", help=argparse.SUPPRESS)
@@ -646,9 +749,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_probe:
         print(json.dumps(memory_probe(Path(args.memory_probe))))
         return
-    result = run(**TINY) if args.tiny else run(
-        args.repeats, args.captions, profile_captions=args.profile_captions,
-        profile_epochs=args.profile_epochs)
+    result = (
+        run(**TINY)
+        if args.tiny
+        else run(
+            args.repeats,
+            args.captions,
+            profile_captions=args.profile_captions,
+            profile_epochs=args.profile_epochs,
+        )
+    )
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -658,30 +768,40 @@ def main(argv: list[str] | None = None) -> None:
 def print_report(result: dict) -> None:
     """The text report of `run`'s result."""
     i, m = result["input_overhead"], result["memory"]
-    print(f"input overhead  streamed {i['streamed_s_median']:.3f} s / in-memory "
-          f"{i['in_memory_s_median']:.3f} s per epoch ({i['rows']} rows, D={i['hidden_size']}, "
-          f"batch {i['batch_size']}): ratio {i['ratio_median']:.3f}  "
-          f"{_verdict(i['pass'], i['target'])}  (reading alone {i['read_only_s_median']:.3f} s)")
+    print(
+        f"input overhead  streamed {i['streamed_s_median']:.3f} s / in-memory "
+        f"{i['in_memory_s_median']:.3f} s per epoch ({i['rows']} rows, D={i['hidden_size']}, "
+        f"batch {i['batch_size']}): ratio {i['ratio_median']:.3f}  "
+        f"{_verdict(i['pass'], i['target'])}  (reading alone {i['read_only_s_median']:.3f} s)"
+    )
     s = result["step"]
     for name, entry in s["models"].items():
-        print(f"step {name:<20} ours {entry['ours_s_median']:.2f} s / plain reference "
-              f"{entry['reference_s_median']:.2f} s (D={s['hidden_size']}, batch "
-              f"{s['batch_size']}): ratio {entry['ratio_median']:.3f}  "
-              f"{_verdict(entry['pass'], entry['target'])}")
-    print(f"memory          peak RssAnon {m['rows_4n']} rows {m['peak_4n_mib']:.1f} MiB / "
-          f"{m['rows_n']} rows {m['peak_n_mib']:.1f} MiB (growth in epoch "
-          f"{m['growth_4n_mib']:.1f} / {m['growth_n_mib']:.1f} MiB): ratio "
-          f"{m['ratio_median']:.3f}  {_verdict(m['pass'], m['target'])}")
+        print(
+            f"step {name:<20} ours {entry['ours_s_median']:.2f} s / plain reference "
+            f"{entry['reference_s_median']:.2f} s (D={s['hidden_size']}, batch "
+            f"{s['batch_size']}): ratio {entry['ratio_median']:.3f}  "
+            f"{_verdict(entry['pass'], entry['target'])}"
+        )
+    print(
+        f"memory          peak RssAnon {m['rows_4n']} rows {m['peak_4n_mib']:.1f} MiB / "
+        f"{m['rows_n']} rows {m['peak_n_mib']:.1f} MiB (growth in epoch "
+        f"{m['growth_4n_mib']:.1f} / {m['growth_n_mib']:.1f} MiB): ratio "
+        f"{m['ratio_median']:.3f}  {_verdict(m['pass'], m['target'])}"
+    )
     p = result["profile"]
     for name, entry in p["models"].items():
         f = entry["fractions"]
-        print(f"profile {name:<20} step {entry['step_s'] * 1e3:.1f} ms (D={p['hidden_size']}, "
-              f"batch {p['batch_size']}): overhead {entry['overhead_fraction']:.1%} = read "
-              f"{f['read']:.1%} + loss {f['loss']:.1%} + zero_grad {f['zero_grad']:.1%} + "
-              f"checkpoint {f['checkpoint']:.1%} + other {f['other']:.1%}")
-    print(f"total {result['wall_s']:.0f} s (data build {result['data_build_s']:.0f} s, "
-          f"{result['threads']} threads), "
-          f"{'all targets met' if result['all_pass'] else 'some targets MISSED'}")
+        print(
+            f"profile {name:<20} step {entry['step_s'] * 1e3:.1f} ms (D={p['hidden_size']}, "
+            f"batch {p['batch_size']}): overhead {entry['overhead_fraction']:.1%} = read "
+            f"{f['read']:.1%} + loss {f['loss']:.1%} + zero_grad {f['zero_grad']:.1%} + "
+            f"checkpoint {f['checkpoint']:.1%} + other {f['other']:.1%}"
+        )
+    print(
+        f"total {result['wall_s']:.0f} s (data build {result['data_build_s']:.0f} s, "
+        f"{result['threads']} threads), "
+        f"{'all targets met' if result['all_pass'] else 'some targets MISSED'}"
+    )
 
 
 if __name__ == "__main__":

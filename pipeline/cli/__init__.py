@@ -71,17 +71,26 @@ def _run(step):
 def world_command(
     params: Path = ParamsOption,
     out: Path = typer.Option(Path("models/world"), help="Folder of the trained world."),
-    work: Path = typer.Option(Path("data/world-work"),
-                              help="Checkpoints and finished parts of a build in progress."),
+    work: Path = typer.Option(
+        Path("data/world-work"), help="Checkpoints and finished parts of a build in progress."
+    ),
     part: list[str] = typer.Option(
-        None, help="Train only this part (repeatable): clip, vae, unet, judge. The world is "
-        "assembled once every part is done."),
-    jobs: int = typer.Option(2, min=1, help="Processes for the parts that need no other "
-                             "(vae, clip); the weights do not depend on it."),
+        None,
+        help="Train only this part (repeatable): clip, vae, unet, judge. The world is "
+        "assembled once every part is done.",
+    ),
+    jobs: int = typer.Option(
+        2,
+        min=1,
+        help="Processes for the parts that need no other "
+        "(vae, clip); the weights do not depend on it.",
+    ),
     retrain: list[str] = typer.Option(
-        None, help="Retrain this part (repeatable) even where OUT/world.json records its "
+        None,
+        help="Retrain this part (repeatable) even where OUT/world.json records its "
         "fingerprint; otherwise an unchanged part (same settings, code and needed parts) is "
-        "taken from OUT."),
+        "taken from OUT.",
+    ),
 ) -> None:
     """Train the embedded world (`world.*`): the builtin base models, offline.
 
@@ -101,14 +110,18 @@ def world_command(
         for hint, names in (("--part", part), ("--retrain", retrain)):
             unknown = [p for p in names or () if p not in PARTS]
             if unknown:
-                raise typer.BadParameter(f"unknown part(s) {', '.join(unknown)} "
-                                         f"(known: {', '.join(PARTS)})", param_hint=hint)
+                raise typer.BadParameter(
+                    f"unknown part(s) {', '.join(unknown)} (known: {', '.join(PARTS)})",
+                    param_hint=hint,
+                )
         # Only `world:` is read: the world depends on nothing of the pipeline above it.
         world = load_section(params, "world", WorldParams).validate()
         summary = build_world(out, world, work, tuple(part or PARTS), jobs, tuple(retrain or ()))
         if summary is None:
-            typer.echo(f"parts {', '.join(part)} trained in {work}; run again without --part "
-                       "to assemble the world")
+            typer.echo(
+                f"parts {', '.join(part)} trained in {work}; run again without --part "
+                "to assemble the world"
+            )
             return
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "params"}, indent=2))
 
@@ -119,8 +132,10 @@ def world_command(
 def base_command(
     params: Path = ParamsOption,
     out: Path = typer.Option(Path("models/base.json"), help="Where to write the record."),
-    clip_out: Path = typer.Option(None, help="Where to write the record of the CLIP alone "
-                                  "[default: base-clip.json beside OUT]."),
+    clip_out: Path = typer.Option(
+        None,
+        help="Where to write the record of the CLIP alone [default: base-clip.json beside OUT].",
+    ),
 ) -> None:
     """Check the base models `base.clip` and `base.sd` and record their fingerprint.
 
@@ -139,9 +154,11 @@ def base_command(
     def step():
         p = _params(params)
         report = run_base_stage(p, out, clip_out)
-        typer.echo(f"base models checked (clip: {p.base.clip}, sd: {p.base.sd}, "
-                   f"D={report.hidden_size}); fingerprint "
-                   f"{report.fingerprint['fingerprint'][:16]} in {out}")
+        typer.echo(
+            f"base models checked (clip: {p.base.clip}, sd: {p.base.sd}, "
+            f"D={report.hidden_size}); fingerprint "
+            f"{report.fingerprint['fingerprint'][:16]} in {out}"
+        )
 
     _run(step)
 
@@ -192,12 +209,18 @@ def extract_command(
     params: Path = ParamsOption,
     captions: Path = typer.Option(Path("data/captions"), help="Folder of the captions stage."),
     out: Path = typer.Option(Path("data/shards"), help="Output folder of the shards."),
-    gap: Path = typer.Option(Path("data/gap"), help="Folder of the gap stage (the bridge of "
-                             "the image rows; read only with augment.image > 0)."),
-    num_workers: int = typer.Option(None, help="Split the shards over N workers (machines or "
-                                    "GPUs); overrides extract.num_workers."),
-    worker_index: int = typer.Option(None, help="Which worker this is, 0..N-1; overrides "
-                                     "extract.worker_index."),
+    gap: Path = typer.Option(
+        Path("data/gap"),
+        help="Folder of the gap stage (the bridge of "
+        "the image rows; read only with augment.image > 0).",
+    ),
+    num_workers: int = typer.Option(
+        None,
+        help="Split the shards over N workers (machines or GPUs); overrides extract.num_workers.",
+    ),
+    worker_index: int = typer.Option(
+        None, help="Which worker this is, 0..N-1; overrides extract.worker_index."
+    ),
 ) -> None:
     """Run the CLIP text model over the captions and their augmentations into Arrow shards.
 
@@ -221,8 +244,11 @@ def extract_command(
 
     def step():
         p = _params(params)
-        overrides = {k: v for k, v in (("num_workers", num_workers),
-                                        ("worker_index", worker_index)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (("num_workers", num_workers), ("worker_index", worker_index))
+            if v is not None
+        }
         p = validate(dataclasses.replace(p, extract=dataclasses.replace(p.extract, **overrides)))
         return run_extract_stage(p, captions, out, gap)
 
@@ -284,19 +310,25 @@ def evaluate_command(
     compared = results.pop(COMPARISON)["autoregressive_cosine_masked"]
     for name, metrics in results.items():
         free = metrics[AUTOREGRESSIVE]
-        typer.echo(f"{name:>20}: autoregressive cosine_masked {free[COSINE_MASKED]:.4f}, "
-                   f"weighted_mse {free['weighted_mse']:.5f}")
+        typer.echo(
+            f"{name:>20}: autoregressive cosine_masked {free[COSINE_MASKED]:.4f}, "
+            f"weighted_mse {free['weighted_mse']:.5f}"
+        )
     for kind, rows in pictures.items():
         for name, s in rows.items():
             adherence = f"adherence {s[ADHERENCE]:.3f}, " if ADHERENCE in s else ""
             typer.echo(f"{kind:>6} {name:>20}: {adherence}CLIP score {s[CLIP_SCORE]:.2f}")
     within = [name for name, row in compared["rows"].items() if row["within_noise"]]
-    typer.echo(f"best autoregressive cosine_masked: {compared['best']}; within its 95 % "
-               f"interval: {', '.join(within) or 'none'}")
+    typer.echo(
+        f"best autoregressive cosine_masked: {compared['best']}; within its 95 % "
+        f"interval: {', '.join(within) or 'none'}"
+    )
     for name, rows in image_prompts.items():
         judged = {"text": rows["text"], **rows.get("bridges", {})}
-        typer.echo(f"image prompts {name:>20}: adherence " + ", ".join(
-            f"{key} {s[ADHERENCE]:.3f}" for key, s in judged.items() if ADHERENCE in s))
+        typer.echo(
+            f"image prompts {name:>20}: adherence "
+            + ", ".join(f"{key} {s[ADHERENCE]:.3f}" for key, s in judged.items() if ADHERENCE in s)
+        )
 
 
 @app.command("render")
@@ -317,8 +349,10 @@ def render_command(params: Path = ParamsOption) -> None:
     rendered = _run(lambda: run_render_stage(_params(params)))
     for what, models in rendered.fidelity.items():
         for name, s in models.items():
-            typer.echo(f"{what:>6} {name:>20}: cosine {s['cosine']:.4f}, "
-                       f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} (vs reference)")
+            typer.echo(
+                f"{what:>6} {name:>20}: cosine {s['cosine']:.4f}, "
+                f"PSNR {s['psnr']:.2f} dB, SSIM {s['ssim']:.4f} (vs reference)"
+            )
 
 
 def _scheduler_name(value: str | None) -> str | None:
@@ -329,40 +363,64 @@ def _scheduler_name(value: str | None) -> str | None:
     return value
 
 
-@app.command("encode", help="\n\n".join([
-    "Write the Stable Diffusion conditioning of PROMPT: {'prompt_embeds': [N, 77, D]} (N = 1, "
-    "or one row per --t), plus 'negative_prompt_embeds' of the same shape with --negative.",
-    "Load it with safetensors.torch.load_file and pass the tensors to a "
-    "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds.", PROMPT_GRAMMAR]))
+@app.command(
+    "encode",
+    help="\n\n".join(
+        [
+            "Write the Stable Diffusion conditioning of PROMPT: "
+            "{'prompt_embeds': [N, 77, D]} (N = 1, or one row per --t), plus "
+            "'negative_prompt_embeds' of the same shape with --negative.",
+            "Load it with safetensors.torch.load_file and pass the tensors to a "
+            "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds.",
+            PROMPT_GRAMMAR,
+        ]
+    ),
+)
 @with_prompt_options
 def encode_command(
     options: PromptOptions,
-    out: Path = typer.Option(Path("cond.safetensors"), "--out", "-o",
-                             help="Output safetensors file."),
+    out: Path = typer.Option(
+        Path("cond.safetensors"), "--out", "-o", help="Output safetensors file."
+    ),
     params: Path = ParamsOption,
 ) -> None:
     def step():
-        embeds, negative_embeds, _ = conditionings(options, params_or_defaults(params),
-                                                   params.exists())
+        embeds, negative_embeds, _ = conditionings(
+            options, params_or_defaults(params), params.exists()
+        )
         tensors = {"prompt_embeds": embeds}
         if options.negative is not None:
             tensors["negative_prompt_embeds"] = negative_embeds
         save_tensors(out, {k: v.float().contiguous().cpu() for k, v in tensors.items()})
-        typer.echo(f"wrote {out} (" + ", ".join(f"{k} {list(v.shape)}" for k, v in
-                                               tensors.items()) + ")")
+        typer.echo(
+            f"wrote {out} (" + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()) + ")"
+        )
 
     _run(step)
 
 
-GENERATE_OPTIONS = (("seed", "seed"), ("steps", "steps"), ("guidance", "guidance_scale"),
-                    ("height", "height"), ("width", "width"), ("scheduler", "scheduler"))
+GENERATE_OPTIONS = (
+    ("seed", "seed"),
+    ("steps", "steps"),
+    ("guidance", "guidance_scale"),
+    ("height", "height"),
+    ("width", "width"),
+    ("scheduler", "scheduler"),
+)
 
 
-@app.command("generate", help="\n\n".join([
-    "Generate an image of PROMPT with base.sd, conditioned through a deprojector; with "
-    "several --t, a strip of images from PROMPT to --mix PROMPT_B.",
-    "Unset options come from the render section of the params file (its defaults without "
-    "one); the negative prompt is '' unless --negative gives one.", PROMPT_GRAMMAR]))
+@app.command(
+    "generate",
+    help="\n\n".join(
+        [
+            "Generate an image of PROMPT with base.sd, conditioned through a deprojector; with "
+            "several --t, a strip of images from PROMPT to --mix PROMPT_B.",
+            "Unset options come from the render section of the params file (its defaults without "
+            "one); the negative prompt is '' unless --negative gives one.",
+            PROMPT_GRAMMAR,
+        ]
+    ),
+)
 @with_prompt_options
 def generate_command(
     options: PromptOptions,
@@ -372,12 +430,15 @@ def generate_command(
     guidance: float | None = typer.Option(
         None, help="Classifier-free guidance scale (default: render.guidance_scale)."
     ),
-    height: int | None = typer.Option(None, help="Image height in px, a multiple of 8 "
-                                      "(default: render.height)."),
-    width: int | None = typer.Option(None, help="Image width in px, a multiple of 8 "
-                                     "(default: render.width)."),
+    height: int | None = typer.Option(
+        None, help="Image height in px, a multiple of 8 (default: render.height)."
+    ),
+    width: int | None = typer.Option(
+        None, help="Image width in px, a multiple of 8 (default: render.width)."
+    ),
     scheduler: str | None = typer.Option(
-        None, callback=_scheduler_name,
+        None,
+        callback=_scheduler_name,
         help="pndm, ddim, euler, euler-a or dpm++ (default: render.scheduler).",
     ),
     out: Path = typer.Option(Path("out.png"), "--out", "-o", help="Output image file."),
@@ -389,8 +450,14 @@ def generate_command(
 
     def step():
         p = params_or_defaults(params)
-        overrides = {"seed": seed, "steps": steps, "guidance_scale": guidance, "height": height,
-                     "width": width, "scheduler": scheduler}
+        overrides = {
+            "seed": seed,
+            "steps": steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "scheduler": scheduler,
+        }
         given = {k: v for k, v in overrides.items() if v is not None}
         r = dataclasses.replace(p.render, **given)
         try:  # the same checks as params.yaml's render section
@@ -406,11 +473,17 @@ def generate_command(
             picture = images[0]
         else:  # an interpolation strip, one column per t
             row = options.model.name
-            picture = make_grid([GridColumn(label, {row: image}) for label, image in
-                                 zip(labels, images, strict=True)])[0]
+            picture = make_grid(
+                [
+                    GridColumn(label, {row: image})
+                    for label, image in zip(labels, images, strict=True)
+                ]
+            )[0]
         save_image(picture, out)
-        typer.echo(f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)} of "
-                   f"{r.width}x{r.height}, seed {r.seed}, {r.steps} steps)")
+        typer.echo(
+            f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)} of "
+            f"{r.width}x{r.height}, seed {r.seed}, {r.steps} steps)"
+        )
 
     _run(step)
 
@@ -420,15 +493,24 @@ def bench_command(
     repeats: int = typer.Option(3, min=1, help="Repeats per measurement; medians are quoted."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     clip_l_captions: int = typer.Option(
-        64, min=0, help="Captions of the CLIP-L-width extraction case (0 skips it; about a "
-        "minute per repeat per 64 captions on a 2-core CPU)."),
+        64,
+        min=0,
+        help="Captions of the CLIP-L-width extraction case (0 skips it; about a "
+        "minute per repeat per 64 captions on a 2-core CPU).",
+    ),
     schedulers: bool = typer.Option(
-        False, "--schedulers", help="Also the reference-row adherence per scheduler, steps and "
-        "guidance (pipeline.experiments.schedulers, 96 prompts: several minutes on 2 cores)."),
+        False,
+        "--schedulers",
+        help="Also the reference-row adherence per scheduler, steps and "
+        "guidance (pipeline.experiments.schedulers, 96 prompts: several minutes on 2 cores).",
+    ),
     tiny: bool = typer.Option(
-        False, "--tiny", help="Every benchmark at toy sizes (each module's TINY; overrides "
+        False,
+        "--tiny",
+        help="Every benchmark at toy sizes (each module's TINY; overrides "
         "--repeats and --clip-l-captions): checks the code paths in about a minute, its "
-        "numbers mean nothing."),
+        "numbers mean nothing.",
+    ),
     threads: int = typer.Option(0, min=0, help="Torch CPU threads (0: torch's default)."),
 ) -> None:
     """Run every benchmark in this process and print ratios (medians over repeats).
@@ -452,8 +534,13 @@ def bench_command(
     from pipeline.benchmarks.suite import print_suite, run_suite
 
     _quiet_libraries()
-    results = run_suite(repeats=repeats, clip_l_captions=clip_l_captions,
-                        schedulers=schedulers, tiny=tiny, threads=threads)
+    results = run_suite(
+        repeats=repeats,
+        clip_l_captions=clip_l_captions,
+        schedulers=schedulers,
+        tiny=tiny,
+        threads=threads,
+    )
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:
@@ -463,15 +550,21 @@ def bench_command(
 @app.command("compare")
 def compare_command(
     revisions: list[str] | None = typer.Argument(
-        None, metavar="REV_OR_EXP",
+        None,
+        metavar="REV_OR_EXP",
         help="Git revisions (main, HEAD~1, a tag or commit), `dvc exp` experiment names, or "
         "`workspace`. None: main against the workspace; one: it against the workspace.",
     ),
-    out: Path = typer.Option(Path("reports/compare.md"), "--out", "-o",
-                             help="Markdown report; its images go into the folder beside it "
-                             "named after it (reports/compare/N-REV/)."),
+    out: Path = typer.Option(
+        Path("reports/compare.md"),
+        "--out",
+        "-o",
+        help="Markdown report; its images go into the folder beside it "
+        "named after it (reports/compare/N-REV/).",
+    ),
     skip_missing: bool = typer.Option(
-        False, "--skip-missing",
+        False,
+        "--skip-missing",
         help="A revision that does not exist or has no rendered reports: say so and exit 0 "
         "without a report (for CI scripts, e.g. `compare HEAD~1` on a first commit).",
     ),

@@ -19,19 +19,21 @@ import typer
 from pipeline.core.names import BRIDGES
 
 # Paragraphs of one line each: the help formatter keeps line breaks as they are.
-PROMPT_GRAMMAR = "\n\n".join([
-    "Prompt grammar: parts separated by commas, each optionally weighted with ':WEIGHT' "
-    "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract; |WEIGHT| "
-    "<= 100). With a deprojector the parts combine as Σ w_k (e_k − null) + null. A colon "
-    "always starts a weight.",
-    "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the bridge to text "
-    "space (--bridge; statistics saved with the deprojector, or --gap), the pseudo-inverse "
-    "of the text projection. A prompt of only images is allowed (pass '').",
-    "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
-    "PROMPT_B around null, linearly or with --slerp.",
-    "The base CLIP is the one the deprojector was trained on (its config.json records it), "
-    "or base.clip of the params file when there is one; another CLIP is refused.",
-])
+PROMPT_GRAMMAR = "\n\n".join(
+    [
+        "Prompt grammar: parts separated by commas, each optionally weighted with ':WEIGHT' "
+        "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract; |WEIGHT| "
+        "<= 100). With a deprojector the parts combine as Σ w_k (e_k − null) + null. A colon "
+        "always starts a weight.",
+        "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the bridge to text "
+        "space (--bridge; statistics saved with the deprojector, or --gap), the pseudo-inverse "
+        "of the text projection. A prompt of only images is allowed (pass '').",
+        "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
+        "PROMPT_B around null, linearly or with --slerp.",
+        "The base CLIP is the one the deprojector was trained on (its config.json records it), "
+        "or base.clip of the params file when there is one; another CLIP is refused.",
+    ]
+)
 
 
 @dataclass
@@ -53,10 +55,17 @@ class PromptOptions:
     bridge: str | None = None
 
     def check(self) -> None:
-        extras = [flag for flag, used in (
-            ("--image", self.images), ("--mix", self.mix is not None),
-            ("--mix-image", self.mix_images), ("--t", self.ts), ("--slerp", self.slerp))
-            if used]
+        extras = [
+            flag
+            for flag, used in (
+                ("--image", self.images),
+                ("--mix", self.mix is not None),
+                ("--mix-image", self.mix_images),
+                ("--t", self.ts),
+                ("--slerp", self.slerp),
+            )
+            if used
+        ]
         if extras and self.no_deprojector:
             raise typer.BadParameter(f"{extras[0]} needs a deprojector (drop --no-deprojector)")
         if extras and not self.combine:
@@ -64,70 +73,160 @@ class PromptOptions:
         if (self.ts or self.mix_images or self.slerp) and self.mix is None:
             raise typer.BadParameter("--t, --mix-image and --slerp need --mix PROMPT_B")
         if self.bridge is not None and self.bridge not in BRIDGES:
-            raise typer.BadParameter(f"--bridge must be one of {', '.join(BRIDGES)}, got "
-                                     f"{self.bridge!r}")
+            raise typer.BadParameter(
+                f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}"
+            )
         bad = [t for t in self.ts if not 0.0 <= t <= 1.0]
         if bad:
             raise typer.BadParameter(f"--t must lie in [0, 1], got {bad[0]}")
 
 
 def _option(name: str, annotation, default) -> inspect.Parameter:
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                             annotation=annotation)
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+    )
 
 
 # field of PromptOptions -> its typer parameter; `None` lists become [] in PromptOptions.
 PROMPT_PARAMETERS = [
-    inspect.Parameter("prompt", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
-                      default=typer.Argument(
-                          ..., help="The prompt, e.g. 'cat, maid' or 'red circle:1.2, blue "
-                          "square:0.6' ('' with --image only). Commas separate the parts that "
-                          "--combine adds up.")),
-    _option("model", Path, typer.Option(
-        Path("models/transformer"), "--model", "-m",
-        help="Deprojector folder (config.json + model.safetensors), e.g. "
-        "models/vicinity-batch.")),
-    _option("no_deprojector", bool, typer.Option(
-        False, "--no-deprojector",
-        help="Use the ordinary CLIP last hidden state of the prompt (the reference) instead.")),
-    _option("combine", bool, typer.Option(
-        True, "--combine/--no-combine",
-        help="Encode the comma-separated parts and deproject Σ w_k (e_k − null) + null, or "
-        "deproject the pooled embedding of the whole prompt.")),
-    _option("images", list[str] | None, typer.Option(
-        None, "--image", metavar="PATH[:WEIGHT]",
-        help="An RGB image as a prompt part (repeatable), e.g. scene.png:0.8.")),
-    _option("mix", str | None, typer.Option(
-        None, "--mix", metavar="PROMPT_B",
-        help="Interpolate from PROMPT to this prompt (same grammar).")),
-    _option("mix_images", list[str] | None, typer.Option(
-        None, "--mix-image", metavar="PATH[:WEIGHT]",
-        help="An image part of PROMPT_B (repeatable).")),
-    _option("ts", list[float] | None, typer.Option(
-        None, "--t", help="Interpolation fraction (0 = PROMPT, 1 = PROMPT_B; repeatable for "
-        "a strip; default 0.5).")),
-    _option("slerp", bool, typer.Option(
-        False, "--slerp", help="Spherical interpolation around null instead of linear.")),
-    _option("negative", str | None, typer.Option(
-        None, "--negative", metavar="TEXT",
-        help="Negative prompt (default ''), deprojected like the prompt (weights allowed).")),
-    _option("negative_reference", bool, typer.Option(
-        False, "--negative-reference",
-        help="Use the ordinary CLIP states of --negative instead of deprojecting it.")),
-    _option("gap", Path | None, typer.Option(
-        None, "--gap", help="Modality-gap statistics (a `gap` stage folder such as data/gap); "
-        "default: those saved with the deprojector.")),
-    _option("bridge", str | None, typer.Option(
-        None, "--bridge", metavar="|".join(BRIDGES),
-        help="How image embeddings reach text space (default: the deprojector's, the one it "
-        "was trained with; `none` needs no statistics).")),
+    inspect.Parameter(
+        "prompt",
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        annotation=str,
+        default=typer.Argument(
+            ...,
+            help="The prompt, e.g. 'cat, maid' or 'red circle:1.2, blue "
+            "square:0.6' ('' with --image only). Commas separate the parts that "
+            "--combine adds up.",
+        ),
+    ),
+    _option(
+        "model",
+        Path,
+        typer.Option(
+            Path("models/transformer"),
+            "--model",
+            "-m",
+            help="Deprojector folder (config.json + model.safetensors), e.g. "
+            "models/vicinity-batch.",
+        ),
+    ),
+    _option(
+        "no_deprojector",
+        bool,
+        typer.Option(
+            False,
+            "--no-deprojector",
+            help="Use the ordinary CLIP last hidden state of the prompt (the reference) instead.",
+        ),
+    ),
+    _option(
+        "combine",
+        bool,
+        typer.Option(
+            True,
+            "--combine/--no-combine",
+            help="Encode the comma-separated parts and deproject Σ w_k (e_k − null) + null, or "
+            "deproject the pooled embedding of the whole prompt.",
+        ),
+    ),
+    _option(
+        "images",
+        list[str] | None,
+        typer.Option(
+            None,
+            "--image",
+            metavar="PATH[:WEIGHT]",
+            help="An RGB image as a prompt part (repeatable), e.g. scene.png:0.8.",
+        ),
+    ),
+    _option(
+        "mix",
+        str | None,
+        typer.Option(
+            None,
+            "--mix",
+            metavar="PROMPT_B",
+            help="Interpolate from PROMPT to this prompt (same grammar).",
+        ),
+    ),
+    _option(
+        "mix_images",
+        list[str] | None,
+        typer.Option(
+            None,
+            "--mix-image",
+            metavar="PATH[:WEIGHT]",
+            help="An image part of PROMPT_B (repeatable).",
+        ),
+    ),
+    _option(
+        "ts",
+        list[float] | None,
+        typer.Option(
+            None,
+            "--t",
+            help="Interpolation fraction (0 = PROMPT, 1 = PROMPT_B; repeatable for "
+            "a strip; default 0.5).",
+        ),
+    ),
+    _option(
+        "slerp",
+        bool,
+        typer.Option(
+            False, "--slerp", help="Spherical interpolation around null instead of linear."
+        ),
+    ),
+    _option(
+        "negative",
+        str | None,
+        typer.Option(
+            None,
+            "--negative",
+            metavar="TEXT",
+            help="Negative prompt (default ''), deprojected like the prompt (weights allowed).",
+        ),
+    ),
+    _option(
+        "negative_reference",
+        bool,
+        typer.Option(
+            False,
+            "--negative-reference",
+            help="Use the ordinary CLIP states of --negative instead of deprojecting it.",
+        ),
+    ),
+    _option(
+        "gap",
+        Path | None,
+        typer.Option(
+            None,
+            "--gap",
+            help="Modality-gap statistics (a `gap` stage folder such as data/gap); "
+            "default: those saved with the deprojector.",
+        ),
+    ),
+    _option(
+        "bridge",
+        str | None,
+        typer.Option(
+            None,
+            "--bridge",
+            metavar="|".join(BRIDGES),
+            help="How image embeddings reach text space (default: the deprojector's, the one it "
+            "was trained with; `none` needs no statistics).",
+        ),
+    ),
 ]
 
 
 def with_prompt_options(command):
     """Give `command(options: PromptOptions, ...)` the prompt options as CLI parameters."""
-    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-           for p in inspect.signature(command).parameters.values() if p.name != "options"]
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(command).parameters.values()
+        if p.name != "options"
+    ]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
@@ -163,8 +262,10 @@ def conditionings(o: PromptOptions, params, params_file: bool):
         encoder = PromptEncoder.from_pretrained(
             None if o.no_deprojector else o.model,
             clip=params.base.clip if params_file or o.no_deprojector else None,
-            gap=None if o.bridge == "none" else o.gap, images=bool(images or mix_images),
-            device=params.render.device)
+            gap=None if o.bridge == "none" else o.gap,
+            images=bool(images or mix_images),
+            device=params.render.device,
+        )
         if o.no_deprojector:
             embeds, labels = encoder.encode_prompt(o.prompt, deproject=False), ["reference"]
         elif o.mix is not None:
@@ -177,7 +278,8 @@ def conditionings(o: PromptOptions, params, params_file: bool):
             embeds = encoder.encode_prompt(o.prompt, images, o.bridge, combine=o.combine)
             labels = ["deprojected" if o.combine else "whole"]
         negative = encoder.encode_negative(
-            o.negative or "", deproject=not (o.no_deprojector or o.negative_reference))
+            o.negative or "", deproject=not (o.no_deprojector or o.negative_reference)
+        )
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
     # diffusers wants as many negative rows as prompt rows.

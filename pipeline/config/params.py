@@ -112,9 +112,11 @@ class GapParams:
 # split stage targets (`dvc.yaml:train@NAME`), '/' makes a subfolder. So: letters, digits,
 # '_' and '-'. pipeline.core.names lists the names other outputs and rows take.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-RUN_NAME_RULE = ("letters, digits, '_' and '-', starting with a letter or digit (DVC "
-                 "addresses a run as the stage train@NAME and the param models.NAME: '.' would "
-                 "split the key, '@', ':', '/', spaces and other punctuation the stage name)")
+RUN_NAME_RULE = (
+    "letters, digits, '_' and '-', starting with a letter or digit (DVC "
+    "addresses a run as the stage train@NAME and the param models.NAME: '.' would "
+    "split the key, '@', ':', '/', spaces and other punctuation the stage name)"
+)
 
 
 @dataclass(frozen=True)
@@ -127,17 +129,30 @@ class ModelSpec:
     # `train:` settings of this run only (e.g. {rollout: 2}); the others come from `train:`.
     train: dict[str, Any] = field(default_factory=dict)
 
+
 # The grid prompts of the embedded world, mirroring the article's three pairs: two words
 # that make one thing; one thing with several attributes; two things and a place.
-WORLD_PROMPTS_SINGLE = ("red circle", "big yellow star black background",
-                        "red circle blue square white background")
-WORLD_PROMPTS_MULTI = ("red, circle", "big, yellow star, black background",
-                       "red circle, blue square, white background")
+WORLD_PROMPTS_SINGLE = (
+    "red circle",
+    "big yellow star black background",
+    "red circle blue square white background",
+)
+WORLD_PROMPTS_MULTI = (
+    "red, circle",
+    "big, yellow star, black background",
+    "red circle, blue square, white background",
+)
 # The article's comparison prompts (SPEC §4), for real base models.
-ARTICLE_PROMPTS_SINGLE = ("cat maid", "1girl red hair blue eye black skirt",
-                          "1boy 1girl in class room")
-ARTICLE_PROMPTS_MULTI = ("cat, maid", "1girl, red hair, blue eye, black skirt",
-                         "1boy, 1girl, in class room")
+ARTICLE_PROMPTS_SINGLE = (
+    "cat maid",
+    "1girl red hair blue eye black skirt",
+    "1boy 1girl in class room",
+)
+ARTICLE_PROMPTS_MULTI = (
+    "cat, maid",
+    "1girl, red hair, blue eye, black skirt",
+    "1boy, 1girl, in class room",
+)
 PROMPT_SETS = ("auto", "world", "article")
 MAX_STEPS = 1000  # SD's (and the world's) num_train_timesteps: no scheduler takes more
 # Far beyond any useful scale (7.5 is SD's default); the latents overflow to NaN (a black
@@ -159,8 +174,7 @@ class RenderParams:
     prompt_set: str = "auto"  # world | article | auto (world with the builtin base models)
     world_prompts_single: list[str] = field(default_factory=lambda: list(WORLD_PROMPTS_SINGLE))
     world_prompts_multi: list[str] = field(default_factory=lambda: list(WORLD_PROMPTS_MULTI))
-    article_prompts_single: list[str] = field(
-        default_factory=lambda: list(ARTICLE_PROMPTS_SINGLE))
+    article_prompts_single: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_SINGLE))
     article_prompts_multi: list[str] = field(default_factory=lambda: list(ARTICLE_PROMPTS_MULTI))
     seed: int = 0
     steps: int = 20
@@ -208,80 +222,132 @@ class Params:
 
 
 def _check_render(r: RenderParams) -> None:
-    check(r.prompt_set in PROMPT_SETS, "render.prompt_set", f"one of {PROMPT_SETS}",
-          r.prompt_set)
-    for key in ("world_prompts_single", "world_prompts_multi", "article_prompts_single",
-                "article_prompts_multi"):
+    check(r.prompt_set in PROMPT_SETS, "render.prompt_set", f"one of {PROMPT_SETS}", r.prompt_set)
+    for key in (
+        "world_prompts_single",
+        "world_prompts_multi",
+        "article_prompts_single",
+        "article_prompts_multi",
+    ):
         prompts = getattr(r, key)
-        check(len(prompts) > 0 and all(isinstance(p, str) and p.replace(",", " ").strip()
-                                       for p in prompts),
-              f"render.{key}", "a non-empty list of prompts with text", prompts)
+        check(
+            len(prompts) > 0
+            and all(isinstance(p, str) and p.replace(",", " ").strip() for p in prompts),
+            f"render.{key}",
+            "a non-empty list of prompts with text",
+            prompts,
+        )
     check(r.seed >= 0, "render.seed", "0 or more", r.seed)
     # Every scheduler takes at most as many steps as the UNet was trained with timesteps.
-    check(0 < r.steps <= MAX_STEPS, "render.steps",
-          f"in [1, {MAX_STEPS}] (the schedulers' training timesteps)", r.steps)
-    check(math.isfinite(r.guidance_scale) and 0 <= r.guidance_scale <= MAX_GUIDANCE,
-          "render.guidance_scale", f"a finite number in [0, {MAX_GUIDANCE:g}]",
-          r.guidance_scale)
+    check(
+        0 < r.steps <= MAX_STEPS,
+        "render.steps",
+        f"in [1, {MAX_STEPS}] (the schedulers' training timesteps)",
+        r.steps,
+    )
+    check(
+        math.isfinite(r.guidance_scale) and 0 <= r.guidance_scale <= MAX_GUIDANCE,
+        "render.guidance_scale",
+        f"a finite number in [0, {MAX_GUIDANCE:g}]",
+        r.guidance_scale,
+    )
     # The UNet halves the latent size per level; multiples of 8 work for SD and the builtin.
     for key in ("height", "width"):
         value = getattr(r, key)
-        check(0 < value <= MAX_SIDE and value % 8 == 0, f"render.{key}",
-              f"a positive multiple of 8, at most {MAX_SIDE}", value)
-    check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}",
-          r.scheduler)
-    check(r.interpolation_steps >= 2, "render.interpolation_steps", "2 or more",
-          r.interpolation_steps)
-    check(r.interpolation_seeds >= 1, "render.interpolation_seeds", "1 or more",
-          r.interpolation_seeds)
+        check(
+            0 < value <= MAX_SIDE and value % 8 == 0,
+            f"render.{key}",
+            f"a positive multiple of 8, at most {MAX_SIDE}",
+            value,
+        )
+    check(r.scheduler in SCHEDULERS, "render.scheduler", f"one of {tuple(SCHEDULERS)}", r.scheduler)
+    check(
+        r.interpolation_steps >= 2, "render.interpolation_steps", "2 or more", r.interpolation_steps
+    )
+    check(
+        r.interpolation_seeds >= 1, "render.interpolation_seeds", "1 or more", r.interpolation_seeds
+    )
 
 
 def validate(p: Params) -> Params:
     c, a, e = p.captions, p.augment, p.extract
     # One rule for "is this the embedded world?" (pipeline.world.embedded.World.named).
-    check((p.base.clip == BUILTIN) == (p.base.sd == BUILTIN), "base",
-          "`builtin` for both clip and sd (the embedded world) or for neither",
-          {"clip": p.base.clip, "sd": p.base.sd})
+    check(
+        (p.base.clip == BUILTIN) == (p.base.sd == BUILTIN),
+        "base",
+        "`builtin` for both clip and sd (the embedded world) or for neither",
+        {"clip": p.base.clip, "sd": p.base.sd},
+    )
     p.world.validate()
-    check(p.evaluate.adherence_prompts >= 0, "evaluate.adherence_prompts", "0 (off) or more",
-          p.evaluate.adherence_prompts)
+    check(
+        p.evaluate.adherence_prompts >= 0,
+        "evaluate.adherence_prompts",
+        "0 (off) or more",
+        p.evaluate.adherence_prompts,
+    )
     check(c.train_size > 0, "captions.train_size", "a positive integer", c.train_size)
     check(c.test_size > 0, "captions.test_size", "a positive integer", c.test_size)
     check(0.0 <= a.split <= 1.0, "augment.split", "in [0, 1]", a.split)
     check(0.0 <= a.combine <= 1.0, "augment.combine", "in [0, 1]", a.combine)
     check(0.0 <= a.image <= 1.0, "augment.image", "in [0, 1]", a.image)
-    check(a.split + a.combine + a.image <= 1.0, "augment.split + augment.combine + augment.image",
-          "at most 1", a.split + a.combine + a.image)
+    check(
+        a.split + a.combine + a.image <= 1.0,
+        "augment.split + augment.combine + augment.image",
+        "at most 1",
+        a.split + a.combine + a.image,
+    )
     check(e.batch_size > 0, "extract.batch_size", "a positive integer", e.batch_size)
     check(e.rows_per_shard > 0, "extract.rows_per_shard", "a positive integer", e.rows_per_shard)
     check(e.num_workers > 0, "extract.num_workers", "a positive integer", e.num_workers)
-    check(0 <= e.worker_index < e.num_workers, "extract.worker_index",
-          f"in [0, extract.num_workers - 1 = {e.num_workers - 1}]", e.worker_index)
+    check(
+        0 <= e.worker_index < e.num_workers,
+        "extract.worker_index",
+        f"in [0, extract.num_workers - 1 = {e.num_workers - 1}]",
+        e.worker_index,
+    )
     check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
     t = p.train
     check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
     check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)
     for key in ("lr", "mask_weight"):  # section() refuses .inf in YAML; here any source
-        check(math.isfinite(getattr(t, key)), f"train.{key}", "a finite number",
-              getattr(t, key))
+        check(math.isfinite(getattr(t, key)), f"train.{key}", "a finite number", getattr(t, key))
     check(t.lr > 0, "train.lr", "positive", t.lr)
     check(t.mask_weight > 0, "train.mask_weight", "positive", t.mask_weight)
     check(t.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", t.precision)
     check(t.patience >= 0, "train.patience", "0 (off) or a positive integer", t.patience)
     check(t.rollout >= 0, "train.rollout", "0 (teacher forcing) or more", t.rollout)
-    check(t.loss in LOSSES, "train.loss",
-          f"one of {LOSSES} (cross_attention and mix measure the error through base.sd's "
-          "UNet cross-attention keys and values)", t.loss)
-    check(p.evaluate.batch_size > 0, "evaluate.batch_size", "a positive integer",
-          p.evaluate.batch_size)
-    check(p.evaluate.combination_pairs >= 0, "evaluate.combination_pairs", "0 or more",
-          p.evaluate.combination_pairs)
+    check(
+        t.loss in LOSSES,
+        "train.loss",
+        f"one of {LOSSES} (cross_attention and mix measure the error through base.sd's "
+        "UNet cross-attention keys and values)",
+        t.loss,
+    )
+    check(
+        p.evaluate.batch_size > 0,
+        "evaluate.batch_size",
+        "a positive integer",
+        p.evaluate.batch_size,
+    )
+    check(
+        p.evaluate.combination_pairs >= 0,
+        "evaluate.combination_pairs",
+        "0 or more",
+        p.evaluate.combination_pairs,
+    )
     _check_render(p.render)
-    check(p.render.showcase_model in ("first", *p.models), "render.showcase_model",
-          f"first (the first run) or a run of `models` ({', '.join(p.models)})",
-          p.render.showcase_model)
-    check(p.evaluate.image_prompts >= 0, "evaluate.image_prompts", "0 (off) or more",
-          p.evaluate.image_prompts)
+    check(
+        p.render.showcase_model in ("first", *p.models),
+        "render.showcase_model",
+        f"first (the first run) or a run of `models` ({', '.join(p.models)})",
+        p.render.showcase_model,
+    )
+    check(
+        p.evaluate.image_prompts >= 0,
+        "evaluate.image_prompts",
+        "0 (off) or more",
+        p.evaluate.image_prompts,
+    )
     check(p.gap.pairs > 0, "gap.pairs", "a positive integer", p.gap.pairs)
     check(p.gap.bridge in BRIDGES, "gap.bridge", f"one of {BRIDGES}", p.gap.bridge)
     check(p.gap.bank > 0, "gap.bank", "a positive integer", p.gap.bank)
@@ -300,26 +366,46 @@ def parse_models(raw: Any) -> dict[str, ModelSpec]:
     check(isinstance(raw, dict), "models", "a mapping of run name to {type: ..., ...}", raw)
     specs: dict[str, ModelSpec] = {}
     for name, entry in raw.items():
-        check(isinstance(name, str) and RUN_NAME.fullmatch(name) is not None,
-              f"models.{name}", f"a run name of {RUN_NAME_RULE}", name)
-        check(name not in RESERVED_RUN_NAMES, f"models.{name}",
-              f"a run name other than {', '.join(RESERVED_RUN_NAMES)} (taken by other "
-              f"outputs)", name)
+        check(
+            isinstance(name, str) and RUN_NAME.fullmatch(name) is not None,
+            f"models.{name}",
+            f"a run name of {RUN_NAME_RULE}",
+            name,
+        )
+        check(
+            name not in RESERVED_RUN_NAMES,
+            f"models.{name}",
+            f"a run name other than {', '.join(RESERVED_RUN_NAMES)} (taken by other outputs)",
+            name,
+        )
         twin = next((other for other in specs if other.lower() == name.lower()), None)
-        check(twin is None, f"models.{name}",
-              f"a run name that differs from {twin!r} in more than letter case (models/NAME "
-              f"folders would be one on a case-insensitive file system)", name)
-        check(isinstance(entry, dict), f"models.{name}",
-              "a mapping with `type` (an architecture, docs/architectures.md) and its "
-              "hyperparameters", entry)
+        check(
+            twin is None,
+            f"models.{name}",
+            f"a run name that differs from {twin!r} in more than letter case (models/NAME "
+            f"folders would be one on a case-insensitive file system)",
+            name,
+        )
+        check(
+            isinstance(entry, dict),
+            f"models.{name}",
+            "a mapping with `type` (an architecture, docs/architectures.md) and its "
+            "hyperparameters",
+            entry,
+        )
         hparams = dict(entry)
         model_type = hparams.pop("type", None)
         train = hparams.pop("train", None) or {}
-        check(isinstance(model_type, str), f"models.{name}.type",
-              "the name of an architecture (docs/architectures.md)", model_type)
+        check(
+            isinstance(model_type, str),
+            f"models.{name}.type",
+            "the name of an architecture (docs/architectures.md)",
+            model_type,
+        )
         section(TrainParams, train, f"models.{name}.train")  # known keys of the right types
         specs[name] = ModelSpec(model_type, hparams, dict(train))
     return specs
+
 
 SECTIONS = {
     "base": BaseParams,
@@ -337,11 +423,13 @@ SECTIONS = {
 def parse_params(raw: dict[str, Any]) -> Params:
     unknown = [key for key in raw if key not in SECTIONS and key != "models"]
     if unknown:
-        raise ParamsError(f"params: unknown section `{unknown[0]}` (known: "
-                          f"{', '.join([*SECTIONS, 'models'])})")
+        raise ParamsError(
+            f"params: unknown section `{unknown[0]}` (known: {', '.join([*SECTIONS, 'models'])})"
+        )
     # Each section its own dataclass: Params(**parsed) checks them by name.
-    parsed: dict[str, Any] = {name: section(cls, raw.get(name), name)
-                              for name, cls in SECTIONS.items()}
+    parsed: dict[str, Any] = {
+        name: section(cls, raw.get(name), name) for name, cls in SECTIONS.items()
+    }
     return validate(Params(**parsed, models=parse_models(raw.get("models"))))
 
 

@@ -23,14 +23,15 @@ from pipeline.core.errors import DeprojectorError
 
 # The errors a write gets from the system rather than from a bug: no space, no quota, a file
 # too large, a read-only file system, no permission.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
-                errno.EPERM}
-_ADVICE = {errno.ENOSPC: "free space on that disk or write elsewhere",
-           errno.EDQUOT: "free space within your quota or write elsewhere",
-           errno.EFBIG: "write to a file system that takes larger files",
-           errno.EROFS: "the file system is read-only: write elsewhere",
-           errno.EACCES: "no permission to write there: write elsewhere",
-           errno.EPERM: "no permission to write there: write elsewhere"}
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+_ADVICE = {
+    errno.ENOSPC: "free space on that disk or write elsewhere",
+    errno.EDQUOT: "free space within your quota or write elsewhere",
+    errno.EFBIG: "write to a file system that takes larger files",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "no permission to write there: write elsewhere",
+    errno.EPERM: "no permission to write there: write elsewhere",
+}
 
 
 class OutputError(DeprojectorError):
@@ -109,8 +110,9 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, Any],
-                 metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
     """A safetensors file. Serialised in memory and written by Python, so a full disk is an
     OSError like any other (safetensors' own writer reports it as its own error type)."""
     from safetensors.torch import save

@@ -17,8 +17,9 @@ MAX_LENGTH = 77  # CLIP's context: BOS + 75 tokens + EOS; SD 1.x conditions on a
 BUILTIN = "builtin"  # base.clip / base.sd value naming the embedded world's models
 
 
-def combine_embeddings(pooled: torch.Tensor, null: torch.Tensor,
-                       weights: torch.Tensor | None = None) -> torch.Tensor:
+def combine_embeddings(
+    pooled: torch.Tensor, null: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Σ_k w_k (e_k − null) + null over dim -2: [..., K, D] -> [..., D] (K = 1, w = 1: e).
 
     weights [K] (or broadcastable to [..., K]); None means 1 for every part."""
@@ -28,8 +29,9 @@ def combine_embeddings(pooled: torch.Tensor, null: torch.Tensor,
     return offsets.sum(dim=-2) + null
 
 
-def interpolate_embeddings(a: torch.Tensor, b: torch.Tensor, null: torch.Tensor, t: float,
-                           spherical: bool = False) -> torch.Tensor:
+def interpolate_embeddings(
+    a: torch.Tensor, b: torch.Tensor, null: torch.Tensor, t: float, spherical: bool = False
+) -> torch.Tensor:
     """The embedding a fraction t of the way from a to b (both [..., D]), centred on null.
 
     Linear: null + (1 − t)(a − null) + t (b − null) = (1 − t) a + t b.

@@ -18,7 +18,16 @@ IMAGE_PROMPTS: Final = "image_prompts"  # reports/metrics/image_prompts.json: sc
 REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
 IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
 
-RESERVED_RUN_NAMES = (WORLD, BASE_RECORD, NULL_BASELINE, RETRIEVAL, COMPARISON, ADHERENCE,
-                      IMAGE_PROMPTS, REFERENCE, *IMAGE_ROWS)
+RESERVED_RUN_NAMES = (
+    WORLD,
+    BASE_RECORD,
+    NULL_BASELINE,
+    RETRIEVAL,
+    COMPARISON,
+    ADHERENCE,
+    IMAGE_PROMPTS,
+    REFERENCE,
+    *IMAGE_ROWS,
+)
 # The bridges from image to text space, simplest first (gap.bridge; pipeline/prompting/images.py).
 BRIDGES = ("none", "mean-shift", "linear", "text-projection")

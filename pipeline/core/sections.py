@@ -45,13 +45,12 @@ def section(cls: type[T], raw: Any, name: str) -> T:
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-            raise ParamsError(
-                f"params: `{name}.{key}` must be {expected.__name__}, got {value!r}"
-            )
+            raise ParamsError(f"params: `{name}.{key}` must be {expected.__name__}, got {value!r}")
         # No setting is infinite or NaN (`.inf`, `.nan` are valid YAML floats): a learning
         # rate of .inf trains NaN, a guidance scale of .inf draws black.
-        check(expected is not float or math.isfinite(value), f"{name}.{key}",
-              "a finite number", value)
+        check(
+            expected is not float or math.isfinite(value), f"{name}.{key}", "a finite number", value
+        )
         values[key] = value
     return cls(**values)
 
@@ -72,14 +71,17 @@ class ParamsLoader(yaml.SafeLoader):
     """
 
 
-_FLOAT = re.compile(r"""^(?:
+_FLOAT = re.compile(
+    r"""^(?:
     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
   | [-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
   | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
   | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
   | [-+]?\.(?:inf|Inf|INF)
   | \.(?:nan|NaN|NAN)
-)$""", re.VERBOSE)
+)$""",
+    re.VERBOSE,
+)
 FLOAT_TAG = "tag:yaml.org,2002:float"
 ParamsLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
@@ -97,8 +99,11 @@ def _unique_mapping(loader: ParamsLoader, node: yaml.MappingNode, deep: bool = F
         line = key_node.start_mark.line + 1
         if isinstance(key, (str, int, float, bool)) and key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r} (first on line {seen[key]})",
-                key_node.start_mark)
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key]})",
+                key_node.start_mark,
+            )
         if isinstance(key, (str, int, float, bool)):
             seen[key] = line
     return loader.construct_mapping(node, deep=deep)
@@ -124,8 +129,10 @@ def read_params_file(path: str | Path) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise ParamsError(f"{path}:{line}: not valid UTF-8 (byte offset {err.start}: "
-                          f"{data[err.start:err.start + 1]!r}); save it as UTF-8") from err
+        raise ParamsError(
+            f"{path}:{line}: not valid UTF-8 (byte offset {err.start}: "
+            f"{data[err.start : err.start + 1]!r}); save it as UTF-8"
+        ) from err
     try:
         raw = load_yaml(text) or {}
     except yaml.MarkedYAMLError as err:

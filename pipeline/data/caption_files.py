@@ -34,13 +34,14 @@ def _decode(path: Path) -> str:
         if nul >= 0:
             raise CaptionSourceError(
                 f"{path}:{number}: contains a NUL byte (byte {nul + 1} of the line, offset "
-                f"{offset + nul} in the file); expected UTF-8 text")
+                f"{offset + nul} in the file); expected UTF-8 text"
+            )
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise CaptionSourceError(
                 f"{path}:{number}: not valid UTF-8 (byte {err.start + 1} of the line, offset "
-                f"{offset + err.start} in the file: {raw[err.start:err.start + 1]!r}); "
+                f"{offset + err.start} in the file: {raw[err.start : err.start + 1]!r}); "
                 f"re-encode the file as UTF-8"
             ) from err
         offset += len(raw) + 1
@@ -61,8 +62,13 @@ def _lines(path: Path) -> list[str]:
 
 def _not_a_string(value: object) -> str:
     """How a JSON / Arrow / Python value that is not a caption text is named in an error."""
-    kind = {bool: "a boolean", int: "a number", float: "a number", list: "an array",
-            dict: "an object"}.get(type(value), f"a {type(value).__name__}")
+    kind = {
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        list: "an array",
+        dict: "an object",
+    }.get(type(value), f"a {type(value).__name__}")
     shown = json.dumps(value) if isinstance(value, (bool, int, float, list, dict)) else repr(value)
     return f"{kind} ({shown[:60]}{'...' if len(shown) > 60 else ''})"
 
@@ -76,8 +82,12 @@ def _read_delimited(path: Path, column: str, delimiter: str) -> list[str]:
 
     text = _decode(path)
     tsv = delimiter == "\t"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True,
-                        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    reader = csv.reader(
+        io.StringIO(text, newline=""),
+        delimiter=delimiter,
+        strict=True,
+        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+    )
     # The csv module refuses fields over 128 KiB; an over-long caption is the cleaning's to
     # drop and count, like any other.
     limit = csv.field_size_limit()
@@ -92,8 +102,9 @@ def _read_delimited(path: Path, column: str, delimiter: str) -> list[str]:
             except StopIteration:
                 break
             except csv.Error as err:
-                raise CaptionSourceError(_csv_error(path, start, reader.line_num, str(err))) \
-                    from err
+                raise CaptionSourceError(
+                    _csv_error(path, start, reader.line_num, str(err))
+                ) from err
             if not row:
                 continue  # a blank line
             if header is None:
@@ -101,15 +112,20 @@ def _read_delimited(path: Path, column: str, delimiter: str) -> list[str]:
                 if column not in header:
                     raise CaptionSourceError(
                         f"{path}:{start}: no column {column!r} in the header (columns: "
-                        f"{', '.join(header)}); set captions.column")
+                        f"{', '.join(header)}); set captions.column"
+                    )
                 index = header.index(column)
                 continue
             if len(row) != len(header):
-                hint = ("a tab inside a caption? TSV has no quoting" if tsv else
-                        "a ',' in a caption that is not quoted? quote the field")
+                hint = (
+                    "a tab inside a caption? TSV has no quoting"
+                    if tsv
+                    else "a ',' in a caption that is not quoted? quote the field"
+                )
                 raise CaptionSourceError(
                     f"{path}:{start}: {len(row)} fields, the header has {len(header)} "
-                    f"({', '.join(header)}); {hint}")
+                    f"({', '.join(header)}); {hint}"
+                )
             texts.append(row[index])
     finally:
         csv.field_size_limit(limit)
@@ -122,12 +138,16 @@ def _csv_error(path: Path, start: int, end: int, message: str) -> str:
     span = f" (the record runs to line {end})" if end > start else ""
     if "unexpected end of data" in message:
         rest = f"lines {start}-{end} (the rest of the file)" if end > start else "the line"
-        return (f"{path}:{start}: a quoted field that starts in this record is never closed: "
-                f"{rest} would be one caption. Close the quote, or write a '\"' inside a "
-                f"quoted field as '\"\"'")
-    return (f"{path}:{start}: malformed quoting ({message}){span}: a quoted field must end "
-            f"with '\"' right before the delimiter or the line end, with '\"\"' for a quote "
-            f"inside it")
+        return (
+            f"{path}:{start}: a quoted field that starts in this record is never closed: "
+            f"{rest} would be one caption. Close the quote, or write a '\"' inside a "
+            f"quoted field as '\"\"'"
+        )
+    return (
+        f"{path}:{start}: malformed quoting ({message}){span}: a quoted field must end "
+        f"with '\"' right before the delimiter or the line end, with '\"\"' for a quote "
+        f"inside it"
+    )
 
 
 def _read_jsonl(path: Path, column: str) -> list[str]:
@@ -140,7 +160,8 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise CaptionSourceError(
-                f"{path}:{number}: not valid JSON: {err.msg} (column {err.colno})") from err
+                f"{path}:{number}: not valid JSON: {err.msg} (column {err.colno})"
+            ) from err
         if not isinstance(record, dict) or column not in record:
             raise CaptionSourceError(
                 f"{path}:{number}: expected an object with the field {column!r}; "
@@ -150,7 +171,8 @@ def _read_jsonl(path: Path, column: str) -> list[str]:
         if value is not None and not isinstance(value, str):
             raise CaptionSourceError(
                 f"{path}:{number}: field {column!r} is {_not_a_string(value)}, expected a "
-                f"string (the caption text)")
+                f"string (the caption text)"
+            )
         texts.append(value or "")
     return texts
 
@@ -159,8 +181,11 @@ def _is_text_type(arrow_type: pa.DataType) -> bool:
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     is_view = getattr(pa.types, "is_string_view", lambda _: False)
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) \
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
         or is_view(arrow_type)
+    )
 
 
 def _read_parquet(path: Path, column: str) -> list[str]:
@@ -169,28 +194,35 @@ def _read_parquet(path: Path, column: str) -> list[str]:
         if column not in schema.names:
             raise CaptionSourceError(
                 f"{path}: no column {column!r} (columns: {', '.join(schema.names)}); "
-                f"set captions.column")
+                f"set captions.column"
+            )
         arrow_type = schema.field(column).type
         if not _is_text_type(arrow_type):
             raise CaptionSourceError(
                 f"{path}: column {column!r} has the Arrow type {arrow_type}, expected strings "
-                f"(string or large_string); set captions.column to the caption column")
+                f"(string or large_string); set captions.column to the caption column"
+            )
         table = pq.read_table(path, columns=[column])
     except (pa.ArrowInvalid, OSError) as err:
         raise CaptionSourceError(f"{path}: not a readable Parquet file: {err}") from err
     return ["" if v is None else v for v in table.column(column).to_pylist()]
 
 
-EMPTY = {".txt": "one caption per line", ".jsonl": "one JSON object per line",
-         ".csv": "a header row and one caption per row", ".tsv":
-         "a header row and one caption per row", ".parquet": "one caption per row"}
+EMPTY = {
+    ".txt": "one caption per line",
+    ".jsonl": "one JSON object per line",
+    ".csv": "a header row and one caption per row",
+    ".tsv": "a header row and one caption per row",
+    ".parquet": "one caption per row",
+}
 
 
 def read_caption_file(path: Path, column: str = "text") -> list[str]:
     """Raw captions of a local file, in file order (cleaning happens later)."""
     if path.is_dir():
-        raise CaptionSourceError(f"{path}: is a folder, expected a caption file "
-                                 f"({', '.join(SUPPORTED_SUFFIXES)})")
+        raise CaptionSourceError(
+            f"{path}: is a folder, expected a caption file ({', '.join(SUPPORTED_SUFFIXES)})"
+        )
     if not path.is_file():
         raise CaptionSourceError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -230,5 +262,6 @@ def read_hub_dataset(name: str, column: str, split: str) -> list[str]:
     if getattr(feature, "dtype", None) not in ("string", "large_string"):
         raise CaptionSourceError(
             f"captions.source {name!r}: column {column!r} holds {feature}, expected strings; "
-            f"set captions.column to the caption column")
+            f"set captions.column to the caption column"
+        )
     return ["" if v is None else v for v in dataset[column]]

@@ -28,27 +28,6 @@ from pipeline.world.embedded import World
 # not a string is an error naming the file, line or row, the column and the type found.
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # --- cleaning -------------------------------------------------------------------------------
 
 TOKENIZE_BATCH = 4096  # captions per tokenizer call in the cleaning
@@ -64,8 +43,9 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def clean_captions(raw: Iterable[str], count_tokens: Callable[[list[str]], list[int]],
-                   max_tokens: int = 77) -> CleanResult:
+def clean_captions(
+    raw: Iterable[str], count_tokens: Callable[[list[str]], list[int]], max_tokens: int = 77
+) -> CleanResult:
     """Normalise whitespace; drop empty, duplicate and over-long captions, counting each reason.
 
     `count_tokens` gives each caption's token count including BOS and EOS.
@@ -85,7 +65,7 @@ def clean_captions(raw: Iterable[str], count_tokens: Callable[[list[str]], list[
     # Tokenised in batches: the tokenizer's encodings of a whole file at once would take
     # memory in proportion to its length (6.6 GB for 2,000,000 captions).
     for begin in range(0, len(candidates), TOKENIZE_BATCH):
-        batch = candidates[begin:begin + TOKENIZE_BATCH]
+        batch = candidates[begin : begin + TOKENIZE_BATCH]
         for text, n in zip(batch, count_tokens(batch), strict=True):
             if n > max_tokens:
                 result.dropped["too_long"] += 1
@@ -94,8 +74,9 @@ def clean_captions(raw: Iterable[str], count_tokens: Callable[[list[str]], list[
     return result
 
 
-def split_train_test(captions: list[str], train_size: int, test_size: int,
-                     seed: int) -> tuple[list[int], list[int]]:
+def split_train_test(
+    captions: list[str], train_size: int, test_size: int, seed: int
+) -> tuple[list[int], list[int]]:
     """Indices of the test and train captions, from a seeded shuffle (test first)."""
     if len(captions) <= test_size:
         raise CaptionSourceError(
@@ -105,11 +86,12 @@ def split_train_test(captions: list[str], train_size: int, test_size: int,
     order = list(range(len(captions)))
     random.Random(seed).shuffle(order)
     test = sorted(order[:test_size])
-    train = sorted(order[test_size:test_size + train_size])
+    train = sorted(order[test_size : test_size + train_size])
     return train, test
 
 
 # --- the stage ------------------------------------------------------------------------------
+
 
 def collect_raw(source: str, column: str, hub_split: str, needed: int, seed: int) -> list[str]:
     if source == "builtin":
@@ -126,14 +108,17 @@ def collect_raw(source: str, column: str, hub_split: str, needed: int, seed: int
     )
 
 
-def write_captions(out_dir: Path, captions: list[str], train: list[int], test: list[int],
-                   stats: dict) -> None:
+def write_captions(
+    out_dir: Path, captions: list[str], train: list[int], test: list[int], stats: dict
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, indices in (("train", train), ("test", test)):
-        table = pa.table({
-            "id": pa.array(indices, pa.int64()),
-            "text": pa.array([captions[i] for i in indices], pa.string()),
-        })
+        table = pa.table(
+            {
+                "id": pa.array(indices, pa.int64()),
+                "text": pa.array([captions[i] for i in indices], pa.string()),
+            }
+        )
         with atomic_path(out_dir / f"{name}.parquet") as tmp:
             pq.write_table(table, tmp)
     write_text(out_dir / "stats.json", json.dumps(stats, indent=2) + "\n")
@@ -145,9 +130,9 @@ def read_split(captions_dir: Path, split: str) -> list[str]:
         raise FileNotFoundError(f"{path}: missing; run the `captions` stage first")
     texts = pq.read_table(path, columns=["text"]).column("text").to_pylist()
     if not texts:
-        raise CaptionSourceError(f"{path}: no captions in the {split} split; every split needs "
-                                 f"at least one (rerun `deprojector captions` with "
-                                 f"captions.{split}_size > 0 and a source that has them)")
+        raise CaptionSourceError(
+            f"{path}: no captions in the {split} split; every split needs "
+            f"at least one (rerun `deprojector captions` with "
+            f"captions.{split}_size > 0 and a source that has them)"
+        )
     return texts
-
-

@@ -58,9 +58,15 @@ class Row:
     target_text: str
 
 
-def plan_rows(captions: list[str], split_fraction: float, combine_fraction: float, seed: int,
-              count_tokens, pairs: Sequence[tuple[str, str]] = (),
-              add_pairs: bool = False) -> tuple[list[Row], dict[str, int]]:
+def plan_rows(
+    captions: list[str],
+    split_fraction: float,
+    combine_fraction: float,
+    seed: int,
+    count_tokens,
+    pairs: Sequence[tuple[str, str]] = (),
+    add_pairs: bool = False,
+) -> tuple[list[Row], dict[str, int]]:
     """One row per caption; a seeded choice of which become split or combine rows; one image
     row per (pair id, caption) of `pairs`, in the place of a seeded choice of caption rows
     (or, add_pairs, after them).
@@ -74,11 +80,13 @@ def plan_rows(captions: list[str], split_fraction: float, combine_fraction: floa
     n_split, n_combine = round(split_fraction * n), round(combine_fraction * n)
     kinds = np.full(n, "plain", dtype=object)
     kinds[order[:n_split]] = "split"
-    kinds[order[n_split:n_split + n_combine]] = "combine"
-    in_place = [] if add_pairs else sorted(order[n_split + n_combine:][:len(pairs)])
+    kinds[order[n_split : n_split + n_combine]] = "combine"
+    in_place = [] if add_pairs else sorted(order[n_split + n_combine :][: len(pairs)])
     if len(in_place) < len(pairs) and not add_pairs:
-        raise ValueError(f"{len(pairs)} image rows do not fit among {n} rows "
-                         f"({n_split + n_combine} split or combine)")
+        raise ValueError(
+            f"{len(pairs)} image rows do not fit among {n} rows "
+            f"({n_split + n_combine} split or combine)"
+        )
     pair_of_slot = {} if add_pairs else dict(zip(in_place, pairs, strict=True))
     # Draw every random number up front, in caption order, so the plan does not depend on
     # which augmentations later fall back to plain.
@@ -87,11 +95,17 @@ def plan_rows(captions: list[str], split_fraction: float, combine_fraction: floa
 
     rows: list[Row] = []
     skipped = {"split_single_word": 0, "combine_too_long": 0}
-    combined = {i: f"{captions[i]} {captions[partners[i]]}" for i in range(n)
-                if kinds[i] == "combine" and n > 1}
+    combined = {
+        i: f"{captions[i]} {captions[partners[i]]}"
+        for i in range(n)
+        if kinds[i] == "combine" and n > 1
+    }
     joined_ids = list(combined)
-    too_long = {i for i, c in zip(joined_ids, count_tokens([combined[i] for i in joined_ids]),
-                                  strict=True) if c > MAX_LENGTH}
+    too_long = {
+        i
+        for i, c in zip(joined_ids, count_tokens([combined[i] for i in joined_ids]), strict=True)
+        if c > MAX_LENGTH
+    }
     for i, text in enumerate(captions):
         if i in pair_of_slot:
             pair_id, pair_caption = pair_of_slot[i]
@@ -131,14 +145,21 @@ def model_digest(clip: ClipText) -> str:
     return hash_weights(digest, clip.model).hexdigest()[:16]
 
 
-def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype: str,
-                null: torch.Tensor, schema: pa.Schema,
-                image_pooled: dict[str, torch.Tensor] | None = None) -> list[pa.RecordBatch]:
+def encode_rows(
+    clip: ClipText,
+    rows: list[Row],
+    batch_size: int,
+    storage_dtype: str,
+    null: torch.Tensor,
+    schema: pa.Schema,
+    image_pooled: dict[str, torch.Tensor] | None = None,
+) -> list[pa.RecordBatch]:
     """Encode the texts of `rows` (each distinct text once) and build the shard's columns;
     image rows take their input from image_pooled (pair id -> pooled-space embedding [D])."""
     image_pooled = image_pooled or {}
-    texts = sorted({t for r in rows for t in (*(() if r.kind == "image" else r.parts),
-                                               r.target_text)})
+    texts = sorted(
+        {t for r in rows for t in (*(() if r.kind == "image" else r.parts), r.target_text)}
+    )
     index = {t: i for i, t in enumerate(texts)}
     targets = sorted({index[r.target_text] for r in rows})
     target_slot = {t: k for k, t in enumerate(targets)}
@@ -149,8 +170,9 @@ def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype:
     hidden = np.empty((len(targets), MAX_LENGTH, width), np_dtype)
     for begin in range(0, len(texts), batch_size):
         end = min(begin + batch_size, len(texts))
-        out = encode_tokens(clip, tokens["input_ids"][begin:end],
-                            tokens["attention_mask"][begin:end])
+        out = encode_tokens(
+            clip, tokens["input_ids"][begin:end], tokens["attention_mask"][begin:end]
+        )
         pooled[begin:end] = out.pooled.float().cpu()
         for j in range(begin, end):
             if j in target_slot:
@@ -175,7 +197,8 @@ def encode_rows(clip: ClipText, rows: list[Row], batch_size: int, storage_dtype:
         pa.array([r.target_text for r in rows], pa.string()),
         pa.FixedSizeListArray.from_arrays(pa.array(embeds.reshape(-1)), width),
         pa.FixedSizeListArray.from_arrays(
-            pa.FixedSizeListArray.from_arrays(hidden_values, width), MAX_LENGTH),
+            pa.FixedSizeListArray.from_arrays(hidden_values, width), MAX_LENGTH
+        ),
         pa.FixedSizeListArray.from_arrays(pa.array(mask[target_texts].reshape(-1)), MAX_LENGTH),
         pa.array(mask[target_texts].sum(axis=1), pa.int32()),
     ]
@@ -202,10 +225,12 @@ class ImageRows:
         self.world = World.of(params.base.clip, params.base.sd)
         self.source = None if self.world else open_pairs(g)
         if self.world is None and self.source is None:
-            raise ImagePromptError(f"augment.image = {params.augment.image} needs paired data, "
-                                   f"but gap.source {g.source!r} has none: point it to a "
-                                   "folder of NAME.png + NAME.txt pairs or a hub dataset, or "
-                                   "set augment.image to 0")
+            raise ImagePromptError(
+                f"augment.image = {params.augment.image} needs paired data, "
+                f"but gap.source {g.source!r} has none: point it to a "
+                "folder of NAME.png + NAME.txt pairs or a hub dataset, or "
+                "set augment.image to 0"
+            )
         self.tower = ImageTower.load(params.base.clip, device=params.extract.device)
         # `none` needs no statistics; the others come from the gap stage.
         self.gap = None if g.bridge == "none" else ModalityGap.load(gap_dir).with_bridge(g.bridge)
@@ -213,11 +238,17 @@ class ImageRows:
         self.batch_size = params.extract.batch_size
         # Folder and hub pairs: a seeded order; the test split takes the first, training the
         # next, so no pair is in both.
-        self.order = [] if self.source is None else \
-            np.random.default_rng(params.augment.seed).permutation(len(self.source)).tolist()
+        self.order = (
+            []
+            if self.source is None
+            else np.random.default_rng(params.augment.seed).permutation(len(self.source)).tolist()
+        )
         vision = hash_weights(hashlib.sha256(), self.tower.model).hexdigest()[:16]
-        statistics = "" if self.gap is None else \
-            hashlib.sha256((gap_dir / GAP_FILE).read_bytes()).hexdigest()[:16]
+        statistics = (
+            ""
+            if self.gap is None
+            else hashlib.sha256((gap_dir / GAP_FILE).read_bytes()).hexdigest()[:16]
+        )
         self.context = {"bridge": g.bridge, "vision_digest": vision, "bridge_digest": statistics}
         self.pairs: dict[str, tuple[Pairs, int]] = {}  # pair id -> its source and index
         self.test_pairs = 0  # folder and hub pairs the test split took
@@ -230,7 +261,7 @@ class ImageRows:
         else:
             source = self.source
             begin = 0 if split == "test" else min(len(self.order), self.test_pairs)
-            picked = self.order[begin:begin + count]
+            picked = self.order[begin : begin + count]
             if split == "test":
                 self.test_pairs = len(picked)
         self.pairs |= {source.ids[k]: (source, k) for k in picked}
@@ -243,8 +274,10 @@ class ImageRows:
             return {}
         projected = []
         for begin in range(0, len(ids), self.batch_size):
-            images = [self.pairs[i][0].image(self.pairs[i][1])
-                      for i in ids[begin:begin + self.batch_size]]
+            images = [
+                self.pairs[i][0].image(self.pairs[i][1])
+                for i in ids[begin : begin + self.batch_size]
+            ]
             projected.append(self.tower.embed(images))
         embeds = image_pooled(torch.cat(projected), self.deprojection, self.gap)
         return dict(zip(ids, embeds, strict=True))
@@ -258,22 +291,43 @@ def hash_weights(digest, model: torch.nn.Module):
     return digest
 
 
-def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: Params,
-                  split_seed: int, null: torch.Tensor, images: ImageRows | None = None) -> dict:
+def extract_split(
+    clip: ClipText,
+    captions: list[str],
+    split_dir: Path,
+    params: Params,
+    split_seed: int,
+    null: torch.Tensor,
+    images: ImageRows | None = None,
+) -> dict:
     """Write the shards of one split that belong to this worker (extract.worker_index)."""
     e, a = params.extract, params.augment
     split = split_dir.name
     wanted = round(a.image * len(captions)) if images else 0
     # World scenes of seed 1000 + 2·augment.seed (+1 for test): no other part draws those.
-    pairs = images.take(wanted, split, IMAGE_PAIRS_SEED + 2 * a.seed + (split == "test")) \
-        if wanted else []
+    pairs = (
+        images.take(wanted, split, IMAGE_PAIRS_SEED + 2 * a.seed + (split == "test"))
+        if wanted
+        else []
+    )
     rows, skipped = plan_rows(
-        captions, a.split, a.combine, split_seed,
-        lambda texts: token_counts(clip, texts), pairs, add_pairs=split == "test",
+        captions,
+        a.split,
+        a.combine,
+        split_seed,
+        lambda texts: token_counts(clip, texts),
+        pairs,
+        add_pairs=split == "test",
     )
     width = clip.hidden_size
-    context = {"base": params.base.clip, "base_digest": model_digest(clip), "dtype": e.dtype,
-               "width": width, "rows_per_shard": e.rows_per_shard, "batch_size": e.batch_size}
+    context = {
+        "base": params.base.clip,
+        "base_digest": model_digest(clip),
+        "dtype": e.dtype,
+        "width": width,
+        "rows_per_shard": e.rows_per_shard,
+        "batch_size": e.batch_size,
+    }
     if pairs:
         context["image"] = images.context
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +346,7 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
             leftover.unlink(missing_ok=True)
     written = reused = 0
     for k in tqdm(mine, desc=f"extract {split}", unit="shard"):
-        shard_rows = rows[k * e.rows_per_shard:(k + 1) * e.rows_per_shard]
+        shard_rows = rows[k * e.rows_per_shard : (k + 1) * e.rows_per_shard]
         fp = fingerprint(shard_rows, context)
         path = shard_path(split_dir, k)
         if path.exists() and shard_fingerprint(path, len(shard_rows)) == fp:
@@ -300,19 +354,24 @@ def extract_split(clip: ClipText, captions: list[str], split_dir: Path, params: 
             continue
         schema = shard_schema(width, e.dtype, fp, len(shard_rows))
         image_pooled = images.pooled(shard_rows) if pairs else None
-        batches = encode_rows(clip, shard_rows, e.batch_size, e.dtype, null, schema,
-                              image_pooled)
+        batches = encode_rows(clip, shard_rows, e.batch_size, e.dtype, null, schema, image_pooled)
         write_shard_atomic(path, schema, batches)
         written += 1
-    tqdm.write(f"{split_dir}: {written} shards written, {reused} complete shards kept",
-               file=sys.stderr)
+    tqdm.write(
+        f"{split_dir}: {written} shards written, {reused} complete shards kept", file=sys.stderr
+    )
     kinds = {k: sum(r.kind == k for r in rows) for k in ROW_KINDS}
-    result = {"rows": len(rows), "shards": n_shards, "kinds": kinds,
-              "augmentations_kept_plain": skipped}
+    result = {
+        "rows": len(rows),
+        "shards": n_shards,
+        "kinds": kinds,
+        "augmentations_kept_plain": skipped,
+    }
     if wanted:
-        result["image_pairs"] = {"wanted": wanted, "used": len(pairs),
-                                 "bridge": params.gap.bridge,
-                                 "source": "world scenes" if images.world else params.gap.source}
+        result["image_pairs"] = {
+            "wanted": wanted,
+            "used": len(pairs),
+            "bridge": params.gap.bridge,
+            "source": "world scenes" if images.world else params.gap.source,
+        }
     return result
-
-

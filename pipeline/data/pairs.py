@@ -71,22 +71,30 @@ class FolderPairs(Pairs):
         folder = Path(folder)
         self.files = pair_images(folder)[:limit]
         if not self.files:
-            raise ImagePromptError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with "
-                                   "a NAME.txt caption beside each")
+            raise ImagePromptError(
+                f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) with "
+                "a NAME.txt caption beside each"
+            )
         if limit is None:
             with_image = {f.stem for f in self.files}
-            orphans = sorted(p for p in folder.glob("*.txt")
-                             if p.stem not in with_image and p.name != "README.txt")
+            orphans = sorted(
+                p
+                for p in folder.glob("*.txt")
+                if p.stem not in with_image and p.name != "README.txt"
+            )
             if orphans:
-                raise ImagePromptError(f"{orphans[0]}: a caption without an image "
-                                       f"{orphans[0].stem}.png/.jpg beside it")
+                raise ImagePromptError(
+                    f"{orphans[0]}: a caption without an image {orphans[0].stem}.png/.jpg beside it"
+                )
         self.captions = []
         for file in self.files:
             regular_file(file, ImagePromptError, "image")  # a FIFO or device is not read
             caption_file = file.with_suffix(".txt")
             if not caption_file.is_file():
-                raise ImagePromptError(f"{file}: no caption file {caption_file.name} beside "
-                                       "it (each image pairs with NAME.txt)")
+                raise ImagePromptError(
+                    f"{file}: no caption file {caption_file.name} beside "
+                    "it (each image pairs with NAME.txt)"
+                )
             caption = read_caption_text(caption_file)
             if not caption:
                 raise ImagePromptError(f"{caption_file}:1: empty caption")
@@ -94,8 +102,9 @@ class FolderPairs(Pairs):
         self.ids = [f"{file.name} sha256:{_sha256(file)[:16]}" for file in self.files]
 
     def image(self, k: int) -> Image.Image:
-        return checked_rgb(read_image(self.files[k], "paired image"), str(self.files[k]),
-                           "paired image")
+        return checked_rgb(
+            read_image(self.files[k], "paired image"), str(self.files[k]), "paired image"
+        )
 
 
 class HubPairs(Pairs):
@@ -110,29 +119,34 @@ class HubPairs(Pairs):
             raise ImagePromptError(
                 f"gap.source: cannot load the hub dataset {name!r} (split {split!r}): {err}. "
                 "Offline, save its images with a NAME.txt caption each into a folder and "
-                "point gap.source to it") from err
+                "point gap.source to it"
+            ) from err
         for column, key in ((image_column, "image_column"), (text_column, "text_column")):
             if column not in self.dataset.column_names:
                 raise ImagePromptError(
                     f"gap.source {name!r}: no column {column!r} (columns: "
-                    f"{', '.join(self.dataset.column_names)}); set gap.{key}")
+                    f"{', '.join(self.dataset.column_names)}); set gap.{key}"
+                )
         self.name, self.image_column = name, image_column
         self.captions = []
         for row, text in enumerate(self.dataset[text_column]):
             if isinstance(text, list):  # COCO-style: several captions per image, take the first
                 text = text[0] if text else ""
             if not isinstance(text, str) or not text.strip():
-                raise ImagePromptError(f"gap.source {name!r}: row {row}, column "
-                                       f"{text_column!r}: no caption ({text!r})")
+                raise ImagePromptError(
+                    f"gap.source {name!r}: row {row}, column {text_column!r}: no caption ({text!r})"
+                )
             self.captions.append(" ".join(text.split()))
         self.ids = [f"{name}[{split}][{row}]" for row in range(len(self.captions))]
 
     def image(self, k: int) -> Image.Image:
         image = self.dataset[k][self.image_column]
         if not isinstance(image, Image.Image):
-            raise ImagePromptError(f"gap.source {self.name!r}: row {k}, column "
-                                   f"{self.image_column!r} holds {type(image).__name__}, "
-                                   "expected an image")
+            raise ImagePromptError(
+                f"gap.source {self.name!r}: row {k}, column "
+                f"{self.image_column!r} holds {type(image).__name__}, "
+                "expected an image"
+            )
         return checked_rgb(image, self.ids[k], "paired image")
 
 
@@ -165,10 +179,12 @@ def read_caption_text(path: Path) -> str:
         line = data.count(b"\n", 0, err.start) + 1
         raise ImagePromptError(
             f"{path}:{line}: not valid UTF-8 (byte offset {err.start} is "
-            f"{data[err.start:err.start + 1]!r}); re-encode the caption as UTF-8") from err
+            f"{data[err.start : err.start + 1]!r}); re-encode the caption as UTF-8"
+        ) from err
     if "\x00" in text:
         offset = data.index(b"\x00")
         line = data.count(b"\n", 0, offset) + 1
-        raise ImagePromptError(f"{path}:{line}: contains a NUL byte (byte offset {offset}); "
-                               "expected UTF-8 text")
+        raise ImagePromptError(
+            f"{path}:{line}: contains a NUL byte (byte offset {offset}); expected UTF-8 text"
+        )
     return text.removeprefix("\ufeff").strip()

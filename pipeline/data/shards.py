@@ -23,8 +23,7 @@ class ShardError(DeprojectorError, RuntimeError):
     """A shard or constants file is missing, corrupt or from another base model."""
 
 
-def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str,
-                 rows: int) -> pa.Schema:
+def shard_schema(hidden_size: int, storage_dtype: str, fingerprint: str, rows: int) -> pa.Schema:
     value = pa.float16() if storage_dtype == "float16" else pa.float32()
     return pa.schema(
         [
@@ -51,8 +50,11 @@ def shard_path(split_dir: Path, index: int) -> Path:
 
 def write_shard_atomic(path: Path, schema: pa.Schema, batches: list[pa.RecordBatch]) -> None:
     """Write to a temporary name, fsync, then rename: no half-written shard is ever visible."""
-    with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
-            pa.ipc.new_stream(sink, schema) as writer:
+    with (
+        atomic_path(path) as tmp,
+        pa.OSFile(str(tmp), "wb") as sink,
+        pa.ipc.new_stream(sink, schema) as writer,
+    ):
         for batch in batches:
             writer.write_batch(batch)
 
@@ -66,13 +68,17 @@ def open_shard(path: Path) -> pa.Table:
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_stream(source).read_all()
     except (pa.ArrowInvalid, OSError) as err:
-        raise ShardError(f"{path}: not a readable Arrow shard ({err}); delete it and rerun "
-                         f"`deprojector extract` to rebuild it") from err
+        raise ShardError(
+            f"{path}: not a readable Arrow shard ({err}); delete it and rerun "
+            f"`deprojector extract` to rebuild it"
+        ) from err
     promised = (table.schema.metadata or {}).get(b"rows")
     if promised is not None and int(promised) != table.num_rows:
-        raise ShardError(f"{path}: incomplete shard: {table.num_rows} rows, its metadata "
-                         f"promises {int(promised)} (the file was cut short); rerun "
-                         f"`deprojector extract` to rebuild it")
+        raise ShardError(
+            f"{path}: incomplete shard: {table.num_rows} rows, its metadata "
+            f"promises {int(promised)} (the file was cut short); rerun "
+            f"`deprojector extract` to rebuild it"
+        )
     return table
 
 
@@ -91,8 +97,10 @@ def shard_fingerprint(path: Path, rows: int | None = None) -> str | None:
 
 # --- constants ------------------------------------------------------------------------------
 
-def save_constants(path: Path, sos: torch.Tensor, null: torch.Tensor,
-                   deprojection: torch.Tensor) -> None:
+
+def save_constants(
+    path: Path, sos: torch.Tensor, null: torch.Tensor, deprojection: torch.Tensor
+) -> None:
     tensors = {"sos": sos, "null": null, "deprojection": deprojection}
     save_tensors(path, {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()})
 
@@ -106,14 +114,21 @@ def load_constants(path: Path) -> dict[str, torch.Tensor]:
         raise ShardError(f"{path}: missing tensors {missing} (expected {list(CONSTANT_NAMES)})")
     widths = {name: tuple(constants[name].shape) for name in CONSTANT_NAMES}
     d = widths["sos"][0] if len(widths["sos"]) == 1 else None
-    if d is None or widths["null"] != (d,) or len(widths["deprojection"]) != 2 \
-            or widths["deprojection"][0] != d:
-        raise ShardError(f"{path}: tensors of shapes {widths}, expected sos [D], null [D] and "
-                         f"deprojection [D, P]; rerun `deprojector extract` to rewrite it")
+    if (
+        d is None
+        or widths["null"] != (d,)
+        or len(widths["deprojection"]) != 2
+        or widths["deprojection"][0] != d
+    ):
+        raise ShardError(
+            f"{path}: tensors of shapes {widths}, expected sos [D], null [D] and "
+            f"deprojection [D, P]; rerun `deprojector extract` to rewrite it"
+        )
     return constants
 
 
 # --- reading --------------------------------------------------------------------------------
+
 
 @dataclass
 class Batch:
@@ -134,9 +149,11 @@ class ShardReader:
         paths = sorted(self.split_dir.glob("shard-*.arrow"))
         if not paths:
             if (self.split_dir.parent / "meta.json").is_file():  # extracted, with no rows
-                raise ShardError(f"{self.split_dir}: no rows in this split (extract found no "
-                                 f"captions for it); every split needs at least one: check "
-                                 f"the captions stage's {self.split_dir.name}.parquet")
+                raise ShardError(
+                    f"{self.split_dir}: no rows in this split (extract found no "
+                    f"captions for it); every split needs at least one: check "
+                    f"the captions stage's {self.split_dir.name}.parquet"
+                )
             raise ShardError(f"{self.split_dir}: no shards; run the `extract` stage first")
         self._embeds: list[np.ndarray] = []
         self._hidden: list[np.ndarray] = []
@@ -146,8 +163,10 @@ class ShardReader:
             table = open_shard(path)
             width = table.schema.field("embeds").type.list_size
             if hidden_size is not None and width != hidden_size:
-                raise ShardError(f"{path}: embeddings of width {width}, expected {hidden_size} "
-                                 f"(shards from another base model? rerun `extract`)")
+                raise ShardError(
+                    f"{path}: embeddings of width {width}, expected {hidden_size} "
+                    f"(shards from another base model? rerun `extract`)"
+                )
             hidden_size = width
             self.tables.append(table)
             for batch in table.to_batches():
@@ -155,12 +174,14 @@ class ShardReader:
                 # Flatten the fixed-size lists to their value buffers: zero-copy views.
                 self._embeds.append(_values(batch.column("embeds"), 1).reshape(rows, width))
                 self._hidden.append(
-                    _values(batch.column("hidden"), 2).reshape(rows, MAX_LENGTH, width))
+                    _values(batch.column("hidden"), 2).reshape(rows, MAX_LENGTH, width)
+                )
                 self._mask.append(_values(batch.column("mask"), 1).reshape(rows, MAX_LENGTH))
         self.hidden_size = int(hidden_size)
         # [N] str: each row's kind (plain, split, combine, image), in row order.
-        self.kinds = np.concatenate([t.column("kind").to_numpy(zero_copy_only=False)
-                                     for t in self.tables]).astype(str)
+        self.kinds = np.concatenate(
+            [t.column("kind").to_numpy(zero_copy_only=False) for t in self.tables]
+        ).astype(str)
         sizes = np.array([len(x) for x in self._embeds])
         self._starts = np.concatenate([[0], np.cumsum(sizes)])
         self.num_rows = int(self._starts[-1])
@@ -181,7 +202,8 @@ class ShardReader:
             raise ShardError(
                 f"{self.split_dir}: {self.num_rows} rows in {len(paths)} shards, but "
                 f"{self.split_dir.parent / 'meta.json'} promises {split['rows']} rows in "
-                f"{split.get('shards', '?')} shards{where}; rerun `deprojector extract`")
+                f"{split.get('shards', '?')} shards{where}; rerun `deprojector extract`"
+            )
 
     def __len__(self) -> int:
         return self.num_rows
@@ -209,9 +231,17 @@ class ShardReader:
         """Indices of the image rows (image=True) or of the caption rows (every other kind)."""
         return np.nonzero((self.kinds == "image") == image)[0]
 
-    def iter_batches(self, batch_size: int, shuffle: bool = False, seed: int = 0,
-                     epoch: int = 0, start: int = 0, rank: int = 0,
-                     world: int = 1, rows: np.ndarray | None = None) -> Iterator[Batch]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        rows: np.ndarray | None = None,
+    ) -> Iterator[Batch]:
         """Batches in a per-epoch seeded order; `start` skips the first batches (resume);
         `rows`: only these row indices (in their order unless shuffled).
 
@@ -223,7 +253,7 @@ class ShardReader:
         if shuffle:
             order = order[np.random.default_rng([seed, epoch]).permutation(len(order))]
         for begin in range(start * batch_size, len(order), batch_size):
-            rows = order[begin:begin + batch_size]
+            rows = order[begin : begin + batch_size]
             if world > 1:
                 rows = np.array_split(rows, world)[rank]
             if len(rows):
@@ -246,6 +276,8 @@ def read_meta(shards_dir: Path) -> dict:
     meta = read_json(path, ShardError, "rerun `deprojector extract` to rewrite it")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
-        raise ShardError(f"{path}: missing keys {', '.join(missing)} (expected "
-                         f"{', '.join(META_KEYS)}); rerun `deprojector extract` to rewrite it")
+        raise ShardError(
+            f"{path}: missing keys {', '.join(missing)} (expected "
+            f"{', '.join(META_KEYS)}); rerun `deprojector extract` to rewrite it"
+        )
     return meta

@@ -39,8 +39,14 @@ from pipeline.sampling.sd import generate_images, generate_pixels, load_pipeline
 from pipeline.world.embedded import World
 
 SETTINGS = (  # scheduler, steps, guidance scale: params.yaml's render (pndm, 20, 2.5) first
-    ("pndm", 20, 2.5), ("pndm", 50, 2.5), ("pndm", 20, 1.5), ("pndm", 20, 4.0),
-    ("pndm", 20, 7.5), ("ddim", 50, 2.5), ("euler", 30, 2.5), ("dpm++", 20, 2.5),
+    ("pndm", 20, 2.5),
+    ("pndm", 50, 2.5),
+    ("pndm", 20, 1.5),
+    ("pndm", 20, 4.0),
+    ("pndm", 20, 7.5),
+    ("ddim", 50, 2.5),
+    ("euler", 30, 2.5),
+    ("dpm++", 20, 2.5),
 )
 # Every setting's code path in a few seconds; the adherence figures mean nothing at this size.
 TINY = {"prompts": 2, "max_steps": 3}
@@ -58,32 +64,46 @@ def run(prompts: int = 96, seed: int = 1, max_steps: int | None = None) -> list[
     rows = []
     for scheduler, steps, guidance in SETTINGS:
         steps = min(steps, max_steps or steps)
-        r = dataclasses.replace(RenderParams(), scheduler=scheduler, steps=steps,
-                                guidance_scale=guidance)
-        images = generate_images(load_pipeline(BUILTIN, r), embeds, negative, r,
-                                 list(range(prompts)))
+        r = dataclasses.replace(
+            RenderParams(), scheduler=scheduler, steps=steps, guidance_scale=guidance
+        )
+        images = generate_images(
+            load_pipeline(BUILTIN, r), embeds, negative, r, list(range(prompts))
+        )
         summary = summarise(scorer.score(images, texts), objects)
-        rows.append({"scheduler": scheduler, "steps": steps, "guidance_scale": guidance,
-                     **{k: round(v, 3) if isinstance(v, float) else v
-                        for k, v in summary.items()}})
+        rows.append(
+            {
+                "scheduler": scheduler,
+                "steps": steps,
+                "guidance_scale": guidance,
+                **{k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()},
+            }
+        )
     return rows
 
 
-def run_steps(steps: tuple[int, ...] = (20, 15, 12, 10, 8), per_objects: int = 64,
-              params_file: Path = Path("params.yaml")) -> dict:
+def run_steps(
+    steps: tuple[int, ...] = (20, 15, 12, 10, 8),
+    per_objects: int = 64,
+    params_file: Path = Path("params.yaml"),
+) -> dict:
     """params.yaml's render settings at each number of `steps` (the first is the baseline),
     on `per_objects` validation prompts with 1, 2 and 3 objects per kind."""
     params = load_params(params_file)
     seed = params.evaluate.seed + VALIDATION_SEED
     by_objects = validation_prompts(params, max(per_objects, params.evaluate.adherence_prompts))
-    texts = {kind: [p for k in sorted(by_objects) for p in by_objects[k][kind][:per_objects]]
-             for kind in KINDS}
+    texts = {
+        kind: [p for k in sorted(by_objects) for p in by_objects[k][kind][:per_objects]]
+        for kind in KINDS
+    }
     objects = [World.objects(t) for t in texts["single"]]
     world = World.of(BUILTIN, BUILTIN)
     encoder = PromptEncoder(load_clip(BUILTIN))
     scorer = Scorer.load(BUILTIN, world)
-    embeds = {kind: encoder.encode_prompts(texts[kind], combine=kind == "multi",
-                                           deproject=False) for kind in KINDS}
+    embeds = {
+        kind: encoder.encode_prompts(texts[kind], combine=kind == "multi", deproject=False)
+        for kind in KINDS
+    }
     negative = encoder.encode_negative("", deproject=False)
     seeds = prompt_seeds(seed, len(objects))
     pipe = load_pipeline(BUILTIN, params.render)
@@ -97,22 +117,37 @@ def run_steps(steps: tuple[int, ...] = (20, 15, 12, 10, 8), per_objects: int = 6
             seconds = time.perf_counter() - start
             adherence = column(scorer.score(pixels, texts[kind]), "adherence")
             first.setdefault(kind, adherence)
-            row[kind] = {**{k: v for k, v in summarise(
-                [{"adherence": a, "clip_score": 0.0} for a in adherence], objects, seed).items()
-                if not k.startswith("clip_score")}, "sampling_s": seconds,
-                "vs_first": paired_difference(np.mean, [adherence], [first[kind]], seed)}
+            row[kind] = {
+                **{
+                    k: v
+                    for k, v in summarise(
+                        [{"adherence": a, "clip_score": 0.0} for a in adherence], objects, seed
+                    ).items()
+                    if not k.startswith("clip_score")
+                },
+                "sampling_s": seconds,
+                "vs_first": paired_difference(np.mean, [adherence], [first[kind]], seed),
+            }
         rows.append(row)
-    return {"scheduler": params.render.scheduler,
-            "guidance_scale": params.render.guidance_scale, "seed": seed,
-            "prompts_per_kind": len(objects), "rows": rows}
+    return {
+        "scheduler": params.render.scheduler,
+        "guidance_scale": params.render.guidance_scale,
+        "seed": seed,
+        "prompts_per_kind": len(objects),
+        "rows": rows,
+    }
 
 
 def print_steps_report(result: dict) -> None:
     """The text report of `run_steps`' result."""
-    print(f"{result['scheduler']}, guidance {result['guidance_scale']}, "
-          f"{result['prompts_per_kind']} validation prompts per kind (seed {result['seed']})")
-    print("| steps | kind | adherence | 95 % interval | vs first | its 95 % interval "
-          "| within noise | sampling s |")
+    print(
+        f"{result['scheduler']}, guidance {result['guidance_scale']}, "
+        f"{result['prompts_per_kind']} validation prompts per kind (seed {result['seed']})"
+    )
+    print(
+        "| steps | kind | adherence | 95 % interval | vs first | its 95 % interval "
+        "| within noise | sampling s |"
+    )
     print("| ---: | --- | ---: | --- | ---: | --- | --- | ---: |")
     for row in result["rows"]:
         for kind in KINDS:
@@ -120,23 +155,41 @@ def print_steps_report(result: dict) -> None:
             d = k["vs_first"]
             low, high = d["difference_ci95"] or (float("nan"), float("nan"))
             a_low, a_high = k["adherence_ci95"] or (float("nan"), float("nan"))
-            print(f"| {row['steps']} | {kind} | {k['adherence']:.3f} | [{a_low:.3f}, "
-                  f"{a_high:.3f}] | {d['difference']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
-                  f"{d['within_noise']} | {k['sampling_s']:.1f} |")
+            print(
+                f"| {row['steps']} | {kind} | {k['adherence']:.3f} | [{a_low:.3f}, "
+                f"{a_high:.3f}] | {d['difference']:+.3f} | [{low:+.3f}, {high:+.3f}] | "
+                f"{d['within_noise']} | {k['sampling_s']:.1f} |"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=96)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="cap every setting's sampling steps (quick checks)")
-    parser.add_argument("--tiny", action="store_true",
-                        help=f"smoke-test sizes ({TINY}); overrides --prompts, --max-steps")
-    parser.add_argument("--steps", type=int, nargs="+", default=None,
-                        help="the step-count sweep instead (the first is the baseline)")
-    parser.add_argument("--per-objects", type=int, default=64,
-                        help="--steps: validation prompts with 1, 2 and 3 objects each")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="cap every setting's sampling steps (quick checks)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"smoke-test sizes ({TINY}); overrides --prompts, --max-steps",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the step-count sweep instead (the first is the baseline)",
+    )
+    parser.add_argument(
+        "--per-objects",
+        type=int,
+        default=64,
+        help="--steps: validation prompts with 1, 2 and 3 objects each",
+    )
     parser.add_argument("--out", type=Path, default=None, help="--steps: also write the JSON")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -159,14 +212,23 @@ def main(argv: list[str] | None = None) -> None:
 
 def print_report(rows: list[dict]) -> None:
     """The text report of `run`'s result."""
-    keys = (ADHERENCE, "adherence_1_object", "adherence_2_objects", "adherence_3_objects",
-            ALL_PARTS, CLIP_SCORE)
+    keys = (
+        ADHERENCE,
+        "adherence_1_object",
+        "adherence_2_objects",
+        "adherence_3_objects",
+        ALL_PARTS,
+        CLIP_SCORE,
+    )
     print("| scheduler | steps | guidance | " + " | ".join(keys) + " |")
     print("| --- | ---: | ---: |" + " ---: |" * len(keys))
     for row in rows:
         # Few prompts may have no 3-object one: an empty cell, not a KeyError.
-        print(f"| {row['scheduler']} | {row['steps']} | {row['guidance_scale']} | "
-              + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys) + " |")
+        print(
+            f"| {row['scheduler']} | {row['steps']} | {row['guidance_scale']} | "
+            + " | ".join(f"{row[k]:.3f}" if k in row else "" for k in keys)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

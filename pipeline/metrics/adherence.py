@@ -73,16 +73,24 @@ class Scorer:
 
         source = base_source(base_clip, "clip")
         judge = Judge.from_pretrained(world.judge_folder) if world else None
-        return cls(CLIPModel.from_pretrained(source).eval(),
-                   CLIPImageProcessor.from_pretrained(source),
-                   CLIPTokenizer.from_pretrained(source), judge)
+        return cls(
+            CLIPModel.from_pretrained(source).eval(),
+            CLIPImageProcessor.from_pretrained(source),
+            CLIPTokenizer.from_pretrained(source),
+            judge,
+        )
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:
         """[N, P]: the normalised text features of each prompt (computed once per prompt)."""
         new = [p for p in dict.fromkeys(prompts) if p not in self.texts]
         if new:
-            ids = self.tokenizer(new, padding="max_length", max_length=MAX_LENGTH,
-                                 truncation=True, return_tensors="pt")["input_ids"]
+            ids = self.tokenizer(
+                new,
+                padding="max_length",
+                max_length=MAX_LENGTH,
+                truncation=True,
+                return_tensors="pt",
+            )["input_ids"]
             text = F.normalize(self.model.get_text_features(input_ids=ids).pooler_output, dim=-1)
             self.texts.update(zip(new, text, strict=True))
         return torch.stack([self.texts[p] for p in prompts])
@@ -91,15 +99,18 @@ class Scorer:
     def clip_scores(self, images: Images, prompts: list[str]) -> list[float]:
         scores = []
         for begin in range(0, len(prompts), self.batch):
-            chunk = images[begin:begin + self.batch]
+            chunk = images[begin : begin + self.batch]
             size = self.processor.crop_size
-            if isinstance(chunk, np.ndarray) and chunk.shape[1:3] != (size["height"],
-                                                                       size["width"]):
+            if isinstance(chunk, np.ndarray) and chunk.shape[1:3] != (
+                size["height"],
+                size["width"],
+            ):
                 chunk = as_pil(chunk)  # resized as PIL images always were
             pixels = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"]
-            image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output,
-                                dim=-1)
-            text = self.text_features(prompts[begin:begin + self.batch])
+            image = F.normalize(
+                self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1
+            )
+            text = self.text_features(prompts[begin : begin + self.batch])
             scores += (100 * (image * text).sum(-1).clamp(min=0)).tolist()
         return scores
 
@@ -116,8 +127,9 @@ class Scorer:
         adherence = self.adherence(images, prompts)
         if adherence is None:
             return [PictureScores(clip_score=c) for c in clip]
-        return [PictureScores(clip_score=c, adherence=a)
-                for c, a in zip(clip, adherence, strict=True)]
+        return [
+            PictureScores(clip_score=c, adherence=a) for c, a in zip(clip, adherence, strict=True)
+        ]
 
 
 def as_pil(images: np.ndarray) -> list[Image.Image]:
@@ -134,8 +146,10 @@ def summarise(scores: list[PictureScores], objects: list[int], seed: int = 0) ->
     """Means over prompts, each with its interval over resampled prompts (KEY_ci95);
     `all_parts`: how often every stated attribute was found; and the mean adherence of
     prompts with 1, 2, 3 objects."""
-    out: Summary = {**mean_with_ci(CLIP_SCORE, column(scores, CLIP_SCORE), seed),
-                    PROMPTS: len(scores)}
+    out: Summary = {
+        **mean_with_ci(CLIP_SCORE, column(scores, CLIP_SCORE), seed),
+        PROMPTS: len(scores),
+    }
     if scores and ADHERENCE in scores[0]:
         adherence = column(scores, ADHERENCE)
         out |= mean_with_ci(ADHERENCE, adherence, seed)
@@ -149,23 +163,23 @@ def objects_key(k: int) -> str:
     return f"{k}_object{'s' if k > 1 else ''}"
 
 
-def by_object_count(adherence: np.ndarray, objects: list[int],
-                    seed: int = 0) -> Summary:
+def by_object_count(adherence: np.ndarray, objects: list[int], seed: int = 0) -> Summary:
     """`adherence_K_object(s)` (with its interval) over the prompts stating K objects, for each
     K in `objects` (one count per prompt)."""
     out: Summary = {}
     for k in sorted(set(objects)):
-        out |= mean_with_ci(f"{ADHERENCE}_{objects_key(k)}", adherence[np.array(objects) == k],
-                            seed)
+        out |= mean_with_ci(
+            f"{ADHERENCE}_{objects_key(k)}", adherence[np.array(objects) == k], seed
+        )
     return out
 
 
 Row = TypeVar("Row", bound=MutableMapping[str, Any])  # a row's means (and what it adds)
 
 
-def with_ratios(rows: dict[str, Row],
-                per_prompt: dict[str, list[PictureScores]] | None = None,
-                seed: int = 0) -> dict[str, Row]:
+def with_ratios(
+    rows: dict[str, Row], per_prompt: dict[str, list[PictureScores]] | None = None, seed: int = 0
+) -> dict[str, Row]:
     """Adds each row's ratio to the reference row (adherence and CLIP score); given every
     row's per-prompt scores, with its interval: Σ row / Σ reference over the same resampled
     prompts."""
@@ -177,8 +191,10 @@ def with_ratios(rows: dict[str, Row],
                 scores[f"{key}_ratio"] = value / against
                 if per_prompt is not None:
                     scores[ci_key(f"{key}_ratio")] = interval(
-                        ratio_of_sums, [column(per_prompt[name], key),
-                                        column(per_prompt[REFERENCE], key)], seed)
+                        ratio_of_sums,
+                        [column(per_prompt[name], key), column(per_prompt[REFERENCE], key)],
+                        seed,
+                    )
     return rows
 
 
@@ -187,26 +203,47 @@ def prompt_seeds(seed: int, count: int) -> list[int]:
     return [seed * 100_000 + i for i in range(count)]
 
 
-def judged(pipe, conditioning: torch.Tensor, negative: torch.Tensor, params: Params,
-           seeds: list[int], scorer: Scorer, prompts: list[str]) -> list[PictureScores]:
+def judged(
+    pipe,
+    conditioning: torch.Tensor,
+    negative: torch.Tensor,
+    params: Params,
+    seeds: list[int],
+    scorer: Scorer,
+    prompts: list[str],
+) -> list[PictureScores]:
     """Generate one picture per row of conditioning [N, 77, D]; each picture's scores."""
     images = generate_pixels(pipe, conditioning, negative, params.render, seeds)
     return scorer.score(images, prompts)
 
 
-def judged_rows(pipe, conditionings: dict[str, torch.Tensor], negative: torch.Tensor,
-                params: Params, seeds: list[int], scorer: Scorer,
-                prompts: list[str]) -> dict[str, list[PictureScores]]:
+def judged_rows(
+    pipe,
+    conditionings: dict[str, torch.Tensor],
+    negative: torch.Tensor,
+    params: Params,
+    seeds: list[int],
+    scorer: Scorer,
+    prompts: list[str],
+) -> dict[str, list[PictureScores]]:
     """`judged` of every row's conditioning [N, 77, D] (the same prompts and seeds in each),
     all rows' pictures drawn in shared UNet batches: {row: each picture's scores}."""
     names, n = list(conditionings), len(prompts)
-    scores = judged(pipe, torch.cat([conditionings[name].float() for name in names]), negative,
-                    params, seeds * len(names), scorer, prompts * len(names))
-    return {name: scores[k * n:(k + 1) * n] for k, name in enumerate(names)}
+    scores = judged(
+        pipe,
+        torch.cat([conditionings[name].float() for name in names]),
+        negative,
+        params,
+        seeds * len(names),
+        scorer,
+        prompts * len(names),
+    )
+    return {name: scores[k * n : (k + 1) * n] for k, name in enumerate(names)}
 
 
-def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
-                       scorer: Scorer, exclude: set[str]) -> tuple[AdherenceResults, HeldOutScores]:
+def evaluate_adherence(
+    params: Params, encoders: dict[str, PromptEncoder], pipe, scorer: Scorer, exclude: set[str]
+) -> tuple[AdherenceResults, HeldOutScores]:
     """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind,
     and {kind: {row: per-prompt scores}} (the same prompts, in the same order, in every row);
     encoders: the reference row's (no deprojector) first, then each run's."""
@@ -219,10 +256,12 @@ def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
     for kind in KINDS:
         texts = prompts[kind]
         objects = [World.objects(p) for p in texts]
-        conditionings = {name: encoder.encode_prompts(texts, combine=kind == "multi",
-                                                      deproject=name != REFERENCE)
-                         for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}",
-                                                   unit="row")}
+        conditionings = {
+            name: encoder.encode_prompts(
+                texts, combine=kind == "multi", deproject=name != REFERENCE
+            )
+            for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row")
+        }
         scores = judged_rows(pipe, conditionings, negative, params, seeds, scorer, texts)
         summary = {name: summarise(s, objects, e.seed) for name, s in scores.items()}
         result[kind] = with_ratios(summary, scores, e.seed)
@@ -230,9 +269,14 @@ def evaluate_adherence(params: Params, encoders: dict[str, PromptEncoder], pipe,
     return result, per_prompt
 
 
-def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], pipe,
-                           scorer: Scorer, world: World,
-                           exclude: set[str]) -> ImagePromptResults:
+def evaluate_image_prompts(
+    params: Params,
+    encoders: dict[str, PromptEncoder],
+    pipe,
+    scorer: Scorer,
+    world: World,
+    exclude: set[str],
+) -> ImagePromptResults:
     """Drawn held-out scenes as the only prompt, judged against their descriptions.
 
     Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
@@ -257,23 +301,35 @@ def evaluate_image_prompts(params: Params, encoders: dict[str, PromptEncoder], p
     def with_ratio(scores: list[PictureScores], text: list[PictureScores]) -> Summary:
         summary = summarise(scores, objects, e.seed)
         if any(s.get(ADHERENCE) for s in text):
-            summary |= ratio_with_ci(IMAGE_TO_TEXT, column(scores, ADHERENCE),
-                                     column(text, ADHERENCE), e.seed)
+            summary |= ratio_with_ci(
+                IMAGE_TO_TEXT, column(scores, ADHERENCE), column(text, ADHERENCE), e.seed
+            )
         return summary
 
     text = score(reference.encode_prompts(texts, deproject=False))
     result: ImagePromptResults = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
     runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
     for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
-        conditionings = {kind: encoder.deproject(encoder.image_embedding(drawn, kind))
-                         for kind in BRIDGES}
-        scored = judged_rows(pipe, {"text": encoder.encode_prompts(texts, combine=False),
-                                    **conditionings}, negative, params, seeds, scorer, texts)
+        conditionings = {
+            kind: encoder.deproject(encoder.image_embedding(drawn, kind)) for kind in BRIDGES
+        }
+        scored = judged_rows(
+            pipe,
+            {"text": encoder.encode_prompts(texts, combine=False), **conditionings},
+            negative,
+            params,
+            seeds,
+            scorer,
+            texts,
+        )
         text = scored.pop("text")
         bridges = {kind: with_ratio(scored[kind], text) for kind in BRIDGES}
         own = bridges[params.gap.bridge]
-        result[name] = {"text": summarise(text, objects, e.seed),
-                        "image": {k: v for k, v in own.items() if not k.startswith(IMAGE_TO_TEXT)},
-                        **{k: v for k, v in own.items() if k.startswith(IMAGE_TO_TEXT)},
-                        "bridge": params.gap.bridge, "bridges": bridges}
+        result[name] = {
+            "text": summarise(text, objects, e.seed),
+            "image": {k: v for k, v in own.items() if not k.startswith(IMAGE_TO_TEXT)},
+            **{k: v for k, v in own.items() if k.startswith(IMAGE_TO_TEXT)},
+            "bridge": params.gap.bridge,
+            "bridges": bridges,
+        }
     return result

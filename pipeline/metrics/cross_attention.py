@@ -37,8 +37,12 @@ Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def cross_attention_weights(unet: torch.nn.Module) -> torch.Tensor:
     """[M, D]: the to_k and to_v weights of every cross-attention layer (attn2), stacked."""
-    weights = [w for name, module in unet.named_modules() if name.endswith("attn2")
-               for w in (module.to_k.weight, module.to_v.weight)]
+    weights = [
+        w
+        for name, module in unet.named_modules()
+        if name.endswith("attn2")
+        for w in (module.to_k.weight, module.to_v.weight)
+    ]
     if not weights:
         raise ValueError("the UNet has no cross-attention layers (attn2) to measure a loss in")
     return torch.cat(weights).detach()
@@ -51,8 +55,9 @@ def metric_of(weights: torch.Tensor) -> torch.Tensor:
     return (gram * (w.shape[1] / torch.trace(gram))).float()
 
 
-def load_cross_attention_metric(sd: str, hidden_size: int,
-                                base_dir: Path = WORLD_DIR) -> torch.Tensor:
+def load_cross_attention_metric(
+    sd: str, hidden_size: int, base_dir: Path = WORLD_DIR
+) -> torch.Tensor:
     """G_hat of base.sd's UNet (loaded alone, as load_sd_pipeline finds it), checked to read
     states of width hidden_size."""
     from diffusers import UNet2DConditionModel
@@ -65,12 +70,18 @@ def load_cross_attention_metric(sd: str, hidden_size: int,
         raise BaseModelError(
             f"base.sd {sd!r}: its UNet reads states of width {unet.config.cross_attention_dim}, "
             f"base.clip's are {hidden_size} wide; train.loss cross_attention needs the UNet "
-            "that base.clip's states condition")
+            "that base.clip's states condition"
+        )
     return metric_of(cross_attention_weights(unet))
 
 
-def cross_attention_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                        metric: torch.Tensor, mask_weight: float = 25.0) -> torch.Tensor:
+def cross_attention_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    metric: torch.Tensor,
+    mask_weight: float = 25.0,
+) -> torch.Tensor:
     """Mean over rows and positions of the position weight x d' G_hat d / D."""
     target = _check(pred, target)
     weights = position_weights(mask, mask_weight).to(pred)  # [B, 77]
@@ -79,9 +90,14 @@ def cross_attention_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return (weights[..., None] * error).mean()
 
 
-def training_loss(kind: str, mask_weight: float, sd: str = "", hidden_size: int = 0,
-                  metric: torch.Tensor | None = None,
-                  device: torch.device | str = "cpu") -> Loss:
+def training_loss(
+    kind: str,
+    mask_weight: float,
+    sd: str = "",
+    hidden_size: int = 0,
+    metric: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> Loss:
     """The `train.loss` of a run as a function of (pred, target, mask). `states` is the
     position-weighted squared error itself; the others load base.sd's UNet (or use
     `metric`, a G_hat [D, D]) and keep G_hat on `device`."""
@@ -92,8 +108,11 @@ def training_loss(kind: str, mask_weight: float, sd: str = "", hidden_size: int 
     g = metric if metric is not None else load_cross_attention_metric(sd, hidden_size)
     g = g.to(device)
     if kind == "cross_attention":
-        return lambda pred, target, mask: cross_attention_mse(pred, target, mask, g,
-                                                              mask_weight)
-    return lambda pred, target, mask: 0.5 * (weighted_mse(pred, target, mask, mask_weight)
-                                             + cross_attention_mse(pred, target, mask, g,
-                                                                   mask_weight))
+        return lambda pred, target, mask: cross_attention_mse(pred, target, mask, g, mask_weight)
+    return lambda pred, target, mask: (
+        0.5
+        * (
+            weighted_mse(pred, target, mask, mask_weight)
+            + cross_attention_mse(pred, target, mask, g, mask_weight)
+        )
+    )

@@ -62,9 +62,17 @@ def interval(statistic: Statistic, samples: Sequence[Values], seed: int) -> Inte
         return None
     with warnings.catch_warnings():  # a NaN statistic: answered by None below
         warnings.simplefilter("ignore", DegenerateDataWarning)
-        result = bootstrap(arrays, statistic, n_resamples=N_RESAMPLES, batch=BATCH,
-                           vectorized=True, paired=True, confidence_level=CONFIDENCE,
-                           method="percentile", rng=np.random.default_rng(seed))
+        result = bootstrap(
+            arrays,
+            statistic,
+            n_resamples=N_RESAMPLES,
+            batch=BATCH,
+            vectorized=True,
+            paired=True,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
     bounds = [float(result.confidence_interval.low), float(result.confidence_interval.high)]
     return bounds if np.isfinite(bounds).all() else None
 
@@ -76,12 +84,15 @@ def mean_with_ci(key: str, values: Values, seed: int) -> Estimates:
 
 def ratio_with_ci(key: str, numerator: Values, denominator: Values, seed: int) -> Estimates:
     """{key: Σ numerator / Σ denominator, KEY_ci95: its interval over resampled rows}."""
-    return {key: float(ratio_of_sums(np.asarray(numerator), np.asarray(denominator))),
-            ci_key(key): interval(ratio_of_sums, [numerator, denominator], seed)}
+    return {
+        key: float(ratio_of_sums(np.asarray(numerator), np.asarray(denominator))),
+        ci_key(key): interval(ratio_of_sums, [numerator, denominator], seed),
+    }
 
 
-def paired_difference(statistic: Statistic, samples: Sequence[Values],
-                      against: Sequence[Values], seed: int) -> PairedDifference:
+def paired_difference(
+    statistic: Statistic, samples: Sequence[Values], against: Sequence[Values], seed: int
+) -> PairedDifference:
     """statistic(*samples) − statistic(*against) over the same rows, with its interval from
     one resampling of the rows for both, and `within_noise`: whether the interval contains 0
     (None without an interval).
@@ -92,11 +103,12 @@ def paired_difference(statistic: Statistic, samples: Sequence[Values],
     split = len(samples)
 
     def difference(*resampled: np.ndarray, axis: int = -1) -> np.ndarray:
-        return statistic(*resampled[:split], axis=axis) - statistic(*resampled[split:],
-                                                                    axis=axis)
+        return statistic(*resampled[:split], axis=axis) - statistic(*resampled[split:], axis=axis)
 
     both = [np.asarray(s, dtype=np.float64) for s in (*samples, *against)]
     bounds = interval(difference, both, seed)
     return PairedDifference(
-        difference=float(difference(*both)), difference_ci95=bounds,
-        within_noise=None if bounds is None else bool(bounds[0] <= 0 <= bounds[1]))
+        difference=float(difference(*both)),
+        difference_ci95=bounds,
+        within_noise=None if bounds is None else bool(bounds[0] <= 0 <= bounds[1]),
+    )

@@ -25,7 +25,10 @@ def position_weights(mask: torch.Tensor, mask_weight: float = 25.0) -> torch.Ten
 
 
 def weighted_mse(
-    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mask_weight: float = 25.0,
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    mask_weight: float = 25.0,
     per_row: bool = False,
 ) -> torch.Tensor:
     """Mean over batch, positions and D of position weight x squared error ([B]: each row's
@@ -56,8 +59,9 @@ def predicted_in_mask(mask: torch.Tensor) -> torch.Tensor:
     return inside
 
 
-def masked_cosine_terms(cosine: torch.Tensor,
-                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_cosine_terms(
+    cosine: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row [B]: the sum of the cosines [B, 77] over its in-mask positions 1..n, and n."""
     inside = predicted_in_mask(mask).to(cosine)
     return (cosine * inside).sum(dim=1), inside.sum(dim=1)

@@ -32,8 +32,9 @@ class Retrieval:
     turn and added to a running sum.
     """
 
-    def __init__(self, reader: ShardReader, null: torch.Tensor,
-                 rows: np.ndarray | None = None) -> None:
+    def __init__(
+        self, reader: ShardReader, null: torch.Tensor, rows: np.ndarray | None = None
+    ) -> None:
         self.reader = reader
         self.rows = np.arange(len(reader)) if rows is None else np.asarray(rows)
         self.null = null.float()

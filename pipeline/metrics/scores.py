@@ -45,17 +45,23 @@ class Scores:
 
     def __init__(self) -> None:
         self.per_row: dict[str, list[torch.Tensor]] = {
-            key: [] for key in ("mse", "weighted_mse", "cosine", "masked_total", "masked_count")}
+            key: [] for key in ("mse", "weighted_mse", "cosine", "masked_total", "masked_count")
+        }
         self.cosine = torch.zeros(MAX_LENGTH)  # per position, summed over rows
         self.rows = 0
 
-    def add(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-            mask_weight: float) -> None:
+    def add(
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, mask_weight: float
+    ) -> None:
         cos = cosine_per_position(pred, target)
         total, count = masked_cosine_terms(cos, mask)
-        values = {"mse": mse(pred, target, per_row=True),
-                  "weighted_mse": weighted_mse(pred, target, mask, mask_weight, per_row=True),
-                  "cosine": cos[:, 1:].mean(dim=1), "masked_total": total, "masked_count": count}
+        values = {
+            "mse": mse(pred, target, per_row=True),
+            "weighted_mse": weighted_mse(pred, target, mask, mask_weight, per_row=True),
+            "cosine": cos[:, 1:].mean(dim=1),
+            "masked_total": total,
+            "masked_count": count,
+        }
         for key, value in values.items():
             self.per_row[key].append(value.double().cpu())
         self.cosine += cos.sum(dim=0).cpu()
@@ -84,8 +90,13 @@ class Scores:
 
 
 @torch.no_grad()
-def score_model(model: Deprojector, reader: ShardReader, batch_size: int,
-                mask_weight: float, rows: np.ndarray | None = None) -> tuple[Scores, Scores]:
+def score_model(
+    model: Deprojector,
+    reader: ShardReader,
+    batch_size: int,
+    mask_weight: float,
+    rows: np.ndarray | None = None,
+) -> tuple[Scores, Scores]:
     """Teacher-forced and autoregressive scores of a deprojector on `rows` of `reader` (None:
     every row)."""
     forced, free = Scores(), Scores()
@@ -96,9 +107,13 @@ def score_model(model: Deprojector, reader: ShardReader, batch_size: int,
 
 
 @torch.no_grad()
-def score_answers(answer: Callable[[torch.Tensor], torch.Tensor], reader: ShardReader,
-                  batch_size: int, mask_weight: float,
-                  rows: np.ndarray | None = None) -> Scores:
+def score_answers(
+    answer: Callable[[torch.Tensor], torch.Tensor],
+    reader: ShardReader,
+    batch_size: int,
+    mask_weight: float,
+    rows: np.ndarray | None = None,
+) -> Scores:
     """Scores of a predictor that answers embeddings [b, D] with states [b, 77, D] from the
     embedding alone (a baseline: no teacher forcing), on `rows` of `reader` (None: all)."""
     scores = Scores()
@@ -109,10 +124,12 @@ def score_answers(answer: Callable[[torch.Tensor], torch.Tensor], reader: ShardR
 
 def null_answer(constants: dict[str, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The null baseline: `null` at every position (after the sos)."""
+
     def answer(embeds: torch.Tensor) -> torch.Tensor:
         pred = constants["null"].expand(len(embeds), MAX_LENGTH, -1).clone()
         pred[:, 0] = constants["sos"]
         return pred
+
     return answer
 
 
@@ -125,8 +142,9 @@ def validation_split(rows: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def choose_k(train: ShardReader, null: torch.Tensor, seed: int, batch_size: int,
-             mask_weight: float) -> tuple[int, dict[int, float]]:
+def choose_k(
+    train: ShardReader, null: torch.Tensor, seed: int, batch_size: int, mask_weight: float
+) -> tuple[int, dict[int, float]]:
     """The retrieval's k and each candidate's validation score: the k of K_CANDIDATES (those
     the database holds) with the best masked cosine (autoregressive-equivalent: no teacher
     forcing) on a validation split of the training rows answered from the other training
@@ -136,15 +154,16 @@ def choose_k(train: ShardReader, null: torch.Tensor, seed: int, batch_size: int,
     candidates = [k for k in K_CANDIDATES if k <= len(retrieval)]
     scores = {k: Scores() for k in candidates}
     for begin in range(0, len(validation), batch_size):
-        batch = train.batch(validation[begin:begin + batch_size])
+        batch = train.batch(validation[begin : begin + batch_size])
         for k, pred in retrieval.answers(batch.embeds, candidates).items():
             scores[k].add(pred, batch.hidden, batch.mask, mask_weight)
     values = {k: s.cosine_masked() for k, s in scores.items()}
     return max(values, key=values.__getitem__), values
 
 
-def combination_pairs(captions: list[str], count: int, seed: int,
-                      clip: ClipText) -> list[tuple[str, str]]:
+def combination_pairs(
+    captions: list[str], count: int, seed: int, clip: ClipText
+) -> list[tuple[str, str]]:
     """Held-out pairs (A, B) of test captions whose joined text "A B" fits the context."""
     rng = random.Random(seed)
     pairs: list[tuple[str, str]] = []
@@ -158,9 +177,15 @@ def combination_pairs(captions: list[str], count: int, seed: int,
 
 
 @torch.no_grad()
-def combination_scores(models: dict[str, Deprojector], retrieval: Retrieval, k: int,
-                       pairs: list[tuple[str, str]], clip: ClipText, null: torch.Tensor,
-                       seed: int) -> dict[str, CombinationScores]:
+def combination_scores(
+    models: dict[str, Deprojector],
+    retrieval: Retrieval,
+    k: int,
+    pairs: list[tuple[str, str]],
+    clip: ClipText,
+    null: torch.Tensor,
+    seed: int,
+) -> dict[str, CombinationScores]:
     """Against H("A B") of held-out pairs: each run's deprojection of Σ(e_k − null) + null
     (`deprojector_cosine`), the averaged states of A and B (`blend_cosine`) and the
     retrieval's answer to the combined embedding, the mean states of its k nearest training
@@ -172,12 +197,16 @@ def combination_scores(models: dict[str, Deprojector], retrieval: Retrieval, k: 
     embeds = combine_embeddings(torch.stack([a.pooled, b.pooled], dim=1), null)
 
     def masked(key: str, pred: torch.Tensor) -> CombinationScores:
-        total, count = masked_cosine_terms(cosine_per_position(pred, joined.hidden),
-                                           joined.mask)
+        total, count = masked_cosine_terms(cosine_per_position(pred, joined.hidden), joined.mask)
         return ratio_with_ci(key, total.double().numpy(), count.double().numpy(), seed)
 
-    baselines = masked("blend_cosine", (a.hidden + b.hidden) / 2) \
-        | masked("retrieval_cosine", retrieval.answer(embeds, k)) | {"pairs": len(pairs)}
-    result = {name: masked("deprojector_cosine", model.generate(embeds)) | baselines
-              for name, model in models.items()}
+    baselines = (
+        masked("blend_cosine", (a.hidden + b.hidden) / 2)
+        | masked("retrieval_cosine", retrieval.answer(embeds, k))
+        | {"pairs": len(pairs)}
+    )
+    result = {
+        name: masked("deprojector_cosine", model.generate(embeds)) | baselines
+        for name, model in models.items()
+    }
     return result | {RETRIEVAL: baselines}

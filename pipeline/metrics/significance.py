@@ -65,8 +65,9 @@ def seed_replicates(models: dict[str, ModelSpec], train_seed: int) -> dict[str, 
     return {first: runs for first, runs in groups.items() if len(runs) > 1}
 
 
-def seed_spread(metrics: Mapping[str, Mapping[str, object]],
-                groups: dict[str, list[str]], seeds: dict[str, int]) -> dict[str, SeedSpread]:
+def seed_spread(
+    metrics: Mapping[str, Mapping[str, object]], groups: dict[str, list[str]], seeds: dict[str, int]
+) -> dict[str, SeedSpread]:
     """Per group of seed replicates and metric of SEED_METRICS (where every run has it): the
     mean over the runs, the sample standard deviation (ddof = 1), min and max. `metrics`:
     run -> its metrics, with {"adherence": {kind: mean adherence}} where pictures were judged."""
@@ -79,8 +80,11 @@ def seed_spread(metrics: Mapping[str, Mapping[str, object]],
                 v = np.asarray(values, dtype=np.float64)
                 # key: one of SEED_METRICS, each a field of SeedSpread
                 cast(dict[str, Spread], entry)[key] = Spread(
-                    mean=float(v.mean()), std=float(v.std(ddof=1)), min=float(v.min()),
-                    max=float(v.max()))
+                    mean=float(v.mean()),
+                    std=float(v.std(ddof=1)),
+                    min=float(v.min()),
+                    max=float(v.max()),
+                )
         out[first] = entry
     return out
 
@@ -91,8 +95,13 @@ def _lookup(metrics: Mapping[str, object], group: str, metric: str) -> object:
     return section.get(metric) if isinstance(section, Mapping) else None
 
 
-def comparison(terms: dict[str, MaskedTerms], runs: Sequence[str], headline: Sequence[str],
-               held_out: HeldOutScores | None, seed: int) -> Comparison:
+def comparison(
+    terms: dict[str, MaskedTerms],
+    runs: Sequence[str],
+    headline: Sequence[str],
+    held_out: HeldOutScores | None,
+    seed: int,
+) -> Comparison:
     """The paired differences of comparison.json.
 
     `autoregressive_cosine_masked`: the best of `runs` and, for every other run and
@@ -110,16 +119,27 @@ def comparison(terms: dict[str, MaskedTerms], runs: Sequence[str], headline: Seq
         values = {name: float(ratio_of_sums(*terms[name])) for name in runs}
         best = max(values, key=values.__getitem__)
         out["autoregressive_cosine_masked"] = BestRun(
-            best=best, sign="row − best",
-            rows={name: difference(name, best) for name in (*runs, RETRIEVAL) if name != best})
+            best=best,
+            sign="row − best",
+            rows={name: difference(name, best) for name in (*runs, RETRIEVAL) if name != best},
+        )
         out["pairs"] = {"metric": "autoregressive cosine_masked", "sign": "first − second"} | {
-            f"{a} vs {b}": difference(a, b) for a, b in combinations([*headline, RETRIEVAL], 2)}
-    judged = {kind: scores for kind, scores in (held_out or {}).items()
-              if scores[REFERENCE] and ADHERENCE in scores[REFERENCE][0]}
+            f"{a} vs {b}": difference(a, b) for a, b in combinations([*headline, RETRIEVAL], 2)
+        }
+    judged = {
+        kind: scores
+        for kind, scores in (held_out or {}).items()
+        if scores[REFERENCE] and ADHERENCE in scores[REFERENCE][0]
+    }
     if judged:
         out[ADHERENCE] = {"sign": "run − reference"} | {
-            kind: {name: paired_difference(np.mean, [column(rows, ADHERENCE)],
-                                           [column(scores[REFERENCE], ADHERENCE)], seed)
-                   for name, rows in scores.items() if name != REFERENCE}
-            for kind, scores in judged.items()}
+            kind: {
+                name: paired_difference(
+                    np.mean, [column(rows, ADHERENCE)], [column(scores[REFERENCE], ADHERENCE)], seed
+                )
+                for name, rows in scores.items()
+                if name != REFERENCE
+            }
+            for kind, scores in judged.items()
+        }
     return out

@@ -43,8 +43,11 @@ def architecture(model_type: str) -> type[Deprojector]:
 def hyperparameters(model_type: str) -> dict[str, Any]:
     """The settable hyperparameters of an architecture and their defaults."""
     config_class = architecture(model_type).config_class
-    return {f.name: (f.default if f.default is not dataclasses.MISSING else None)
-            for f in dataclasses.fields(config_class) if f.name not in FIXED_FIELDS}
+    return {
+        f.name: (f.default if f.default is not dataclasses.MISSING else None)
+        for f in dataclasses.fields(config_class)
+        if f.name not in FIXED_FIELDS
+    }
 
 
 def check_hyperparameters(model_type: str, hparams: dict[str, Any]) -> None:

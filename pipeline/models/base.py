@@ -30,10 +30,9 @@ from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
+
 class BaseMismatchError(DeprojectorError, ValueError):
     """A deprojector used with a base CLIP other than the one it was trained on."""
-
-
 
 
 class ModelFileError(DeprojectorError, ValueError):
@@ -102,9 +101,11 @@ class DeprojectorConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_positions != MAX_LENGTH:  # every prompt_embeds SD takes has CLIP's 77
-            raise ValueError(f"num_positions must be {MAX_LENGTH} (CLIP's context, the "
-                             f"positions Stable Diffusion is conditioned on), got "
-                             f"{self.num_positions}")
+            raise ValueError(
+                f"num_positions must be {MAX_LENGTH} (CLIP's context, the "
+                f"positions Stable Diffusion is conditioned on), got "
+                f"{self.num_positions}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -253,8 +254,9 @@ class Deprojector(nn.Module):
         embeds = self._check_embeds(embeds, self.config.hidden_size, "embeds")
         return self._with_sos(self.generate_states(embeds - self.null))
 
-    def check_base(self, hidden_size: int, projection_size: int,
-                   fingerprint: str | None = None) -> None:
+    def check_base(
+        self, hidden_size: int, projection_size: int, fingerprint: str | None = None
+    ) -> None:
         """Raise BaseMismatchError unless this deprojector fits a base CLIP of these widths
         and, where both are known, of this fingerprint."""
         for what, trained, base in (
@@ -265,14 +267,16 @@ class Deprojector(nn.Module):
                 raise BaseMismatchError(
                     f"deprojector in {self.name_or_path} was trained for {what}={trained}, "
                     f"base model has {what}={base}; retrain it or use its base CLIP "
-                    f"({self.config.base_clip or 'not recorded'})")
+                    f"({self.config.base_clip or 'not recorded'})"
+                )
         recorded = self.config.base_fingerprint
         if fingerprint and recorded and fingerprint != recorded:
             raise BaseMismatchError(
                 f"deprojector in {self.name_or_path} was trained on the base CLIP "
                 f"{self.config.base_clip!r} (fingerprint {recorded[:12]}), not on this one "
                 f"(fingerprint {fingerprint[:12]}): same widths, other weights or tokenizer. "
-                "Use its base CLIP or retrain it on this one")
+                "Use its base CLIP or retrain it on this one"
+            )
 
     def save_pretrained(self, save_directory: str | Path) -> None:
         folder = Path(save_directory)
@@ -282,8 +286,9 @@ class Deprojector(nn.Module):
         save_tensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
 
     @classmethod
-    def from_folder(cls, folder: Path, raw: dict[str, Any],
-                    device: str | torch.device = "cpu") -> Deprojector:
+    def from_folder(
+        cls, folder: Path, raw: dict[str, Any], device: str | torch.device = "cpu"
+    ) -> Deprojector:
         """A composite's loader (register_composite): the deprojector whose parsed config.json
         is `raw`; from_pretrained calls it. Architectures with weights of their own have none."""
         raise NotImplementedError(f"{cls.__name__} is not a composite: use from_pretrained")
@@ -318,21 +323,29 @@ class Deprojector(nn.Module):
             model.load_state_dict(tensors)
         except RuntimeError as err:
             detail = " ".join(str(err).split())
-            raise ModelFileError(f"{weights_file}: its tensors do not fit {config_file} "
-                                 f"({detail}); {advice}") from err
+            raise ModelFileError(
+                f"{weights_file}: its tensors do not fit {config_file} ({detail}); {advice}"
+            ) from err
         model.name_or_path = str(folder)
         return model.to(device).eval()
 
     @classmethod
-    def config_from_file(cls, config_file: Path, raw: dict[str, Any],
-                         advice: str) -> DeprojectorConfig:
+    def config_from_file(
+        cls, config_file: Path, raw: dict[str, Any], advice: str
+    ) -> DeprojectorConfig:
         """This class's config from the parsed `config_file`, or ModelFileError naming it."""
-        missing = [f.name for f in dataclasses.fields(cls.config_class)
-                   if f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING and f.name not in raw]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls.config_class)
+            if f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+            and f.name not in raw
+        ]
         if missing:
-            raise ModelFileError(f"{config_file}: missing keys {', '.join(missing)} (a "
-                                 f"{cls.model_type} config needs them); {advice}")
+            raise ModelFileError(
+                f"{config_file}: missing keys {', '.join(missing)} (a "
+                f"{cls.model_type} config needs them); {advice}"
+            )
         try:
             return cls.config_class.from_dict(raw)
         except (TypeError, ValueError) as err:

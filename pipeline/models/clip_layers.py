@@ -32,8 +32,9 @@ def clip_shape(text_config: Any) -> dict[str, Any]:
 def check_clip_layer_config(config: Any) -> None:
     """Raise if the CLIP-layer settings of `config` (CLIP_FIELDS) cannot build a layer."""
     if config.num_heads < 1 or config.hidden_size % config.num_heads:
-        raise ValueError(f"num_heads={config.num_heads} must be >= 1 and divide "
-                         f"hidden_size={config.hidden_size}")
+        raise ValueError(
+            f"num_heads={config.num_heads} must be >= 1 and divide hidden_size={config.hidden_size}"
+        )
     if config.intermediate_size < 1:
         raise ValueError(f"intermediate_size must be >= 1, got {config.intermediate_size}")
     if config.layer_norm_eps <= 0:
@@ -51,8 +52,10 @@ def check_clip_shape(config: Any, text_model: ClipTextModel, layers: int = 1) ->
                 f"{config.model_type} deprojector was built with {ours}={getattr(config, ours)!r}"
             )
     if layers > clip.num_hidden_layers:
-        raise ValueError(f"{config.model_type}: {layers} layers wanted, the CLIP text model "
-                         f"has only {clip.num_hidden_layers}")
+        raise ValueError(
+            f"{config.model_type}: {layers} layers wanted, the CLIP text model "
+            f"has only {clip.num_hidden_layers}"
+        )
 
 
 @torch.no_grad()

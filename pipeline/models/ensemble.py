@@ -59,42 +59,56 @@ class EnsembleDeprojector(Deprojector):
             raise ValueError(f"{len(config.members)} member folders, {len(members)} members")
         for member in members:
             mc = member.config
-            if (mc.hidden_size, mc.projection_size, mc.num_positions) != \
-                    (config.hidden_size, config.projection_size, config.num_positions):
+            if (mc.hidden_size, mc.projection_size, mc.num_positions) != (
+                config.hidden_size,
+                config.projection_size,
+                config.num_positions,
+            ):
                 raise BaseMismatchError(
                     f"ensemble member {member.name_or_path} has D={mc.hidden_size}, "
                     f"P={mc.projection_size}, {mc.num_positions} positions; the ensemble "
                     f"D={config.hidden_size}, P={config.projection_size}, "
-                    f"{config.num_positions} positions")
-            if mc.base_fingerprint and config.base_fingerprint and \
-                    mc.base_fingerprint != config.base_fingerprint:
+                    f"{config.num_positions} positions"
+                )
+            if (
+                mc.base_fingerprint
+                and config.base_fingerprint
+                and mc.base_fingerprint != config.base_fingerprint
+            ):
                 raise BaseMismatchError(
                     f"ensemble member {member.name_or_path} was trained on another base CLIP "
                     f"(fingerprint {mc.base_fingerprint[:12]}, the ensemble's "
-                    f"{config.base_fingerprint[:12]})")
+                    f"{config.base_fingerprint[:12]})"
+                )
         first = members[0]
         for member in members[1:]:
             for name in ("sos", "null", "deprojection"):
                 if not torch.allclose(getattr(member, name), getattr(first, name), atol=1e-5):
                     raise BaseMismatchError(
                         f"ensemble members {first.name_or_path} and {member.name_or_path} "
-                        f"hold different `{name}` constants: not the same base CLIP")
+                        f"hold different `{name}` constants: not the same base CLIP"
+                    )
         self.members = nn.ModuleList(members)
         self.set_constants(first.sos, first.null, first.deprojection)
 
     @classmethod
-    def of(cls, members: list[Deprojector], member_folders: list[str] | None = None
-           ) -> EnsembleDeprojector:
+    def of(
+        cls, members: list[Deprojector], member_folders: list[str] | None = None
+    ) -> EnsembleDeprojector:
         """The ensemble of loaded deprojectors (their config's base and widths are the first
         member's); `member_folders` are what config.json records (default: their paths)."""
         if len(members) < 2:
             raise ValueError(f"an ensemble needs 2 or more members, got {len(members)}")
         c = members[0].config
         config = EnsembleConfig(
-            model_type=cls.model_type, hidden_size=c.hidden_size,
-            projection_size=c.projection_size, num_positions=c.num_positions,
-            base_clip=c.base_clip, base_fingerprint=c.base_fingerprint,
-            members=member_folders or [str(m.name_or_path) for m in members])
+            model_type=cls.model_type,
+            hidden_size=c.hidden_size,
+            projection_size=c.projection_size,
+            num_positions=c.num_positions,
+            base_clip=c.base_clip,
+            base_fingerprint=c.base_fingerprint,
+            members=member_folders or [str(m.name_or_path) for m in members],
+        )
         return cls(config, members)
 
     # --- the math -----------------------------------------------------------------------------
@@ -132,8 +146,9 @@ class EnsembleDeprojector(Deprojector):
         write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def from_folder(cls, folder: Path, raw: dict[str, Any],
-                    device: str | torch.device = "cpu") -> EnsembleDeprojector:
+    def from_folder(
+        cls, folder: Path, raw: dict[str, Any], device: str | torch.device = "cpu"
+    ) -> EnsembleDeprojector:
         """Load the ensemble whose parsed config.json is `raw`, members from their folders."""
         advice = "write the ensemble again (`deprojector train NAME` for a `models:` entry)"
         # config_from_file builds cls.config_class: an EnsembleConfig.
@@ -142,8 +157,10 @@ class EnsembleDeprojector(Deprojector):
         for member in config.members:
             path = folder / member
             if not (path / CONFIG_FILE).is_file():
-                raise ModelFileError(f"{folder / CONFIG_FILE}: member {member!r} has no "
-                                     f"deprojector at {path}; train it first")
+                raise ModelFileError(
+                    f"{folder / CONFIG_FILE}: member {member!r} has no "
+                    f"deprojector at {path}; train it first"
+                )
             members.append(Deprojector.from_pretrained(path, device=device))
         model = cls(config, members)
         model.name_or_path = str(folder)

@@ -53,8 +53,9 @@ class LayerNormLSTMCell(nn.Module):
         self.ln_c = nn.LayerNorm(D, eps=eps)
         self.ln_h = nn.LayerNorm(D, eps=eps)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor,
-                c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         i, f, g, o = (self.ih(x) + self.hh(h)).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = self.ln_h(torch.sigmoid(o) * torch.tanh(self.ln_c(c)))
@@ -74,8 +75,7 @@ class LSTMDeprojector(Deprojector):
         if config.cell == "standard":
             self.lstm = nn.LSTM(D, D, num_layers=config.num_layers, batch_first=True)
         else:
-            self.cells = nn.ModuleList(LayerNormLSTMCell(D, eps)
-                                       for _ in range(config.num_layers))
+            self.cells = nn.ModuleList(LayerNormLSTMCell(D, eps) for _ in range(config.num_layers))
         self.embed_proj = nn.Linear(D, D, bias=False) if config.embed_linear else None
         self.ln_final = nn.LayerNorm(D, eps=eps)
 

@@ -150,12 +150,16 @@ class QueriesDeprojector(Deprojector):
         check_clip_shape(self.config, text_model, layers=n)
         layers: list[Layer] = list(self.layers)  # type: ignore[arg-type]
         for ours, theirs in zip(layers, text_model.encoder.layers[-n:], strict=True):
-            for a, b in ((ours.ln1, theirs.layer_norm1), (ours.self_attn.q_proj,
-                         theirs.self_attn.q_proj), (ours.self_attn.k_proj,
-                         theirs.self_attn.k_proj), (ours.self_attn.v_proj,
-                         theirs.self_attn.v_proj), (ours.self_attn.out_proj,
-                         theirs.self_attn.out_proj), (ours.ln2, theirs.layer_norm2),
-                         (ours.fc1, theirs.mlp.fc1), (ours.fc2, theirs.mlp.fc2)):
+            for a, b in (
+                (ours.ln1, theirs.layer_norm1),
+                (ours.self_attn.q_proj, theirs.self_attn.q_proj),
+                (ours.self_attn.k_proj, theirs.self_attn.k_proj),
+                (ours.self_attn.v_proj, theirs.self_attn.v_proj),
+                (ours.self_attn.out_proj, theirs.self_attn.out_proj),
+                (ours.ln2, theirs.layer_norm2),
+                (ours.fc1, theirs.mlp.fc1),
+                (ours.fc2, theirs.mlp.fc2),
+            ):
                 copy_module(a, b)
             with torch.no_grad():
                 ours.cross_attn.out_proj.weight.zero_()

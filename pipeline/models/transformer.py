@@ -41,8 +41,11 @@ from pipeline.models.clip_layers import (
     split_heads,
 )
 
-FREEZE = {"none": (), "qkv": ("q_proj", "k_proj", "v_proj"),
-          "qkvo": ("q_proj", "k_proj", "v_proj", "out_proj")}
+FREEZE = {
+    "none": (),
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "qkvo": ("q_proj", "k_proj", "v_proj", "out_proj"),
+}
 POSITIONS = ("attention_input", "residual")
 
 
@@ -83,7 +86,8 @@ class TransformerDeprojector(Deprojector):
         self.n_head = config.num_heads
         self.act = ACTIVATIONS[config.activation]
         self.position_embedding = nn.Parameter(
-            config.position_init_std * torch.randn(config.num_positions - 1, D))
+            config.position_init_std * torch.randn(config.num_positions - 1, D)
+        )
         self.ln1 = nn.LayerNorm(D, eps=eps)
         self.q_proj = nn.Linear(D, D)
         self.k_proj = nn.Linear(D, D)
@@ -144,8 +148,9 @@ class TransformerDeprojector(Deprojector):
         x = torch.cat([e_rel[:, None], prev_rel], dim=1)  # [B, T+1, D]
         x, attn_in = self._split(x, self.position_embedding[: x.shape[1]])
         a = self.ln1(attn_in)
-        q, k, v = (split_heads(proj(a), self.n_head)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            split_heads(proj(a), self.n_head) for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T+1, D/H]
         return self._after_attention(x, y.transpose(1, 2).reshape(x.shape))
 

@@ -41,8 +41,9 @@ class VicinityRNNConfig(DeprojectorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.vicinity < self.num_positions - 1:
-            raise ValueError(f"vicinity must be in [1, {self.num_positions - 2}], "
-                             f"got {self.vicinity}")
+            raise ValueError(
+                f"vicinity must be in [1, {self.num_positions - 2}], got {self.vicinity}"
+            )
         if self.mlp_ratio < 1:
             raise ValueError(f"mlp_ratio must be >= 1, got {self.mlp_ratio}")
         if self.layer_norm_eps <= 0:

@@ -62,8 +62,10 @@ class VicinityTransformerConfig(DeprojectorConfig):
         if self.vicinity < 1:
             raise ValueError(f"vicinity must be >= 1, got {self.vicinity}")
         if self.vicinity_block not in VICINITY_BLOCKS:
-            raise ValueError(f"vicinity_block {self.vicinity_block!r} is unknown "
-                             f"(known: {', '.join(VICINITY_BLOCKS)})")
+            raise ValueError(
+                f"vicinity_block {self.vicinity_block!r} is unknown "
+                f"(known: {', '.join(VICINITY_BLOCKS)})"
+            )
         check_clip_layer_config(self)
 
 
@@ -91,8 +93,11 @@ class VicinityBlock(nn.Module):
 
     def in_weights(self) -> torch.Tensor:
         """The maps applied to z, stacked: [D or 2D, (1+v)D]."""
-        return torch.cat([self.inner.weight, self.gate.weight]) if self.kind == "gate" \
+        return (
+            torch.cat([self.inner.weight, self.gate.weight])
+            if self.kind == "gate"
             else self.inner.weight
+        )
 
     def finish(self, u: torch.Tensor) -> torch.Tensor:
         if self.kind == "linear":
@@ -125,8 +130,9 @@ class Layer(nn.Module):
 
     def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         a = self.ln1(x)
-        return tuple(split_heads(p(a), self.n_head) for p in (self.q_proj, self.k_proj,
-                                                                 self.v_proj))
+        return tuple(
+            split_heads(p(a), self.n_head) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
 
     def rest(self, x: torch.Tensor, y: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """x [.., D], attention output y (heads merged), vicinity update -> the layer output."""
@@ -168,12 +174,17 @@ class VicinityTransformerDeprojector(Deprojector):
         n = self.config.num_layers
         check_clip_shape(self.config, text_model, layers=n)
         for ours, theirs in zip(self.blocks, text_model.encoder.layers[-n:], strict=True):
-            for a, b in ((ours.ln1, theirs.layer_norm1), (ours.q_proj, theirs.self_attn.q_proj),
-                         (ours.k_proj, theirs.self_attn.k_proj),
-                         (ours.v_proj, theirs.self_attn.v_proj),
-                         (ours.out_proj, theirs.self_attn.out_proj),
-                         (ours.ln2, theirs.layer_norm2), (ours.fc1, theirs.mlp.fc1),
-                         (ours.fc2, theirs.mlp.fc2), (ours.ln_out, text_model.final_layer_norm)):
+            for a, b in (
+                (ours.ln1, theirs.layer_norm1),
+                (ours.q_proj, theirs.self_attn.q_proj),
+                (ours.k_proj, theirs.self_attn.k_proj),
+                (ours.v_proj, theirs.self_attn.v_proj),
+                (ours.out_proj, theirs.self_attn.out_proj),
+                (ours.ln2, theirs.layer_norm2),
+                (ours.fc1, theirs.mlp.fc1),
+                (ours.fc2, theirs.mlp.fc2),
+                (ours.ln_out, text_model.final_layer_norm),
+            ):
                 copy_module(a, b)
 
     def _window(self, e_rel: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -210,8 +221,10 @@ class VicinityTransformerDeprojector(Deprojector):
         B, D = e_rel.shape
         n, v = self.config.num_positions, self.config.vicinity
         H = self.config.num_heads
-        caches = [(e_rel.new_empty(B, H, n, D // H), e_rel.new_empty(B, H, n, D // H))
-                  for _ in self.blocks]
+        caches = [
+            (e_rel.new_empty(B, H, n, D // H), e_rel.new_empty(B, H, n, D // H))
+            for _ in self.blocks
+        ]
         e_terms = [F.linear(e_rel, layer.vicinity.in_weights()[:, :D]) for layer in self.blocks]
         window_weights = [layer.vicinity.in_weights()[:, D:] for layer in self.blocks]
 
@@ -229,12 +242,14 @@ class VicinityTransformerDeprojector(Deprojector):
             s_rel = s - self.null
             window = torch.cat([s_rel, window[:, : (v - 1) * D]], dim=1)
             x = (s_rel + self.position_embedding[t])[:, None]  # [B, 1, D]
-            for layer, (keys, values), e_term, w in zip(self.blocks, caches, e_terms,
-                                                        window_weights, strict=True):
+            for layer, (keys, values), e_term, w in zip(
+                self.blocks, caches, e_terms, window_weights, strict=True
+            ):
                 q, k, v_ = layer.qkv(x)
                 keys[:, :, t : t + 1], values[:, :, t : t + 1] = k, v_
-                y = F.scaled_dot_product_attention(q.contiguous(), keys[:, :, : t + 1],
-                                                   values[:, :, : t + 1])
+                y = F.scaled_dot_product_attention(
+                    q.contiguous(), keys[:, :, : t + 1], values[:, :, : t + 1]
+                )
                 update = layer.vicinity.finish(e_term + F.linear(window, w))[:, None]
                 x = layer.rest(x, y.transpose(1, 2).reshape(B, 1, D), update)
             s = yield x[:, 0]

@@ -48,8 +48,7 @@ class ModalityGap:
 
     def __post_init__(self) -> None:
         if self.bridge not in BRIDGES:
-            raise ImagePromptError(f"unknown bridge {self.bridge!r} (known: "
-                                   f"{', '.join(BRIDGES)})")
+            raise ImagePromptError(f"unknown bridge {self.bridge!r} (known: {', '.join(BRIDGES)})")
 
     def correct(self, image_embeds: torch.Tensor, bridge: str | None = None) -> torch.Tensor:
         """[..., P] image embeddings brought across the gap by `bridge` (None: the default)."""
@@ -72,33 +71,49 @@ class ModalityGap:
     def _needs(self, name: str) -> torch.Tensor:
         value = getattr(self, name)
         if value is None:
-            raise ImagePromptError(f"these modality-gap statistics have no {name!r} tensor "
-                                   "(written before that bridge existed): run `deprojector "
-                                   "gap` again")
+            raise ImagePromptError(
+                f"these modality-gap statistics have no {name!r} tensor "
+                "(written before that bridge existed): run `deprojector "
+                "gap` again"
+            )
         return value
 
     @classmethod
-    def measure(cls, text_embeds: torch.Tensor, image_embeds: torch.Tensor,
-                bank: torch.Tensor | None = None, temperature: float = 0.01,
-                bridge: str = "mean-shift") -> ModalityGap:
+    def measure(
+        cls,
+        text_embeds: torch.Tensor,
+        image_embeds: torch.Tensor,
+        bank: torch.Tensor | None = None,
+        temperature: float = 0.01,
+        bridge: str = "mean-shift",
+    ) -> ModalityGap:
         """Fit every bridge on paired [N, P] embeddings; bank: text embeddings [M, P] of
         training captions for `text-projection` (normalised here)."""
         text, image = text_embeds.double(), image_embeds.double()
         x, y = image - image.mean(0), text - text.mean(0)
         gram = x.T @ x
         ridge = RIDGE * gram.trace() / gram.shape[0]
-        linear = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype),
-                                    x.T @ y)
+        linear = torch.linalg.solve(
+            gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), x.T @ y
+        )
         units = torch.nn.functional.normalize(bank.float(), dim=-1) if bank is not None else None
-        return cls(text_embeds.mean(0), image_embeds.mean(0),
-                   text_embeds.norm(dim=-1).mean().item(), linear.float(), units, temperature,
-                   bridge)
+        return cls(
+            text_embeds.mean(0),
+            image_embeds.mean(0),
+            text_embeds.norm(dim=-1).mean().item(),
+            linear.float(),
+            units,
+            temperature,
+            bridge,
+        )
 
     def save(self, path: Path) -> None:
-        tensors = {"mean_text": self.mean_text.float().contiguous(),
-                   "mean_image": self.mean_image.float().contiguous(),
-                   "text_norm": torch.tensor([self.text_norm]),
-                   "temperature": torch.tensor([self.temperature])}
+        tensors = {
+            "mean_text": self.mean_text.float().contiguous(),
+            "mean_image": self.mean_image.float().contiguous(),
+            "text_norm": torch.tensor([self.text_norm]),
+            "temperature": torch.tensor([self.temperature]),
+        }
         if self.linear is not None:
             tensors["linear"] = self.linear.float().contiguous()
         if self.bank is not None:  # unit vectors: half precision keeps them to 1e-3
@@ -112,7 +127,8 @@ class ModalityGap:
         if not file.is_file():
             raise ImagePromptError(
                 f"{file}: no modality-gap statistics; run `deprojector gap` (the `gap` stage) "
-                "for this base.clip, or use no bridge (--bridge none)")
+                "for this base.clip, or use no bridge (--bridge none)"
+            )
         advice = "run `deprojector gap` again to rewrite it"
         tensors = read_safetensors(file, ImagePromptError, advice)
         missing = {"mean_text", "mean_image", "text_norm"} - set(tensors)
@@ -120,29 +136,45 @@ class ModalityGap:
             raise ImagePromptError(f"{file}: missing tensors {sorted(missing)}; {advice}")
         shapes = {k: tuple(v.shape) for k, v in sorted(tensors.items())}
         width = shapes["mean_text"]
-        if len(width) != 1 or shapes["mean_image"] != width \
-                or tensors["text_norm"].numel() != 1 \
-                or shapes.get("linear", width * 2) != width * 2 \
-                or shapes.get("bank", (1, *width))[1:] != width:
-            raise ImagePromptError(f"{file}: tensors of shapes {shapes}, expected mean_text "
-                                   f"[P], mean_image [P], text_norm [1], linear [P, P] and "
-                                   f"bank [M, P]; {advice}")
+        if (
+            len(width) != 1
+            or shapes["mean_image"] != width
+            or tensors["text_norm"].numel() != 1
+            or shapes.get("linear", width * 2) != width * 2
+            or shapes.get("bank", (1, *width))[1:] != width
+        ):
+            raise ImagePromptError(
+                f"{file}: tensors of shapes {shapes}, expected mean_text "
+                f"[P], mean_image [P], text_norm [1], linear [P, P] and "
+                f"bank [M, P]; {advice}"
+            )
         from safetensors import safe_open
 
         with safe_open(str(file), "pt") as handle:
             bridge = (handle.metadata() or {}).get("bridge", "mean-shift")
         temperature = tensors["temperature"].item() if "temperature" in tensors else 0.01
         bank = tensors["bank"].float() if "bank" in tensors else None
-        return cls(tensors["mean_text"], tensors["mean_image"], tensors["text_norm"].item(),
-                   tensors.get("linear"), bank, temperature, bridge)
+        return cls(
+            tensors["mean_text"],
+            tensors["mean_image"],
+            tensors["text_norm"].item(),
+            tensors.get("linear"),
+            bank,
+            temperature,
+            bridge,
+        )
 
     def with_bridge(self, bridge: str) -> ModalityGap:
         """The same statistics with another default bridge."""
         return dataclasses.replace(self, bridge=bridge)
 
 
-def image_pooled(image_embeds: torch.Tensor, deprojection: torch.Tensor,
-                 gap: ModalityGap | None = None, bridge: str | None = None) -> torch.Tensor:
+def image_pooled(
+    image_embeds: torch.Tensor,
+    deprojection: torch.Tensor,
+    gap: ModalityGap | None = None,
+    bridge: str | None = None,
+) -> torch.Tensor:
     """The pooled-space embeddings [N, D] a deprojector reads for images, from the vision
     tower's image_embeds [N, P]: the bridge to text space (`gap.correct`; no `gap`: none),
     then back through the text projection, pooled = bridged @ pinv(W).T, since text_embeds =

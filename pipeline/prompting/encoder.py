@@ -87,17 +87,28 @@ class PromptEncoder:
 
     Without a deprojector only the reference (`deproject=False`) is available."""
 
-    def __init__(self, clip: ClipText, deprojector: Deprojector | None = None,
-                 tower: ImageTower | None = None, gap: ModalityGap | None = None) -> None:
+    def __init__(
+        self,
+        clip: ClipText,
+        deprojector: Deprojector | None = None,
+        tower: ImageTower | None = None,
+        gap: ModalityGap | None = None,
+    ) -> None:
         if deprojector is not None:
             deprojector.check_base(clip.hidden_size, clip.projection_size, clip.fingerprint)
         self.clip, self.deprojector, self.tower, self.gap = clip, deprojector, tower, gap
         self.cut: dict[str, str] = {}  # text -> the words CLIP's truncation dropped
 
     @classmethod
-    def from_pretrained(cls, model: str | Path | None = None, clip: str | None = None,
-                        gap: str | Path | None = None, images: bool = True,
-                        device: str = "cpu", base_dir: Path = WORLD_DIR) -> PromptEncoder:
+    def from_pretrained(
+        cls,
+        model: str | Path | None = None,
+        clip: str | None = None,
+        gap: str | Path | None = None,
+        images: bool = True,
+        device: str = "cpu",
+        base_dir: Path = WORLD_DIR,
+    ) -> PromptEncoder:
         """The deprojector folder `model` (None: the reference only) with its base CLIP.
 
         clip: `builtin`, a folder or a hub id; None: the base the deprojector was trained on
@@ -108,9 +119,14 @@ class PromptEncoder:
         if clip is None:
             clip = deprojector.config.base_clip if deprojector is not None else ""
             if not clip:
-                raise PromptError("give the base CLIP (clip=...): "
-                                  + ("no deprojector" if deprojector is None else
-                                     f"the deprojector in {model} does not record its base"))
+                raise PromptError(
+                    "give the base CLIP (clip=...): "
+                    + (
+                        "no deprojector"
+                        if deprojector is None
+                        else f"the deprojector in {model} does not record its base"
+                    )
+                )
         text = load_clip(clip, device=device, base_dir=base_dir)
         tower = ImageTower.load(clip, device, base_dir) if images else None
         if gap is None and model is not None and (Path(model) / GAP_FILE).is_file():
@@ -135,8 +151,11 @@ class PromptEncoder:
         cut = truncated_text(self.clip, text, ids)
         if cut:
             self.cut[text] = cut
-            warnings.warn(f"prompt part {text[:60]!r} is longer than CLIP's {MAX_LENGTH - 2} "
-                          f"tokens; cut off: {cut!r}", stacklevel=4)
+            warnings.warn(
+                f"prompt part {text[:60]!r} is longer than CLIP's {MAX_LENGTH - 2} "
+                f"tokens; cut off: {cut!r}",
+                stacklevel=4,
+            )
 
     def _pooled(self, texts: list[str]) -> torch.Tensor:
         """Pooled CLIP outputs [len(texts), D], each text encoded as alone (no attention mask:
@@ -145,32 +164,43 @@ class PromptEncoder:
         distinct = list(dict.fromkeys(texts))
         for text, ids in zip(distinct, token_ids(self.clip, distinct), strict=True):
             self._warn_cut(text, ids)
-        pooled = torch.cat([encode_texts(self.clip, distinct[b:b + ENCODE_BATCH]).pooled
-                            for b in range(0, len(distinct), ENCODE_BATCH)])
+        pooled = torch.cat(
+            [
+                encode_texts(self.clip, distinct[b : b + ENCODE_BATCH]).pooled
+                for b in range(0, len(distinct), ENCODE_BATCH)
+            ]
+        )
         row = {text: k for k, text in enumerate(distinct)}
         return pooled[[row[text] for text in texts]]
 
-    def image_embedding(self, images: list[Image.Image], bridge: str | None = None
-                        ) -> torch.Tensor:
+    def image_embedding(self, images: list[Image.Image], bridge: str | None = None) -> torch.Tensor:
         """Pooled-space embeddings [N, D] of RGB images: vision tower, the bridge to text
         space (a name of BRIDGES; None: the statistics' default, the one the deprojector
         was trained with), pseudo-inverse of the text projection."""
         model = self._deprojector()
         if self.tower is None:
-            raise ImagePromptError("this PromptEncoder has no vision tower: load it with "
-                                   "images=True (a base CLIP with both towers)")
+            raise ImagePromptError(
+                "this PromptEncoder has no vision tower: load it with "
+                "images=True (a base CLIP with both towers)"
+            )
         projected = self.tower.embed(images)
         if bridge != "none":
             if self.gap is None:
                 raise ImagePromptError(
                     "image prompts need the modality-gap statistics of this base CLIP: run "
                     "`deprojector gap` (writes data/gap/) and load them, or use no bridge "
-                    "(bridge='none', --bridge none)")
+                    "(bridge='none', --bridge none)"
+                )
         gap = None if bridge == "none" else self.gap
         return image_pooled(projected, model.deprojection, gap, bridge)
 
-    def embedding(self, prompt: str = "", images: Sequence[ImagePart] = (),
-                  bridge: str | None = None, combine: bool = True) -> torch.Tensor:
+    def embedding(
+        self,
+        prompt: str = "",
+        images: Sequence[ImagePart] = (),
+        bridge: str | None = None,
+        combine: bool = True,
+    ) -> torch.Tensor:
         """The pooled embedding [1, D] a deprojector receives.
 
         combine: e = Σ_k w_k (e_k − null) + null over the text parts and images; otherwise
@@ -179,8 +209,10 @@ class PromptEncoder:
         parts = parse_weighted(prompt) if prompt.strip() or not images else []
         if not combine:
             if images:
-                raise PromptError("image parts are combined with the text parts: they need "
-                                  "combine=True (drop --no-combine)")
+                raise PromptError(
+                    "image parts are combined with the text parts: they need "
+                    "combine=True (drop --no-combine)"
+                )
             self._refuse_weights(prompt, parts, "the whole-prompt mode")
             return self._encode(prompt).pooled.to(null)
         pooled = [self._pooled([part.text for part in parts]).to(null)] if parts else []
@@ -192,9 +224,14 @@ class PromptEncoder:
 
     # --- conditioning ---------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str = "", images: Sequence[ImagePart] = (),
-                      bridge: str | None = None, combine: bool = True,
-                      deproject: bool = True) -> torch.Tensor:
+    def encode_prompt(
+        self,
+        prompt: str = "",
+        images: Sequence[ImagePart] = (),
+        bridge: str | None = None,
+        combine: bool = True,
+        deproject: bool = True,
+    ) -> torch.Tensor:
         """prompt_embeds [1, 77, D] of a prompt.
 
         deproject False: the reference, the CLIP last hidden state of the prompt as written.
@@ -206,11 +243,13 @@ class PromptEncoder:
             return self._encode(prompt).hidden
         return self.deproject(self.embedding(prompt, images, bridge, combine), prompt)
 
-    def encode_prompts(self, prompts: Sequence[str], combine: bool = True,
-                       deproject: bool = True) -> torch.Tensor:
+    def encode_prompts(
+        self, prompts: Sequence[str], combine: bool = True, deproject: bool = True
+    ) -> torch.Tensor:
         """encode_prompt of each text prompt, stacked: [N, 77, D]."""
-        return torch.cat([self.encode_prompt(p, combine=combine, deproject=deproject)
-                          for p in prompts])
+        return torch.cat(
+            [self.encode_prompt(p, combine=combine, deproject=deproject) for p in prompts]
+        )
 
     def deproject(self, embeds: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
         """Hidden states [N, 77, D] of pooled embeddings [N, D], checked finite."""
@@ -218,13 +257,16 @@ class PromptEncoder:
             raise PromptError(f"{what!r}: its pooled embedding is not finite (NaN or Inf)")
         states = self._deprojector().generate(embeds)
         if not torch.isfinite(states).all():
-            raise PromptError(f"{what!r}: the deprojector's states are not finite (NaN or "
-                              "Inf); the embedding lies far outside what it was trained on "
-                              "(smaller weights?)")
+            raise PromptError(
+                f"{what!r}: the deprojector's states are not finite (NaN or "
+                "Inf); the embedding lies far outside what it was trained on "
+                "(smaller weights?)"
+            )
         return states
 
-    def interpolate(self, start: torch.Tensor, end: torch.Tensor, ts: Sequence[float],
-                    spherical: bool = False) -> torch.Tensor:
+    def interpolate(
+        self, start: torch.Tensor, end: torch.Tensor, ts: Sequence[float], spherical: bool = False
+    ) -> torch.Tensor:
         """prompt_embeds [len(ts), 77, D] along start -> end (pooled [1, D] each), centred on
         null: linear, or spherical with `spherical`."""
         null = self._deprojector().null
@@ -236,8 +278,11 @@ class PromptEncoder:
         deprojects null), or with deproject=False the ordinary CLIP states, as the pipeline
         encodes its negative_prompt."""
         if not deproject:
-            return self.encode_prompt(prompt, deproject=False) if prompt.strip() \
+            return (
+                self.encode_prompt(prompt, deproject=False)
+                if prompt.strip()
                 else self._encode("").hidden
+            )
         if not prompt.strip():
             return self.deproject(self._deprojector().null[None], "the empty negative prompt")
         return self.encode_prompt(prompt)
@@ -246,8 +291,10 @@ class PromptEncoder:
 
     def _deprojector(self) -> Deprojector:
         if self.deprojector is None:
-            raise PromptError("this PromptEncoder has no deprojector: only the reference "
-                              "(deproject=False) is available")
+            raise PromptError(
+                "this PromptEncoder has no deprojector: only the reference "
+                "(deproject=False) is available"
+            )
         return self.deprojector
 
     @staticmethod
@@ -257,7 +304,8 @@ class PromptEncoder:
             raise PromptError(
                 f"prompt {prompt!r}: the weight of {weighted[0].text!r} needs a deprojector "
                 f"combining the parts (weights scale e_k − null); {mode} encodes the text as "
-                "it is")
+                "it is"
+            )
 
 
 __all__ = ["ImagePart", "PromptEncoder", "PromptError", "ImagePromptError"]

@@ -38,8 +38,10 @@ NUMBER_CHARACTERS = set("0123456789+-.eE")
 def checked_weight(value: float, where: str) -> float:
     """`value` if it is a usable weight, else a PromptError naming `where`."""
     if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
-        raise PromptError(f"{where}: the weight {value:g} is outside [-{MAX_WEIGHT:g}, "
-                          f"{MAX_WEIGHT:g}], the range in which a deprojector stays finite")
+        raise PromptError(
+            f"{where}: the weight {value:g} is outside [-{MAX_WEIGHT:g}, "
+            f"{MAX_WEIGHT:g}], the range in which a deprojector stays finite"
+        )
     return value
 
 
@@ -48,16 +50,22 @@ def _weight(text: str, part: str, number: int, offset: int) -> float:
     where = f"prompt part {number} {part.strip()!r}"
     stripped = text.strip()
     if not stripped:
-        raise PromptError(f"{where}: ':' at character {offset} is followed by no weight "
-                          "(write e.g. 'red circle:1.2', or drop the ':')")
+        raise PromptError(
+            f"{where}: ':' at character {offset} is followed by no weight "
+            "(write e.g. 'red circle:1.2', or drop the ':')"
+        )
     if WEIGHT_NUMBER.fullmatch(stripped):
         return checked_weight(float(stripped), where)
     start = offset + len(text) - len(text.lstrip())
     bad = next((i for i, c in enumerate(stripped) if c not in NUMBER_CHARACTERS), None)
-    found = f"character {start + bad + 1} {stripped[bad]!r} is not part of a number" \
-        if bad is not None else f"{stripped!r} is not a number"
-    raise PromptError(f"{where}: the weight after ':' must be a number such as 1.2 or -0.5; "
-                      f"{found}")
+    found = (
+        f"character {start + bad + 1} {stripped[bad]!r} is not part of a number"
+        if bad is not None
+        else f"{stripped!r} is not a number"
+    )
+    raise PromptError(
+        f"{where}: the weight after ':' must be a number such as 1.2 or -0.5; {found}"
+    )
 
 
 def parse_weighted(prompt: str) -> list[WeightedPart]:
@@ -69,8 +77,7 @@ def parse_weighted(prompt: str) -> list[WeightedPart]:
         if colon:
             value = _weight(weight, raw, number, begin + len(text) + 1)
             if not text.strip():
-                raise PromptError(f"prompt part {number} {raw.strip()!r}: a weight without "
-                                  "text")
+                raise PromptError(f"prompt part {number} {raw.strip()!r}: a weight without text")
             parts.append(WeightedPart(text.strip(), value, explicit=True))
         elif text.strip():
             parts.append(WeightedPart(text.strip()))

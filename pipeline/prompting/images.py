@@ -45,8 +45,9 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
     if path.is_dir():
         raise ImagePromptError(f"{name}: is a folder, expected an image file")
     if special_kind(path):
-        raise ImagePromptError(f"{name}: is {special_kind(path)}, not a regular file; refused "
-                               "without reading it")
+        raise ImagePromptError(
+            f"{name}: is {special_kind(path)}, not a regular file; refused without reading it"
+        )
     if not path.is_file():
         raise ImagePromptError(f"{name}: no such file")
     try:
@@ -57,16 +58,18 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
             with Image.open(path) as image:
                 width, height = image.size
                 if width * height > MAX_IMAGE_PIXELS:
-                    raise ImagePromptError(_too_large(name, f"{width} × {height} = ",
-                                                      width * height))
+                    raise ImagePromptError(
+                        _too_large(name, f"{width} × {height} = ", width * height)
+                    )
                 image.load()
                 upright = ImageOps.exif_transpose(image)
     except ImagePromptError:
         raise
     except Image.DecompressionBombError as err:
         found = re.search(r"\((\d+) pixels\)", str(err))  # Pillow checks in open()
-        raise ImagePromptError(_too_large(name, "", int(found.group(1)) if found else None)) \
-            from err
+        raise ImagePromptError(
+            _too_large(name, "", int(found.group(1)) if found else None)
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ImagePromptError(f"{name}: not an image file Pillow can read ({err})") from err
     return upright
@@ -74,9 +77,11 @@ def read_image(path: str | Path, what: str = "image") -> Image.Image:
 
 def _too_large(name: str, size: str, pixels: int | None) -> str:
     claimed = f"{size}{pixels:,} pixels" if pixels else "a larger image"
-    return (f"{name}: its header claims {claimed}, more than the limit of "
-            f"{MAX_IMAGE_PIXELS:,} pixels (a corrupt or hostile file, or a picture far larger "
-            "than CLIP's input: scale it down first)")
+    return (
+        f"{name}: its header claims {claimed}, more than the limit of "
+        f"{MAX_IMAGE_PIXELS:,} pixels (a corrupt or hostile file, or a picture far larger "
+        "than CLIP's input: scale it down first)"
+    )
 
 
 def load_image(path: str | Path) -> Image.Image:
@@ -90,11 +95,6 @@ def checked_rgb(image: Image.Image, name: str, what: str = "image prompt") -> Im
         raise ImagePromptError(
             f"{what} {name!r} has mode {image.mode!r} "
             f"({'an alpha channel' if 'A' in image.mode else 'not three colour channels'}), "
-            "not RGB: convert it first, e.g. Image.open(path).convert('RGB').save(new_path)")
+            "not RGB: convert it first, e.g. Image.open(path).convert('RGB').save(new_path)"
+        )
     return image
-
-
-
-
-
-

@@ -28,8 +28,10 @@ WORKSPACE = "workspace"
 DEFAULT_BASELINE = "main"
 # Images shown per revision: (column title, path in the project). A revision must have the
 # grids; the optional images get a column when at least one revision has them.
-GRIDS = (("single embedding", "reports/grid_single.png"),
-         ("multiple embeddings", "reports/grid_multi.png"))
+GRIDS = (
+    ("single embedding", "reports/grid_single.png"),
+    ("multiple embeddings", "reports/grid_multi.png"),
+)
 OPTIONAL_IMAGES = (("adherence", "reports/plots/adherence.png"),)
 EXP_REFS = "refs/exps/"
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -46,10 +48,10 @@ class MissingRevisionError(CompareError):
 
 @dataclass(frozen=True)
 class Revision:
-    name: str            # as the user wrote it
-    commit: str | None   # None: the workspace
-    dvc_rev: str         # what git/dvc are given: the name, or origin/NAME
-    subject: str = ""    # the commit's first line
+    name: str  # as the user wrote it
+    commit: str | None  # None: the workspace
+    dvc_rev: str  # what git/dvc are given: the name, or origin/NAME
+    subject: str = ""  # the commit's first line
 
     @property
     def title(self) -> str:
@@ -100,16 +102,19 @@ def resolve(name: str, root: Path) -> Revision:
     if name == WORKSPACE:
         return Revision(name, None, WORKSPACE)
     if _git(["rev-parse", "--is-inside-work-tree"], root) != "true":
-        raise CompareError(f"{root.resolve()} is not inside a git repository: compare reads "
-                           "committed results")
+        raise CompareError(
+            f"{root.resolve()} is not inside a git repository: compare reads committed results"
+        )
     dvc_rev, commit = name, None
     if name and not name.startswith("-"):
         commit = _commit(name, root) or experiment_commit(name, root)
         if commit is None and (commit := _commit(f"origin/{name}", root)):
             dvc_rev = f"origin/{name}"
     if commit is None:
-        raise MissingRevisionError(f"unknown revision {name!r}: not a git revision, a `dvc exp` "
-                           "experiment (see `dvc exp list --all-commits`) or a branch of origin")
+        raise MissingRevisionError(
+            f"unknown revision {name!r}: not a git revision, a `dvc exp` "
+            "experiment (see `dvc exp list --all-commits`) or a branch of origin"
+        )
     subject = _git(["log", "-1", "--format=%s", commit], root) or ""
     return Revision(name, commit, dvc_rev, subject)
 
@@ -129,8 +134,9 @@ def dvc_diff_md(what: str, a: Revision, b: Revision, root: Path) -> str:
     if done.returncode != 0:
         lines = (done.stderr.decode() or done.stdout.decode()).strip().splitlines()
         command = shlex.join(["dvc", what, "diff", a.dvc_rev, b.dvc_rev])
-        raise CompareError(f"`{command}` failed: "
-                           f"{lines[-1] if lines else f'exit status {done.returncode}'}")
+        raise CompareError(
+            f"`{command}` failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+        )
     table = done.stdout.decode().strip()
     # dvc prints nothing, or a header without rows, when nothing differs
     return table if len(table.splitlines()) > 2 else f"No {what[:-1]} differs."
@@ -156,8 +162,9 @@ def default_revisions(names: Sequence[str]) -> list[str]:
     return names if len(names) > 1 else [*names, WORKSPACE]
 
 
-def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"),
-                     root: Path = Path(".")) -> Path:
+def write_comparison(
+    names: Sequence[str], out: Path = Path("reports/compare.md"), root: Path = Path(".")
+) -> Path:
     """Write OUT (markdown) and its images into OUT's folder / OUT's stem; return OUT.
 
     Every revision after the first is compared with the first (params and metrics).
@@ -168,10 +175,15 @@ def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"
         for title, path in GRIDS:
             data = read_file(rev, path, root)
             if data is None:
-                where = ("the workspace" if rev.commit is None
-                         else f"revision {rev.name!r} ({rev.commit[:7]})")
-                raise MissingRevisionError(f"{where} has no {path}: no reports were rendered there "
-                                   "(run `dvc repro`, and commit reports/)")
+                where = (
+                    "the workspace"
+                    if rev.commit is None
+                    else f"revision {rev.name!r} ({rev.commit[:7]})"
+                )
+                raise MissingRevisionError(
+                    f"{where} has no {path}: no reports were rendered there "
+                    "(run `dvc repro`, and commit reports/)"
+                )
             images.setdefault(title, []).append(data)
     for title, path in OPTIONAL_IMAGES:
         found = [read_file(rev, path, root) for rev in revisions]
@@ -212,7 +224,15 @@ def write_comparison(names: Sequence[str], out: Path = Path("reports/compare.md"
     ]
     for rev in revisions[1:]:
         pair = f"`{base.name}` → `{rev.name}`"
-        lines += ["", f"## Params: {pair}", "", dvc_diff_md("params", base, rev, root),
-                  "", f"## Metrics: {pair}", "", dvc_diff_md("metrics", base, rev, root)]
+        lines += [
+            "",
+            f"## Params: {pair}",
+            "",
+            dvc_diff_md("params", base, rev, root),
+            "",
+            f"## Metrics: {pair}",
+            "",
+            dvc_diff_md("metrics", base, rev, root),
+        ]
     write_text(out, "\n".join(lines) + "\n")
     return out

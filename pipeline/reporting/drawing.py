@@ -50,8 +50,10 @@ class GridLayout:
 
     @property
     def size(self) -> tuple[int, int]:
-        return (self.left + self.cols * (self.cell_width + self.gap) + self.gap,
-                self.top + self.rows * (self.cell_height + self.label + self.gap) + self.gap)
+        return (
+            self.left + self.cols * (self.cell_width + self.gap) + self.gap,
+            self.top + self.rows * (self.cell_height + self.label + self.gap) + self.gap,
+        )
 
     def cell_box(self, row: int, col: int) -> tuple[int, int, int, int]:
         """The image of a cell; its score line is the `label` px below it."""
@@ -73,15 +75,19 @@ def _wrap(text: str, face: ImageFont.FreeTypeFont, width: int) -> list[str]:
     return [*lines, current]
 
 
-def make_grid(columns: list[GridColumn], rows: tuple[str, ...] | None = None, gap: int = 6,
-              text_size: int = 16) -> tuple[Image.Image, GridLayout]:
+def make_grid(
+    columns: list[GridColumn],
+    rows: tuple[str, ...] | None = None,
+    gap: int = 6,
+    text_size: int = 16,
+) -> tuple[Image.Image, GridLayout]:
     """Rows of images under their prompts, row names on the left (default: every row of the
     columns, in their order: the reference, then the models as params list them)."""
     rows = rows or tuple(columns[0].images)
     sizes = {c.images[row].size for c in columns for row in rows}
     if len(sizes) != 1:
         raise DrawingError(f"grid cells differ in size: {sorted(sizes)}")
-    (w, h), = sizes
+    ((w, h),) = sizes
     scale = max(1, math.ceil(MIN_CELL / min(w, h)))
     face = font(text_size)
     line = text_size + 4
@@ -102,8 +108,13 @@ def make_grid(columns: list[GridColumn], rows: tuple[str, ...] | None = None, ga
             x0, _, x1, y1 = layout.cell_box(i, j)
             grid.paste(image, (x0, y1 - h * scale))
             if label:
-                draw.text(((x0 + x1) / 2, y1 + 2), column.labels.get(row, ""), fill="black",
-                          font=small, anchor="ma")
+                draw.text(
+                    ((x0 + x1) / 2, y1 + 2),
+                    column.labels.get(row, ""),
+                    fill="black",
+                    font=small,
+                    anchor="ma",
+                )
     for i, row in enumerate(rows):
         _, y0, _, y1 = layout.cell_box(i, 0)
         draw.text((gap, (y0 + y1) / 2), row, fill="black", font=face, anchor="lm")
@@ -113,8 +124,13 @@ def make_grid(columns: list[GridColumn], rows: tuple[str, ...] | None = None, ga
 COLORS = ("#888888", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
 
 
-def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label: str,
-               y_label: str, size: tuple[int, int] = (800, 460)) -> Image.Image:
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    x_label: str,
+    y_label: str,
+    size: tuple[int, int] = (800, 460),
+) -> Image.Image:
     """A plain line chart: axes with ticks, one coloured line per series, a legend."""
     width, height = size
     face, small = font(16), font(13)
@@ -160,8 +176,9 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, x_label
 def notice(text: str, size: tuple[int, int] = (640, 80)) -> Image.Image:
     """A white image with one line of text: an output that has nothing to show."""
     image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).text((size[0] / 2, size[1] / 2), text, fill="black", font=font(14),
-                               anchor="mm")
+    ImageDraw.Draw(image).text(
+        (size[0] / 2, size[1] / 2), text, fill="black", font=font(14), anchor="mm"
+    )
     return image
 
 
@@ -169,8 +186,9 @@ def cosine_chart(rows: list[dict]) -> Image.Image:
     """The evaluate stage's autoregressive cosine per position, one line per model."""
     names = [key for key in rows[0] if key != "position"]
     series = {name: [(row["position"], row[name]) for row in rows] for name in names}
-    return line_chart(series, "Autoregressive cosine similarity per position (test set)",
-                      "position", "cosine")
+    return line_chart(
+        series, "Autoregressive cosine similarity per position (test set)", "position", "cosine"
+    )
 
 
 def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
@@ -193,14 +211,18 @@ def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
             value = by_kind[kind][row][key]
             x1 = margin_l + plot_w * max(0.0, min(value / top, 1.0))
             draw.rectangle([margin_l, y + k * bar, x1, y + (k + 1) * bar - 2], fill=color)
-            draw.text((x1 + 4, y + k * bar + bar / 2), f"{value:.2f}", fill="black", font=small,
-                      anchor="lm")
+            draw.text(
+                (x1 + 4, y + k * bar + bar / 2),
+                f"{value:.2f}",
+                fill="black",
+                font=small,
+                anchor="lm",
+            )
     y = height - 22
-    for k, (kind, color) in enumerate((("single embedding", COLORS[1]),
-                                       ("comma-combined", COLORS[2]))):
+    for k, (kind, color) in enumerate(
+        (("single embedding", COLORS[1]), ("comma-combined", COLORS[2]))
+    ):
         x = margin_l + k * 200
         draw.rectangle([x, y, x + 14, y + 12], fill=color)
         draw.text((x + 20, y + 6), kind, fill="black", font=small, anchor="lm")
     return chart
-
-

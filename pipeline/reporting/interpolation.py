@@ -25,8 +25,9 @@ def fractions(steps: int) -> list[float]:
     return [k / (steps - 1) for k in range(steps)]
 
 
-def interpolate_run(pipe, encoder: PromptEncoder, scorer: Scorer,
-                    r: RenderParams) -> tuple[dict, list[Image.Image]]:
+def interpolate_run(
+    pipe, encoder: PromptEncoder, scorer: Scorer, r: RenderParams
+) -> tuple[dict, list[Image.Image]]:
     """The judged curve of one run's encoder and its strip (one image per t, seed
     render.seed)."""
     curves, strips = run_interpolation(pipe, {"run": encoder}, scorer, r)
@@ -37,8 +38,9 @@ def interpolation_embeds(encoder: PromptEncoder, r: RenderParams) -> torch.Tenso
     """[T x seeds, 77, D]: the deprojected e(t), each repeated once per seed (t-major)."""
     start = encoder.embedding(r.interpolation_from)
     end = encoder.embedding(r.interpolation_to)
-    embeds = encoder.interpolate(start, end, fractions(r.interpolation_steps),
-                                 r.interpolation_slerp)  # [T, 77, D]
+    embeds = encoder.interpolate(
+        start, end, fractions(r.interpolation_steps), r.interpolation_slerp
+    )  # [T, 77, D]
     return embeds.repeat_interleave(r.interpolation_seeds, dim=0)
 
 
@@ -52,12 +54,19 @@ def judged_curve(images: np.ndarray, scorer: Scorer, r: RenderParams) -> dict:
     b = found_b.reshape(len(ts), r.interpolation_seeds).mean(1)
     balance = b - a
     steps = np.diff(balance)
-    return {"t": ts, "from": a.tolist(), "to": b.tolist(), "balance": balance.tolist(),
-            "max_jump": float(np.abs(steps).max()), "reversals": int((steps < 0).sum())}
+    return {
+        "t": ts,
+        "from": a.tolist(),
+        "to": b.tolist(),
+        "balance": balance.tolist(),
+        "max_jump": float(np.abs(steps).max()),
+        "reversals": int((steps < 0).sum()),
+    }
 
 
-def run_interpolation(pipe, encoders: dict[str, PromptEncoder], scorer: Scorer,
-                      r: RenderParams) -> tuple[dict[str, dict], dict[str, list[Image.Image]]]:
+def run_interpolation(
+    pipe, encoders: dict[str, PromptEncoder], scorer: Scorer, r: RenderParams
+) -> tuple[dict[str, dict], dict[str, list[Image.Image]]]:
     """The curve and strip (one image per t, seed render.seed) of each run's encoder; every
     run's pictures drawn in shared UNet batches."""
     seeds = [r.seed + k for k in range(r.interpolation_seeds)]
@@ -65,11 +74,16 @@ def run_interpolation(pipe, encoders: dict[str, PromptEncoder], scorer: Scorer,
         embeds = {name: interpolation_embeds(encoder, r) for name, encoder in encoders.items()}
         negative = next(iter(encoders.values())).encode_negative("", deproject=False)
         per_run = r.interpolation_steps * len(seeds)
-        pixels = generate_pixels(pipe, torch.cat(list(embeds.values())), negative, r,
-                                 seeds * r.interpolation_steps * len(embeds))
+        pixels = generate_pixels(
+            pipe,
+            torch.cat(list(embeds.values())),
+            negative,
+            r,
+            seeds * r.interpolation_steps * len(embeds),
+        )
     curves, strips = {}, {}
     for k, name in enumerate(embeds):
-        images = pixels[k * per_run:(k + 1) * per_run]
+        images = pixels[k * per_run : (k + 1) * per_run]
         curves[name] = judged_curve(images, scorer, r)
-        strips[name] = [Image.fromarray(image) for image in images[::len(seeds)]]
+        strips[name] = [Image.fromarray(image) for image in images[:: len(seeds)]]
     return curves, strips

@@ -63,8 +63,9 @@ def metrics_table(metrics: dict[str, dict]) -> str:
         groups = [_group(m, group) for m in metrics.values()]
         if not any(key in scores for scores in groups):
             continue  # e.g. no image rows in the test split
-        cells = [_with_interval(scores, key, _number) if key in scores else "—"
-                 for scores in groups]
+        cells = [
+            _with_interval(scores, key, _number) if key in scores else "—" for scores in groups
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -77,10 +78,12 @@ def noise_line(comparison: dict) -> str:
     groups: dict[bool | None, list[str]] = {True: [], False: [], None: []}
     for name, row in cosine["rows"].items():
         groups[row["within_noise"]].append(name)
-    text = (f"Best autoregressive cosine (in mask): **{cosine['best']}**. Within the noise of "
-            f"it (the 95 % paired bootstrap interval of the difference contains 0): "
-            f"{', '.join(groups[True]) or 'none'}; clearly different: "
-            f"{', '.join(groups[False]) or 'none'}")
+    text = (
+        f"Best autoregressive cosine (in mask): **{cosine['best']}**. Within the noise of "
+        f"it (the 95 % paired bootstrap interval of the difference contains 0): "
+        f"{', '.join(groups[True]) or 'none'}; clearly different: "
+        f"{', '.join(groups[False]) or 'none'}"
+    )
     if groups[None]:
         text += f"; too few test rows to tell: {', '.join(groups[None])}"
     return text + " (`reports/metrics/comparison.json`)."
@@ -92,22 +95,32 @@ def pairs_table(comparison: dict) -> str:
     pairs = {k: v for k, v in comparison.get("pairs", {}).items() if isinstance(v, dict)}
     if not pairs:
         return ""
-    lines = ["| first vs second | first − second [95 % interval] | verdict |",
-             "| --- | ---: | --- |"]
+    lines = [
+        "| first vs second | first − second [95 % interval] | verdict |",
+        "| --- | ---: | --- |",
+    ]
     for name, row in pairs.items():
-        verdict = {True: "no difference (within the noise)", False: "differs",
-                   None: "too few rows to tell"}[row["within_noise"]]
-        lines.append(f"| {name} | {_with_interval(row, 'difference', '{:+.4f}'.format)} | "
-                     f"{verdict} |")
-    return ("\n\nEvery pair, paired over the test rows (autoregressive cosine in mask, "
-            "`comparison.json` `pairs`):\n\n" + "\n".join(lines))
+        verdict = {
+            True: "no difference (within the noise)",
+            False: "differs",
+            None: "too few rows to tell",
+        }[row["within_noise"]]
+        lines.append(
+            f"| {name} | {_with_interval(row, 'difference', '{:+.4f}'.format)} | {verdict} |"
+        )
+    return (
+        "\n\nEvery pair, paired over the test rows (autoregressive cosine in mask, "
+        "`comparison.json` `pairs`):\n\n" + "\n".join(lines)
+    )
 
 
-SPREAD_COLUMNS = (("autoregressive_cosine_masked", "AR cosine (mask)"),
-                  ("teacher_forced_cosine_masked", "TF cosine (mask)"),
-                  ("combination_deprojector_cosine", "combination cosine"),
-                  ("adherence_single", "adherence single"),
-                  ("adherence_multi", "adherence multi"))
+SPREAD_COLUMNS = (
+    ("autoregressive_cosine_masked", "AR cosine (mask)"),
+    ("teacher_forced_cosine_masked", "TF cosine (mask)"),
+    ("combination_deprojector_cosine", "combination cosine"),
+    ("adherence_single", "adherence single"),
+    ("adherence_multi", "adherence multi"),
+)
 
 
 def seed_spread_table(comparison: dict) -> str:
@@ -115,21 +128,33 @@ def seed_spread_table(comparison: dict) -> str:
     spread = comparison.get(SEED_SPREAD)
     if not spread:
         return ""
-    columns = [(key, label) for key, label in SPREAD_COLUMNS
-               if any(key in entry for entry in spread.values())]
-    lines = ["| run | seeds | " + " | ".join(label for _, label in columns) + " |",
-             "| --- | --- |" + " ---: |" * len(columns)]
+    columns = [
+        (key, label)
+        for key, label in SPREAD_COLUMNS
+        if any(key in entry for entry in spread.values())
+    ]
+    lines = [
+        "| run | seeds | " + " | ".join(label for _, label in columns) + " |",
+        "| --- | --- |" + " ---: |" * len(columns),
+    ]
     for name, entry in spread.items():
-        cells = [f"{entry[key]['mean']:.4f} ± {entry[key]['std']:.4f} "
-                 f"[{entry[key]['min']:.4f}, {entry[key]['max']:.4f}]" if key in entry else "—"
-                 for key, _ in columns]
-        lines.append(f"| {name} | {', '.join(map(str, entry['seeds']))} | "
-                     + " | ".join(cells) + " |")
-    return ("\n\n### Spread over training seeds\n\nRuns that differ only in `train.seed` "
-            "(initial weights and batch order), as mean ± standard deviation [min, max] over "
-            "the seeds (`comparison.json` `seed_spread`). The intervals above resample test "
-            "rows for one trained model; this is the variation between trainings:\n\n"
-            + "\n".join(lines))
+        cells = [
+            f"{entry[key]['mean']:.4f} ± {entry[key]['std']:.4f} "
+            f"[{entry[key]['min']:.4f}, {entry[key]['max']:.4f}]"
+            if key in entry
+            else "—"
+            for key, _ in columns
+        ]
+        lines.append(
+            f"| {name} | {', '.join(map(str, entry['seeds']))} | " + " | ".join(cells) + " |"
+        )
+    return (
+        "\n\n### Spread over training seeds\n\nRuns that differ only in `train.seed` "
+        "(initial weights and batch order), as mean ± standard deviation [min, max] over "
+        "the seeds (`comparison.json` `seed_spread`). The intervals above resample test "
+        "rows for one trained model; this is the variation between trainings:\n\n"
+        + "\n".join(lines)
+    )
 
 
 def fidelity_table(fidelity: dict[str, dict]) -> str:
@@ -138,8 +163,11 @@ def fidelity_table(fidelity: dict[str, dict]) -> str:
     lines = [head, "| --- |" + " --- |" * (len(prompts) + 1)]
     for name, scores in fidelity.items():
         cells = [scores["per_prompt"][p] for p in prompts] + [scores]
-        lines.append(f"| {name} | " + " | ".join(
-            f"{c['cosine']:.3f} / {c['psnr']:.1f} dB / {c['ssim']:.3f}" for c in cells) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{c['cosine']:.3f} / {c['psnr']:.1f} dB / {c['ssim']:.3f}" for c in cells)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -159,8 +187,12 @@ def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) 
     lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
     for row in by_kind[kinds[0]]:
         # Rows only one grid has (the image-prompt rows) are blank in the others.
-        cells = [f"{_score(by_kind[k][row], ADHERENCE)} | {_score(by_kind[k][row], CLIP_SCORE)}"
-                 if row in by_kind[k] else "– | –" for k in kinds]
+        cells = [
+            f"{_score(by_kind[k][row], ADHERENCE)} | {_score(by_kind[k][row], CLIP_SCORE)}"
+            if row in by_kind[k]
+            else "– | –"
+            for k in kinds
+        ]
         if all_parts:
             cells.append(_score(by_kind["multi"][row], ALL_PARTS))
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
@@ -172,15 +204,20 @@ def adherence_noise_line(comparison: dict) -> str:
     adherence = comparison.get(ADHERENCE)
     if not adherence:
         return ""
-    kinds = [f"{kind}: {', '.join(n for n, r in rows.items() if r['within_noise']) or 'none'}"
-             for kind, rows in adherence.items() if kind in ("single", "multi")]
-    return ("\n\nRuns whose held-out adherence is within the noise of the reference row's (the "
-            "95 % interval of the difference, paired over prompts, contains 0): "
-            + "; ".join(kinds) + ".")
+    kinds = [
+        f"{kind}: {', '.join(n for n, r in rows.items() if r['within_noise']) or 'none'}"
+        for kind, rows in adherence.items()
+        if kind in ("single", "multi")
+    ]
+    return (
+        "\n\nRuns whose held-out adherence is within the noise of the reference row's (the "
+        "95 % interval of the difference, paired over prompts, contains 0): "
+        + "; ".join(kinds)
+        + "."
+    )
 
 
-def pictures_section(scores: dict[str, dict], held_out: dict | None,
-                     comparison: dict) -> str:
+def pictures_section(scores: dict[str, dict], held_out: dict | None, comparison: dict) -> str:
     if not scores["single"]:
         return ""
     text = """## Do the pictures show the prompt?
@@ -211,12 +248,19 @@ bootstrap interval over the prompts:
 
 
 def _adherence(rows: dict, key: str) -> str:
-    return _with_interval(rows[key], ADHERENCE, "{:.3f}".format) \
-        if key in rows and ADHERENCE in rows[key] else "–"
+    return (
+        _with_interval(rows[key], ADHERENCE, "{:.3f}".format)
+        if key in rows and ADHERENCE in rows[key]
+        else "–"
+    )
 
 
-def extras_section(showcase: str | None, image_prompts: dict | None,
-                   curves: dict[str, dict] | None, r: RenderParams) -> str:
+def extras_section(
+    showcase: str | None,
+    image_prompts: dict | None,
+    curves: dict[str, dict] | None,
+    r: RenderParams,
+) -> str:
     """Images as prompts and the judged interpolation (the world only)."""
     text = ""
     if showcase:
@@ -232,31 +276,46 @@ space (gap.bridge, data/gap) → pseudo-inverse of the text projection → depro
         bridged = [rows for rows in image_prompts.values() if "bridges" in rows]
         kinds = list(bridged[0]["bridges"]) if bridged else []
         own = bridged[0]["bridge"] if bridged else ""
-        lines = ["| run | text prompt | " + " | ".join(f"image, {k}" for k in kinds)
-                 + " | image / text |", "| --- | ---: |" + " ---: |" * (len(kinds) + 1)]
+        lines = [
+            "| run | text prompt | "
+            + " | ".join(f"image, {k}" for k in kinds)
+            + " | image / text |",
+            "| --- | ---: |" + " ---: |" * (len(kinds) + 1),
+        ]
         for name, rows in image_prompts.items():
-            ratio = _with_interval(rows, IMAGE_TO_TEXT, "{:.2f}".format) \
-                if IMAGE_TO_TEXT in rows else "–"
+            ratio = (
+                _with_interval(rows, IMAGE_TO_TEXT, "{:.2f}".format)
+                if IMAGE_TO_TEXT in rows
+                else "–"
+            )
             cells = [_adherence(rows.get("bridges", {}), k) for k in kinds]
-            lines.append(f"| {name} | {_adherence(rows, 'text')} | {' | '.join(cells)} "
-                         f"| {ratio} |")
+            lines.append(f"| {name} | {_adherence(rows, 'text')} | {' | '.join(cells)} | {ratio} |")
         count = next(iter(image_prompts.values()))["text"]["prompts"]
-        text += f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
+        text += (
+            f"""Held-out drawn scenes ({count}) as the only prompt, judged against their
 descriptions; the text prompt is the description's pooled embedding deprojected (the
 reference row: its ordinary CLIP states). One column per bridge from image to text space
 (gap.bridge); image / text is the runs' own bridge, `{own}`. Mean adherence with its 95 %
 interval over the scenes (`reports/metrics/image_prompts.json`):
 
-""" + "\n".join(lines) + "\n\n"
+"""
+            + "\n".join(lines)
+            + "\n\n"
+        )
     if curves:
         mode = "spherical" if r.interpolation_slerp else "linear"
-        lines = ["| run | balance t=0 | t=0.5 | t=1 | max jump | reversals |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines = [
+            "| run | balance t=0 | t=0.5 | t=1 | max jump | reversals |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+        ]
         for name, c in curves.items():
             middle = c["balance"][len(c["balance"]) // 2]
-            lines.append(f"| {name} | {c['balance'][0]:+.2f} | {middle:+.2f} | "
-                         f"{c['balance'][-1]:+.2f} | {c['max_jump']:.2f} | {c['reversals']} |")
-        text += f"""## Interpolation: {r.interpolation_from} → {r.interpolation_to}
+            lines.append(
+                f"| {name} | {c['balance'][0]:+.2f} | {middle:+.2f} | "
+                f"{c['balance'][-1]:+.2f} | {c['max_jump']:.2f} | {c['reversals']} |"
+            )
+        text += (
+            f"""## Interpolation: {r.interpolation_from} → {r.interpolation_to}
 
 The combined embeddings of the two prompts interpolated around null ({mode}), deprojected by
 each run; one row per run, seed {r.seed}:
@@ -268,13 +327,23 @@ Judged over {r.interpolation_seeds} seeds per t: balance = adherence to
 gradual change has small jumps between neighbouring t and no reversals
 (`reports/interpolation.json`):
 
-""" + "\n".join(lines) + "\n\n![interpolation balance](plots/interpolation.png)\n\n"
+"""
+            + "\n".join(lines)
+            + "\n\n![interpolation balance](plots/interpolation.png)\n\n"
+        )
     return text
 
 
-def write_report(path: Path, params: Params, metrics: dict[str, dict], comparison: dict,
-                 fidelity: dict[str, dict], scores: dict[str, dict],
-                 held_out: dict | None, extras: str = "") -> None:
+def write_report(
+    path: Path,
+    params: Params,
+    metrics: dict[str, dict],
+    comparison: dict,
+    fidelity: dict[str, dict],
+    scores: dict[str, dict],
+    held_out: dict | None,
+    extras: str = "",
+) -> None:
     r = params.render
     text = f"""# CLIP Text Deprojector: comparison report
 

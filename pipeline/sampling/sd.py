@@ -30,17 +30,29 @@ def load_pipeline(sd: str, r: RenderParams):
     return pipe
 
 
-def generate_images(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                    r: RenderParams, seeds: list[int] | None = None,
-                    batch: int | None = None) -> list[Image.Image]:
+def generate_images(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    r: RenderParams,
+    seeds: list[int] | None = None,
+    batch: int | None = None,
+) -> list[Image.Image]:
     """One image per row of prompt_embeds [N, 77, D], from seed `r.seed` (or seeds[i])."""
-    return [Image.fromarray(image)
-            for image in generate_pixels(pipe, prompt_embeds, negative_embeds, r, seeds, batch)]
+    return [
+        Image.fromarray(image)
+        for image in generate_pixels(pipe, prompt_embeds, negative_embeds, r, seeds, batch)
+    ]
 
 
-def generate_pixels(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-                    r: RenderParams, seeds: list[int] | None = None,
-                    batch: int | None = None) -> np.ndarray:
+def generate_pixels(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    r: RenderParams,
+    seeds: list[int] | None = None,
+    batch: int | None = None,
+) -> np.ndarray:
     """uint8 [N, H, W, 3]: one picture per row of prompt_embeds [N, 77, D] (what
     `generate_images` returns, without the PIL images), `batch` pictures per UNet call (twice
     as many rows with classifier-free guidance; default `default_batch`).
@@ -51,22 +63,31 @@ def generate_pixels(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Te
     PIL round trip, and with each cross-attention's keys and values of the conditioning
     computed once per batch instead of once per step (`cross_attention_cache`)."""
     # A UNet of another width would fail deep inside diffusers with a matmul shape error.
-    for what, embeds in (("prompt_embeds", prompt_embeds),
-                         ("negative_prompt_embeds", negative_embeds)):
+    for what, embeds in (
+        ("prompt_embeds", prompt_embeds),
+        ("negative_prompt_embeds", negative_embeds),
+    ):
         if not torch.isfinite(embeds).all():  # would draw an all-black picture
             raise GenerationError(f"{what} contain NaN or Inf values; nothing was drawn")
     check_cross_attention(pipe.unet.config.cross_attention_dim, prompt_embeds.shape[-1])
     timesteps = pipe.scheduler.config.num_train_timesteps
     if r.steps > timesteps:
-        raise GenerationError(f"{r.steps} steps: the {r.scheduler} scheduler of this UNet takes "
-                              f"at most {timesteps} (its training timesteps)")
+        raise GenerationError(
+            f"{r.steps} steps: the {r.scheduler} scheduler of this UNet takes "
+            f"at most {timesteps} (its training timesteps)"
+        )
     seeds = seeds if seeds is not None else [r.seed] * len(prompt_embeds)
     batch = batch or default_batch(r)
     chunks = []
     with torch.inference_mode(), cross_attention_cache(pipe.unet):
         for begin in range(0, len(prompt_embeds), batch):
-            latents = denoise(pipe, prompt_embeds[begin:begin + batch],
-                              negative_embeds, r, seeds[begin:begin + batch])
+            latents = denoise(
+                pipe,
+                prompt_embeds[begin : begin + batch],
+                negative_embeds,
+                r,
+                seeds[begin : begin + batch],
+            )
             chunks.append(decode(pipe, latents, r))
     if not chunks:
         return np.zeros((0, r.height, r.width, 3), dtype=np.uint8)
@@ -84,8 +105,13 @@ def guided(pipe, r: RenderParams) -> bool:
     return r.guidance_scale > 1 and pipe.unet.config.time_cond_proj_dim is None
 
 
-def denoise(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
-            r: RenderParams, seeds: list[int]) -> torch.Tensor:
+def denoise(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    r: RenderParams,
+    seeds: list[int],
+) -> torch.Tensor:
     """The final latents of len(seeds) pictures: StableDiffusionPipeline.__call__'s loop."""
     unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
     dtype = unet.dtype
@@ -97,8 +123,9 @@ def denoise(pipe, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
     # One generator per image: each image starts from the noise it would get if generated
     # alone with generator=torch.Generator().manual_seed(seed).
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    latents = pipe.prepare_latents(len(cond), unet.config.in_channels, r.height, r.width,
-                                   dtype, device, generators)
+    latents = pipe.prepare_latents(
+        len(cond), unet.config.in_channels, r.height, r.width, dtype, device, generators
+    )
     extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if cfg else latents
@@ -120,7 +147,8 @@ def decode(pipe, latents: torch.Tensor, r: RenderParams) -> np.ndarray:
         raise GenerationError(
             f"the sampler's result is not finite (NaN or Inf) with guidance scale "
             f"{r.guidance_scale:g}, {r.steps} steps, {r.scheduler}: the latents "
-            f"overflowed; nothing was drawn (a smaller guidance scale?)")
+            f"overflowed; nothing was drawn (a smaller guidance scale?)"
+        )
     image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return (image * 255).round().astype("uint8")
 
@@ -135,22 +163,40 @@ class CachedCrossAttention:
         self.inner = inner
         self.cached: tuple | None = None  # (conditioning, keys, values): the latest only
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
-                 temb=None, *args, **kwargs):
-        plain = (attention_mask is None and attn.spatial_norm is None and attn.group_norm is None
-                 and not attn.norm_cross and not attn.residual_connection
-                 and hidden_states.ndim == 3 and attn.norm_q is None and attn.norm_k is None
-                 and not args and not kwargs)
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        plain = (
+            attention_mask is None
+            and attn.spatial_norm is None
+            and attn.group_norm is None
+            and not attn.norm_cross
+            and not attn.residual_connection
+            and hidden_states.ndim == 3
+            and attn.norm_q is None
+            and attn.norm_k is None
+            and not args
+            and not kwargs
+        )
         if encoder_hidden_states is None or not plain:
-            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
-                              *args, **kwargs)
+            return self.inner(
+                attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs
+            )
         if self.cached is None or self.cached[0] is not encoder_hidden_states:
             rows = len(encoder_hidden_states)
             key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
             head_dim = key.shape[-1] // attn.heads
-            self.cached = (encoder_hidden_states,
-                           *(x.view(rows, -1, attn.heads, head_dim).transpose(1, 2)
-                             for x in (key, value)))
+            self.cached = (
+                encoder_hidden_states,
+                *(x.view(rows, -1, attn.heads, head_dim).transpose(1, 2) for x in (key, value)),
+            )
         _, key, value = self.cached
         rows, head_dim = len(hidden_states), key.shape[-1]
         query = attn.to_q(hidden_states).view(rows, -1, attn.heads, head_dim).transpose(1, 2)

@@ -15,8 +15,9 @@ from pipeline.config.runs import check_runs
 from pipeline.core.atomic import write_text
 
 
-def run_base_stage(params: Params, out: Path = Path("models/base.json"),
-                   clip_out: Path | None = None) -> BaseReport:
+def run_base_stage(
+    params: Params, out: Path = Path("models/base.json"), clip_out: Path | None = None
+) -> BaseReport:
     """Writes `out` and `clip_out` (default: base-clip.json beside `out`)."""
     check_runs(params.models)
     report = check_base(params.base.clip, params.base.sd)

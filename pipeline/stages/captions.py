@@ -26,8 +26,11 @@ def run_captions_stage(params: Params, out_dir: Path = Path("data/captions")) ->
 
     def count_tokens(texts: list[str]) -> list[int]:
         short = [t for t in texts if len(t) <= hopeless]
-        counts = iter(len(x) for x in tokenizer(short, truncation=False)["input_ids"]) \
-            if short else iter(())
+        counts = (
+            iter(len(x) for x in tokenizer(short, truncation=False)["input_ids"])
+            if short
+            else iter(())
+        )
         return [next(counts) if len(t) <= hopeless else MAX_LENGTH + 1 for t in texts]
 
     cleaned = clean_captions(tqdm(raw, desc="cleaning captions", unit="caption"), count_tokens)

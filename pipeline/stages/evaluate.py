@@ -77,6 +77,7 @@ class Pictures(TypedDict, total=False):
     adherence: AdherenceResults
     image_prompts: ImagePromptResults
 
+
 # What the stage wrote, by file name: each run's and baseline's metrics, Pictures, COMPARISON.
 EvaluateResults = dict[str, RunMetrics | AdherenceResults | ImagePromptResults | Comparison]
 
@@ -97,8 +98,11 @@ class Inputs:
 
     @property
     def models(self) -> dict[str, Deprojector]:
-        return {name: encoder.deprojector for name, encoder in self.encoders.items()
-                if encoder.deprojector is not None}
+        return {
+            name: encoder.deprojector
+            for name, encoder in self.encoders.items()
+            if encoder.deprojector is not None
+        }
 
 
 @dataclass
@@ -113,20 +117,24 @@ class StatesScores:
     image_free: dict[str, Scores]
 
 
-def run_evaluate_stage(params: Params, shards_dir: Path = Path("data/shards"),
-                       captions_dir: Path = Path("data/captions"),
-                       models_dir: Path = Path("models"),
-                       metrics_dir: Path = Path("reports/metrics"),
-                       plots_dir: Path = Path("reports/plots"),
-                       gap_dir: Path = Path("data/gap")) -> EvaluateResults:
+def run_evaluate_stage(
+    params: Params,
+    shards_dir: Path = Path("data/shards"),
+    captions_dir: Path = Path("data/captions"),
+    models_dir: Path = Path("models"),
+    metrics_dir: Path = Path("reports/metrics"),
+    plots_dir: Path = Path("reports/plots"),
+    gap_dir: Path = Path("data/gap"),
+) -> EvaluateResults:
     """Writes metrics_dir/RUN.json (runs and baselines), adherence.json, image_prompts.json,
     comparison.json and plots_dir/cosine_per_position.json; returns what it wrote by name."""
     e = params.evaluate
     # 1. Inputs: the shards, the world, every run's encoder.
     inputs = load_inputs(params, shards_dir, models_dir, gap_dir)
     # 2. The retrieval baseline: its k chosen on validation rows of the training split.
-    k, validation = choose_k(inputs.train, inputs.null, e.seed, e.batch_size,
-                             params.train.mask_weight)
+    k, validation = choose_k(
+        inputs.train, inputs.null, e.seed, e.batch_size, params.train.mask_weight
+    )
     retrieval = Retrieval(inputs.train, inputs.null)
     # 3. States metrics: the combination test, then every run and baseline on the test rows.
     combination = combination_test(params, inputs, retrieval, k, captions_dir)
@@ -161,16 +169,19 @@ def load_inputs(params: Params, shards_dir: Path, models_dir: Path, gap_dir: Pat
     return Inputs(constants, test, train, world, encoders)
 
 
-def combination_test(params: Params, inputs: Inputs, retrieval: Retrieval, k: int,
-                     captions_dir: Path) -> dict[str, CombinationScores]:
+def combination_test(
+    params: Params, inputs: Inputs, retrieval: Retrieval, k: int, captions_dir: Path
+) -> dict[str, CombinationScores]:
     """Step 3a: per run (and RETRIEVAL), deprojected Σ(e_k − null) + null of held-out caption
     pairs against H("A B"), beside blending and retrieval; {} without pairs."""
     e = params.evaluate
     clip = inputs.encoders[REFERENCE].clip
-    pairs = combination_pairs(read_split(captions_dir, "test"), e.combination_pairs,
-                              e.seed, clip)
-    return combination_scores(inputs.models, retrieval, k, pairs, clip, inputs.null, e.seed) \
-        if pairs else {}
+    pairs = combination_pairs(read_split(captions_dir, "test"), e.combination_pairs, e.seed, clip)
+    return (
+        combination_scores(inputs.models, retrieval, k, pairs, clip, inputs.null, e.seed)
+        if pairs
+        else {}
+    )
 
 
 def score_states(params: Params, inputs: Inputs, retrieval: Retrieval, k: int) -> StatesScores:
@@ -182,14 +193,19 @@ def score_states(params: Params, inputs: Inputs, retrieval: Retrieval, k: int) -
     def score(rows: np.ndarray, what: str) -> tuple[dict[str, Scores], dict[str, Scores]]:
         """(teacher-forced, autoregressive) scores of every run and baseline on `rows`."""
         # The baselines answer from the embedding alone: one score serves both modes.
-        free = {NULL_BASELINE: score_answers(null_answer(inputs.constants), reader,
-                                             e.batch_size, mask_weight, rows),
-                RETRIEVAL: score_answers(lambda embeds: retrieval.answer(embeds, k), reader,
-                                         e.batch_size, mask_weight, rows)}
+        free = {
+            NULL_BASELINE: score_answers(
+                null_answer(inputs.constants), reader, e.batch_size, mask_weight, rows
+            ),
+            RETRIEVAL: score_answers(
+                lambda embeds: retrieval.answer(embeds, k), reader, e.batch_size, mask_weight, rows
+            ),
+        }
         forced = dict(free)
         for name in tqdm(params.models, desc=f"evaluate {what}", unit="model"):
-            forced[name], free[name] = score_model(models[name], reader, e.batch_size,
-                                                   mask_weight, rows)
+            forced[name], free[name] = score_model(
+                models[name], reader, e.batch_size, mask_weight, rows
+            )
         return forced, free
 
     forced, free = score(reader.rows_of(image=False), "caption rows")
@@ -198,31 +214,49 @@ def score_states(params: Params, inputs: Inputs, retrieval: Retrieval, k: int) -
     return StatesScores(forced, free, len(image_rows), image_forced, image_free)
 
 
-def run_metrics(params: Params, scores: StatesScores,
-                combination: dict[str, CombinationScores], k: int, training_rows: int,
-                validation: dict[int, float]) -> dict[str, RunMetrics]:
+def run_metrics(
+    params: Params,
+    scores: StatesScores,
+    combination: dict[str, CombinationScores],
+    k: int,
+    training_rows: int,
+    validation: dict[int, float],
+) -> dict[str, RunMetrics]:
     """Step 3c: each run's and baseline's metrics file, in the order it is written:
     teacher-forced, autoregressive, image rows, combination; the retrieval's after its k,
     the training rows it answers from and each k's validation score."""
     seed = params.evaluate.seed
     results: dict[str, RunMetrics] = {
-        name: RunMetrics(teacher_forced=scores.forced[name].result(seed),
-                         autoregressive=free.result(seed)) for name, free in scores.free.items()}
+        name: RunMetrics(
+            teacher_forced=scores.forced[name].result(seed), autoregressive=free.result(seed)
+        )
+        for name, free in scores.free.items()
+    }
     for name, free in scores.image_free.items():
         results[name][IMAGE_ROW_METRICS] = ImageRowMetrics(
-            rows=scores.image_rows, teacher_forced=scores.image_forced[name].result(seed),
-            autoregressive=free.result(seed))
+            rows=scores.image_rows,
+            teacher_forced=scores.image_forced[name].result(seed),
+            autoregressive=free.result(seed),
+        )
     for name, combined in combination.items():
         results[name][COMBINATION] = combined
     results[RETRIEVAL] = RetrievalMetrics(
-        k=k, teacher_forcing=False, training_rows=training_rows,
-        validation=Validation(fraction=VALIDATION_FRACTION, seed=seed, cosine_masked={
-            str(c): v for c, v in validation.items()}), **results[RETRIEVAL])
+        k=k,
+        teacher_forcing=False,
+        training_rows=training_rows,
+        validation=Validation(
+            fraction=VALIDATION_FRACTION,
+            seed=seed,
+            cosine_masked={str(c): v for c, v in validation.items()},
+        ),
+        **results[RETRIEVAL],
+    )
     return results
 
 
-def write_states(metrics: dict[str, RunMetrics], free: dict[str, Scores], metrics_dir: Path,
-                 plots_dir: Path) -> None:
+def write_states(
+    metrics: dict[str, RunMetrics], free: dict[str, Scores], metrics_dir: Path, plots_dir: Path
+) -> None:
     """Step 4: metrics_dir/RUN.json and plots_dir/cosine_per_position.json (one row per
     position 1..76, a column per run and baseline)."""
     metrics_dir.mkdir(parents=True, exist_ok=True)
@@ -230,8 +264,9 @@ def write_states(metrics: dict[str, RunMetrics], free: dict[str, Scores], metric
         write_json(metrics_dir / f"{name}.json", record)
     plots_dir.mkdir(parents=True, exist_ok=True)
     curves = {name: scores.per_position() for name, scores in free.items()}
-    rows = [{"position": i + 1, **{n: c[i] for n, c in curves.items()}}
-            for i in range(MAX_LENGTH - 1)]
+    rows = [
+        {"position": i + 1, **{n: c[i] for n, c in curves.items()}} for i in range(MAX_LENGTH - 1)
+    ]
     write_json(plots_dir / "cosine_per_position.json", rows, indent=1)
 
 
@@ -245,28 +280,46 @@ def write_pictures(pictures: Pictures, metrics_dir: Path) -> None:
             write_json(metrics_dir / f"{name}.json", record)
 
 
-def compare(params: Params, free: dict[str, Scores], metrics: dict[str, RunMetrics],
-            adherence: AdherenceResults | None, held_out: HeldOutScores | None) -> Comparison:
+def compare(
+    params: Params,
+    free: dict[str, Scores],
+    metrics: dict[str, RunMetrics],
+    adherence: AdherenceResults | None,
+    held_out: HeldOutScores | None,
+) -> Comparison:
     """Step 6: paired differences to the best run, between the runs that are not seed
     replicates, and of held-out adherence to the reference row; the seed replicates' spread."""
     e, t = params.evaluate, params.train
     groups = seed_replicates(params.models, t.seed)
     replicates = {name for runs in groups.values() for name in runs[1:]}
     terms = {name: scores.masked_terms() for name, scores in free.items()}
-    out = comparison(terms, list(params.models),
-                     [name for name in params.models if name not in replicates], held_out,
-                     e.seed)
+    out = comparison(
+        terms,
+        list(params.models),
+        [name for name in params.models if name not in replicates],
+        held_out,
+        e.seed,
+    )
     if groups:
-        judged = {name: {**metrics[name], ADHERENCE: {
-            kind: rows[name][ADHERENCE] for kind, rows in (adherence or {}).items()
-            if ADHERENCE in rows.get(name, {})}} for name in params.models}
+        judged = {
+            name: {
+                **metrics[name],
+                ADHERENCE: {
+                    kind: rows[name][ADHERENCE]
+                    for kind, rows in (adherence or {}).items()
+                    if ADHERENCE in rows.get(name, {})
+                },
+            }
+            for name in params.models
+        }
         seeds = {name: spec.train.get("seed", t.seed) for name, spec in params.models.items()}
         out[SEED_SPREAD] = seed_spread(judged, groups, seeds)
     return out
 
 
-def run_pictures(params: Params, encoders: dict[str, PromptEncoder],
-                 world: World | None) -> tuple[Pictures, HeldOutScores | None]:
+def run_pictures(
+    params: Params, encoders: dict[str, PromptEncoder], world: World | None
+) -> tuple[Pictures, HeldOutScores | None]:
     """Pictures of held-out prompts and of drawn scenes as prompts (the world only), judged
     (see pipeline/metrics/adherence.py), and the held-out prompts' per-prompt scores {kind: {row:
     [...]}} (None when they are off)."""
@@ -281,9 +334,9 @@ def run_pictures(params: Params, encoders: dict[str, PromptEncoder],
     results: Pictures = {}
     held_out = None
     if e.adherence_prompts:
-        results[ADHERENCE], held_out = evaluate_adherence(params, encoders, pipe, scorer,
-                                                          exclude)
+        results[ADHERENCE], held_out = evaluate_adherence(params, encoders, pipe, scorer, exclude)
     if world is not None and e.image_prompts > 0:
-        results[IMAGE_PROMPTS] = evaluate_image_prompts(params, encoders, pipe, scorer, world,
-                                                        exclude)
+        results[IMAGE_PROMPTS] = evaluate_image_prompts(
+            params, encoders, pipe, scorer, world, exclude
+        )
     return results, held_out

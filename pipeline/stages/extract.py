@@ -18,14 +18,18 @@ from pipeline.data.shards import (
 )
 
 
-def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions"),
-                      out_dir: Path = Path("data/shards"),
-                      gap_dir: Path = Path("data/gap")) -> dict:
+def run_extract_stage(
+    params: Params,
+    captions_dir: Path = Path("data/captions"),
+    out_dir: Path = Path("data/shards"),
+    gap_dir: Path = Path("data/gap"),
+) -> dict:
     torch.manual_seed(0)
     clip = load_clip(params.base.clip, device=params.extract.device)
     constants = compute_constants(clip)
-    images = ImageRows(params, gap_dir, constants["deprojection"]) \
-        if params.augment.image > 0 else None
+    images = (
+        ImageRows(params, gap_dir, constants["deprojection"]) if params.augment.image > 0 else None
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_constants(out_dir / "constants.safetensors", **constants)
     meta = {
@@ -41,8 +45,14 @@ def run_extract_stage(params: Params, captions_dir: Path = Path("data/captions")
     for split in ("test", "train"):
         captions = read_split(captions_dir, split)
         splits[split] = extract_split(
-            clip, captions, out_dir / split, params,
-            params.augment.seed + SPLITS.index(split), constants["null"], images)
+            clip,
+            captions,
+            out_dir / split,
+            params,
+            params.augment.seed + SPLITS.index(split),
+            constants["null"],
+            images,
+        )
     meta["splits"] = {split: splits[split] for split in SPLITS}
     write_text(out_dir / "meta.json", json.dumps(meta, indent=2) + "\n")
     return meta

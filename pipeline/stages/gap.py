@@ -36,21 +36,31 @@ HELD_OUT_FRACTION = 0.2
 
 def text_embeddings(clip: ClipText, captions: list[str], batch: int = 64) -> torch.Tensor:
     """text_embeds [N, P] of captions."""
-    return torch.cat([encode_texts(clip, captions[b:b + batch]).text_embeds.float().cpu()
-                      for b in tqdm(range(0, len(captions), batch), desc="gap texts",
-                                    unit="batch")])
+    return torch.cat(
+        [
+            encode_texts(clip, captions[b : b + batch]).text_embeds.float().cpu()
+            for b in tqdm(range(0, len(captions), batch), desc="gap texts", unit="batch")
+        ]
+    )
 
 
-def image_embeddings(tower: ImageTower, images: list[Image.Image], batch: int = 64
-                     ) -> torch.Tensor:
+def image_embeddings(tower: ImageTower, images: list[Image.Image], batch: int = 64) -> torch.Tensor:
     """image_embeds [N, P] of RGB images."""
-    return torch.cat([tower.embed(images[b:b + batch])
-                      for b in tqdm(range(0, len(images), batch), desc="gap images",
-                                    unit="batch")])
+    return torch.cat(
+        [
+            tower.embed(images[b : b + batch])
+            for b in tqdm(range(0, len(images), batch), desc="gap images", unit="batch")
+        ]
+    )
 
 
-def measure_gap(text_embeds: torch.Tensor, image_embeds: torch.Tensor, bank: torch.Tensor,
-                temperature: float, bridge: str) -> tuple[ModalityGap, dict]:
+def measure_gap(
+    text_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    bank: torch.Tensor,
+    temperature: float,
+    bridge: str,
+) -> tuple[ModalityGap, dict]:
     """The statistics (fitted on every pair) and a summary: each bridge's paired cosine on a
     held-out HELD_OUT_FRACTION of the pairs (the last ones), fitted on the others."""
     cut = len(text_embeds) - max(1, round(HELD_OUT_FRACTION * len(text_embeds)))
@@ -66,13 +76,15 @@ def measure_gap(text_embeds: torch.Tensor, image_embeds: torch.Tensor, bank: tor
         "held_out_pairs": len(held_text),
         "paired_cosine_held_out": {
             kind: F.cosine_similarity(held_text, fitted.correct(held_image, kind)).mean().item()
-            for kind in BRIDGES},
+            for kind in BRIDGES
+        },
     }
     return gap, summary
 
 
-def run_gap_stage(params: Params, out_dir: Path,
-                  captions_dir: Path = Path("data/captions")) -> dict:
+def run_gap_stage(
+    params: Params, out_dir: Path, captions_dir: Path = Path("data/captions")
+) -> dict:
     """Write out_dir/modality_gap.safetensors and .json (`gap.*`). The world: drawn scenes; a
     real CLIP: the pairs of `gap.source`, and without any only the .json saying so (image
     prompts then need --bridge none, and augment.image must be 0)."""
@@ -85,9 +97,12 @@ def run_gap_stage(params: Params, out_dir: Path,
     world = World.of(base.clip, base.sd)
     pairs = WorldPairs(g.pairs, g.seed) if world else open_pairs(g)
     if pairs is None:
-        summary = {"base_clip": base.clip, "computed": False,
-                   "why": f"gap.source {g.source!r} has no image/caption pairs: image prompts "
-                          "with this base.clip need --bridge none until it has"}
+        summary = {
+            "base_clip": base.clip,
+            "computed": False,
+            "why": f"gap.source {g.source!r} has no image/caption pairs: image prompts "
+            "with this base.clip need --bridge none until it has",
+        }
         write_json(out_dir / SUMMARY_FILE, summary)
         return summary
     clip = load_clip(base.clip, device=device)
@@ -95,11 +110,16 @@ def run_gap_stage(params: Params, out_dir: Path,
     count = min(g.pairs, len(pairs))
     text = text_embeddings(clip, pairs.captions[:count])
     image = image_embeddings(tower, pairs.images(list(range(count))))
-    bank = text_embeddings(clip, read_split(captions_dir, "train")[:g.bank])
+    bank = text_embeddings(clip, read_split(captions_dir, "train")[: g.bank])
     gap, summary = measure_gap(text, image, bank, g.temperature, g.bridge)
     gap.save(out_dir / GAP_FILE)  # atomic; the summary after it
     source = f"world scenes (seed {g.seed})" if world else g.source
-    summary = {"base_clip": base.clip, "computed": True, "source": source, "bridge": g.bridge,
-               **summary}
+    summary = {
+        "base_clip": base.clip,
+        "computed": True,
+        "source": source,
+        "bridge": g.bridge,
+        **summary,
+    }
     write_json(out_dir / SUMMARY_FILE, summary)
     return summary

@@ -75,42 +75,62 @@ class Column:
         return " · ".join(parts)
 
     def grid_column(self) -> GridColumn:
-        return GridColumn(self.prompt, self.images,
-                          {row: self.label(row) for row in self.scores})
+        return GridColumn(self.prompt, self.images, {row: self.label(row) for row in self.scores})
 
     def fidelity(self, row: str) -> dict[str, float]:
         """Conditioning cosine (mean over positions 1..76) and image PSNR/SSIM vs reference."""
         cos = cosine_per_position(self.conds[row].float(), self.conds[REFERENCE].float())
         image, reference = np.asarray(self.images[row]), np.asarray(self.images[REFERENCE])
-        return {"cosine": cos[0, 1:].mean().item(), "psnr": psnr(image, reference),
-                "ssim": ssim(image, reference)}
+        return {
+            "cosine": cos[0, 1:].mean().item(),
+            "psnr": psnr(image, reference),
+            "ssim": ssim(image, reference),
+        }
 
 
-def render_column(pipe, encoders: dict[str, PromptEncoder], prompt: str, combine: bool,
-                  negative: torch.Tensor, r: RenderParams,
-                  scorer: Scorer | None = None) -> Column:
+def render_column(
+    pipe,
+    encoders: dict[str, PromptEncoder],
+    prompt: str,
+    combine: bool,
+    negative: torch.Tensor,
+    r: RenderParams,
+    scorer: Scorer | None = None,
+) -> Column:
     """Every row's picture of `prompt` from seed render.seed: REFERENCE from the ordinary
     CLIP states, each run's from its deprojected conditioning (parts combined or not)."""
     return render_columns(pipe, encoders, [prompt], combine, negative, r, scorer)[0]
 
 
-def render_columns(pipe, encoders: dict[str, PromptEncoder], prompts: list[str], combine: bool,
-                   negative: torch.Tensor, r: RenderParams,
-                   scorer: Scorer | None = None) -> list[Column]:
+def render_columns(
+    pipe,
+    encoders: dict[str, PromptEncoder],
+    prompts: list[str],
+    combine: bool,
+    negative: torch.Tensor,
+    r: RenderParams,
+    scorer: Scorer | None = None,
+) -> list[Column]:
     """`render_column` of each prompt, every cell of every column drawn in shared UNet
     batches (each picture from seed render.seed, as when drawn alone)."""
-    conds = [{name: encoder.encode_prompt(prompt, combine=combine, deproject=name != REFERENCE)
-              for name, encoder in encoders.items()} for prompt in prompts]
-    pixels = generate_pixels(pipe, torch.cat([c.float() for cs in conds for c in cs.values()]),
-                             negative, r)
+    conds = [
+        {
+            name: encoder.encode_prompt(prompt, combine=combine, deproject=name != REFERENCE)
+            for name, encoder in encoders.items()
+        }
+        for prompt in prompts
+    ]
+    pixels = generate_pixels(
+        pipe, torch.cat([c.float() for cs in conds for c in cs.values()]), negative, r
+    )
     cells = [prompt for prompt, cs in zip(prompts, conds, strict=True) for _ in cs]
     scores = scorer.score(pixels, cells) if scorer is not None else None
     columns, k = [], 0
     for prompt, cs in zip(prompts, conds, strict=True):
-        images = [Image.fromarray(image) for image in pixels[k:k + len(cs)]]
+        images = [Image.fromarray(image) for image in pixels[k : k + len(cs)]]
         column = Column(prompt, dict(zip(cs, images, strict=True)), cs)
         if scores is not None:
-            column.scores = dict(zip(cs, scores[k:k + len(cs)], strict=True))
+            column.scores = dict(zip(cs, scores[k : k + len(cs)], strict=True))
         columns.append(column)
         k += len(cs)
     return columns
@@ -140,8 +160,10 @@ def grid_fidelity(columns: list[Column], models: list[str]) -> dict[str, dict]:
     result = {}
     for name in models:
         per_prompt = {c.prompt: c.fidelity(name) for c in columns}
-        means = {k: float(np.mean([s[k] for s in per_prompt.values()]))
-                 for k in ("cosine", "psnr", "ssim")}
+        means = {
+            k: float(np.mean([s[k] for s in per_prompt.values()]))
+            for k in ("cosine", "psnr", "ssim")
+        }
         result[name] = {**means, "per_prompt": per_prompt}
     return result
 
@@ -152,16 +174,25 @@ def grid_scores(columns: list[Column]) -> dict[str, dict[str, object]]:
     rows: dict[str, dict[str, object]] = {}
     for row in columns[0].scores:
         per_prompt = {c.prompt: c.scores[row] for c in columns}
-        rows[row] = {k: float(np.mean(score_column(list(per_prompt.values()), k)))
-                     for k in next(iter(per_prompt.values()))}
+        rows[row] = {
+            k: float(np.mean(score_column(list(per_prompt.values()), k)))
+            for k in next(iter(per_prompt.values()))
+        }
         rows[row]["per_prompt"] = per_prompt
     return with_ratios(rows) if rows else {}
 
 
 # --- the stage ----------------------------------------------------------------------------
 
-def render_grid(pipe, encoders: dict[str, PromptEncoder], prompts: list[str], combine: bool,
-                r: RenderParams, scorer: Scorer | None = None) -> list[Column]:
+
+def render_grid(
+    pipe,
+    encoders: dict[str, PromptEncoder],
+    prompts: list[str],
+    combine: bool,
+    r: RenderParams,
+    scorer: Scorer | None = None,
+) -> list[Column]:
     negative = encoders[REFERENCE].encode_negative("", deproject=False)
     return render_columns(pipe, encoders, prompts, combine, negative, r, scorer)
 
@@ -177,9 +208,12 @@ class Rendered:
     interpolation: dict[str, dict] | None = None  # run -> judged curve (the world only)
 
 
-def run_render_stage(params: Params, models_dir: Path = Path("models"),
-                     reports_dir: Path = Path("reports"),
-                     gap_dir: Path = Path("data/gap")) -> Rendered:
+def run_render_stage(
+    params: Params,
+    models_dir: Path = Path("models"),
+    reports_dir: Path = Path("reports"),
+    gap_dir: Path = Path("data/gap"),
+) -> Rendered:
     check_runs(params.models)
     r = params.render
     metrics = read_metrics(reports_dir / "metrics", list(params.models))
@@ -207,11 +241,14 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
         done.columns[what] = columns
         done.fidelity[what] = grid_fidelity(columns, list(runs))
         done.scores[what] = grid_scores(columns)
-    save_image(cosine_chart(read_json(curve_file, RenderError, RERUN_EVALUATE, expect=list)),
-               curve_file.with_suffix(".png"))
+    save_image(
+        cosine_chart(read_json(curve_file, RenderError, RERUN_EVALUATE, expect=list)),
+        curve_file.with_suffix(".png"),
+    )
     held_out_file = reports_dir / "metrics" / f"{ADHERENCE}.json"
-    held_out = read_json(held_out_file, RenderError, RERUN_EVALUATE) \
-        if held_out_file.is_file() else None
+    held_out = (
+        read_json(held_out_file, RenderError, RERUN_EVALUATE) if held_out_file.is_file() else None
+    )
     chart = reports_dir / "plots" / "adherence.png"
     if held_out:
         save_image(adherence_chart(held_out), chart)
@@ -227,16 +264,32 @@ def run_render_stage(params: Params, models_dir: Path = Path("models"),
     write_json(reports_dir / "fidelity.json", done.fidelity)
     write_json(reports_dir / "grid_scores.json", done.scores)
     image_prompts_file = reports_dir / "metrics" / f"{IMAGE_PROMPTS}.json"
-    image_prompts = read_json(image_prompts_file, RenderError, RERUN_EVALUATE) \
-        if image_prompts_file.is_file() else None
-    write_report(reports_dir / "report.md", params, metrics, comparison, done.fidelity,
-                 done.scores, held_out, extras_section(showcase if extras else None,
-                                                       image_prompts, done.interpolation, r))
+    image_prompts = (
+        read_json(image_prompts_file, RenderError, RERUN_EVALUATE)
+        if image_prompts_file.is_file()
+        else None
+    )
+    write_report(
+        reports_dir / "report.md",
+        params,
+        metrics,
+        comparison,
+        done.fidelity,
+        done.scores,
+        held_out,
+        extras_section(showcase if extras else None, image_prompts, done.interpolation, r),
+    )
     return done
 
 
-def add_image_prompt_rows(columns: list[Column], pipe, encoder: PromptEncoder, world: World,
-                          r: RenderParams, scorer: Scorer) -> None:
+def add_image_prompt_rows(
+    columns: list[Column],
+    pipe,
+    encoder: PromptEncoder,
+    world: World,
+    r: RenderParams,
+    scorer: Scorer,
+) -> None:
     """Rows `scene` (a drawn scene with everything the column's prompt states) and `image
     prompt` (that scene as the only prompt of the run's encoder, through its bridge), scored like
     the rest."""
@@ -246,23 +299,29 @@ def add_image_prompt_rows(columns: list[Column], pipe, encoder: PromptEncoder, w
     for k, column in enumerate(columns):
         shown = scenes[k].resize(pictures[k].size, Image.Resampling.BOX)  # grid cells match
         column.images.update(zip(IMAGE_ROWS, (shown, pictures[k]), strict=True))
-        column.conds[IMAGE_ROWS[1]] = conds[k:k + 1]
+        column.conds[IMAGE_ROWS[1]] = conds[k : k + 1]
         scores = scorer.score([scenes[k], pictures[k]], [column.prompt] * 2)
         column.scores.update(zip(IMAGE_ROWS, scores, strict=True))
 
 
-def render_interpolation(pipe, encoders: dict[str, PromptEncoder], scorer: Scorer,
-                         r: RenderParams, reports_dir: Path) -> dict[str, dict]:
+def render_interpolation(
+    pipe, encoders: dict[str, PromptEncoder], scorer: Scorer, r: RenderParams, reports_dir: Path
+) -> dict[str, dict]:
     """reports/interpolation.png (one strip per run), the judged curves in
     reports/interpolation.json and their balance chart in reports/plots/interpolation.png."""
     curves, strips = run_interpolation(pipe, encoders, scorer, r)
-    columns = [GridColumn(f"t = {t:.3g}", {name: strip[k] for name, strip in strips.items()})
-               for k, t in enumerate(fractions(r.interpolation_steps))]
+    columns = [
+        GridColumn(f"t = {t:.3g}", {name: strip[k] for name, strip in strips.items()})
+        for k, t in enumerate(fractions(r.interpolation_steps))
+    ]
     save_image(make_grid(columns)[0], reports_dir / "interpolation.png")
     write_json(reports_dir / "interpolation.json", curves)
     chart = line_chart(
         {name: list(zip(c["t"], c["balance"], strict=True)) for name, c in curves.items()},
         f"{r.interpolation_from} -> {r.interpolation_to}: judge's balance "
-        f"({r.interpolation_seeds} seeds per t)", "t", "adherence to B - adherence to A")
+        f"({r.interpolation_seeds} seeds per t)",
+        "t",
+        "adherence to B - adherence to A",
+    )
     save_image(chart, reports_dir / "plots" / "interpolation.png")
     return curves

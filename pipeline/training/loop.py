@@ -41,8 +41,7 @@ from pipeline.prompting.bridges import GAP_FILE
 from pipeline.prompting.bridges import GAP_SUMMARY as SUMMARY_FILE
 
 # The phases of training that train_model reports to its hooks, in the order of a step.
-PHASES = ("read", "forward", "loss", "zero_grad", "backward", "optimizer", "evaluate",
-          "checkpoint")
+PHASES = ("read", "forward", "loss", "zero_grad", "backward", "optimizer", "evaluate", "checkpoint")
 
 
 class TrainHooks:
@@ -86,8 +85,9 @@ class Best(TypedDict):
 def model_spec(name: str, params: Params) -> ModelSpec:
     """The `models.NAME` entry of params, or an error listing the names params define."""
     if name not in params.models:
-        raise ParamsError(f"params: no `models.{name}` (defined: "
-                          f"{', '.join(params.models) or 'none'})")
+        raise ParamsError(
+            f"params: no `models.{name}` (defined: {', '.join(params.models) or 'none'})"
+        )
     return params.models[name]
 
 
@@ -110,21 +110,35 @@ def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
     spec = model_spec(name, params)
     meta = read_meta(shards_dir)
     if meta["base_clip"] != params.base.clip:
-        raise ShardError(f"{shards_dir}: extracted with base.clip={meta['base_clip']!r}, but "
-                         f"params name {params.base.clip!r}; rerun `deprojector extract`")
+        raise ShardError(
+            f"{shards_dir}: extracted with base.clip={meta['base_clip']!r}, but "
+            f"params name {params.base.clip!r}; rerun `deprojector extract`"
+        )
     constants = load_constants(shards_dir / "constants.safetensors")
     model_class = architecture(spec.type)
     clip = load_clip(params.base.clip).model if model_class.uses_base_model else None
     try:
-        return build_deprojector(spec.type, meta["hidden_size"], meta["projection_size"],
-                                 constants, base=clip, **spec.hparams)
+        return build_deprojector(
+            spec.type,
+            meta["hidden_size"],
+            meta["projection_size"],
+            constants,
+            base=clip,
+            **spec.hparams,
+        )
     except (TypeError, ValueError) as err:
         raise ParamsError(f"params: models.{name} ({spec.type}): {err}") from err
 
 
 @torch.no_grad()
-def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask_weight: float,
-                  device: torch.device, loss: Loss | None = None) -> float:
+def evaluate_loss(
+    model: Deprojector,
+    reader: ShardReader,
+    batch_size: int,
+    mask_weight: float,
+    device: torch.device,
+    loss: Loss | None = None,
+) -> float:
     """Teacher-forced loss (the weighted states loss, or `loss`: the run's `train.loss`)
     over a whole split (row-weighted mean over batches)."""
     model.eval()
@@ -132,8 +146,11 @@ def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask
     for batch in reader.iter_batches(batch_size):
         hidden, mask = batch.hidden.to(device), batch.mask.to(device)
         pred = model(batch.embeds.to(device), hidden)
-        error = weighted_mse(pred, hidden, mask, mask_weight) if loss is None \
+        error = (
+            weighted_mse(pred, hidden, mask, mask_weight)
+            if loss is None
             else loss(pred, hidden, mask)
+        )
         total += error * len(hidden)
     return total.item() / len(reader)
 
@@ -141,8 +158,11 @@ def evaluate_loss(model: Deprojector, reader: ShardReader, batch_size: int, mask
 def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
     """What a checkpoint must match to be resumed: the model's params and the data."""
     meta = (shards_dir / "meta.json").read_text()
-    blob = json.dumps([name, asdict(params.train), asdict(model_spec(name, params)), meta],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [name, asdict(params.train), asdict(model_spec(name, params)), meta],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -151,8 +171,9 @@ def record_base(model: Deprojector | DeprojectorConfig, base_clip: str) -> None:
     path, so the deprojector loads from anywhere) and the fingerprint of its files."""
     config = model if isinstance(model, DeprojectorConfig) else model.config
     source = base_source(base_clip, "clip")
-    config.base_clip = str(Path(source).resolve()) \
-        if base_clip != BUILTIN and Path(source).is_dir() else base_clip
+    config.base_clip = (
+        str(Path(source).resolve()) if base_clip != BUILTIN and Path(source).is_dir() else base_clip
+    )
     config.base_fingerprint = clip_fingerprint(source_folder(source, "config.json"))
 
 
@@ -165,13 +186,17 @@ def copy_gap(out_dir: Path, gap_dir: Path) -> None:
     them, are the outputs of an interrupted gap stage, refused rather than copied or skipped."""
     (out_dir / GAP_FILE).unlink(missing_ok=True)
     stats, summary_file = gap_dir / GAP_FILE, gap_dir / SUMMARY_FILE
-    computed = read_json(summary_file, GapOutputError).get("computed") is True \
-        if summary_file.exists() else None
+    computed = (
+        read_json(summary_file, GapOutputError).get("computed") is True
+        if summary_file.exists()
+        else None
+    )
     if computed is None and stats.exists() or computed and not stats.is_file():
         raise GapOutputError(
             f"{gap_dir}: incomplete outputs of the gap stage ({SUMMARY_FILE} "
             f"{'says computed' if computed else 'missing'}, {GAP_FILE} "
-            f"{'missing' if not stats.exists() else 'present'}); rerun `deprojector gap`")
+            f"{'missing' if not stats.exists() else 'present'}); rerun `deprojector gap`"
+        )
     if computed:
         with atomic_path(out_dir / GAP_FILE) as tmp:
             shutil.copyfile(stats, tmp)
@@ -185,16 +210,19 @@ class GapOutputError(DeprojectorError):
     """The gap stage's outputs do not go together (an interrupted stage)."""
 
 
-def write_ensemble(name: str, params: Params, shards_dir: Path, out_dir: Path,
-                   plots_dir: Path, gap_dir: Path) -> list[dict]:
+def write_ensemble(
+    name: str, params: Params, shards_dir: Path, out_dir: Path, plots_dir: Path, gap_dir: Path
+) -> list[dict]:
     """An ensemble trains nothing: models/NAME/config.json names its members as the sibling
     folders ../MEMBER (loaded with it, so it always uses their current weights) and records
     the base; its loss curve is empty. Returns the (empty) history."""
     meta = read_meta(shards_dir)
     config = EnsembleConfig(
-        model_type=EnsembleDeprojector.model_type, hidden_size=meta["hidden_size"],
+        model_type=EnsembleDeprojector.model_type,
+        hidden_size=meta["hidden_size"],
         projection_size=meta["projection_size"],
-        members=[f"../{member}" for member in model_spec(name, params).hparams["members"]])
+        members=[f"../{member}" for member in model_spec(name, params).hparams["members"]],
+    )
     record_base(config, params.base.clip)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -207,10 +235,16 @@ def write_ensemble(name: str, params: Params, shards_dir: Path, out_dir: Path,
     return []
 
 
-def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"),
-                out_dir: Path | None = None, plots_dir: Path = Path("reports/train"),
-                checkpoint_dir: Path = Path("data/checkpoints"),
-                gap_dir: Path = Path("data/gap"), hooks: TrainHooks = NO_HOOKS) -> list[dict]:
+def train_model(
+    name: str,
+    params: Params,
+    shards_dir: Path = Path("data/shards"),
+    out_dir: Path | None = None,
+    plots_dir: Path = Path("reports/train"),
+    checkpoint_dir: Path = Path("data/checkpoints"),
+    gap_dir: Path = Path("data/gap"),
+    hooks: TrainHooks = NO_HOOKS,
+) -> list[dict]:
     """Train `name`, save the best epoch to models/<name>/, return the per-epoch history.
 
     The saved folder records its base CLIP (`record_base`) and carries a copy of the
@@ -231,8 +265,11 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     accelerator = Accelerator(cpu=t.device == "cpu", mixed_precision=mixed_precision)
     device = accelerator.device
     if t.precision == "fp16" and device.type == "cpu":
-        log(accelerator, f"{name}: train.precision fp16 needs a GPU; on the CPU this run "
-                         "trains in fp32 (bf16 runs on a CPU)")
+        log(
+            accelerator,
+            f"{name}: train.precision fp16 needs a GPU; on the CPU this run "
+            "trains in fp32 (bf16 runs on a CPU)",
+        )
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(t.seed)
     model = build_model(name, params, shards_dir).to(device)
@@ -242,8 +279,9 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
     # train.loss: states (the weighted squared error), or measured through base.sd's UNet
     # cross-attention keys and values (pipeline/metrics/cross_attention.py).
-    loss_of = training_loss(t.loss, t.mask_weight, params.base.sd, model.config.hidden_size,
-                            device=device)
+    loss_of = training_loss(
+        t.loss, t.mask_weight, params.base.sd, model.config.hidden_size, device=device
+    )
 
     checkpoint = checkpoint_dir / f"{name}.pt"
     fingerprint = _fingerprint(name, params, shards_dir)
@@ -268,11 +306,17 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
             break
         ddp_model.train()
         running = torch.zeros((), device=device)
-        batches = train_reader.iter_batches(t.batch_size, shuffle=True, seed=t.seed,
-                                            epoch=epoch, rank=rank, world=world)
-        for batch in tqdm(_each_in_phase(batches, hooks, "read"), total=steps,
-                          desc=f"{name} epoch {epoch + 1}/{t.epochs}", unit="batch",
-                          leave=False, disable=not accelerator.is_main_process):
+        batches = train_reader.iter_batches(
+            t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, rank=rank, world=world
+        )
+        for batch in tqdm(
+            _each_in_phase(batches, hooks, "read"),
+            total=steps,
+            desc=f"{name} epoch {epoch + 1}/{t.epochs}",
+            unit="batch",
+            leave=False,
+            disable=not accelerator.is_main_process,
+        ):
             hidden, mask = batch.hidden.to(device), batch.mask.to(device)
             embeds = batch.embeds.to(device)
             with hooks.phase("forward"):
@@ -297,34 +341,59 @@ def train_model(name: str, params: Params, shards_dir: Path = Path("data/shards"
         train_loss = accelerator.reduce(running, reduction="mean").item() / steps
         # Every process scores the whole test split: same numbers, same early-stopping choice.
         with hooks.phase("evaluate"):
-            test_loss = evaluate_loss(model, test_reader, t.batch_size, t.mask_weight, device,
-                                      None if t.loss == "states" else loss_of)
+            test_loss = evaluate_loss(
+                model,
+                test_reader,
+                t.batch_size,
+                t.mask_weight,
+                device,
+                None if t.loss == "states" else loss_of,
+            )
         if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-            kept = f"the checkpoint of epoch {epoch} is kept in {checkpoint}" \
-                if epoch and checkpoint.is_file() else "no checkpoint was written"
+            kept = (
+                f"the checkpoint of epoch {epoch} is kept in {checkpoint}"
+                if epoch and checkpoint.is_file()
+                else "no checkpoint was written"
+            )
             raise TrainingDiverged(
                 f"{name}: training diverged at epoch {epoch + 1}: train loss {train_loss}, "
                 f"test loss {test_loss} (train.lr = {t.lr:g}: a smaller learning rate?); "
-                f"stopped, models/{name} left as it was, {kept}")
+                f"stopped, models/{name} left as it was, {kept}"
+            )
         history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
         if test_loss < best["loss"]:
-            best = Best(loss=test_loss, epoch=epoch,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        log(accelerator, f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
-                         f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}")
+            best = Best(
+                loss=test_loss,
+                epoch=epoch,
+                state={k: v.detach().clone() for k, v in model.state_dict().items()},
+            )
+        log(
+            accelerator,
+            f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
+            f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}",
+        )
         if accelerator.is_main_process:
             with hooks.phase("checkpoint"), atomic_path(checkpoint) as tmp:
                 # Serialised in memory and written by Python: a full disk is an OSError
                 # (pipeline/core/atomic.py), not torch's writer's RuntimeError.
                 buffer = io.BytesIO()
-                torch.save({"fingerprint": fingerprint, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                            "history": history, "best": best}, buffer)
+                torch.save(
+                    {
+                        "fingerprint": fingerprint,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "history": history,
+                        "best": best,
+                    },
+                    buffer,
+                )
                 tmp.write_bytes(buffer.getbuffer())
 
     if best["state"] is None:  # no epoch ran (epochs already done) or none was scored
-        raise TrainingDiverged(f"{name}: no epoch with a finite test loss to save; "
-                               f"models/{name} left as it was")
+        raise TrainingDiverged(
+            f"{name}: no epoch with a finite test loss to save; models/{name} left as it was"
+        )
     if accelerator.is_main_process:
         assert best["state"] is not None, "train.epochs >= 1: an epoch was scored"
         model.load_state_dict(best["state"])
@@ -350,8 +419,7 @@ def read_checkpoint(path: Path, device: torch.device | str) -> dict | None:
         state = read_torch(path, _CorruptCheckpoint, map_location=device)
     except _CorruptCheckpoint:
         return None
-    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) \
-        else None
+    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) else None
 
 
 class _CorruptCheckpoint(Exception):

@@ -43,13 +43,26 @@ THREADS = {"clip": 1, "vae": 1, "unet": 2, "judge": 1}
 SETTINGS = {  # the params each part's result depends on (besides seed, scenes and device)
     "clip": ("vocab_size", "clip_steps", "clip_batch", "clip_lr", "width"),
     "vae": ("vae_steps", "vae_batch", "vae_lr", "vae_width", "vae_layers"),
-    "unet": ("unet_steps", "unet_batch", "unet_lr", "unet_width", "unet_warmup",
-             "unet_ema_decay", "unet_min_snr_gamma", "captions_per_scene", "unet_scenes"),
+    "unet": (
+        "unet_steps",
+        "unet_batch",
+        "unet_lr",
+        "unet_width",
+        "unet_warmup",
+        "unet_ema_decay",
+        "unet_min_snr_gamma",
+        "captions_per_scene",
+        "unet_scenes",
+    ),
     "judge": ("judge_steps", "judge_batch", "judge_lr", "judge_round_trips", "held_out"),
 }
 # The modules (of pipeline/world) whose code trains each part, besides scenes.py and loop.py.
-CODE = {"clip": ("clip.py", "tokenizer.py"), "vae": ("vae.py",), "unet": ("diffusion.py",),
-        "judge": ("judge.py",)}
+CODE = {
+    "clip": ("clip.py", "tokenizer.py"),
+    "vae": ("vae.py",),
+    "unet": ("diffusion.py",),
+    "judge": ("judge.py",),
+}
 # Where each part lives in an assembled world.
 ASSEMBLED = {"clip": "clip", "vae": "sd/vae", "unet": "sd/unet", "judge": "judge"}
 
@@ -77,8 +90,11 @@ def _code_shape(source: str, file_io: tuple[str, ...] = ()) -> str:
 
     def shape(node: object) -> str:
         if isinstance(node, ast.AST):
-            fields = [f"{name}={shape(value)}" for name, value in ast.iter_fields(node)
-                      if name not in ("ctx", "type_comment") and value not in (None, [])]
+            fields = [
+                f"{name}={shape(value)}"
+                for name, value in ast.iter_fields(node)
+                if name not in ("ctx", "type_comment") and value not in (None, [])
+            ]
             return f"{type(node).__name__}({', '.join(fields)})"
         if isinstance(node, list):
             return f"[{', '.join(shape(item) for item in node)}]"
@@ -109,24 +125,29 @@ def _fingerprint(part: str, p: WorldParams) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def train_vae_part(p: WorldParams, images: np.ndarray,
-                   checkpoint: Path) -> tuple[AutoencoderKL, dict]:
+def train_vae_part(
+    p: WorldParams, images: np.ndarray, checkpoint: Path
+) -> tuple[AutoencoderKL, dict]:
     """The VAE of `p` (on the CPU, its latent scaling factor measured) and its record:
     final loss, scaling factor and PSNR of round trips of held-out drawn scenes."""
     model = vae.build_vae(p.vae_width, p.vae_layers, p.seed + 3)
-    losses = vae.train_vae(model, images, p.vae_steps, p.vae_batch, p.vae_lr, p.seed,
-                           checkpoint, device=p.device)
+    losses = vae.train_vae(
+        model, images, p.vae_steps, p.vae_batch, p.vae_lr, p.seed, checkpoint, device=p.device
+    )
     means, stds = vae.encode_latents(model, images)
     model.register_to_config(scaling_factor=vae.measure_scaling_factor(means, stds, p.seed))
     held_out, _ = world.draw_scenes(p.held_out, p.seed + 4)
     model.cpu()
-    return model, {"final_loss": float(np.mean(losses[-50:])),
-                   "scaling_factor": model.config.scaling_factor,
-                   "reconstruction_psnr_db": vae.psnr(held_out, vae.round_trip(model, held_out))}
+    return model, {
+        "final_loss": float(np.mean(losses[-50:])),
+        "scaling_factor": model.config.scaling_factor,
+        "reconstruction_psnr_db": vae.psnr(held_out, vae.round_trip(model, held_out)),
+    }
 
 
-def train_unet_part(p: WorldParams, clip_dir: Path, vae_dir: Path,
-                    checkpoint: Path) -> tuple[UNet2DConditionModel, dict]:
+def train_unet_part(
+    p: WorldParams, clip_dir: Path, vae_dir: Path, checkpoint: Path
+) -> tuple[UNet2DConditionModel, dict]:
     """The UNet of `p` (the moving average of its weights, on the CPU), trained on the first
     world.unet_scenes scenes through the VAE in vae_dir and the CLIP in clip_dir, and its
     record: final training loss and the denoising loss on training and held-out scenes."""
@@ -136,24 +157,41 @@ def train_unet_part(p: WorldParams, clip_dir: Path, vae_dir: Path,
     images, scenes = world.draw_scenes(p.unet_scenes, p.seed)
     means, stds = vae.encode_latents(autoencoder, images)
     unet = diffusion.build_unet(p.unet_width, p.width, p.seed + 5)
-    recipe = diffusion.UnetRecipe(p.unet_steps, p.unet_batch, p.unet_lr, p.unet_warmup,
-                                  p.unet_ema_decay, p.unet_min_snr_gamma)
+    recipe = diffusion.UnetRecipe(
+        p.unet_steps, p.unet_batch, p.unet_lr, p.unet_warmup, p.unet_ema_decay, p.unet_min_snr_gamma
+    )
     scaling = autoencoder.config.scaling_factor
-    ema, losses = diffusion.train_unet(unet, text_encoder, tokenizer, means, stds, scaling,
-                                       scenes, p.captions_per_scene, recipe, p.seed,
-                                       checkpoint, p.device)
+    ema, losses = diffusion.train_unet(
+        unet,
+        text_encoder,
+        tokenizer,
+        means,
+        stds,
+        scaling,
+        scenes,
+        p.captions_per_scene,
+        recipe,
+        p.seed,
+        checkpoint,
+        p.device,
+    )
     held_images, held = world.draw_scenes(p.held_out, p.seed + 1)
     held_means, _ = vae.encode_latents(autoencoder, held_images)
     count = min(p.held_out, len(scenes))
 
     def loss_on(latent_means: torch.Tensor, of: list[world.Scene]) -> float:
-        return diffusion.denoising_loss(ema, text_encoder, tokenizer, latent_means * scaling,
-                                        of, p.seed, p.device)
+        return diffusion.denoising_loss(
+            ema, text_encoder, tokenizer, latent_means * scaling, of, p.seed, p.device
+        )
 
     # The same count, caption draw, noise and timesteps for both: a gap is memorisation.
-    return ema.cpu(), {"final_loss": float(np.mean(losses[-50:])), "denoising_loss": {
-        "training_scenes": loss_on(means[:count], scenes[:count]),
-        "held_out_scenes": loss_on(held_means[:count], held[:count])}}
+    return ema.cpu(), {
+        "final_loss": float(np.mean(losses[-50:])),
+        "denoising_loss": {
+            "training_scenes": loss_on(means[:count], scenes[:count]),
+            "held_out_scenes": loss_on(held_means[:count], held[:count]),
+        },
+    }
 
 
 class WorldBuild:
@@ -197,9 +235,12 @@ class WorldBuild:
         taken = []
         for part in parts:
             info = recorded.get(part)
-            if self.done(part) or not isinstance(info, dict) or \
-                    info.get("fingerprint") != _fingerprint(part, self.p) or \
-                    not (out / ASSEMBLED[part]).is_dir():
+            if (
+                self.done(part)
+                or not isinstance(info, dict)
+                or info.get("fingerprint") != _fingerprint(part, self.p)
+                or not (out / ASSEMBLED[part]).is_dir()
+            ):
                 continue
             if (self.work / part).exists():
                 shutil.rmtree(self.work / part)
@@ -216,17 +257,27 @@ class WorldBuild:
         corpus = world.generate_captions(20_000, seed=p.seed + 1)
         tokenizer = train_tokenizer(corpus, p.vocab_size)
         model = world_clip.build_clip(tokenizer, world_clip.ClipSizes(width=p.width), p.seed)
-        losses = world_clip.train_clip(model, tokenizer, images, scenes, p.clip_steps,
-                                       p.clip_batch, p.clip_lr, p.seed, self.checkpoint("clip"),
-                                       p.device)
+        losses = world_clip.train_clip(
+            model,
+            tokenizer,
+            images,
+            scenes,
+            p.clip_steps,
+            p.clip_batch,
+            p.clip_lr,
+            p.seed,
+            self.checkpoint("clip"),
+            p.device,
+        )
         folder.mkdir(parents=True, exist_ok=True)
         model.cpu().save_pretrained(folder)
         save_tokenizer(tokenizer, folder)
         world_clip.image_processor().save_pretrained(folder)
         single_images, single = world.draw_scenes(p.held_out, p.seed + 2, max_things=1)
-        return {"final_loss": float(np.mean(losses[-50:])),
-                "zero_shot": world_clip.zero_shot_accuracy(model, tokenizer, single_images,
-                                                           single)}
+        return {
+            "final_loss": float(np.mean(losses[-50:])),
+            "zero_shot": world_clip.zero_shot_accuracy(model, tokenizer, single_images, single),
+        }
 
     def train_vae(self) -> dict:
         images, _ = self.data
@@ -235,8 +286,9 @@ class WorldBuild:
         return info
 
     def train_unet(self) -> dict:
-        ema, info = train_unet_part(self.p, self.work / "clip", self.work / "vae",
-                                    self.checkpoint("unet"))
+        ema, info = train_unet_part(
+            self.p, self.work / "clip", self.work / "vae", self.checkpoint("unet")
+        )
         ema.save_pretrained(self.work / "unet")
         return info
 
@@ -247,23 +299,40 @@ class WorldBuild:
         round_trips = vae.round_trip(autoencoder, images) if p.judge_round_trips > 0 else None
         torch.manual_seed(p.seed + 6)
         net = judge.JudgeNet()
-        losses = judge.train_judge(net, images, scenes, p.judge_steps, p.judge_batch, p.judge_lr,
-                                   p.seed, self.checkpoint("judge"), round_trips,
-                                   p.judge_round_trips, p.device)
+        losses = judge.train_judge(
+            net,
+            images,
+            scenes,
+            p.judge_steps,
+            p.judge_batch,
+            p.judge_lr,
+            p.seed,
+            self.checkpoint("judge"),
+            round_trips,
+            p.judge_round_trips,
+            p.device,
+        )
         trained = judge.Judge(net.cpu())
         trained.save_pretrained(folder)
         held_images, held = world.draw_scenes(p.held_out, p.seed + 1)
-        return {"final_loss": float(np.mean(losses[-50:])),
-                "accuracy": judge.accuracy(trained, held_images, held),
-                # The same held-out scenes through the VAE: what it reads in any picture.
-                "accuracy_round_trip": judge.accuracy(
-                    trained, vae.round_trip(autoencoder.cpu(), held_images), held)}
+        return {
+            "final_loss": float(np.mean(losses[-50:])),
+            "accuracy": judge.accuracy(trained, held_images, held),
+            # The same held-out scenes through the VAE: what it reads in any picture.
+            "accuracy_round_trip": judge.accuracy(
+                trained, vae.round_trip(autoencoder.cpu(), held_images), held
+            ),
+        }
 
     # --- assembly ---------------------------------------------------------------------------
 
     def run(self, parts: tuple[str, ...] = PARTS) -> None:
-        trainers = {"clip": self.train_clip, "vae": self.train_vae, "unet": self.train_unet,
-                    "judge": self.train_judge}
+        trainers = {
+            "clip": self.train_clip,
+            "vae": self.train_vae,
+            "unet": self.train_unet,
+            "judge": self.train_judge,
+        }
         for part in PARTS:
             if part not in parts or self.done(part):
                 continue
@@ -279,8 +348,9 @@ class WorldBuild:
                 info = trainers[part]()
             finally:
                 torch.set_num_threads(threads)
-            tqdm.write(f"world: {part} done in {time.perf_counter() - start:.0f} s: "
-                       f"{json.dumps(info)}")
+            tqdm.write(
+                f"world: {part} done in {time.perf_counter() - start:.0f} s: {json.dumps(info)}"
+            )
             self.mark_done(part, info)
 
     def assemble(self, out: Path) -> dict:
@@ -296,20 +366,37 @@ class WorldBuild:
                 shutil.copy2(item, out / "clip" / item.name)
         clip_dir = out / "clip"
         diffusion.save_pipeline(
-            out / "sd", AutoencoderKL.from_pretrained(self.work / "vae"),
+            out / "sd",
+            AutoencoderKL.from_pretrained(self.work / "vae"),
             UNet2DConditionModel.from_pretrained(self.work / "unet"),
-            CLIPTextModel.from_pretrained(clip_dir), CLIPTokenizer.from_pretrained(clip_dir))
+            CLIPTextModel.from_pretrained(clip_dir),
+            CLIPTokenizer.from_pretrained(clip_dir),
+        )
         judge.Judge.from_pretrained(self.work / "judge").save_pretrained(out / "judge")
-        summary = {"params": dataclasses.asdict(self.p),
-                   **{part: self.info(part) for part in PARTS}}
+        summary = {
+            "params": dataclasses.asdict(self.p),
+            **{part: self.info(part) for part in PARTS},
+        }
         write_text(out / "world.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
 
 # A world that trains in seconds, for tests and benchmarks: real shapes, almost no training.
-MICRO = WorldParams(scenes=256, vocab_size=600, clip_steps=4, clip_batch=16, vae_steps=4,
-                    vae_batch=8, unet_steps=4, unet_batch=8, unet_warmup=1, unet_scenes=320,
-                    judge_steps=4, judge_batch=8, held_out=32)
+MICRO = WorldParams(
+    scenes=256,
+    vocab_size=600,
+    clip_steps=4,
+    clip_batch=16,
+    vae_steps=4,
+    vae_batch=8,
+    unet_steps=4,
+    unet_batch=8,
+    unet_warmup=1,
+    unet_scenes=320,
+    judge_steps=4,
+    judge_batch=8,
+    held_out=32,
+)
 
 
 def _train_part(job: tuple[WorldParams, Path, str]) -> None:
@@ -317,8 +404,14 @@ def _train_part(job: tuple[WorldParams, Path, str]) -> None:
     WorldBuild(p, work).run((part,))
 
 
-def build_world(out: Path, p: WorldParams, work: Path, parts: tuple[str, ...] = PARTS,
-                jobs: int = 1, retrain: tuple[str, ...] = ()) -> dict | None:
+def build_world(
+    out: Path,
+    p: WorldParams,
+    work: Path,
+    parts: tuple[str, ...] = PARTS,
+    jobs: int = 1,
+    retrain: tuple[str, ...] = (),
+) -> dict | None:
     """Train the requested parts; once all are done, assemble `out` and clear `work`.
 
     Parts not in `retrain` whose fingerprint `out`'s world.json records are taken from `out`.

@@ -29,5 +29,4 @@ def read_checkpoint(path: Path) -> dict | None:
         state = read_torch(path, _CorruptCheckpoint)
     except _CorruptCheckpoint:
         return None
-    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) \
-        else None
+    return state if isinstance(state, dict) and all(k in state for k in CHECKPOINT_KEYS) else None

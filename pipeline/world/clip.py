@@ -38,19 +38,31 @@ class ClipSizes:
 def build_clip(tokenizer: CLIPTokenizer, sizes: ClipSizes, seed: int) -> CLIPModel:
     # projection_dim in each tower's config too: CLIPTextModelWithProjection and
     # CLIPVisionModelWithProjection read it from there when they load this folder.
-    common = dict(hidden_size=sizes.width, intermediate_size=4 * sizes.width,
-                  num_attention_heads=sizes.heads, hidden_act="quick_gelu",
-                  projection_dim=sizes.width)
+    common = dict(
+        hidden_size=sizes.width,
+        intermediate_size=4 * sizes.width,
+        num_attention_heads=sizes.heads,
+        hidden_act="quick_gelu",
+        projection_dim=sizes.width,
+    )
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), max_position_embeddings=MAX_LENGTH,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=MAX_LENGTH,
             num_hidden_layers=sizes.text_layers,
             # A home-made vocabulary must name its special ids, or the model looks for EOS at
             # the highest id (the legacy eos_token_id = 2).
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **common),
-        vision_config=dict(image_size=world.IMAGE_SIZE, patch_size=sizes.patch,
-                           num_hidden_layers=sizes.vision_layers, **common),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **common,
+        ),
+        vision_config=dict(
+            image_size=world.IMAGE_SIZE,
+            patch_size=sizes.patch,
+            num_hidden_layers=sizes.vision_layers,
+            **common,
+        ),
         projection_dim=sizes.width,  # square, as CLIP ViT-L/14's
     )
     torch.manual_seed(seed)
@@ -77,9 +89,12 @@ def smooth_positions(positions: int, width: int, scale: float) -> torch.Tensor:
 
 def image_processor() -> CLIPImageProcessor:
     size = world.IMAGE_SIZE
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size,
-                              "width": size}, image_mean=list(PIXEL_MEAN),
-                              image_std=list(PIXEL_STD))
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(PIXEL_MEAN),
+        image_std=list(PIXEL_STD),
+    )
 
 
 def pixels(images: np.ndarray) -> torch.Tensor:
@@ -92,16 +107,17 @@ def pixels(images: np.ndarray) -> torch.Tensor:
 def token_batch(tokenizer: CLIPTokenizer, texts: list[str]) -> torch.Tensor:
     """Ids padded to the longest text: attention is causal, so the pooled EOS state is the
     same as at 77 positions, at a fraction of the cost."""
-    return tokenizer(texts, padding="longest", truncation=True, max_length=MAX_LENGTH,
-                     return_tensors="pt")["input_ids"]
+    return tokenizer(
+        texts, padding="longest", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
+    )["input_ids"]
 
 
-def contrastive_loss(model: CLIPModel, input_ids: torch.Tensor, pixel_values: torch.Tensor,
-                     positives: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    model: CLIPModel, input_ids: torch.Tensor, pixel_values: torch.Tensor, positives: torch.Tensor
+) -> torch.Tensor:
     """Symmetric InfoNCE with multi-positive targets; positives [texts, images] bool."""
     text = F.normalize(model.get_text_features(input_ids=input_ids).pooler_output, dim=-1)
-    image = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output,
-                        dim=-1)
+    image = F.normalize(model.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
     logits = model.logit_scale.exp().clamp(max=100) * text @ image.T  # [B, B]
     target = positives.float()
     loss_text = F.cross_entropy(logits, target / target.sum(1, keepdim=True))
@@ -109,9 +125,18 @@ def contrastive_loss(model: CLIPModel, input_ids: torch.Tensor, pixel_values: to
     return (loss_text + loss_image) / 2
 
 
-def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray,
-               scenes: list[world.Scene], steps: int, batch: int, lr: float, seed: int,
-               checkpoint: Path, device: str = "cpu") -> list[float]:
+def train_clip(
+    model: CLIPModel,
+    tokenizer: CLIPTokenizer,
+    images: np.ndarray,
+    scenes: list[world.Scene],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    checkpoint: Path,
+    device: str = "cpu",
+) -> list[float]:
     """Contrastive training of `model` on `device`; batches are drawn on the CPU, so the
     same seed draws the same batches on every device."""
     model.to(device)
@@ -125,17 +150,21 @@ def train_clip(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray,
         texts = [world.caption(scenes[i], captioner) for i in rows]
         required = np.array([world.required_bits(world.parse_prompt(t)) for t in texts])
         positives = torch.from_numpy(world.satisfies(bits[rows], required))
-        return contrastive_loss(model, token_batch(tokenizer, texts).to(device),
-                                pixels(images[rows]).to(device), positives.to(device))
+        return contrastive_loss(
+            model,
+            token_batch(tokenizer, texts).to(device),
+            pixels(images[rows]).to(device),
+            positives.to(device),
+        )
 
     model.train()
-    return train_steps("world: CLIP", {"model": model}, optimizer, steps, lr, step_fn,
-                       checkpoint)
+    return train_steps("world: CLIP", {"model": model}, optimizer, steps, lr, step_fn, checkpoint)
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray,
-                       scenes: list[world.Scene]) -> dict[str, float]:
+def zero_shot_accuracy(
+    model: CLIPModel, tokenizer: CLIPTokenizer, images: np.ndarray, scenes: list[world.Scene]
+) -> dict[str, float]:
     """Single-object scenes against the prompts `<colour> <shape>`: colour and shape hits."""
     model.eval()
     prompts = [f"{c} {s}" for c, s in world.PAIRS]

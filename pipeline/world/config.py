@@ -71,20 +71,41 @@ class WorldParams:
                 check(value >= 0, f"world.{f.name}", "at least 0", value)
             elif f.name not in ("seed", "device"):
                 check(value > 0, f"world.{f.name}", "positive", value)
-        check(self.device == "cpu" or self.device.split(":")[0] in ("cuda", "mps"),
-              "world.device", "cpu, cuda, cuda:N or mps", self.device)
-        check(self.judge_round_trips <= 1, "world.judge_round_trips", "at most 1",
-              self.judge_round_trips)
+        check(
+            self.device == "cpu" or self.device.split(":")[0] in ("cuda", "mps"),
+            "world.device",
+            "cpu, cuda, cuda:N or mps",
+            self.device,
+        )
+        check(
+            self.judge_round_trips <= 1,
+            "world.judge_round_trips",
+            "at most 1",
+            self.judge_round_trips,
+        )
         check(self.unet_ema_decay < 1, "world.unet_ema_decay", "below 1", self.unet_ema_decay)
-        check(self.vae_width % 8 == 0, "world.vae_width", "a multiple of 8 (8 norm groups)",
-              self.vae_width)
-        check(self.unet_width % 16 == 0, "world.unet_width",
-              "a multiple of 16 (16 norm groups)", self.unet_width)
+        check(
+            self.vae_width % 8 == 0,
+            "world.vae_width",
+            "a multiple of 8 (8 norm groups)",
+            self.vae_width,
+        )
+        check(
+            self.unet_width % 16 == 0,
+            "world.unet_width",
+            "a multiple of 16 (16 norm groups)",
+            self.unet_width,
+        )
         for part in ("clip", "vae", "unet", "judge"):
-            batch, pool = getattr(self, f"{part}_batch"), "unet_scenes" if part == "unet" \
-                else "scenes"
-            check(batch <= getattr(self, pool), f"world.{part}_batch",
-                  f"at most world.{pool} = {getattr(self, pool)}", batch)
-        check(self.width % 4 == 0, "world.width", "a multiple of 4 (4 attention heads)",
-              self.width)
+            batch, pool = (
+                getattr(self, f"{part}_batch"),
+                "unet_scenes" if part == "unet" else "scenes",
+            )
+            check(
+                batch <= getattr(self, pool),
+                f"world.{part}_batch",
+                f"at most world.{pool} = {getattr(self, pool)}",
+                batch,
+            )
+        check(self.width % 4 == 0, "world.width", "a multiple of 4 (4 attention heads)", self.width)
         return self

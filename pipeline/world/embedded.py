@@ -60,8 +60,9 @@ class World:
         return separator.join([*tags, f"{scene.background} background"])
 
     @classmethod
-    def held_out_scenes(cls, count: int, seed: int, exclude: set[str],
-                        distinct: bool = False) -> list[scenes.Scene]:
+    def held_out_scenes(
+        cls, count: int, seed: int, exclude: set[str], distinct: bool = False
+    ) -> list[scenes.Scene]:
         """`count` fresh scenes whose full descriptions are not in `exclude`; `distinct`: and
         differ from each other (a repeated description is skipped; the first 48 of seeds 0
         and 1 have none, so they are the same either way)."""
@@ -71,20 +72,26 @@ class World:
         while len(found) < count:
             scene = scenes.random_scene(rng)
             text = cls.describe(scene, " ")
-            if text not in exclude and not (distinct and text in seen) and \
-                    cls.describe(scene, ", ") not in exclude:
+            if (
+                text not in exclude
+                and not (distinct and text in seen)
+                and cls.describe(scene, ", ") not in exclude
+            ):
                 found.append(scene)
                 seen.add(text)
         return found
 
     @classmethod
-    def held_out_prompts(cls, count: int, seed: int, exclude: set[str],
-                         distinct: bool = False) -> dict[str, list[str]]:
+    def held_out_prompts(
+        cls, count: int, seed: int, exclude: set[str], distinct: bool = False
+    ) -> dict[str, list[str]]:
         """`count` prompts per kind describing fresh scenes in full: tags without commas
         (`single`) and with commas (`multi`). Plain text prompts: any base CLIP can take them."""
         held_out = cls.held_out_scenes(count, seed, exclude, distinct)
-        return {"single": [cls.describe(s, " ") for s in held_out],
-                "multi": [cls.describe(s, ", ") for s in held_out]}
+        return {
+            "single": [cls.describe(s, " ") for s in held_out],
+            "multi": [cls.describe(s, ", ") for s in held_out],
+        }
 
     # --- pictures -------------------------------------------------------------------------
 
@@ -92,9 +99,12 @@ class World:
     def draw(drawn: list[scenes.Scene], seed: int) -> list[Image.Image]:
         """The scenes drawn with seeded jitter of each object's place (32 x 32 RGB)."""
         rng = random.Random(seed)
-        return [Image.fromarray(scenes.draw(scene, [(rng.uniform(-1, 1), rng.uniform(-1, 1))
-                                                    for _ in scene.things]))
-                for scene in drawn]
+        return [
+            Image.fromarray(
+                scenes.draw(scene, [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in scene.things])
+            )
+            for scene in drawn
+        ]
 
     @staticmethod
     def scene_for(prompt: str, seed: int) -> Image.Image:
@@ -113,8 +123,10 @@ class World:
         """`count` drawn scenes with a caption each (for a seed the world never trained on)."""
         images, drawn = scenes.draw_scenes(count, seed)
         captioner = random.Random(seed)
-        return ([Image.fromarray(image) for image in images],
-                [scenes.caption(scene, captioner) for scene in drawn])
+        return (
+            [Image.fromarray(image) for image in images],
+            [scenes.caption(scene, captioner) for scene in drawn],
+        )
 
     @staticmethod
     def objects(prompt: str) -> int:

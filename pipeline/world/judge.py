@@ -41,14 +41,26 @@ class JudgeNet(nn.Module):
         w = width
 
         def conv(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout),
-                                 nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1),
+                nn.GroupNorm(8, cout),
+                nn.ReLU(),
+                nn.Conv2d(cout, cout, 3, padding=1),
+                nn.ReLU(),
+            )
 
-        self.features = nn.Sequential(conv(3, w), nn.MaxPool2d(2), conv(w, 2 * w), nn.MaxPool2d(2),
-                                      conv(2 * w, 4 * w), nn.MaxPool2d(2))  # [N, 4w, 4, 4]
+        self.features = nn.Sequential(
+            conv(3, w),
+            nn.MaxPool2d(2),
+            conv(w, 2 * w),
+            nn.MaxPool2d(2),
+            conv(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+        )  # [N, 4w, 4, 4]
         outputs = len(world.COLOR_NAMES) + len(PLACES) * (1 + len(world.PAIRS))
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU(),
-                                  nn.Linear(256, outputs))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(4 * w * 16, 256), nn.ReLU(), nn.Linear(256, outputs)
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, 3, 32, 32] in [0, 1] -> background logits [N, 6] and, per place, logits of
@@ -88,10 +100,19 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
-def train_judge(net: JudgeNet, images: np.ndarray, scenes: list[world.Scene], steps: int,
-                batch: int, lr: float, seed: int, checkpoint: Path,
-                round_trips: np.ndarray | None = None, round_trip_share: float = 0.0,
-                device: str = "cpu") -> list[float]:
+def train_judge(
+    net: JudgeNet,
+    images: np.ndarray,
+    scenes: list[world.Scene],
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    checkpoint: Path,
+    round_trips: np.ndarray | None = None,
+    round_trip_share: float = 0.0,
+    device: str = "cpu",
+) -> list[float]:
     """Train on `device`. images and round_trips: uint8 [N, 32, 32, 3], the drawn scenes and
     the same scenes through the VAE; each row of a batch is a round trip with probability
     `round_trip_share`. Batches and augmentations are drawn on the CPU."""
@@ -109,8 +130,9 @@ def train_judge(net: JudgeNet, images: np.ndarray, scenes: list[world.Scene], st
             use = rng.random(batch) < round_trip_share
             x = np.where(use[:, None, None, None], round_trips[rows], x)
         bg_logits, place_logits = net(augment(to_input(x), gen).to(device))
-        return (F.cross_entropy(bg_logits, background[rows].to(device))
-                + F.cross_entropy(place_logits.flatten(0, 1), places[rows].flatten().to(device)))
+        return F.cross_entropy(bg_logits, background[rows].to(device)) + F.cross_entropy(
+            place_logits.flatten(0, 1), places[rows].flatten().to(device)
+        )
 
     net.train()
     return train_steps("world: judge", {"judge": net}, optimizer, steps, lr, step_fn, checkpoint)
@@ -130,54 +152,73 @@ class Judge:
                 raise FileNotFoundError(f"no judge in {folder}: {name} is missing")
         rebuild = "rebuild the world (`deprojector world`)"
         config = read_json(folder / CONFIG_FILE, JudgeError, rebuild)
-        if config.get("colors") != list(world.COLOR_NAMES) or \
-                config.get("shapes") != list(world.SHAPES):
-            raise JudgeError(f"{folder / CONFIG_FILE}: the judge was trained for other "
-                             f"colours or shapes than this version of the world; {rebuild}")
+        if config.get("colors") != list(world.COLOR_NAMES) or config.get("shapes") != list(
+            world.SHAPES
+        ):
+            raise JudgeError(
+                f"{folder / CONFIG_FILE}: the judge was trained for other "
+                f"colours or shapes than this version of the world; {rebuild}"
+            )
         width = config.get("width")
         if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise JudgeError(f"{folder / CONFIG_FILE}: \"width\" must be a positive integer, "
-                             f"found {width!r}; {rebuild}")
+            raise JudgeError(
+                f'{folder / CONFIG_FILE}: "width" must be a positive integer, '
+                f"found {width!r}; {rebuild}"
+            )
         net = JudgeNet(width)
         tensors = read_safetensors(folder / WEIGHTS_FILE, JudgeError, rebuild)
         try:
             net.load_state_dict(tensors)
         except RuntimeError as err:
-            raise JudgeError(f"{folder / WEIGHTS_FILE}: its tensors do not fit "
-                             f"{folder / CONFIG_FILE} ({' '.join(str(err).split())}); "
-                             f"{rebuild}") from err
+            raise JudgeError(
+                f"{folder / WEIGHTS_FILE}: its tensors do not fit "
+                f"{folder / CONFIG_FILE} ({' '.join(str(err).split())}); "
+                f"{rebuild}"
+            ) from err
         return cls(net)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = {"width": self.net.head[1].in_features // 64, "colors": list(world.COLOR_NAMES),
-                  "shapes": list(world.SHAPES), "image_size": world.IMAGE_SIZE}
+        config = {
+            "width": self.net.head[1].in_features // 64,
+            "colors": list(world.COLOR_NAMES),
+            "shapes": list(world.SHAPES),
+            "image_size": world.IMAGE_SIZE,
+        }
         write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        save_tensors(folder / WEIGHTS_FILE,
-                     {k: v.contiguous() for k, v in self.net.state_dict().items()})
+        save_tensors(
+            folder / WEIGHTS_FILE, {k: v.contiguous() for k, v in self.net.state_dict().items()}
+        )
 
     @torch.no_grad()
     def probabilities(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
         """Background probabilities [N, 6] and, per place, of nothing or each pair [N, 5, 25]."""
         if isinstance(images, list):
             size = (world.IMAGE_SIZE, world.IMAGE_SIZE)
-            images = np.stack([np.asarray(im.convert("RGB").resize(size, Image.Resampling.BOX))
-                               for im in images])
+            images = np.stack(
+                [np.asarray(im.convert("RGB").resize(size, Image.Resampling.BOX)) for im in images]
+            )
         bg, places = self.net(to_input(images))
         return bg.softmax(-1).numpy(), places.softmax(-1).numpy()
 
     def read(self, images: Images) -> list[world.Stated]:
         """What the judge sees in each image: background and objects (colour, shape)."""
         bg, places = self.probabilities(images)
-        return [world.Stated(world.COLOR_NAMES[int(b.argmax())],
-                             [world.PAIRS[k - 1] for k in p.argmax(-1) if k > 0])
-                for b, p in zip(bg, places, strict=True)]
+        return [
+            world.Stated(
+                world.COLOR_NAMES[int(b.argmax())],
+                [world.PAIRS[k - 1] for k in p.argmax(-1) if k > 0],
+            )
+            for b, p in zip(bg, places, strict=True)
+        ]
 
     def adherence(self, images: Images, prompts: list[str]) -> list[float]:
         """Per image, the fraction of its prompt's stated attributes the judge finds."""
-        return [found_fraction(seen, world.parse_prompt(prompt))
-                for seen, prompt in zip(self.read(images), prompts, strict=True)]
+        return [
+            found_fraction(seen, world.parse_prompt(prompt))
+            for seen, prompt in zip(self.read(images), prompts, strict=True)
+        ]
 
 
 def found_fraction(seen: world.Stated, stated: world.Stated) -> float:
@@ -186,8 +227,9 @@ def found_fraction(seen: world.Stated, stated: world.Stated) -> float:
         return 1.0
     found = int(stated.background is not None and stated.background == seen.background)
     for color, shape in stated.objects:
-        found += any((color is None or c == color) and (shape is None or s == shape)
-                     for c, s in seen.objects)
+        found += any(
+            (color is None or c == color) and (shape is None or s == shape) for c, s in seen.objects
+        )
     return found / stated.count()
 
 
@@ -198,8 +240,10 @@ def accuracy(judge: Judge, images: np.ndarray, scenes: list[world.Scene]) -> dic
     true = [{(t.color, t.shape) for t in sc.things} for sc in scenes]
     got = [set(s.objects) for s in seen]
     hits = sum(len(t & g) for t, g in zip(true, got, strict=True))
-    return {"background": float(bg),
-            "object_recall": hits / sum(len(t) for t in true),
-            "object_precision": hits / max(1, sum(len(g) for g in got)),
-            "exact": float(np.mean([t == g for t, g in zip(true, got, strict=True)])),
-            "scenes": len(scenes)}
+    return {
+        "background": float(bg),
+        "object_recall": hits / sum(len(t) for t in true),
+        "object_precision": hits / max(1, sum(len(g) for g in got)),
+        "exact": float(np.mean([t == g for t, g in zip(true, got, strict=True)])),
+        "scenes": len(scenes),
+    }

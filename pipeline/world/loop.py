@@ -22,8 +22,10 @@ CHECKPOINT_EVERY = 250  # steps
 
 def step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
     """A numpy and a torch generator for one step, independent of every other step."""
-    return (np.random.default_rng([seed, step]),
-            torch.Generator().manual_seed(seed * 1_000_003 + step))
+    return (
+        np.random.default_rng([seed, step]),
+        torch.Generator().manual_seed(seed * 1_000_003 + step),
+    )
 
 
 def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
@@ -34,10 +36,17 @@ def cosine_lr(base: float, step: int, steps: int, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_steps(name: str, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
-                steps: int, lr: float, step_fn: Callable[[int], torch.Tensor],
-                checkpoint: Path, warmup: int = 100,
-                after_step: Callable[[int], None] | None = None) -> list[float]:
+def train_steps(
+    name: str,
+    modules: dict[str, torch.nn.Module],
+    optimizer: torch.optim.Optimizer,
+    steps: int,
+    lr: float,
+    step_fn: Callable[[int], torch.Tensor],
+    checkpoint: Path,
+    warmup: int = 100,
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
     """Run `step_fn(step) -> loss` for steps 0..steps-1 with Adam-style `optimizer`.
 
     `modules` are saved in the checkpoint with the optimizer and the loss history; a
@@ -67,8 +76,14 @@ def train_steps(name: str, modules: dict[str, torch.nn.Module], optimizer: torch
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if (step + 1) % CHECKPOINT_EVERY == 0 and step + 1 < steps:
-            save_atomic({"modules": {k: m.state_dict() for k, m in modules.items()},
-                         "optimizer": optimizer.state_dict(), "step": step + 1,
-                         "losses": losses}, checkpoint)
+            save_atomic(
+                {
+                    "modules": {k: m.state_dict() for k, m in modules.items()},
+                    "optimizer": optimizer.state_dict(),
+                    "step": step + 1,
+                    "losses": losses,
+                },
+                checkpoint,
+            )
     checkpoint.unlink(missing_ok=True)
     return losses

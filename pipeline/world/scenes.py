@@ -28,8 +28,13 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 SIZES = {"small": 5.0, "big": 8.0}  # radius in px
-PLACES = {"left": (8, 16), "right": (24, 16), "top": (16, 8), "bottom": (16, 24),
-          "centre": (16, 16)}
+PLACES = {
+    "left": (8, 16),
+    "right": (24, 16),
+    "top": (16, 8),
+    "bottom": (16, 24),
+    "centre": (16, 16),
+}
 COLOR_NAMES = tuple(COLORS)
 PAIRS = tuple((c, s) for c in COLOR_NAMES for s in SHAPES)  # the judge's object classes
 
@@ -77,6 +82,7 @@ class Stated:
 
 # --- drawing ----------------------------------------------------------------------------
 
+
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "square":
         h = 0.85 * r  # about the area of the circle of radius r
@@ -101,8 +107,11 @@ def draw(scene: Scene, offsets: list[tuple[float, float]] | None = None) -> np.n
     for k, thing in enumerate(scene.things):
         dx, dy = offsets[k] if offsets else (0.0, 0.0)
         x, y = PLACES[thing.place]
-        cx, cy, r = ((x + dx) * SUPERSAMPLE, (y + dy) * SUPERSAMPLE,
-                     SIZES[thing.size] * SUPERSAMPLE)
+        cx, cy, r = (
+            (x + dx) * SUPERSAMPLE,
+            (y + dy) * SUPERSAMPLE,
+            SIZES[thing.size] * SUPERSAMPLE,
+        )
         if thing.shape == "circle":
             pen.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[thing.color])
         else:
@@ -114,7 +123,7 @@ def draw(scene: Scene, offsets: list[tuple[float, float]] | None = None) -> np.n
 def _fits(things: list[Thing]) -> bool:
     """No two objects overlap (their circles of radius `size` stay 1 px apart)."""
     for i, a in enumerate(things):
-        for b in things[i + 1:]:
+        for b in things[i + 1 :]:
             (ax, ay), (bx, by) = PLACES[a.place], PLACES[b.place]
             if np.hypot(ax - bx, ay - by) < SIZES[a.size] + SIZES[b.size] + 1:
                 return False
@@ -128,8 +137,10 @@ def random_scene(rng: random.Random, max_things: int = 3) -> Scene:
     while True:
         places = rng.sample(list(PLACES), count)
         pairs = rng.sample([p for p in PAIRS if p[0] != background], count)
-        things = [Thing(c, s, rng.choice(list(SIZES)), place)
-                  for (c, s), place in zip(pairs, places, strict=True)]
+        things = [
+            Thing(c, s, rng.choice(list(SIZES)), place)
+            for (c, s), place in zip(pairs, places, strict=True)
+        ]
         if _fits(things):
             return Scene(background, tuple(things))
 
@@ -147,6 +158,7 @@ def draw_scenes(count: int, seed: int, max_things: int = 3) -> tuple[np.ndarray,
 
 
 # --- captions -----------------------------------------------------------------------------
+
 
 def _object_words(rng: random.Random, thing: Thing, p_size: float) -> str:
     size = rng.choice(SIZE_WORDS[thing.size]) + " " if rng.random() < p_size else ""
@@ -181,8 +193,11 @@ def _phrase(rng: random.Random, scene: Scene) -> str:
     pieces = []
     for k, thing in enumerate(things):
         words = f"{article}{_object_words(rng, thing, 0.5)}"
-        if k + 1 < len(things) and (thing.place, things[k + 1].place) in RELATIONS \
-                and rng.random() < 0.6:
+        if (
+            k + 1 < len(things)
+            and (thing.place, things[k + 1].place) in RELATIONS
+            and rng.random() < 0.6
+        ):
             relation = rng.choice(RELATIONS[(thing.place, things[k + 1].place)])
             pieces.append(f"{words} {relation}")
             continue
@@ -207,6 +222,7 @@ def generate_captions(count: int, seed: int) -> list[str]:
 
 
 # --- reading prompts back -----------------------------------------------------------------
+
 
 def parse_prompt(prompt: str) -> Stated:
     """The background and objects a prompt of any caption style states.
@@ -252,8 +268,13 @@ _BITS.update({("shape", s): len(_BITS) + i for i, s in enumerate(SHAPES)})
 def required_bits(stated: Stated) -> int:
     bits = 1 << _BITS[("bg", stated.background)] if stated.background else 0
     for color, shape in stated.objects:
-        key = ("pair", color, shape) if color and shape else \
-            ("color", color) if color else ("shape", shape)
+        key = (
+            ("pair", color, shape)
+            if color and shape
+            else ("color", color)
+            if color
+            else ("shape", shape)
+        )
         bits |= 1 << _BITS[key]
     return bits
 

@@ -25,8 +25,12 @@ def _train_bpe(corpus: list[str], vocab_size: int) -> tuple[dict[str, int], list
     bpe.normalizer = reference.normalizer or normalizers.Lowercase()
     bpe.pre_tokenizer = reference.pre_tokenizer or pre_tokenizers.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=alphabet,
-                                  end_of_word_suffix="</w>", show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
     bpe.train_from_iterator(corpus, trainer=trainer)
     learned = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]

@@ -39,16 +39,29 @@ def build_vae(width: int, layers: int, seed: int) -> AutoencoderKL:
     torch.manual_seed(seed)
     channels = vae_channels(width)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=layers,
-        block_out_channels=channels, norm_num_groups=8,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=layers,
+        block_out_channels=channels,
+        norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=world.IMAGE_SIZE,
+        up_block_types=("UpDecoderBlock2D",) * len(channels),
+        sample_size=world.IMAGE_SIZE,
     )
 
 
-def train_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int, lr: float,
-              seed: int, checkpoint: Path, kl_weight: float = 1e-6,
-              device: str = "cpu") -> list[float]:
+def train_vae(
+    vae: AutoencoderKL,
+    images: np.ndarray,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    checkpoint: Path,
+    kl_weight: float = 1e-6,
+    device: str = "cpu",
+) -> list[float]:
     """Train on `device`; batches and noise are drawn on the CPU (the same on every device)."""
     vae.to(device)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
@@ -67,13 +80,14 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int, lr
 
 
 @torch.no_grad()
-def encode_latents(vae: AutoencoderKL, images: np.ndarray,
-                   batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latents(
+    vae: AutoencoderKL, images: np.ndarray, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std [N, 4, 8, 8] of every image (on the CPU)."""
     vae.eval()
     means, stds = [], []
     for begin in range(0, len(images), batch):
-        x = to_unit(images[begin:begin + batch]).to(vae.device)
+        x = to_unit(images[begin : begin + batch]).to(vae.device)
         posterior = vae.encode(x).latent_dist
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
@@ -93,7 +107,7 @@ def round_trip(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> np.n
     vae.eval()
     out = []
     for begin in range(0, len(images), batch):
-        x = to_unit(images[begin:begin + batch]).to(vae.device)
+        x = to_unit(images[begin : begin + batch]).to(vae.device)
         out.append(to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
     return np.concatenate(out)
 
@@ -101,4 +115,4 @@ def round_trip(vae: AutoencoderKL, images: np.ndarray, batch: int = 256) -> np.n
 def psnr(images: np.ndarray, reconstructions: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB of uint8 images, rounded to 3 decimals."""
     mse = np.mean((images.astype(np.float64) - reconstructions.astype(np.float64)) ** 2)
-    return round(float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12))), 3)
+    return round(float(10 * np.log10(255.0**2 / max(mse, 1e-12))), 3)

@@ -538,7 +538,9 @@ def test_latents_that_overflow_draw_nothing(project, pipe) -> None:
 
     r = dataclasses.replace(parse_params({"render": RENDER}).render, guidance_scale=1e38)
     with in_dir(project):
-        encoder = PromptEncoder.from_pretrained("models/vicinity-batch", images=False)
+        encoder = PromptEncoder.from_pretrained(
+            "models/vicinity-batch", clip="builtin", images=False
+        )
         embeds = encoder.encode_prompt("red circle")
         with pytest.raises(GenerationError, match=r"not finite .* guidance scale 1e\+38"):
             generate_images(pipe, embeds, encoder.encode_negative(""), r)

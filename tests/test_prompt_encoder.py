@@ -555,8 +555,7 @@ def test_non_finite_states_are_an_error_not_a_black_picture(encoder) -> None:
     with pytest.raises(PromptError, match="the deprojector's states are not finite"):
         encoder.with_deprojector(Overflowing()).encode_prompt("red circle")
     from pipeline.config.params import RenderParams
-    from pipeline.sampling.encoders import GenerationError
-    from pipeline.sampling.sd import generate_images
+    from pipeline.sampling.sd import GenerationError, generate_images
 
     nan = torch.full((1, 77, encoder.clip.hidden_size), float("nan"))
     with pytest.raises(GenerationError, match="prompt_embeds contain NaN"):

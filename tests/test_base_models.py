@@ -13,6 +13,7 @@ from pipeline.data.extraction import compute_constants
 PROMPTS = ["cat maid", "1girl red hair blue eye black skirt", "1boy 1girl in class room"]
 
 
+@pytest.mark.slow
 def test_pooled_is_hidden_at_eos(clip):
     out = encode_texts(clip, PROMPTS + [""])
     eos = out.n_tokens.long() - 1

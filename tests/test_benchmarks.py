@@ -114,6 +114,7 @@ def check_schedulers(rows: list[dict]) -> None:
         assert 0 <= row["adherence"] <= 1 and math.isfinite(row["clip_score"])
 
 
+@pytest.mark.slow
 def test_bench_command_tiny_runs_every_benchmark():
     # One torch thread: on a busy 2-core machine two threads wait on each other for seconds.
     result = CliRunner().invoke(
@@ -156,6 +157,7 @@ def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
     assert "--tiny" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_the_bridge_table_runs_every_variant_at_tiny_size(capsys):
     table = bridges.main(["--tiny", "--runs", "vt-rollout"])
     assert list(table) == [bridges.TEXT_ONLY, "none", "mean-shift", "linear", "text-projection"]
@@ -182,6 +184,7 @@ def test_the_bridge_table_runs_every_variant_at_tiny_size(capsys):
     assert list(text_only["image_rows_cosine_masked_by_bridge"]) == list(table)[1:]
 
 
+@pytest.mark.slow
 def test_the_world_recipe_ablations_run_and_resume_at_tiny_size(tmp_path):
     out = tmp_path / "recipes.json"
     table = world_recipes.main(["--tiny", "--out", str(out)])

@@ -166,6 +166,7 @@ def test_a_runs_own_loss_is_validated_when_it_trains() -> None:
     assert run_train_params("q", params).loss == "mix"
 
 
+@pytest.mark.slow
 def test_training_with_each_loss(tmp_path, base_dir, small_shards, monkeypatch) -> None:
     """`train.loss` per run through train_model on the small shards: cross_attention trains
     and early-stops on its own test loss; an explicit `states` is the default, bit for bit."""

@@ -151,6 +151,7 @@ def test_two_workers_write_exactly_the_single_worker_shards(tmp_path, base_dir, 
     assert digest(shards) == digest(small_shards)
 
 
+@pytest.mark.slow
 def test_a_rebuilt_base_model_of_the_same_name_invalidates_the_shards(tmp_path, base_dir):
     from pipeline.world.build import build_micro_world
 

@@ -377,6 +377,7 @@ def transformer_reference(
     return torch.stack(out, dim=1)
 
 
+@pytest.mark.slow
 def test_transformer_matches_the_original_block() -> None:
     model = make_model("transformer", **tiny("transformer"))
     e, hidden = embeds(), torch.randn(3, N, D)
@@ -522,6 +523,7 @@ def saved_members(folder, names=("vicinity-batch", "transformer", "lstm")) -> li
     return [load_deprojector(folder / name) for name in names]
 
 
+@pytest.mark.slow
 def test_ensemble_feeds_every_member_the_average_of_their_states(tmp_path) -> None:
     from pipeline.models.ensemble import EnsembleDeprojector
 
@@ -545,6 +547,7 @@ def test_ensemble_feeds_every_member_the_average_of_their_states(tmp_path) -> No
     )
 
 
+@pytest.mark.slow
 def test_ensemble_folders_load_their_members(tmp_path) -> None:
     import json
 

@@ -454,6 +454,7 @@ def test_cli_encode_equals_the_python_api(project, encoder) -> None:
     )
 
 
+@pytest.mark.slow
 def test_cli_interpolation_strip_equals_the_api(project, encoder) -> None:
     result = _cli(
         project,
@@ -628,6 +629,7 @@ def test_scene_image_has_what_the_prompt_states() -> None:
     assert image.getpixel((0, 0)) == world.COLORS["white"]  # the background, in a corner
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch) -> None:
     """The README's Python API example, as written, from a directory outside the repository:
     a deprojector saved for the committed world's CLIP (`builtin`) finds its base and its

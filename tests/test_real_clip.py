@@ -120,6 +120,7 @@ def cli(project: Path, *args: str):
     return result
 
 
+@pytest.mark.slow
 def test_every_stage_runs_with_a_clip_l_shaped_base_and_image_rows(project) -> None:
     for stage in (
         ["base"],

@@ -135,6 +135,7 @@ def pipe(project):
         return load_pipeline("builtin", parse_params({"render": RENDER}).render)
 
 
+@pytest.mark.slow
 def test_stage_writes_every_output(project, rendered) -> None:
     reports = project / "reports"
     for name in (
@@ -162,6 +163,7 @@ def test_stage_writes_every_output(project, rendered) -> None:
         assert rendered.layouts[what].label > 0  # the score line under each cell
 
 
+@pytest.mark.slow
 def test_world_extras_image_prompt_rows_and_interpolation(project, rendered, base_dir) -> None:
     reports = project / "reports"
     curves = json.loads((reports / "interpolation.json").read_text())

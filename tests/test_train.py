@@ -110,6 +110,7 @@ def assert_within(scores: dict, key: str) -> None:
         assert bounds[0] <= scores[key] <= bounds[1], (key, scores)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch):
     # A run added in params only (another vicinity-batch) is trained and scored like the rest;
     # so are a seed replicate and an ensemble (which trains nothing).
@@ -278,6 +279,7 @@ def test_two_process_training_matches_one_process(project):
         assert b["test_loss"] == pytest.approx(a["test_loss"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_every_architecture_trains_end_to_end_through_the_cli(project, architecture):
     """`deprojector train NAME` for a run of each registered architecture at its defaults

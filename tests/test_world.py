@@ -174,6 +174,7 @@ def test_ddim_does_not_clip_the_latents(base_dir):
     assert step.pred_original_sample.abs().max() > 2.9
 
 
+@pytest.mark.slow
 def test_world_build_is_deterministic_and_independent_of_jobs(tmp_path, base_dir):
     build_micro_world(tmp_path / "world", seed=0, jobs=2)  # base_dir: jobs=1
     for name in (
@@ -275,6 +276,7 @@ def test_a_cut_world_checkpoint_or_marker_means_redoing_the_part(tmp_path, capsy
     assert not build.done("vae")
 
 
+@pytest.mark.slow
 def test_a_rebuild_retrains_only_the_changed_part_and_what_needs_it(
     tmp_path, base_dir, monkeypatch
 ):

@@ -39,6 +39,8 @@ class ImageTower:
 
     @torch.no_grad()
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
-        """image_embeds [N, P] (projected, not normalised) of RGB images."""
+        """image_embeds [N, P] (projected, not normalised) of RGB images, on the CPU in the
+        tower's dtype (float32 unless the caller converted the model)."""
         pixels = self.processor(images=images, return_tensors="pt")["pixel_values"]
-        return self.model(pixel_values=pixels.to(self.model.device)).image_embeds.float().cpu()
+        pixels = pixels.to(self.model.device, self.model.dtype)
+        return self.model(pixel_values=pixels).image_embeds.cpu()

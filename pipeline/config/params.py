@@ -14,6 +14,10 @@ from pipeline.core.sections import ParamsError, check, read_params_file, section
 from pipeline.world.config import WorldParams
 
 STORAGE_DTYPES = ("float16", "float32")
+# What extraction computes in. float64 rounds to the stored dtype identically on any CPU: a
+# float32 forward differs between machines in the last bits (their BLAS and vector kernels),
+# and those differences survive rounding to float16 in about one value in a thousand.
+COMPUTE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # train.loss: the position-weighted squared error of the states, the same error in the space
 # of the base UNet's cross-attention keys and values, or their mean
@@ -51,6 +55,7 @@ class AugmentParams:
 class ExtractParams:
     batch_size: int = 64
     dtype: str = "float16"
+    compute_dtype: str = "float64"
     rows_per_shard: int = 1000
     device: str = "cpu"
     num_workers: int = 1
@@ -306,6 +311,12 @@ def validate(p: Params) -> Params:
         e.worker_index,
     )
     check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
+    check(
+        e.compute_dtype in COMPUTE_DTYPES,
+        "extract.compute_dtype",
+        f"one of {COMPUTE_DTYPES}",
+        e.compute_dtype,
+    )
     t = p.train
     check(t.epochs > 0, "train.epochs", "a positive integer", t.epochs)
     check(t.batch_size > 0, "train.batch_size", "a positive integer", t.batch_size)

@@ -166,17 +166,18 @@ def encode_rows(
     tokens = tokenize(clip, texts)
     width = clip.hidden_size
     np_dtype = np.float16 if storage_dtype == "float16" else np.float32
-    pooled = torch.empty(len(texts), width)
+    # In the model's dtype: rounded to the stored dtypes only once, when they are written.
+    pooled = torch.empty(len(texts), width, dtype=clip.model.dtype)
     hidden = np.empty((len(targets), MAX_LENGTH, width), np_dtype)
     for begin in range(0, len(texts), batch_size):
         end = min(begin + batch_size, len(texts))
         out = encode_tokens(
             clip, tokens["input_ids"][begin:end], tokens["attention_mask"][begin:end]
         )
-        pooled[begin:end] = out.pooled.float().cpu()
+        pooled[begin:end] = out.pooled.cpu()
         for j in range(begin, end):
             if j in target_slot:
-                hidden[target_slot[j]] = out.hidden[j - begin].float().cpu().numpy()
+                hidden[target_slot[j]] = out.hidden[j - begin].cpu().numpy()
     mask = tokens["attention_mask"].numpy().astype(np.int8)
 
     embeds = np.empty((len(rows), width), np.float32)
@@ -232,6 +233,7 @@ class ImageRows:
                 "set augment.image to 0"
             )
         self.tower = ImageTower.load(params.base.clip, device=params.extract.device)
+        self.tower.model.to(deprojection.dtype)  # extract.compute_dtype, as the text tower
         # `none` needs no statistics; the others come from the gap stage.
         self.gap = None if g.bridge == "none" else ModalityGap.load(gap_dir).with_bridge(g.bridge)
         self.deprojection = deprojection
@@ -324,6 +326,7 @@ def extract_split(
         "base": params.base.clip,
         "base_digest": model_digest(clip),
         "dtype": e.dtype,
+        "compute_dtype": e.compute_dtype,
         "width": width,
         "rows_per_shard": e.rows_per_shard,
         "batch_size": e.batch_size,

@@ -51,7 +51,8 @@ class ModalityGap:
             raise ImagePromptError(f"unknown bridge {self.bridge!r} (known: {', '.join(BRIDGES)})")
 
     def correct(self, image_embeds: torch.Tensor, bridge: str | None = None) -> torch.Tensor:
-        """[..., P] image embeddings brought across the gap by `bridge` (None: the default)."""
+        """[..., P] image embeddings brought across the gap by `bridge` (None: the default),
+        computed in image_embeds' dtype."""
         kind = bridge or self.bridge
         if kind not in BRIDGES:
             raise ImagePromptError(f"unknown bridge {kind!r} (known: {', '.join(BRIDGES)})")
@@ -61,7 +62,7 @@ class ModalityGap:
         if kind == "mean-shift":
             bridged = centred + self.mean_text
         elif kind == "linear":
-            bridged = centred @ self._needs("linear") + self.mean_text
+            bridged = centred @ self._needs("linear").to(centred) + self.mean_text
         else:
             bank = self._needs("bank").to(centred)
             query = torch.nn.functional.normalize(centred + self.mean_text, dim=-1)

@@ -25,10 +25,14 @@ def run_extract_stage(
     gap_dir: Path = Path("data/gap"),
 ) -> dict:
     torch.manual_seed(0)
+    compute_dtype = getattr(torch, params.extract.compute_dtype)
     clip = load_clip(params.base.clip, device=params.extract.device)
+    clip.model.to(compute_dtype)
     constants = compute_constants(clip)
     images = (
-        ImageRows(params, gap_dir, constants["deprojection"]) if params.augment.image > 0 else None
+        ImageRows(params, gap_dir, constants["deprojection"].to(compute_dtype))
+        if params.augment.image > 0
+        else None
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     save_constants(out_dir / "constants.safetensors", **constants)
@@ -38,6 +42,7 @@ def run_extract_stage(
         "hidden_size": clip.hidden_size,
         "projection_size": clip.projection_size,
         "dtype": params.extract.dtype,
+        "compute_dtype": params.extract.compute_dtype,
         "rows_per_shard": params.extract.rows_per_shard,
     }
     splits = {}

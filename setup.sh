@@ -10,4 +10,5 @@ PY=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 fi
-.venv/bin/python -m pip install -q -e ".[dev]"
+# constraints.txt: the library versions the committed results were made with.
+.venv/bin/python -m pip install -q -e ".[dev]" -c constraints.txt

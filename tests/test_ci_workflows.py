@@ -176,3 +176,30 @@ def test_the_gpu_variant_launches_a_cml_runner_and_runs_on_it() -> None:
     ]
     assert len(launch) == 1 and "--labels=cml-gpu" in launch[0]
     assert jobs["compare-gpu"]["runs-on"] == ["self-hosted", "cml-gpu"]
+
+
+def test_setup_installs_every_dependency_at_the_version_the_results_were_made_with() -> None:
+    """constraints.txt pins each dependency pyproject declares (torch aside: TORCH_SPEC), so a
+    fresh clone gets the libraries that wrote the committed bytes; setup.sh applies it."""
+    import tomllib
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            assert [s.operator for s in requirement.specifier] == ["=="], line
+            pins[canonicalize_name(requirement.name)] = requirement.specifier
+    for spec in declared:
+        requirement = Requirement(spec)
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            assert name not in pins  # left to setup.sh's TORCH_SPEC
+            continue
+        assert name in pins, f"{name} is not pinned in constraints.txt"
+        (pin,) = pins[name]
+        assert requirement.specifier.contains(pin.version), (spec, pin.version)
+    assert "-c constraints.txt" in (ROOT / "setup.sh").read_text()

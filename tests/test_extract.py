@@ -332,3 +332,50 @@ def test_image_rows_hold_the_bridged_scene_and_its_captions_states(tmp_path, bas
         torch.testing.assert_close(
             stored, encode_texts(clip, [row["target_text"]]).hidden[0], rtol=2e-3, atol=2e-3
         )
+
+
+# A CPU without AVX-512 or AVX2 as far as PyTorch, MKL and oneDNN can tell: their fallback
+# kernels sum in other orders, as another machine's do.
+OTHER_CPU = {
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+    "DNNL_MAX_CPU_ISA": "SSE41",
+}
+EXTRACT_SCRIPT = """
+import sys
+from pathlib import Path
+from tests.conftest import run_small_pipeline, small_params
+run_small_pipeline(Path(sys.argv[1]), Path(sys.argv[2]),
+                   small_params(extract={"compute_dtype": sys.argv[3]}))
+"""
+
+
+@pytest.mark.slow
+def test_shards_are_the_same_bytes_on_another_cpu(tmp_path, base_dir):
+    """extract.compute_dtype float64: the shards (text and image rows) do not depend on the
+    CPU's kernels, so a fresh clone elsewhere keeps every committed model and result; float32
+    shards do (when they do not, this CPU's kernels are the fallback's: nothing to compare)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def shards(compute_dtype: str, env: dict[str, str]) -> dict[str, str]:
+        work = tmp_path / f"{compute_dtype}-{bool(env)}"
+        subprocess.run(
+            [sys.executable, "-c", EXTRACT_SCRIPT, str(work), str(base_dir), compute_dtype],
+            check=True,
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root), **env},
+            capture_output=True,
+        )
+        files = sorted((work / "data" / "shards").glob("*/*.arrow"))
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+
+    if shards("float32", {}) == shards("float32", OTHER_CPU):
+        pytest.skip("this CPU computes float32 as the fallback kernels do")
+    native = shards("float64", {})
+    assert len(native) > 1
+    assert shards("float64", OTHER_CPU) == native

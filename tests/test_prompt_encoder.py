@@ -530,6 +530,16 @@ def test_cli_negative_rows_match_the_prompt_rows(project, encoder) -> None:
     )
 
 
+def test_blend_is_the_weighted_mean_of_the_parts_ordinary_states(encoder) -> None:
+    """The `blend` baseline (compel's `.blend()`): Σ w_k H(part_k) / Σ w_k of the reference."""
+    parts = [encoder.encode_prompt(p, deproject=False) for p in ("red circle", "blue square")]
+    blend = encoder.encode_blend("red circle, blue square:3")
+    torch.testing.assert_close(blend, (parts[0] + 3 * parts[1]) / 4, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoder.encode_blend("red circle"), parts[0], rtol=0, atol=0)
+    with pytest.raises(PromptError, match="do not sum to 0"):
+        encoder.encode_blend("red circle:1, blue square:-1")
+
+
 def test_huge_weights_are_refused_before_they_reach_the_deprojector(encoder) -> None:
     for prompt in ("red circle:1e30", "red circle:1e39", "red circle:-101"):
         with pytest.raises(PromptError, match=r"outside \[-100, 100\]"):

@@ -44,7 +44,7 @@ def project(tmp_path, base_dir, small_shards, monkeypatch):
 def params(models: dict | None = None, **train):
     return small_params(
         train={**TRAIN, **train},
-        evaluate={"combination_pairs": 8, "image_prompts": 6},
+        evaluate={"combination_pairs": 8, "image_prompts": 6, "bridges": "all"},
         models=models or TINY_MODELS,
     )
 
@@ -144,7 +144,7 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
             {
                 **SMALL,
                 "train": {**TRAIN, "epochs": 1},
-                "evaluate": {"combination_pairs": 8, "image_prompts": 6},
+                "evaluate": {"combination_pairs": 8, "image_prompts": 6, "bridges": "all"},
                 "models": runs,
             },
             sort_keys=False,
@@ -219,6 +219,12 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     adherence = json.loads((metrics / "adherence.json").read_text())
     for key in ("adherence", "clip_score", "all_parts", "adherence_ratio"):
         assert_within(adherence["multi"]["transformer"], key)
+    # Beside the runs: retrieval's states, and for comma prompts the parts' states blended.
+    assert list(adherence["single"]) == ["reference", *names, "retrieval"]
+    assert list(adherence["multi"]) == ["reference", *names, "retrieval", "blend"]
+    versus_blend = first["comparison"]["adherence_vs_blend"]
+    assert list(versus_blend) == ["sign", "multi"]
+    assert set(versus_blend["multi"]) == {*names, "retrieval"}
     # Drawn scenes as the only prompt, judged against their descriptions, per run.
     images = json.loads((metrics / "image_prompts.json").read_text())
     assert list(images) == ["reference", *names]

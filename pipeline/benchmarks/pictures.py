@@ -143,9 +143,11 @@ def stage_pictures(params: Params) -> dict[str, int]:
     e, r = params.evaluate, params.render
     runs = len(params.models)
     single, multi = r.prompts(True)
+    bridges = len(BRIDGES) if e.bridges == "all" else 1
+    # Rows: the reference, every run and retrieval in both kinds; blend in comma prompts.
     return {
-        "evaluate_adherence": len(KINDS) * (1 + runs) * e.adherence_prompts,
-        "evaluate_image_prompts": e.image_prompts * (1 + runs * (1 + len(BRIDGES))),
+        "evaluate_adherence": (len(KINDS) * (2 + runs) + 1) * e.adherence_prompts,
+        "evaluate_image_prompts": e.image_prompts * (1 + runs * (1 + bridges)),
         "render_grids": (1 + runs) * (len(single) + len(multi)) + len(single),
         "render_interpolation": runs * r.interpolation_steps * r.interpolation_seeds,
     }

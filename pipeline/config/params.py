@@ -17,6 +17,7 @@ STORAGE_DTYPES = ("float16", "float32")
 # What extraction computes in. float64 rounds to the stored dtype identically on any CPU: a
 # float32 forward differs between machines in the last bits (their BLAS and vector kernels),
 # and those differences survive rounding to float16 in about one value in a thousand.
+IMAGE_PROMPT_BRIDGES = ("own", "all")  # evaluate.bridges
 COMPUTE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # train.loss: the position-weighted squared error of the states, the same error in the space
@@ -90,6 +91,9 @@ class EvaluateParams:
     adherence_prompts: int = 48
     # Held-out drawn scenes used as image prompts and judged against their captions; 0 = off.
     image_prompts: int = 48
+    # Image prompts through the run's own bridge (gap.bridge) or through every bridge of
+    # BRIDGES side by side (`all`: 2.5 times the image-prompt pictures).
+    bridges: str = "own"
 
 
 @dataclass(frozen=True)
@@ -358,6 +362,12 @@ def validate(p: Params) -> Params:
         "evaluate.image_prompts",
         "0 (off) or more",
         p.evaluate.image_prompts,
+    )
+    check(
+        p.evaluate.bridges in IMAGE_PROMPT_BRIDGES,
+        "evaluate.bridges",
+        f"one of {IMAGE_PROMPT_BRIDGES}",
+        p.evaluate.bridges,
     )
     check(p.gap.pairs > 0, "gap.pairs", "a positive integer", p.gap.pairs)
     check(p.gap.bridge in BRIDGES, "gap.bridge", f"one of {BRIDGES}", p.gap.bridge)

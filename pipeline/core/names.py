@@ -16,6 +16,9 @@ COMPARISON = "comparison"  # reports/metrics/comparison.json: differences inside
 ADHERENCE: Final = "adherence"  # reports/metrics/adherence.json: held-out pictures judged
 IMAGE_PROMPTS: Final = "image_prompts"  # reports/metrics/image_prompts.json: scenes as prompts
 REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
+# The adherence row of comma prompts whose parts' ordinary states are averaged (compel's
+# `.blend()`, ComfyUI's ConditioningAverage): what users do today instead of deprojecting.
+BLEND = "blend"
 IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
 
 RESERVED_RUN_NAMES = (
@@ -27,6 +30,7 @@ RESERVED_RUN_NAMES = (
     ADHERENCE,
     IMAGE_PROMPTS,
     REFERENCE,
+    BLEND,
     *IMAGE_ROWS,
 )
 # The bridges from image to text space, simplest first (gap.bridge; pipeline/prompting/images.py).

@@ -214,7 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
         params = dataclasses.replace(
             params,
             evaluate=dataclasses.replace(
-                params.evaluate, adherence_prompts=args.prompts, image_prompts=args.prompts
+                params.evaluate,
+                adherence_prompts=args.prompts,
+                image_prompts=args.prompts,
+                bridges="all",
             ),
         )
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,7 +13,7 @@ mean over prompts comes with its 95 % bootstrap interval over the prompts
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -241,12 +241,23 @@ def judged_rows(
     return {name: scores[k * n : (k + 1) * n] for k, name in enumerate(names)}
 
 
+# A baseline row of the adherence table: (prompts, kind) -> their conditioning [N, 77, D], or
+# None where the baseline has no row of that kind.
+BaselineRow = Callable[[list[str], Kind], torch.Tensor | None]
+
+
 def evaluate_adherence(
-    params: Params, encoders: dict[str, PromptEncoder], pipe, scorer: Scorer, exclude: set[str]
+    params: Params,
+    encoders: dict[str, PromptEncoder],
+    pipe,
+    scorer: Scorer,
+    exclude: set[str],
+    baselines: Mapping[str, BaselineRow] | None = None,
 ) -> tuple[AdherenceResults, HeldOutScores]:
     """{kind: {row: summary}} over `evaluate.adherence_prompts` held-out prompts per kind,
     and {kind: {row: per-prompt scores}} (the same prompts, in the same order, in every row);
-    encoders: the reference row's (no deprojector) first, then each run's."""
+    encoders: the reference row's (no deprojector) first, then each run's; baselines: rows
+    after the runs' (e.g. retrieval, blend)."""
     e = params.evaluate
     prompts = World.held_out_prompts(e.adherence_prompts, e.seed, exclude, distinct=True)
     seeds = prompt_seeds(e.seed, e.adherence_prompts)
@@ -262,6 +273,10 @@ def evaluate_adherence(
             )
             for name, encoder in tqdm(encoders.items(), desc=f"adherence {kind}", unit="row")
         }
+        for name, row in (baselines or {}).items():
+            states = row(texts, kind)
+            if states is not None:
+                conditionings[name] = states
         scores = judged_rows(pipe, conditionings, negative, params, seeds, scorer, texts)
         summary = {name: summarise(s, objects, e.seed) for name, s in scores.items()}
         result[kind] = with_ratios(summary, scores, e.seed)
@@ -282,9 +297,9 @@ def evaluate_image_prompts(
     Per run: `text` (the description's pooled embedding deprojected: the baseline), `image`
     (the scene through the vision tower and the run's bridge, gap.bridge) with image_to_text
     = image adherence / text adherence (its interval: both means over the same resampled
-    scenes), and `bridges`: the same for every bridge of BRIDGES side by side (the run's own
-    among them); `reference`: the description's ordinary CLIP states. Same scenes and noise
-    seeds for every row.
+    scenes), and with evaluate.bridges `all`, `bridges`: the same for every bridge of BRIDGES
+    side by side (the run's own among them); `reference`: the description's ordinary CLIP
+    states. Same scenes and noise seeds for every row.
     """
     e = params.evaluate
     scenes = world.held_out_scenes(e.image_prompts, e.seed + 1, exclude, distinct=True)
@@ -309,9 +324,10 @@ def evaluate_image_prompts(
     text = score(reference.encode_prompts(texts, deproject=False))
     result: ImagePromptResults = {REFERENCE: {"text": summarise(text, objects, e.seed)}}
     runs = {name: encoder for name, encoder in encoders.items() if name != REFERENCE}
+    judged_bridges = BRIDGES if e.bridges == "all" else (params.gap.bridge,)
     for name, encoder in tqdm(runs.items(), desc="image prompts", unit="model"):
         conditionings = {
-            kind: encoder.deproject(encoder.image_embedding(drawn, kind)) for kind in BRIDGES
+            kind: encoder.deproject(encoder.image_embedding(drawn, kind)) for kind in judged_bridges
         }
         scored = judged_rows(
             pipe,
@@ -323,13 +339,14 @@ def evaluate_image_prompts(
             texts,
         )
         text = scored.pop("text")
-        bridges = {kind: with_ratio(scored[kind], text) for kind in BRIDGES}
+        bridges = {kind: with_ratio(scored[kind], text) for kind in judged_bridges}
         own = bridges[params.gap.bridge]
         result[name] = {
             "text": summarise(text, objects, e.seed),
             "image": {k: v for k, v in own.items() if not k.startswith(IMAGE_TO_TEXT)},
             **{k: v for k, v in own.items() if k.startswith(IMAGE_TO_TEXT)},
             "bridge": params.gap.bridge,
-            "bridges": bridges,
         }
+        if e.bridges == "all":
+            result[name]["bridges"] = bridges
     return result

@@ -135,6 +135,8 @@ class Comparison(TypedDict, total=False):
     pairs: dict[str, str | PairedDifference]
     # {"sign": ...} and kind: {run: PairedDifference}
     adherence: dict[str, str | dict[str, PairedDifference]]
+    # {"sign": ...} and kind: {run: PairedDifference}: comma prompts against blending
+    adherence_vs_blend: dict[str, str | dict[str, PairedDifference]]
     seed_spread: dict[str, SeedSpread]
 
 

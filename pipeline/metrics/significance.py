@@ -16,7 +16,7 @@ from typing import cast
 import numpy as np
 
 from pipeline.config.params import ModelSpec
-from pipeline.core.names import REFERENCE, RETRIEVAL
+from pipeline.core.names import BLEND, REFERENCE, RETRIEVAL
 from pipeline.metrics.adherence import column
 from pipeline.metrics.intervals import paired_difference, ratio_of_sums
 from pipeline.metrics.records import (
@@ -108,7 +108,8 @@ def comparison(
     retrieval, its cosine_masked − the best run's. `pairs`: first − second for every pair of
     `headline` rows and retrieval (e.g. the article's finding, transformer vs the vicinity
     models). `adherence` (held-out pictures judged; per-prompt scores {kind: {row: [...]}}):
-    each run's mean adherence − the reference row's over the same resampled prompts.
+    each row's mean adherence − the reference row's over the same resampled prompts;
+    `adherence_vs_blend` (kinds with a BLEND row): each row's − blend's.
     """
     out = Comparison()
 
@@ -131,15 +132,22 @@ def comparison(
         for kind, scores in (held_out or {}).items()
         if scores[REFERENCE] and ADHERENCE in scores[REFERENCE][0]
     }
-    if judged:
-        out[ADHERENCE] = {"sign": "run − reference"} | {
+
+    def against(baseline: str) -> dict[str, str | dict[str, PairedDifference]]:
+        return {"sign": f"row − {baseline}"} | {
             kind: {
                 name: paired_difference(
-                    np.mean, [column(rows, ADHERENCE)], [column(scores[REFERENCE], ADHERENCE)], seed
+                    np.mean, [column(rows, ADHERENCE)], [column(scores[baseline], ADHERENCE)], seed
                 )
                 for name, rows in scores.items()
-                if name != REFERENCE
+                if name not in (REFERENCE, baseline)
             }
             for kind, scores in judged.items()
+            if baseline in scores
         }
+
+    if judged:
+        out[ADHERENCE] = against(REFERENCE)
+    if any(BLEND in scores for scores in judged.values()):
+        out["adherence_vs_blend"] = against(BLEND)
     return out

@@ -251,6 +251,31 @@ class PromptEncoder:
             [self.encode_prompt(p, combine=combine, deproject=deproject) for p in prompts]
         )
 
+    def encode_blend(self, prompt: str) -> torch.Tensor:
+        """prompt_embeds [1, 77, D]: the ordinary CLIP states of the comma parts, averaged with
+        their weights, Σ_k w_k H(part_k) / Σ_k w_k, computed by compel's `.blend()` (what
+        compel and ComfyUI's ConditioningAverage offer for "A, B" without a deprojector).
+
+        Raises PromptError for an empty prompt or weights that sum to 0."""
+        from compel import Compel
+        from compel.prompt_parser import Blend, FlattenedPrompt, Fragment
+
+        parts = parse_weighted(prompt)
+        weights = [part.weight for part in parts]
+        if not parts or sum(weights) == 0:
+            raise PromptError(f"{prompt!r}: a blend needs parts whose weights do not sum to 0")
+        for part in parts:
+            self._warn_cut(part.text)
+        blend = Blend(
+            [FlattenedPrompt([Fragment(part.text)]) for part in parts],
+            weights,
+            normalize_weights=True,
+        )
+        compel = Compel(tokenizer=self.clip.tokenizer, text_encoder=self.clip.model)
+        with torch.inference_mode():
+            (states, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(blend)
+        return states
+
     def deproject(self, embeds: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
         """Hidden states [N, 77, D] of pooled embeddings [N, D], checked finite."""
         if not torch.isfinite(embeds).all():

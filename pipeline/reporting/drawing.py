@@ -195,7 +195,7 @@ def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
     """Horizontal bars: mean held-out adherence (or CLIP score without a judge) per row."""
     key = ADHERENCE if ADHERENCE in next(iter(by_kind["single"].values())) else CLIP_SCORE
     top = 1.0 if key == ADHERENCE else 100.0
-    rows = list(by_kind["single"])
+    rows = list(dict.fromkeys(row for rows in by_kind.values() for row in rows))
     face, small = font(16), font(13)
     bar, margin_l, width = 14, 190, 720
     height = 60 + len(rows) * (2 * bar + 14) + 30
@@ -208,6 +208,8 @@ def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
         y = 50 + i * (2 * bar + 14)
         draw.text((margin_l - 10, y + bar), row, fill="black", font=small, anchor="rm")
         for k, (kind, color) in enumerate((("single", COLORS[1]), ("multi", COLORS[2]))):
+            if row not in by_kind.get(kind, {}):
+                continue  # blend has comma prompts only
             value = by_kind[kind][row][key]
             x1 = margin_l + plot_w * max(0.0, min(value / top, 1.0))
             draw.rectangle([margin_l, y + k * bar, x1, y + (k + 1) * bar - 2], fill=color)

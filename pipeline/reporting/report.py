@@ -185,8 +185,8 @@ def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) 
     head = "| row | " + " | ".join(f"{k}: adherence | {k}: CLIP score" for k in kinds)
     lines = [head + (" | multi: every part shown |" if all_parts else " |")]
     lines.append("| --- |" + " ---: | ---: |" * len(kinds) + (" ---: |" if all_parts else ""))
-    for row in by_kind[kinds[0]]:
-        # Rows only one grid has (the image-prompt rows) are blank in the others.
+    for row in dict.fromkeys(row for k in kinds for row in by_kind[k]):
+        # Rows only one kind has (the image-prompt rows, blend) are blank in the others.
         cells = [
             f"{_score(by_kind[k][row], ADHERENCE)} | {_score(by_kind[k][row], CLIP_SCORE)}"
             if row in by_kind[k]
@@ -194,7 +194,9 @@ def picture_table(by_kind: dict[str, dict[str, dict]], all_parts: bool = False) 
             for k in kinds
         ]
         if all_parts:
-            cells.append(_score(by_kind["multi"][row], ALL_PARTS))
+            cells.append(
+                _score(by_kind["multi"][row], ALL_PARTS) if row in by_kind["multi"] else "–"
+            )
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -213,6 +215,25 @@ def adherence_noise_line(comparison: dict) -> str:
         "\n\nRuns whose held-out adherence is within the noise of the reference row's (the "
         "95 % interval of the difference, paired over prompts, contains 0): "
         + "; ".join(kinds)
+        + "."
+    )
+
+
+def blend_line(comparison: dict) -> str:
+    """Comma prompts: which rows draw better, as well as, or worse than blending the parts'
+    states (the paired interval of the difference above, around or below 0)."""
+    against = comparison.get("adherence_vs_blend", {}).get("multi")
+    if not against:
+        return ""
+    verdicts: dict[str, list[str]] = {"better": [], "no different": [], "worse": []}
+    for name, d in against.items():
+        low, high = d["difference_ci95"]
+        verdicts["better" if low > 0 else "worse" if high < 0 else "no different"].append(name)
+    return (
+        '\n\n"A, B" against blending (`blend`: the comma parts\' ordinary states averaged, '
+        "compel's `.blend()`; adherence on the comma prompts, paired over prompts, 95 % "
+        "interval of the difference): "
+        + "; ".join(f"{v}: {', '.join(names) or 'none'}" for v, names in verdicts.items())
         + "."
     )
 
@@ -241,7 +262,7 @@ comma-combined prompts whose every stated attribute the judge finds. Each mean w
 bootstrap interval over the prompts:
 
 {picture_table(held_out, all_parts=ALL_PARTS in next(iter(held_out["multi"].values())))}\
-{adherence_noise_line(comparison)}
+{adherence_noise_line(comparison)}{blend_line(comparison)}
 
 ![adherence](plots/adherence.png)"""
     return text + "\n"

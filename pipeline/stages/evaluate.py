@@ -29,6 +29,7 @@ from pipeline.core.conventions import MAX_LENGTH
 from pipeline.core.jsonio import write_json
 from pipeline.core.names import (
     ADHERENCE,
+    BLEND,
     COMPARISON,
     IMAGE_PROMPTS,
     NULL_BASELINE,
@@ -37,7 +38,12 @@ from pipeline.core.names import (
 )
 from pipeline.data.captions import read_split
 from pipeline.data.shards import ShardReader, load_constants
-from pipeline.metrics.adherence import Scorer, evaluate_adherence, evaluate_image_prompts
+from pipeline.metrics.adherence import (
+    BaselineRow,
+    Scorer,
+    evaluate_adherence,
+    evaluate_image_prompts,
+)
 from pipeline.metrics.records import (
     COMBINATION,
     IMAGE_ROW_METRICS,
@@ -48,6 +54,7 @@ from pipeline.metrics.records import (
     HeldOutScores,
     ImagePromptResults,
     ImageRowMetrics,
+    Kind,
     RetrievalMetrics,
     RunMetrics,
     Validation,
@@ -143,7 +150,9 @@ def run_evaluate_stage(
     # 4. Written: each run's metrics and the autoregressive cosine per position.
     write_states(metrics, scores.free, metrics_dir, plots_dir)
     # 5. Pictures of held-out prompts and drawn scenes, judged (the world only).
-    pictures, held_out = run_pictures(params, inputs.encoders, inputs.world)
+    pictures, held_out = run_pictures(
+        params, inputs.encoders, inputs.world, baseline_rows(inputs, retrieval, k)
+    )
     write_pictures(pictures, metrics_dir)
     # 6. Which differences are inside the noise: comparison.json.
     compared = compare(params, scores.free, metrics, pictures.get(ADHERENCE), held_out)
@@ -317,8 +326,31 @@ def compare(
     return out
 
 
+def baseline_rows(inputs: Inputs, retrieval: Retrieval, k: int) -> dict[str, BaselineRow]:
+    """Step 5's adherence rows beside the runs: RETRIEVAL, the states of the k nearest
+    training rows of the embedding a deprojector receives (the whole prompt's, or the comma
+    parts combined), and BLEND (comma prompts): the parts' ordinary states averaged, as
+    compel's `.blend()` computes them. Without runs there is no embedding to retrieve from."""
+    reference = inputs.encoders[REFERENCE]
+    runs = [encoder for name, encoder in inputs.encoders.items() if name != REFERENCE]
+
+    def retrieved(texts: list[str], kind: Kind) -> torch.Tensor | None:
+        if not runs:
+            return None
+        embeds = torch.cat([runs[0].embedding(t, combine=kind == "multi") for t in texts])
+        return retrieval.answer(embeds, k)
+
+    def blended(texts: list[str], kind: Kind) -> torch.Tensor | None:
+        return torch.cat([reference.encode_blend(t) for t in texts]) if kind == "multi" else None
+
+    return {RETRIEVAL: retrieved, BLEND: blended}
+
+
 def run_pictures(
-    params: Params, encoders: dict[str, PromptEncoder], world: World | None
+    params: Params,
+    encoders: dict[str, PromptEncoder],
+    world: World | None,
+    baselines: dict[str, BaselineRow] | None = None,
 ) -> tuple[Pictures, HeldOutScores | None]:
     """Pictures of held-out prompts and of drawn scenes as prompts (the world only), judged
     (see pipeline/metrics/adherence.py), and the held-out prompts' per-prompt scores {kind: {row:
@@ -334,7 +366,9 @@ def run_pictures(
     results: Pictures = {}
     held_out = None
     if e.adherence_prompts:
-        results[ADHERENCE], held_out = evaluate_adherence(params, encoders, pipe, scorer, exclude)
+        results[ADHERENCE], held_out = evaluate_adherence(
+            params, encoders, pipe, scorer, exclude, baselines
+        )
     if world is not None and e.image_prompts > 0:
         results[IMAGE_PROMPTS] = evaluate_image_prompts(
             params, encoders, pipe, scorer, world, exclude

@@ -16,6 +16,8 @@ COMPARISON = "comparison"  # reports/metrics/comparison.json: differences inside
 ADHERENCE: Final = "adherence"  # reports/metrics/adherence.json: held-out pictures judged
 IMAGE_PROMPTS: Final = "image_prompts"  # reports/metrics/image_prompts.json: scenes as prompts
 REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
+BLEND = "blend"  # the combination test's row: the parts' hidden states blended, no deprojector
+HEADLINE = "headline"  # reports/headline.json: a handful of numbers per row, the DVC metrics
 IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
 
 RESERVED_RUN_NAMES = (
@@ -27,6 +29,7 @@ RESERVED_RUN_NAMES = (
     ADHERENCE,
     IMAGE_PROMPTS,
     REFERENCE,
+    BLEND,
     *IMAGE_ROWS,
 )
 # The bridges from image to text space, simplest first (gap.bridge; pipeline/prompting/images.py).

@@ -8,16 +8,17 @@ baseline or an adherence row added to them appears here without a change.
 
 Per row (a run, `retrieval`, `null-baseline`, `blend`, `reference`, where the records have it):
 
-- `ar_cosine_masked`, `ar_cosine_masked_ci95`: autoregressive masked cosine to the true
-  states and its 95 % interval (RUN.json `autoregressive`);
-- `vs_retrieval`, `vs_retrieval_ci95`: the row's autoregressive masked cosine − retrieval's,
-  paired over the test rows (comparison.json `pairs`; absent for seed replicates);
+- `ar_cosine_masked`, `ar_cosine_masked_low`, `ar_cosine_masked_high`: autoregressive masked
+  cosine to the true states and its 95 % bootstrap interval (RUN.json `autoregressive`);
+- `vs_retrieval`: the row's autoregressive masked cosine − retrieval's, paired over the test
+  rows (comparison.json `pairs`; absent for seed replicates, which `pairs` leaves out);
 - `combination_cosine`: deprojected (or blended, or retrieved) Σ(e_k − null) + null against
   H("A B") (RUN.json `combination`: `deprojector_cosine` is the run's own, `blend_cosine` and
   `retrieval_cosine` the rows `blend` and `retrieval`);
 - `adherence_ratio_KIND`: mean held-out adherence / the reference row's, per prompt kind
   (`single`, `multi`: comma parts combined; adherence.json); not for the reference itself;
-- `all_parts_KIND`: the fraction of held-out prompts with every stated attribute found;
+- `all_parts_KIND`: the fraction of held-out prompts with every stated attribute found (the
+  reference row's too: the ceiling);
 - `image_to_text`: adherence with a drawn scene as the prompt / with its description
   (image_prompts.json).
 """
@@ -59,9 +60,10 @@ def headline(records: Mapping[str, Any]) -> Headline:
     """The headline of the evaluate stage's records, {file stem: parsed JSON} as
     `reports/metrics/` holds them (`run_evaluate_stage` returns the same mapping).
 
-    The interval [low, high] of `ar_cosine_masked` becomes KEY_low and KEY_high. Rows come in the order the records
-    name them (then `blend`, `reference`); a key is present where its record has the number,
-    so a revision evaluated without pictures, or before a record existed, has fewer numbers.
+    The interval [low, high] of `ar_cosine_masked` becomes its `_low` and `_high` keys. Rows
+    come in the order the records name them (then `blend`, `reference`); a key is present
+    where its record has the number, so a revision evaluated without pictures, or before a
+    record existed, has fewer numbers. Raises nothing: the records are the stage's own.
     """
     out: Headline = {}
 

@@ -1,5 +1,5 @@
-"""`deprojector compare` on a throwaway git + DVC repository: two commits whose params, metrics
-and grids differ, and a `dvc exp`-style experiment ref. No pipeline runs."""
+"""`deprojector compare` on a throwaway git + DVC repository: commits whose params, evaluate
+records and grids differ, and a `dvc exp`-style experiment ref. No pipeline runs."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ DVC_YAML = {
         "render": {
             "cmd": "echo rendered elsewhere",
             "params": ["train"],
-            "metrics": [{"reports/metrics.json": {"cache": False}}],
+            "metrics": [{"reports/headline.json": {"cache": False}}],
             "outs": [
+                {"reports/metrics": {"cache": False}},
                 {"reports/grid_single.png": {"cache": False}},
                 {"reports/grid_multi.png": {"cache": False}},
             ],
@@ -41,8 +42,9 @@ def git(repo: Path, *args: str) -> str:
 def write_revision(repo: Path, epochs: int, cosine: float, grey: int) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump({"train": {"epochs": epochs}}))
     reports = repo / "reports"
-    reports.mkdir(exist_ok=True)
-    (reports / "metrics.json").write_text(json.dumps({"cosine": cosine}))
+    (reports / "metrics").mkdir(parents=True, exist_ok=True)
+    record = {"autoregressive": {"cosine_masked": cosine, "cosine_masked_ci95": [0.5, 0.7]}}
+    (reports / "metrics" / "vt.json").write_text(json.dumps(record))
     for i, name in enumerate(("grid_single.png", "grid_multi.png")):
         Image.new("L", (8, 6), grey + i).save(reports / name)
 
@@ -110,10 +112,25 @@ def test_report_shows_both_revisions_grids_and_the_changed_param_and_metric(repo
     assert Image.open(links[0]).getpixel((0, 0)) == 10
     assert Image.open(links[2]).getpixel((0, 0)) == 90
 
-    params = text.split("## Params: `v1` → `main`")[1].split("## Metrics")[0]
-    assert "train.epochs" in params and "| 2 " in params and "| 3 " in params
-    metrics = text.split("## Metrics: `v1` → `main`")[1]
-    assert "cosine" in metrics and "0.52" in metrics and "0.55" in metrics
+    params = text.split("## Params")[1].split("## Metrics")[0]
+    assert "| `train.epochs` | 2 | 3 |" in params
+    metrics = text.split("## Metrics")[1]
+    assert "| vt | ar_cosine_masked | 0.5200 | 0.5500 (+0.0300) |" in metrics
+    assert "| vt | ar_cosine_masked_low | 0.5000 | 0.5000 |" in metrics
+
+
+def test_several_revisions_share_one_params_and_one_metrics_table(repo: Path) -> None:
+    """Three revisions: one column each (not each compared with the first in its own
+    section), later ones with their difference to the first; equal params left out."""
+    report = write_comparison(["v1", "five-epochs", "main"], Path("reports/c3.md"), root=repo)
+    text = report.read_text()
+    assert text.count("## Params") == 1 and text.count("## Metrics") == 1
+    assert "| param | `v1` | `five-epochs` | `main` |" in text
+    assert "| `train.epochs` | 2 | 5 | 3 |" in text
+    assert "1 of 1 params differ" in text
+    assert "| vt | ar_cosine_masked | 0.5200 | 0.6100 (+0.0900) | 0.5500 (+0.0300) |" in text
+    assert "1 of 3 numbers differ" in text
+    assert len(text.splitlines()) < 30
 
 
 def test_the_report_is_deterministic_and_drops_stale_images(repo: Path) -> None:
@@ -136,7 +153,8 @@ def test_a_dvc_experiment_is_compared_by_name(repo: Path) -> None:
     report = write_comparison(["v1", "five-epochs"], Path("reports/compare.md"), root=repo)
     text = report.read_text()
     assert "**five-epochs**" in text and "exp: five epochs" in text
-    assert "| 5 " in text.split("## Params")[1] and "0.61" in text.split("## Metrics")[1]
+    assert "| 2 | 5 |" in text.split("## Params")[1]
+    assert "0.6100 (+0.0900)" in text.split("## Metrics")[1]
     exp_grid = repo / "reports" / "compare" / "2-five-epochs" / "grid_single.png"
     assert Image.open(exp_grid).getpixel((0, 0)) == 200
 
@@ -150,8 +168,8 @@ def test_cli_defaults_to_main_against_the_workspace(repo: Path, monkeypatch) -> 
         text = (repo / "reports" / "compare.md").read_text()
         assert "# Comparison: `main` → `workspace`" in text
         assert "**workspace** (files on disk)" in text
-        assert "| 3 " in text and "| 7 " in text
-        assert "## Metrics: `main` → `workspace`" in text and "No metric differs." in text
+        assert "| `train.epochs` | 3 | 7 |" in text
+        assert "0 of 3 numbers differ" in text and "(+" not in text
     finally:
         git(repo, "checkout", "-q", "--", "params.yaml")
 

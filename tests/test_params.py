@@ -105,6 +105,7 @@ def test_reserved_run_names_are_every_name_another_output_or_row_takes():
         "adherence",
         "image_prompts",
         "reference",
+        "blend",
         "world",
         "base",
         *IMAGE_ROWS,

@@ -32,7 +32,24 @@ def test_the_study_pipeline_is_the_main_one_rerooted() -> None:
     main = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     study = yaml.safe_load((STUDY / "dvc.yaml").read_text())
     del main["stages"]["world"]  # the study uses the repository's world
+    # The one difference in kind: the study declares no DVC metrics, its headline is a plain
+    # output, so `dvc exp show` and `dvc metrics show` list the main project's alone.
+    evaluate = main["stages"]["evaluate"]
+    evaluate["outs"] = evaluate.pop("metrics") + evaluate["outs"]
+    assert not any("metrics" in stage for stage in main["stages"].values())
     assert study == {"stages": rerooted(main["stages"]), "plots": main["plots"]}
+
+
+def test_dvc_lists_the_main_projects_headline_alone() -> None:
+    """`dvc metrics show` (and `dvc exp show`) read reports/headline.json only; the study's is
+    a target away."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:  # {revision ("": the workspace): {"data": {file: ...}}}
+        (shown,) = repo.metrics.show().values()
+        (study,) = repo.metrics.show(targets=["study/reports/headline.json"]).values()
+    assert list(shown["data"]) == ["reports/headline.json"]
+    assert list(study["data"]) == ["study/reports/headline.json"]
 
 
 def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:

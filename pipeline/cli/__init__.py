@@ -284,6 +284,10 @@ def evaluate_command(
 ) -> None:
     """Score every trained model on the test shards into reports/metrics/NAME.json.
 
+    reports/headline.json, the DVC metrics, copies a handful of those numbers per run (AR
+    cosine_masked and its interval, difference to retrieval, combination cosine, adherence
+    ratios, all-parts rate, image/text; docs/pipeline.md, "The headline").
+
     Teacher-forced and autoregressive mse, weighted_mse, cosine and cosine_masked; the
     combination test (deprojected Σ(e_k − null) + null vs blended hidden states); the
     autoregressive cosine per position in reports/plots/cosine_per_position.json; and the
@@ -572,10 +576,11 @@ def compare_command(
     """Put the grids, params and metrics of several revisions side by side in one report.
 
     For each revision its committed grids (reports/grid_single.png, reports/grid_multi.png)
-    in one table row; then `dvc params diff --md` and `dvc metrics diff --md` of every
-    further revision against the first. Reads committed results only and retrains nothing;
-    a revision without rendered reports is an error that names it. Post the report on a pull
-    request with `cml comment create --pr reports/compare.md` (see README).
+    in one table row; then one table of the params.yaml keys that differ and one of the
+    headline metrics (read from each revision's reports/metrics/), a column per revision,
+    later ones with their difference to the first. Reads committed results only and retrains
+    nothing; a revision without rendered reports is an error that names it. Post the report
+    on a pull request with `cml comment create --pr reports/compare.md` (see README).
     """
     from pipeline.core.errors import DeprojectorError
     from pipeline.reporting.compare import MissingRevisionError, write_comparison

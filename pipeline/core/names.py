@@ -17,8 +17,10 @@ ADHERENCE: Final = "adherence"  # reports/metrics/adherence.json: held-out pictu
 IMAGE_PROMPTS: Final = "image_prompts"  # reports/metrics/image_prompts.json: scenes as prompts
 REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
 # The adherence row of comma prompts whose parts' ordinary states are averaged (compel's
-# `.blend()`, ComfyUI's ConditioningAverage): what users do today instead of deprojecting.
+# `.blend()`, ComfyUI's ConditioningAverage), and the combination test's blended states: what
+# users do today instead of deprojecting.
 BLEND = "blend"
+HEADLINE = "headline"  # reports/headline.json: a handful of numbers per row, the DVC metrics
 IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
 
 RESERVED_RUN_NAMES = (

@@ -1,8 +1,11 @@
 """`deprojector compare`: grids, params and metrics of several revisions in one markdown report.
 
-Reads committed results only (it never runs a stage): the grids of each revision come from
-git (`reports/*.png` are committed, `cache: false`), the params and metrics tables from
-`dvc params diff --md` and `dvc metrics diff --md`. A revision is a git revision (branch, tag,
+Reads committed results only (it never runs a stage): each revision's grids, `params.yaml`
+and evaluate records (`reports/metrics/*.json`) come from git (they are committed, `cache:
+false`). One table holds the params that differ between the revisions, one the headline of
+each (pipeline/metrics/headline.py, read from its records, so a revision from before
+reports/headline.json existed is shown too), a column per revision and each later value's
+difference to the first. A revision is a git revision (branch, tag,
 commit, `HEAD~1`), the name of a `dvc exp run` experiment (a git ref
 `refs/exps/<baseline[:2]>/<baseline[2:]>/<name>`), a branch that exists only as `origin/NAME`
 (a CI checkout has no local `main`), or `workspace` (the files on disk). The report and its
@@ -11,18 +14,21 @@ images are CI artefacts, not stage outputs, and are git-ignored.
 
 from __future__ import annotations
 
-import os
+import json
 import re
-import shlex
 import shutil
 import subprocess
-import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from pipeline.core.atomic import write_bytes, write_text
 from pipeline.core.errors import DeprojectorError
+from pipeline.core.names import NULL_BASELINE, RETRIEVAL
+from pipeline.metrics.headline import Headline, headline
 
 WORKSPACE = "workspace"
 DEFAULT_BASELINE = "main"
@@ -33,13 +39,16 @@ GRIDS = (
     ("multiple embeddings", "reports/grid_multi.png"),
 )
 OPTIONAL_IMAGES = (("adherence", "reports/plots/adherence.png"),)
+PARAMS = "params.yaml"
+METRICS_DIR = "reports/metrics"
+MISSING = "—"
 EXP_REFS = "refs/exps/"
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _OUR_IMAGE_DIR = re.compile(r"^\d+-")
 
 
 class CompareError(DeprojectorError):
-    """A revision that cannot be compared, or a failed tool (git, dvc)."""
+    """A revision that cannot be compared, or a failed git."""
 
 
 class MissingRevisionError(CompareError):
@@ -65,9 +74,8 @@ class Revision:
 
 
 def _run(args: Sequence[str], cwd: Path) -> subprocess.CompletedProcess[bytes]:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     try:
-        return subprocess.run(list(args), cwd=cwd, capture_output=True, env=env, check=False)
+        return subprocess.run(list(args), cwd=cwd, capture_output=True, check=False)
     except FileNotFoundError as err:
         raise CompareError(f"`{args[0]}` is not installed: {err}") from err
 
@@ -128,18 +136,110 @@ def read_file(rev: Revision, path: str, root: Path) -> bytes | None:
     return done.stdout if done.returncode == 0 else None
 
 
-def dvc_diff_md(what: str, a: Revision, b: Revision, root: Path) -> str:
-    """`dvc {params,metrics} diff --md A B`: the changed entries as a markdown table."""
-    done = _run([sys.executable, "-m", "dvc", what, "diff", "--md", a.dvc_rev, b.dvc_rev], root)
-    if done.returncode != 0:
-        lines = (done.stderr.decode() or done.stdout.decode()).strip().splitlines()
-        command = shlex.join(["dvc", what, "diff", a.dvc_rev, b.dvc_rev])
-        raise CompareError(
-            f"`{command}` failed: {lines[-1] if lines else f'exit status {done.returncode}'}"
+def list_files(rev: Revision, folder: str, root: Path) -> list[str]:
+    """The paths (relative to the project folder) of the files directly in FOLDER at REV."""
+    if rev.commit is None:
+        where = root / folder
+        return (
+            sorted(f"{folder}/{p.name}" for p in where.iterdir() if p.is_file())
+            if where.is_dir()
+            else []
         )
-    table = done.stdout.decode().strip()
-    # dvc prints nothing, or a header without rows, when nothing differs
-    return table if len(table.splitlines()) > 2 else f"No {what[:-1]} differs."
+    listing = _git(["ls-tree", "--name-only", f"{rev.commit}:./{folder}"], root) or ""
+    return [f"{folder}/{name}" for name in listing.splitlines()]
+
+
+def read_params(rev: Revision, root: Path) -> dict[str, Any]:
+    """params.yaml at REV, parsed; {} where it has none."""
+    data = read_file(rev, PARAMS, root)
+    return (yaml.safe_load(data) or {}) if data else {}
+
+
+def flat_params(params: Mapping[str, Any]) -> dict[str, str]:
+    """PARAMS as {dotted.key: value as JSON text}, as `dvc params diff` names them."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, Mapping) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            out[prefix] = json.dumps(value)
+
+    walk("", params)
+    return out
+
+
+def revision_headline(rev: Revision, root: Path, runs: Sequence[str] = ()) -> Headline:
+    """The headline of REV's evaluate records (reports/metrics/*.json), in the order the
+    evaluate stage writes it (the baselines, then `runs`: params' `models:`); {} without
+    records."""
+    order = [NULL_BASELINE, RETRIEVAL, *runs]
+    paths = [p for p in list_files(rev, METRICS_DIR, root) if p.endswith(".json")]
+    records = {}
+    for path in sorted(
+        paths, key=lambda p: (order.index(Path(p).stem) if Path(p).stem in order else len(order), p)
+    ):
+        data = read_file(rev, path, root)
+        if data is not None:
+            records[Path(path).stem] = json.loads(data)
+    return headline(records)
+
+
+def _number(value: float | int | None, first: float | int | None) -> str:
+    """A table cell: the value (4 decimals) and, after the first column, its change."""
+    if value is None:
+        return MISSING
+    text = f"{value:.4f}" if isinstance(value, float) else str(value)
+    if first is None or value == first:
+        return text
+    return f"{text} ({value - first:+.4f})"
+
+
+def params_table(revisions: Sequence[Revision], params: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The params.yaml keys whose values differ between the revisions (PARAMS: each one's
+    params.yaml), a column each."""
+    values = [flat_params(p) for p in params]
+    keys = sorted({key for v in values for key in v})
+    differ = [key for key in keys if len({v.get(key, MISSING) for v in values}) > 1]
+    if not differ:
+        return [f"No param differs ({len(keys)} in `{PARAMS}`)."]
+    lines = [
+        f"{len(differ)} of {len(keys)} params differ (`{PARAMS}`):",
+        "",
+        "| param | " + " | ".join(f"`{rev.name}`" for rev in revisions) + " |",
+        "| --- |" + " --- |" * len(revisions),
+    ]
+    for key in differ:
+        cells = [v.get(key, MISSING).replace("|", "\\|") for v in values]
+        lines.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return lines
+
+
+def metrics_table(revisions: Sequence[Revision], heads: Sequence[Headline]) -> list[str]:
+    """Every headline number of the revisions (HEADS: each one's): a line per (row, key), a
+    column per revision; the later columns add their difference to the first."""
+    keys: dict[tuple[str, str], None] = {}
+    for head in heads:
+        keys.update(dict.fromkeys((row, key) for row, numbers in head.items() for key in numbers))
+    if not keys:
+        return [f"No revision has evaluate records (`{METRICS_DIR}/`)."]
+    changed = sum(len({head.get(row, {}).get(key) for head in heads}) > 1 for row, key in keys)
+    lines = [
+        f"The headline (`reports/headline.json`, read from each revision's `{METRICS_DIR}/`); "
+        f"{changed} of {len(keys)} numbers differ between the revisions:",
+        "",
+        "| row | metric | " + " | ".join(f"`{rev.name}`" for rev in revisions) + " |",
+        "| --- | --- |" + " --- |" * len(revisions),
+    ]
+    for row, key in keys:
+        first = heads[0].get(row, {}).get(key)
+        cells = [
+            _number(head.get(row, {}).get(key), first if i else None)
+            for i, head in enumerate(heads)
+        ]
+        lines.append(f"| {row} | {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _slug(index: int, name: str) -> str:
@@ -167,7 +267,8 @@ def write_comparison(
 ) -> Path:
     """Write OUT (markdown) and its images into OUT's folder / OUT's stem; return OUT.
 
-    Every revision after the first is compared with the first (params and metrics).
+    One table of grids (a row per revision), one of the params that differ, one of the
+    headline metrics (a column per revision; later ones with their difference to the first).
     """
     revisions = [resolve(name, root) for name in default_revisions(names)]
     images: dict[str, list[bytes | None]] = {}
@@ -209,7 +310,11 @@ def write_comparison(
             cells.append(f"![{rev.name}: {title}]({link})")
         rows.append(f"| {rev.title} | " + " | ".join(cells) + " |")
 
-    base = revisions[0]
+    params = [read_params(rev, root) for rev in revisions]
+    heads = [
+        revision_headline(rev, root, list(p.get("models") or {}))
+        for rev, p in zip(revisions, params, strict=True)
+    ]
     names_line = " → ".join(f"`{rev.name}`" for rev in revisions)
     lines = [
         f"# Comparison: {names_line}",
@@ -221,18 +326,14 @@ def write_comparison(
         "| revision | " + " | ".join(images) + " |",
         "| --- | " + " | ".join("---" for _ in images) + " |",
         *rows,
+        "",
+        "## Params",
+        "",
+        *params_table(revisions, params),
+        "",
+        "## Metrics",
+        "",
+        *metrics_table(revisions, heads),
     ]
-    for rev in revisions[1:]:
-        pair = f"`{base.name}` → `{rev.name}`"
-        lines += [
-            "",
-            f"## Params: {pair}",
-            "",
-            dvc_diff_md("params", base, rev, root),
-            "",
-            f"## Metrics: {pair}",
-            "",
-            dvc_diff_md("metrics", base, rev, root),
-        ]
     write_text(out, "\n".join(lines) + "\n")
     return out

@@ -1,18 +1,26 @@
-"""Pictures the pipeline draws: comparison grids of images and plain charts (PIL only).
+"""Pictures the pipeline draws: comparison grids of images (PIL) and charts (matplotlib).
 
 `make_grid` lays out columns of images under their headers with row names on the left and an
-optional label line under each cell; `line_chart` and `adherence_chart` draw labelled series. The
-render stage and the CLI's `generate` (interpolation strips) share them.
+optional label line under each cell; `line_chart` and `adherence_chart` draw labelled series,
+every run in its one style (`row_styles`: a tab10 colour and a marker, the same in every
+chart). The render stage and the CLI's `generate` (interpolation strips) share them.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.core.errors import DeprojectorError
+from pipeline.core.names import BLEND, NULL_BASELINE, REFERENCE, RETRIEVAL
 from pipeline.metrics.records import ADHERENCE, CLIP_SCORE
 
 MIN_CELL = 160  # px: smaller images (the builtin ones) are upscaled, NEAREST, to at least this
@@ -121,7 +129,56 @@ def make_grid(
     return grid, layout
 
 
-COLORS = ("#888888", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+# --- charts (matplotlib) ---------------------------------------------------------------------
+
+# One style per row, the same in every chart. Runs take matplotlib's tab10 colours (Tableau's
+# ten categorical colours, less its grey) in the order the rows are given, cycled together
+# with MARKERS: 9 colours x 7 markers, so the first 63 runs differ in colour or marker from
+# every other and neighbours differ in both. The rows beside the runs keep fixed styles.
+RUN_COLORS = tuple(c for c in matplotlib.colormaps["tab10"].colors if c != (0.5, 0.5, 0.5))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+GREY, BLACK = "#7f7f7f", "#000000"
+
+
+@dataclass(frozen=True)
+class RowStyle:
+    """How a row (a run or a baseline) is drawn: a matplotlib colour, marker and line style."""
+
+    color: str | tuple[float, float, float]
+    marker: str
+    linestyle: str = "-"
+
+
+FIXED_STYLES = {
+    REFERENCE: RowStyle(BLACK, "", "-"),
+    RETRIEVAL: RowStyle(BLACK, "", "--"),
+    NULL_BASELINE: RowStyle(GREY, "", ":"),
+    BLEND: RowStyle(GREY, "", "-."),
+}
+# adherence_chart's bars per prompt kind: the row's colour, plain or hatched
+KIND_HATCHES = {"single": "", "multi": "////"}
+KIND_LABELS = {"single": "single embedding", "multi": "comma-combined"}
+
+
+def row_styles(rows: Sequence[str]) -> dict[str, RowStyle]:
+    """The style of each of `rows`: FIXED_STYLES for the reference and the baselines, the
+    k-th other row (a run, in the order `rows` gives them: params' `models:`) RUN_COLORS[k]
+    with MARKERS[k], each cycled; the same run list gives the same styles in every chart."""
+    runs = [row for row in rows if row not in FIXED_STYLES]
+    return {
+        row: FIXED_STYLES.get(row)
+        or RowStyle(
+            RUN_COLORS[runs.index(row) % len(RUN_COLORS)], MARKERS[runs.index(row) % len(MARKERS)]
+        )
+        for row in rows
+    }
+
+
+def figure_image(figure: Figure) -> Image.Image:
+    """A matplotlib figure as an RGB PIL image (drawn by Agg: the same pixels on every run)."""
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
 
 
 def line_chart(
@@ -129,48 +186,33 @@ def line_chart(
     title: str,
     x_label: str,
     y_label: str,
-    size: tuple[int, int] = (800, 460),
+    size: tuple[int, int] = (900, 480),
 ) -> Image.Image:
-    """A plain line chart: axes with ticks, one coloured line per series, a legend."""
-    width, height = size
-    face, small = font(16), font(13)
-    margin_l, margin_r, margin_t, margin_b = 70, 190, 40, 50
-    xs = [x for points in series.values() for x, _ in points]
-    ys = [y for points in series.values() for _, y in points]
-    x_min, x_max = min(xs), max(xs)
-    y_min = math.floor(min(ys) * 10) / 10
-    y_max = max(math.ceil(max(ys) * 10) / 10, y_min + 0.1)
-    plot_w, plot_h = width - margin_l - margin_r, height - margin_t - margin_b
-
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        px = margin_l + (x - x_min) / max(x_max - x_min, 1e-9) * plot_w
-        return px, margin_t + (y_max - y) / (y_max - y_min) * plot_h
-
-    chart = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(chart)
-    draw.text((width / 2, 10), title, fill="black", font=face, anchor="ma")
-    y_step = 0.1 if y_max - y_min <= 1.0 else 0.2
-    for k in range(round((y_max - y_min) / y_step) + 1):
-        y = y_min + k * y_step
-        _, py = to_px(x_min, y)
-        draw.line([(margin_l, py), (margin_l + plot_w, py)], fill="#e6e6e6")
-        draw.text((margin_l - 6, py), f"{y:.1f}", fill="black", font=small, anchor="rm")
-    x_step = 10 if x_max - x_min > 20 else 1
-    for x in range(math.ceil(x_min / x_step) * x_step, int(x_max) + 1, x_step):
-        px, _ = to_px(x, y_min)
-        draw.line([(px, margin_t + plot_h), (px, margin_t + plot_h + 4)], fill="black")
-        draw.text((px, margin_t + plot_h + 6), str(x), fill="black", font=small, anchor="ma")
-    draw.rectangle([margin_l, margin_t, margin_l + plot_w, margin_t + plot_h], outline="black")
-    draw.text((margin_l + plot_w / 2, height - 6), x_label, fill="black", font=face, anchor="md")
-    draw.text((8, margin_t - 10), y_label, fill="black", font=small, anchor="ld")
-    for k, (name, points) in enumerate(series.items()):
-        color = COLORS[k % len(COLORS)]
-        draw.line([to_px(x, y) for x, y in points], fill=color, width=2)
-        ly = margin_t + 10 + k * 24
-        lx = margin_l + plot_w + 14
-        draw.line([(lx, ly), (lx + 24, ly)], fill=color, width=3)
-        draw.text((lx + 30, ly), name, fill="black", font=small, anchor="lm")
-    return chart
+    """A line chart of `series` {row: [(x, y), ...]}, each row in its `row_styles` style
+    (colour, marker every few points, line style), the legend beside the axes; size in px."""
+    if not series or not any(series.values()):
+        raise DrawingError(f"{title}: no points to draw")
+    styles = row_styles(list(series))
+    figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    for name, points in series.items():
+        style = styles[name]
+        xs, ys = zip(*points, strict=True)
+        axes.plot(
+            xs,
+            ys,
+            color=style.color,
+            marker=style.marker or None,
+            markevery=max(1, len(xs) // 10),
+            linestyle=style.linestyle,
+            linewidth=1.6,
+            markersize=5,
+            label=name,
+        )
+    axes.set(title=title, xlabel=x_label, ylabel=y_label)
+    axes.grid(color="#e6e6e6")
+    figure.legend(loc="outside right center", frameon=False)
+    return figure_image(figure)
 
 
 def notice(text: str, size: tuple[int, int] = (640, 80)) -> Image.Image:
@@ -192,39 +234,44 @@ def cosine_chart(rows: list[dict]) -> Image.Image:
 
 
 def adherence_chart(by_kind: dict[str, dict[str, dict]]) -> Image.Image:
-    """Horizontal bars: mean held-out adherence (or CLIP score without a judge) per row."""
+    """Horizontal bars: mean held-out adherence (or CLIP score without a judge) per row, in
+    its `row_styles` colour, one bar per prompt kind (`single` plain, `multi` hatched), each
+    with its 95 % interval and its value."""
     key = ADHERENCE if ADHERENCE in next(iter(by_kind["single"].values())) else CLIP_SCORE
-    top = 1.0 if key == ADHERENCE else 100.0
-    rows = list(dict.fromkeys(row for rows in by_kind.values() for row in rows))
-    face, small = font(16), font(13)
-    bar, margin_l, width = 14, 190, 720
-    height = 60 + len(rows) * (2 * bar + 14) + 30
-    chart = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(chart)
-    title = "Held-out prompts: " + ("adherence (judge)" if key == ADHERENCE else "CLIP score")
-    draw.text((width / 2, 10), title, fill="black", font=face, anchor="ma")
-    plot_w = width - margin_l - 80
-    for i, row in enumerate(rows):
-        y = 50 + i * (2 * bar + 14)
-        draw.text((margin_l - 10, y + bar), row, fill="black", font=small, anchor="rm")
-        for k, (kind, color) in enumerate((("single", COLORS[1]), ("multi", COLORS[2]))):
-            if row not in by_kind.get(kind, {}):
-                continue  # blend has comma prompts only
-            value = by_kind[kind][row][key]
-            x1 = margin_l + plot_w * max(0.0, min(value / top, 1.0))
-            draw.rectangle([margin_l, y + k * bar, x1, y + (k + 1) * bar - 2], fill=color)
-            draw.text(
-                (x1 + 4, y + k * bar + bar / 2),
-                f"{value:.2f}",
-                fill="black",
-                font=small,
-                anchor="lm",
-            )
-    y = height - 22
-    for k, (kind, color) in enumerate(
-        (("single embedding", COLORS[1]), ("comma-combined", COLORS[2]))
-    ):
-        x = margin_l + k * 200
-        draw.rectangle([x, y, x + 14, y + 12], fill=color)
-        draw.text((x + 20, y + 6), kind, fill="black", font=small, anchor="lm")
-    return chart
+    # blend has comma prompts only: its single bar is left out.
+    rows = list(dict.fromkeys(row for summaries in by_kind.values() for row in summaries))
+    colors = [style.color for style in row_styles(rows).values()]
+    figure = Figure(figsize=(7.2, 1.2 + 0.5 * len(rows)), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    height = 0.8 / len(by_kind)
+    for k, (kind, summaries) in enumerate(by_kind.items()):
+        values = np.array([summaries.get(row, {}).get(key, np.nan) for row in rows])
+        bounds = np.array(
+            [summaries.get(row, {}).get(f"{key}_ci95") or [np.nan] * 2 for row in rows]
+        )
+        bars = axes.barh(
+            np.arange(len(rows)) + (k - (len(by_kind) - 1) / 2) * height,
+            values,
+            height,
+            xerr=np.abs(bounds.T - values),
+            color=colors,
+            hatch=KIND_HATCHES.get(kind, ".."),
+            edgecolor="white",
+            error_kw={"ecolor": "#444444", "capsize": 2, "linewidth": 0.8},
+        )
+        labels = [f"{v:.2f}" if np.isfinite(v) else "" for v in values]
+        axes.bar_label(bars, labels=labels, padding=3, fontsize=8)
+    axes.set_yticks(range(len(rows)), rows)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1.15 if key == ADHERENCE else 115)
+    axes.set_title("Held-out prompts: " + ("adherence (judge)" if key == ADHERENCE else CLIP_SCORE))
+    axes.legend(
+        [
+            Patch(facecolor=GREY, hatch=KIND_HATCHES.get(kind, ".."), edgecolor="white")
+            for kind in by_kind
+        ],
+        [KIND_LABELS.get(kind, kind) for kind in by_kind],
+        loc="lower right",
+        fontsize=8,
+    )
+    return figure_image(figure)

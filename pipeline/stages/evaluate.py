@@ -31,6 +31,7 @@ from pipeline.core.names import (
     ADHERENCE,
     BLEND,
     COMPARISON,
+    HEADLINE,
     IMAGE_PROMPTS,
     NULL_BASELINE,
     REFERENCE,
@@ -44,6 +45,7 @@ from pipeline.metrics.adherence import (
     evaluate_adherence,
     evaluate_image_prompts,
 )
+from pipeline.metrics.headline import headline
 from pipeline.metrics.records import (
     COMBINATION,
     IMAGE_ROW_METRICS,
@@ -134,7 +136,9 @@ def run_evaluate_stage(
     gap_dir: Path = Path("data/gap"),
 ) -> EvaluateResults:
     """Writes metrics_dir/RUN.json (runs and baselines), adherence.json, image_prompts.json,
-    comparison.json and plots_dir/cosine_per_position.json; returns what it wrote by name."""
+    comparison.json, plots_dir/cosine_per_position.json and, read from those records, the
+    headline beside metrics_dir (reports/headline.json, pipeline/metrics/headline.py);
+    returns the records by name."""
     e = params.evaluate
     # 1. Inputs: the shards, the world, every run's encoder.
     inputs = load_inputs(params, shards_dir, models_dir, gap_dir)
@@ -162,7 +166,10 @@ def run_evaluate_stage(
         results[ADHERENCE] = pictures[ADHERENCE]
     if IMAGE_PROMPTS in pictures:
         results[IMAGE_PROMPTS] = pictures[IMAGE_PROMPTS]
-    return results | {COMPARISON: compared}
+    results[COMPARISON] = compared
+    # 7. The headline: a handful of numbers per row, copied from the records above.
+    write_json(metrics_dir.parent / f"{HEADLINE}.json", headline(results))
+    return results
 
 
 def load_inputs(params: Params, shards_dir: Path, models_dir: Path, gap_dir: Path) -> Inputs:

@@ -289,3 +289,15 @@ def test_downstream_conditioning_nodes_take_it(clip, loaded) -> None:
     converted = [{**c[1], "cross_attn": c[0], "model_conds": {}} for c in ranged]
     assert [c["cross_attn"].shape for c in converted] == [(1, 77, clip.hidden_size)] * 2
     assert converted[0]["end_percent"] == 0.5
+
+
+def test_the_pack_carries_the_registrys_metadata() -> None:
+    import re
+
+    import tomllib
+
+    meta = tomllib.loads((Path(nodes.__file__).parent / "pyproject.toml").read_text())
+    assert re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", meta["project"]["name"])
+    assert "comfyui" not in meta["project"]["name"].lower()  # the registry's naming rule
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["project"]["version"])
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])

@@ -183,3 +183,10 @@ def image_pooled(
     """
     bridged = image_embeds if gap is None else gap.correct(image_embeds, bridge)
     return bridged.to(deprojection) @ deprojection.T
+
+
+def saved_gap(model: str | Path) -> ModalityGap | None:
+    """The modality-gap statistics training saved in the deprojector folder `model`
+    (GAP_FILE), or None when it has none (trained without them, or saved by hand)."""
+    file = Path(model) / GAP_FILE
+    return ModalityGap.load(file) if file.is_file() else None

@@ -31,7 +31,7 @@ from pipeline.base.loaders import ClipText, load_clip
 from pipeline.base.vision import ImageTower
 from pipeline.core.conventions import MAX_LENGTH, combine_embeddings, interpolate_embeddings
 from pipeline.models import Deprojector, load_deprojector
-from pipeline.prompting.bridges import GAP_FILE, ModalityGap, image_pooled
+from pipeline.prompting.bridges import ModalityGap, image_pooled, saved_gap
 from pipeline.prompting.grammar import WEIGHT_NUMBER, PromptError, checked_weight, parse_weighted
 from pipeline.prompting.images import ImagePromptError, checked_rgb, load_image
 from pipeline.world.config import WORLD_DIR
@@ -79,6 +79,44 @@ def truncated_text(clip: ClipText, text: str, ids: list[int] | None = None) -> s
     # One sequence decodes to one str (transformers types decode for batches too).
     cut = cast(str, clip.tokenizer.decode(ids[MAX_LENGTH - 1 : -1], skip_special_tokens=True))
     return cut.strip()
+
+
+def deproject_checked(
+    deprojector: Deprojector, embeds: torch.Tensor, what: str = "the embedding"
+) -> torch.Tensor:
+    """Hidden states [N, 77, D] of pooled embeddings [N, D] (`deprojector.generate`); a
+    PromptError naming `what` when the embeddings or the states are not finite."""
+    if not torch.isfinite(embeds).all():
+        raise PromptError(f"{what!r}: its pooled embedding is not finite (NaN or Inf)")
+    states = deprojector.generate(embeds)
+    if not torch.isfinite(states).all():
+        raise PromptError(
+            f"{what!r}: the deprojector's states are not finite (NaN or "
+            "Inf); the embedding lies far outside what it was trained on "
+            "(smaller weights?)"
+        )
+    return states
+
+
+def bridged_image_embeds(
+    image_embeds: torch.Tensor,
+    deprojector: Deprojector,
+    gap: ModalityGap | None,
+    bridge: str | None = None,
+) -> torch.Tensor:
+    """Pooled-space embeddings [N, D] of a vision tower's image_embeds [N, P]: the bridge to
+    text space (a name of BRIDGES; None: the statistics' default, the one the deprojector was
+    trained with), then the pseudo-inverse of the text projection (bridges.image_pooled). An
+    ImagePromptError when a bridge other than 'none' is asked for without statistics."""
+    if bridge != "none" and gap is None:
+        raise ImagePromptError(
+            "image prompts need the modality-gap statistics of this base CLIP: run "
+            "`deprojector gap` (writes data/gap/) and load them, or use no bridge "
+            "(bridge='none', --bridge none)"
+        )
+    return image_pooled(
+        image_embeds, deprojector.deprojection, None if bridge == "none" else gap, bridge
+    )
 
 
 class PromptEncoder:
@@ -129,9 +167,12 @@ class PromptEncoder:
                 )
         text = load_clip(clip, device=device, base_dir=base_dir)
         tower = ImageTower.load(clip, device, base_dir) if images else None
-        if gap is None and model is not None and (Path(model) / GAP_FILE).is_file():
-            gap = Path(model) / GAP_FILE
-        stats = ModalityGap.load(gap) if images and gap is not None else None
+        if not images:
+            stats = None
+        elif gap is not None:
+            stats = ModalityGap.load(gap)
+        else:
+            stats = saved_gap(model) if model is not None else None
         return cls(text, deprojector, tower, stats)
 
     def with_deprojector(self, deprojector: Deprojector | None) -> PromptEncoder:
@@ -183,16 +224,7 @@ class PromptEncoder:
                 "this PromptEncoder has no vision tower: load it with "
                 "images=True (a base CLIP with both towers)"
             )
-        projected = self.tower.embed(images)
-        if bridge != "none":
-            if self.gap is None:
-                raise ImagePromptError(
-                    "image prompts need the modality-gap statistics of this base CLIP: run "
-                    "`deprojector gap` (writes data/gap/) and load them, or use no bridge "
-                    "(bridge='none', --bridge none)"
-                )
-        gap = None if bridge == "none" else self.gap
-        return image_pooled(projected, model.deprojection, gap, bridge)
+        return bridged_image_embeds(self.tower.embed(images), model, self.gap, bridge)
 
     def embedding(
         self,
@@ -278,16 +310,7 @@ class PromptEncoder:
 
     def deproject(self, embeds: torch.Tensor, what: str = "the embedding") -> torch.Tensor:
         """Hidden states [N, 77, D] of pooled embeddings [N, D], checked finite."""
-        if not torch.isfinite(embeds).all():
-            raise PromptError(f"{what!r}: its pooled embedding is not finite (NaN or Inf)")
-        states = self._deprojector().generate(embeds)
-        if not torch.isfinite(states).all():
-            raise PromptError(
-                f"{what!r}: the deprojector's states are not finite (NaN or "
-                "Inf); the embedding lies far outside what it was trained on "
-                "(smaller weights?)"
-            )
-        return states
+        return deproject_checked(self._deprojector(), embeds, what)
 
     def interpolate(
         self, start: torch.Tensor, end: torch.Tensor, ts: Sequence[float], spherical: bool = False
@@ -333,4 +356,11 @@ class PromptEncoder:
             )
 
 
-__all__ = ["ImagePart", "PromptEncoder", "PromptError", "ImagePromptError"]
+__all__ = [
+    "ImagePart",
+    "PromptEncoder",
+    "PromptError",
+    "ImagePromptError",
+    "bridged_image_embeds",
+    "deproject_checked",
+]

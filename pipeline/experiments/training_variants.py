@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -153,7 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     records = run(args.arms, args.params, args.shards, args.reuse)
     if args.out:
-        write_json(args.out, {"command": " ".join(["--arms", *args.arms]), "arms": records})
+        words = sys.argv[1:] if argv is None else argv
+        command = " ".join(["python -m pipeline.experiments.training_variants", *words])
+        write_json(args.out, {"command": command, "arms": records})
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ def test_train_loss_is_validated_by_key() -> None:
     with pytest.raises(
         ParamsError,
         match=r"`train\.loss` must be one of \('states', "
-        r"'cross_attention', 'mix'\)",
+        r"'cross_attention', 'mix', 'unet'\)",
     ):
         parse_params({"train": {"loss": "l2"}})
     with pytest.raises(ParamsError, match=r"`train\.loss` must be str"):
@@ -159,7 +159,7 @@ def test_train_loss_is_validated_by_key() -> None:
 def test_a_runs_own_loss_is_validated_when_it_trains() -> None:
     from pipeline.training.loop import run_train_params
 
-    params = small_params(models={"q": {"type": "queries", "train": {"loss": "unet"}}})
+    params = small_params(models={"q": {"type": "queries", "train": {"loss": "l1"}}})
     with pytest.raises(ParamsError, match=r"models\.q\.train: .*`train\.loss` must be one of"):
         run_train_params("q", params)
     params = small_params(models={"q": {"type": "queries", "train": {"loss": "mix"}}})

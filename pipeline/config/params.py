@@ -22,8 +22,9 @@ COMPUTE_DTYPES = ("float64", "float32", "float16", "bfloat16")
 PRECISIONS = ("fp32", "bf16", "fp16")
 # train.loss: the position-weighted squared error of the states, the same error in the space
 # of the base UNet's cross-attention keys and values, or their mean
-# (pipeline/metrics/cross_attention.py).
-LOSSES = ("states", "cross_attention", "mix")
+# (pipeline/metrics/cross_attention.py); or the base UNet's guided noise prediction under the
+# generated states against the true states' (pipeline/metrics/unet_loss.py).
+LOSSES = ("states", "cross_attention", "mix", "unet")
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,19 @@ class TrainParams:
     # model its own (detached) predictions; after k passes positions 1..k+1 see exactly what
     # generation feeds them. The loss averages all passes. 0 = teacher forcing (the article).
     rollout: int = 0
-    # What the error is measured in: states | cross_attention | mix (LOSSES).
+    # What the error is measured in: states | cross_attention | mix | unet (LOSSES).
     loss: str = "states"
+    # A fine-tune through the frozen base UNet (the `unet` loss) for this many epochs after the
+    # `epochs` of `loss`, from their best epoch, at learning rate `unet_lr`. 0 = none.
+    unet_epochs: int = 0
+    unet_lr: float = 1e-4
+    # Rows of each batch the `unet` loss reads (the first of the shuffled batch): its cost is a
+    # run of the sampler per step, so it reads fewer rows than the states loss.
+    unet_rows: int = 20
+    # Exposure bias: the largest share of a batch's rows whose inputs are the model's own
+    # generated states instead of the true ones (scheduled sampling with the model's own
+    # prefixes), reached linearly over the epochs. 0 = teacher forcing.
+    scheduled_sampling: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -335,8 +347,23 @@ def validate(p: Params) -> Params:
         t.loss in LOSSES,
         "train.loss",
         f"one of {LOSSES} (cross_attention and mix measure the error through base.sd's "
-        "UNet cross-attention keys and values)",
+        "UNet cross-attention keys and values, unet through its noise prediction)",
         t.loss,
+    )
+    check(
+        t.unet_epochs >= 0 and not (t.unet_epochs and t.loss == "unet"),
+        "train.unet_epochs",
+        "0, or the epochs of a fine-tune through the UNet after those of a train.loss "
+        "other than unet",
+        t.unet_epochs,
+    )
+    check(math.isfinite(t.unet_lr) and t.unet_lr > 0, "train.unet_lr", "positive", t.unet_lr)
+    check(t.unet_rows > 0, "train.unet_rows", "a positive integer", t.unet_rows)
+    check(
+        0 <= t.scheduled_sampling <= 1,
+        "train.scheduled_sampling",
+        "a share of the rows in [0, 1]",
+        t.scheduled_sampling,
     )
     check(
         p.evaluate.batch_size > 0,

@@ -111,8 +111,11 @@ def denoise(
     negative_embeds: torch.Tensor,
     r: RenderParams,
     seeds: list[int],
+    stop: int | None = None,
 ) -> torch.Tensor:
-    """The final latents of len(seeds) pictures: StableDiffusionPipeline.__call__'s loop."""
+    """The final latents [N, C, h, w] of len(seeds) pictures: StableDiffusionPipeline.__call__'s
+    loop; with `stop`, the latents after its first `stop` steps (0: the initial noise), those
+    the sampler feeds the UNet at step `stop` (its timestep: pipe.scheduler.timesteps[stop])."""
     unet, scheduler, device = pipe.unet, pipe.scheduler, pipe.device
     dtype = unet.dtype
     cond = prompt_embeds.to(device=device, dtype=dtype)
@@ -127,7 +130,7 @@ def denoise(
         len(cond), unet.config.in_channels, r.height, r.width, dtype, device, generators
     )
     extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
-    for t in scheduler.timesteps:
+    for t in scheduler.timesteps[:stop]:
         model_input = torch.cat([latents] * 2) if cfg else latents
         model_input = scheduler.scale_model_input(model_input, t)
         noise = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]

@@ -34,6 +34,7 @@ from pipeline.core.sections import ParamsError
 from pipeline.data.shards import ShardError, ShardReader, load_constants, read_meta
 from pipeline.metrics.cross_attention import Loss, training_loss
 from pipeline.metrics.losses import weighted_mse
+from pipeline.metrics.unet_loss import UnetLoss
 from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
 from pipeline.models.base import CONFIG_FILE
 from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
@@ -153,6 +154,73 @@ def evaluate_loss(
         )
         total += error * len(hidden)
     return total.item() / len(reader)
+
+
+# The train.loss of the fine-tune through the frozen UNet (pipeline/metrics/unet_loss.py).
+UNET = "unet"
+
+
+@torch.no_grad()
+def own_states(model: Deprojector, embeds: torch.Tensor) -> torch.Tensor:
+    """[B, 77, D]: the model's free-running generation from embeds [B, D] (in eval mode,
+    without gradient): as inputs of a teacher-forced pass, its outputs are the generated
+    states, with the gradient truncated at the fed-back inputs as `train.rollout`'s."""
+    training = model.training
+    model.eval()
+    states = model.generate(embeds)
+    model.train(training)
+    return states
+
+
+def fed_back(
+    model: Deprojector, embeds: torch.Tensor, hidden: torch.Tensor, kind: str, share: float
+) -> torch.Tensor:
+    """The previous states [B, 77, D] a training step feeds the model: its own generation
+    for the `unet` loss (what the UNet reads at sampling); the true states `hidden`, except,
+    with scheduled sampling, for a random `share` of the rows (torch's generator), which get
+    the model's own generation (the exposure-bias remedy of docs/architectures.md)."""
+    if kind == UNET:
+        return own_states(model, embeds)
+    if share <= 0:
+        return hidden
+    rows = torch.rand(len(hidden)) < share
+    if not rows.any():
+        return hidden
+    mixed = hidden.to(model.null.dtype).clone()
+    mixed[rows.to(hidden.device)] = own_states(model, embeds[rows.to(embeds.device)])
+    return mixed
+
+
+@torch.no_grad()
+def evaluate_unet_loss(
+    model: Deprojector, reader: ShardReader, loss: UnetLoss, device: torch.device, chunk: int = 20
+) -> float:
+    """The `unet` loss of the model's generated states over a whole split (row-weighted),
+    in chunks of `chunk` rows, each at its own sampler step; the draws come from a generator
+    seeded 0, so every evaluation sees the same steps and noise."""
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    total = 0.0
+    for batch in reader.iter_batches(chunk):
+        pred = model.generate(batch.embeds.to(device))
+        total += loss(pred, batch.hidden.to(device).float(), generator=generator).item() * len(pred)
+    return total / len(reader)
+
+
+def split_loss(
+    model: Deprojector,
+    reader: ShardReader,
+    t: TrainParams,
+    kind: str,
+    loss: Loss | UnetLoss,
+    device: torch.device,
+) -> float:
+    """The loss early stopping compares, on a whole split: the weighted states loss, or the
+    loss `kind` of the phase (`loss`), teacher-forced; the `unet` loss on generated states."""
+    if isinstance(loss, UnetLoss):
+        return evaluate_unet_loss(model, reader, loss, device)
+    forced = None if kind == "states" else loss
+    return evaluate_loss(model, reader, t.batch_size, t.mask_weight, device, forced)
 
 
 def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
@@ -276,12 +344,8 @@ def train_model(
     hooks.model_built(model)
     train_reader = ShardReader(shards_dir / "train", model.config.hidden_size)
     test_reader = ShardReader(shards_dir / "test", model.config.hidden_size)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=t.lr)
-    # train.loss: states (the weighted squared error), or measured through base.sd's UNet
-    # cross-attention keys and values (pipeline/metrics/cross_attention.py).
-    loss_of = training_loss(
-        t.loss, t.mask_weight, params.base.sd, model.config.hidden_size, device=device
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=t.lr)
 
     checkpoint = checkpoint_dir / f"{name}.pt"
     fingerprint = _fingerprint(name, params, shards_dir)
@@ -300,95 +364,125 @@ def train_model(
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
 
     steps = math.ceil(len(train_reader) / t.batch_size)
-    for epoch in range(len(history), t.epochs):
-        if t.patience and epoch - best["epoch"] > t.patience:
-            log(accelerator, f"{name}: early stop, no better test loss for {t.patience} epochs")
-            break
-        ddp_model.train()
-        running = torch.zeros((), device=device)
-        batches = train_reader.iter_batches(
-            t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, rank=rank, world=world
+    # The epochs of train.loss, then those of the fine-tune through the UNet (train.unet_epochs),
+    # whose history entries say `"phase": "unet"`.
+    phases = [(t.loss, t.epochs)] + ([(UNET, t.unet_epochs)] if t.unet_epochs else [])
+    for kind, epochs in phases:
+        fine_tune = kind == UNET and t.loss != UNET
+        done = sum(1 for h in history if (h.get("phase") == UNET) == fine_tune)
+        if not fine_tune and len(history) > done:
+            continue  # resumed inside the fine-tune: the first phase is over
+        # train.loss: states (the weighted squared error), measured through base.sd's UNet
+        # cross-attention keys and values (pipeline/metrics/cross_attention.py), or through
+        # its noise prediction (pipeline/metrics/unet_loss.py).
+        loss_of = (
+            UnetLoss(params.base.sd, params.base.clip, params.render, device)
+            if kind == UNET
+            else training_loss(
+                kind, t.mask_weight, params.base.sd, model.config.hidden_size, device=device
+            )
         )
-        for batch in tqdm(
-            _each_in_phase(batches, hooks, "read"),
-            total=steps,
-            desc=f"{name} epoch {epoch + 1}/{t.epochs}",
-            unit="batch",
-            leave=False,
-            disable=not accelerator.is_main_process,
-        ):
-            hidden, mask = batch.hidden.to(device), batch.mask.to(device)
-            embeds = batch.embeds.to(device)
-            with hooks.phase("forward"):
-                pred = ddp_model(embeds, hidden)
-            with hooks.phase("loss"):
-                loss = loss_of(pred.float(), hidden, mask)
-            for _ in range(t.rollout):
-                # Free-running: the model's own predictions as inputs, the gradient truncated
-                # at each pass (docs/architectures.md, training data and loss).
-                with hooks.phase("forward"):
-                    pred = ddp_model(embeds, pred.detach())
-                with hooks.phase("loss"):
-                    loss = loss + loss_of(pred.float(), hidden, mask)
-            loss = loss / (1 + t.rollout)
-            with hooks.phase("zero_grad"):
-                optimizer.zero_grad(set_to_none=True)
-            with hooks.phase("backward"):
-                accelerator.backward(loss)
-            with hooks.phase("optimizer"):
-                optimizer.step()
-            running += loss.detach()  # summed on the device; read once per epoch
-        train_loss = accelerator.reduce(running, reduction="mean").item() / steps
-        # Every process scores the whole test split: same numbers, same early-stopping choice.
-        with hooks.phase("evaluate"):
-            test_loss = evaluate_loss(
-                model,
-                test_reader,
-                t.batch_size,
-                t.mask_weight,
-                device,
-                None if t.loss == "states" else loss_of,
-            )
-        if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
-            kept = (
-                f"the checkpoint of epoch {epoch} is kept in {checkpoint}"
-                if epoch and checkpoint.is_file()
-                else "no checkpoint was written"
-            )
-            raise TrainingDiverged(
-                f"{name}: training diverged at epoch {epoch + 1}: train loss {train_loss}, "
-                f"test loss {test_loss} (train.lr = {t.lr:g}: a smaller learning rate?); "
-                f"stopped, models/{name} left as it was, {kept}"
-            )
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss})
-        if test_loss < best["loss"]:
-            best = Best(
-                loss=test_loss,
-                epoch=epoch,
-                state={k: v.detach().clone() for k, v in model.state_dict().items()},
-            )
-        log(
-            accelerator,
-            f"{name} epoch {epoch + 1}: train loss {train_loss:.5f}, test loss "
-            f"{test_loss:.5f}{' (best)' if best['epoch'] == epoch else ''}",
-        )
-        if accelerator.is_main_process:
-            with hooks.phase("checkpoint"), atomic_path(checkpoint) as tmp:
-                # Serialised in memory and written by Python: a full disk is an OSError
-                # (pipeline/core/atomic.py), not torch's writer's RuntimeError.
-                buffer = io.BytesIO()
-                torch.save(
-                    {
-                        "fingerprint": fingerprint,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "rng": torch.get_rng_state(),
-                        "history": history,
-                        "best": best,
-                    },
-                    buffer,
+
+        if fine_tune and not done:
+            # From the first phase's best epoch, with a fresh optimiser at train.unet_lr; that
+            # epoch's own loss through the UNet is the one to beat.
+            assert best["state"] is not None, "the first phase scored an epoch"
+            model.load_state_dict(best["state"])
+            optimizer.load_state_dict(torch.optim.Adam(trainable, lr=t.unet_lr).state_dict())
+            with hooks.phase("evaluate"):
+                start = split_loss(model, test_reader, t, kind, loss_of, device)
+            best = Best(loss=start, epoch=len(history) - 1, state=best["state"])
+            log(accelerator, f"{name}: fine-tune through the UNet from test loss {start:.5f}")
+        for epoch in range(len(history), len(history) + epochs - done):
+            if t.patience and epoch - best["epoch"] > t.patience:
+                log(
+                    accelerator,
+                    f"{name}: early stop, no better test loss for {t.patience} epochs",
                 )
-                tmp.write_bytes(buffer.getbuffer())
+                break
+            ddp_model.train()
+            running = torch.zeros((), device=device)
+            batches = train_reader.iter_batches(
+                t.batch_size, shuffle=True, seed=t.seed, epoch=epoch, rank=rank, world=world
+            )
+            # Scheduled sampling: this epoch's share of rows fed the model's own generation.
+            share = t.scheduled_sampling * (epoch + 1) / t.epochs if kind != UNET else 0.0
+            for batch in tqdm(
+                _each_in_phase(batches, hooks, "read"),
+                total=steps,
+                desc=f"{name} {'unet ' if fine_tune else ''}epoch {epoch + 1}",
+                unit="batch",
+                leave=False,
+                disable=not accelerator.is_main_process,
+            ):
+                rows = t.unet_rows if kind == UNET else len(batch.hidden)
+                hidden, mask = batch.hidden[:rows].to(device), batch.mask[:rows].to(device)
+                embeds = batch.embeds[:rows].to(device)
+                with hooks.phase("forward"):
+                    pred = ddp_model(embeds, fed_back(model, embeds, hidden, kind, share))
+                with hooks.phase("loss"):
+                    loss = loss_of(pred.float(), hidden, mask)
+                for _ in range(t.rollout if kind != UNET else 0):
+                    # Free-running: the model's own predictions as inputs, the gradient
+                    # truncated at each pass (docs/architectures.md, training data and loss).
+                    with hooks.phase("forward"):
+                        pred = ddp_model(embeds, pred.detach())
+                    with hooks.phase("loss"):
+                        loss = loss + loss_of(pred.float(), hidden, mask)
+                loss = loss / (1 + (t.rollout if kind != UNET else 0))
+                with hooks.phase("zero_grad"):
+                    optimizer.zero_grad(set_to_none=True)
+                with hooks.phase("backward"):
+                    accelerator.backward(loss)
+                with hooks.phase("optimizer"):
+                    optimizer.step()
+                running += loss.detach()  # summed on the device; read once per epoch
+            train_loss = accelerator.reduce(running, reduction="mean").item() / steps
+            # Every process scores the whole test split: same numbers, same early stopping.
+            with hooks.phase("evaluate"):
+                test_loss = split_loss(model, test_reader, t, kind, loss_of, device)
+            if not (math.isfinite(train_loss) and math.isfinite(test_loss)):
+                kept = (
+                    f"the checkpoint of epoch {epoch} is kept in {checkpoint}"
+                    if epoch and checkpoint.is_file()
+                    else "no checkpoint was written"
+                )
+                raise TrainingDiverged(
+                    f"{name}: training diverged at epoch {epoch + 1}: train loss {train_loss}, "
+                    f"test loss {test_loss} (train.lr = {t.lr:g}: a smaller learning rate?); "
+                    f"stopped, models/{name} left as it was, {kept}"
+                )
+            entry = {"epoch": epoch + 1, "train_loss": train_loss, "test_loss": test_loss}
+            history.append(entry | ({"phase": UNET} if fine_tune else {}))
+            if test_loss < best["loss"]:
+                best = Best(
+                    loss=test_loss,
+                    epoch=epoch,
+                    state={k: v.detach().clone() for k, v in model.state_dict().items()},
+                )
+            log(
+                accelerator,
+                f"{name} {'unet ' if fine_tune else ''}epoch {epoch + 1}: train loss "
+                f"{train_loss:.5f}, test loss {test_loss:.5f}"
+                f"{' (best)' if best['epoch'] == epoch else ''}",
+            )
+            if accelerator.is_main_process:
+                with hooks.phase("checkpoint"), atomic_path(checkpoint) as tmp:
+                    # Serialised in memory and written by Python: a full disk is an OSError
+                    # (pipeline/core/atomic.py), not torch's writer's RuntimeError.
+                    buffer = io.BytesIO()
+                    torch.save(
+                        {
+                            "fingerprint": fingerprint,
+                            "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            "history": history,
+                            "best": best,
+                        },
+                        buffer,
+                    )
+                    tmp.write_bytes(buffer.getbuffer())
 
     if best["state"] is None:  # no epoch ran (epochs already done) or none was scored
         raise TrainingDiverged(

@@ -277,6 +277,23 @@ def train_command(
     _run(lambda: run_train_stage(name, _params(params), shards))
 
 
+@app.command("card")
+def card_command(
+    name: str = typer.Argument(..., help="A run name of params.yaml's `models:` section."),
+    params: Path = ParamsOption,
+) -> None:
+    """Copy evaluate's figures, with their intervals, into the model card models/NAME/README.md.
+
+    Reads the card `deprojector train NAME` wrote (Hub metadata: library, base models, tags,
+    license, training budget, sampling settings) and reports/metrics/NAME.json and
+    reports/metrics/adherence.json; rewrites the card with a table of the figures and in its
+    YAML header (`evaluation`). The card's snippet draws with the deprojector from diffusers.
+    """
+    from pipeline.stages.card import run_card_stage
+
+    _run(lambda: typer.echo(f"wrote {run_card_stage(name, _params(params))}"))
+
+
 @app.command("evaluate")
 def evaluate_command(
     params: Path = ParamsOption,
@@ -419,8 +436,10 @@ GENERATE_OPTIONS = (
         [
             "Generate an image of PROMPT with base.sd, conditioned through a deprojector; with "
             "several --t, a strip of images from PROMPT to --mix PROMPT_B.",
-            "Unset options come from the render section of the params file (its defaults without "
-            "one); the negative prompt is '' unless --negative gives one.",
+            "Unset options come from the render section of the params file; without one, from "
+            "the sampling settings the deprojector folder records (what the pipeline drew "
+            "with), else render's defaults. The negative prompt is '' unless --negative "
+            "gives one.",
             PROMPT_GRAMMAR,
         ]
     ),
@@ -453,7 +472,7 @@ def generate_command(
     from pipeline.sampling.sd import generate_images, load_pipeline
 
     def step():
-        p = params_or_defaults(params)
+        p = params_or_defaults(params, None if options.no_deprojector else options.model)
         overrides = {
             "seed": seed,
             "steps": steps,

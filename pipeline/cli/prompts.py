@@ -108,7 +108,8 @@ PROMPT_PARAMETERS = [
             "--model",
             "-m",
             help="Deprojector folder (config.json + model.safetensors), e.g. "
-            "models/vicinity-batch.",
+            "models/vicinity-batch, or a Hugging Face Hub id OWNER/NAME (downloaded once into "
+            "the HF cache; HF_HUB_OFFLINE=1 reads only the cache).",
         ),
     ),
     _option(
@@ -240,14 +241,21 @@ def with_prompt_options(command):
     return wrapper
 
 
-def params_or_defaults(path: Path):
+def params_or_defaults(path: Path, model: Path | None = None):
     """The params file if it exists; else, for the default name, the defaults (base.clip,
-    base.sd `builtin`, render.*), so the commands work outside the project."""
+    base.sd `builtin`, render.*), so the commands work outside the project, with the sampling
+    settings (render.steps, guidance_scale, height, width, scheduler) the deprojector
+    `model` records. Options given on the command line override either."""
+    import dataclasses
+
     from pipeline.config.params import Params, load_params
+    from pipeline.models import recorded_sampling
 
     if path.exists() or path != Path("params.yaml"):
         return load_params(path)
-    return Params()
+    defaults = Params()
+    recorded = recorded_sampling(model) if model is not None else {}
+    return dataclasses.replace(defaults, render=dataclasses.replace(defaults.render, **recorded))
 
 
 def conditionings(o: PromptOptions, params, params_file: bool):

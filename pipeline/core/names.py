@@ -22,6 +22,9 @@ REFERENCE = "reference"  # the grid row of ordinary CLIP states (no deprojector)
 BLEND = "blend"
 HEADLINE = "headline"  # reports/headline.json: a handful of numbers per row, the DVC metrics
 IMAGE_ROWS = ("scene", "image prompt")  # grid rows: a drawn scene; its image-prompt picture
+# Files of a deprojector folder beside config.json and model.safetensors (pipeline/models):
+GAP_FILE: Final = "modality_gap.safetensors"  # its base CLIP's image -> text bridges
+CARD_FILE: Final = "README.md"  # its model card (Hub YAML metadata + text)
 
 RESERVED_RUN_NAMES = (
     WORLD,

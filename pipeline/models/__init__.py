@@ -16,20 +16,30 @@ import torch
 from torch import nn
 
 from pipeline.core.conventions import CONSTANT_NAMES
+from pipeline.core.errors import read_json
 from pipeline.models.base import (
     ARCHITECTURES,
     COMPOSITES,
+    CONFIG_FILE,
     BaseMismatchError,
     Deprojector,
     DeprojectorConfig,
     ModelFileError,
 )
+from pipeline.models.hub import HubOptions, resolve_folder
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 # Config fields that come from the base model and the architecture, never from params.
-FIXED_FIELDS = ("model_type", "hidden_size", "projection_size", "base_clip", "base_fingerprint")
+FIXED_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "projection_size",
+    "base_clip",
+    "base_fingerprint",
+    "sampling",  # render.*, recorded by training
+)
 
 
 def architecture(model_type: str) -> type[Deprojector]:
@@ -93,8 +103,27 @@ def build_deprojector(
     return model
 
 
-def load_deprojector(path: str | Path, device: str | torch.device = "cpu") -> Deprojector:
-    return Deprojector.from_pretrained(path, device=device)
+def load_deprojector(
+    path: str | Path, device: str | torch.device = "cpu", **hub: Any
+) -> Deprojector:
+    """Deprojector.from_pretrained: a folder or a Hub id (`hub`: HubOptions' keywords)."""
+    return Deprojector.from_pretrained(path, device=device, **hub)
+
+
+def recorded_sampling(path: str | Path, **hub: Any) -> dict[str, Any]:
+    """The sampling settings (render.* names: steps, guidance_scale, height, width,
+    scheduler) the deprojector in `path` (a folder or a Hub id) records; {} for a folder
+    saved before they were recorded, or where there is no deprojector (loading it then
+    says why)."""
+    try:
+        folder = resolve_folder(path, HubOptions(**hub))
+    except FileNotFoundError:
+        return {}
+    if not (folder / CONFIG_FILE).is_file():
+        return {}
+    raw = read_json(folder / CONFIG_FILE, ModelFileError, "train or save it again")
+    sampling = raw.get("sampling") or {}
+    return dict(sampling) if isinstance(sampling, dict) else {}
 
 
 __all__ = [
@@ -109,4 +138,5 @@ __all__ = [
     "check_hyperparameters",
     "hyperparameters",
     "load_deprojector",
+    "recorded_sampling",
 ]

@@ -13,22 +13,33 @@ docs/architectures.md.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from transformers.activations import ACT2FN
 
 from pipeline.core.atomic import save_tensors, write_text
 from pipeline.core.conventions import MAX_LENGTH
 from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
+from pipeline.models.hub import HubOptions, copy_companions, push_folder, resolve_folder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The sampling settings a config records (params.yaml's render.* names) and the keyword of
+# StableDiffusionPipeline.__call__ each is (the scheduler is the pipeline's, not a keyword).
+SAMPLING_KEYWORDS = {
+    "steps": "num_inference_steps",
+    "guidance_scale": "guidance_scale",
+    "height": "height",
+    "width": "width",
+    "scheduler": None,
+}
 
 
 class BaseMismatchError(DeprojectorError, ValueError):
@@ -72,7 +83,14 @@ def few_rows_linear(
 # follow (its attribute lookup says only "Tensor or Module").
 ClipTextModel = Any
 
-_FIELD_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list[str]": list}
+_FIELD_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "list[str]": list,
+    "dict": dict,
+}
 
 
 @dataclass
@@ -85,6 +103,10 @@ class DeprojectorConfig:
     # that CLIP's files (pipeline.base.files.clip_fingerprint); "" when not recorded.
     base_clip: str = ""
     base_fingerprint: str = ""
+    # The sampling settings the base SD draws best with, recorded at training from render.*
+    # (steps, guidance_scale, height, width, scheduler): the defaults of `generate` and of
+    # PromptEncoder.sampling_kwargs outside a project. {} when not recorded (older folders).
+    sampling: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -100,6 +122,12 @@ class DeprojectorConfig:
         for name in ("hidden_size", "projection_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        unknown = sorted(set(self.sampling) - set(SAMPLING_KEYWORDS))
+        if unknown:
+            raise ValueError(
+                f"sampling: unknown setting(s) {', '.join(unknown)} "
+                f"(known: {', '.join(SAMPLING_KEYWORDS)})"
+            )
         if self.num_positions != MAX_LENGTH:  # every prompt_embeds SD takes has CLIP's 77
             raise ValueError(
                 f"num_positions must be {MAX_LENGTH} (CLIP's context, the "
@@ -112,6 +140,9 @@ class DeprojectorConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeprojectorConfig:
+        """The config of a parsed config.json; the keys diffusers' ConfigMixin adds
+        (`_class_name`, `_diffusers_version`, ...: a leading underscore) are not fields."""
+        d = {k: v for k, v in d.items() if not k.startswith("_")}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -145,7 +176,15 @@ def register_composite(cls: D_) -> D_:
     return cls
 
 
-class Deprojector(nn.Module):
+class Deprojector(ModelMixin, ConfigMixin):
+    """The base of every architecture: a diffusers `ModelMixin` + `ConfigMixin` whose config
+    (the `config` property) is the architecture's config dataclass, the same fields as the
+    ConfigMixin config saved to config.json (with diffusers' `_class_name` and
+    `_diffusers_version`). Folders and Hub repositories load with `from_pretrained`, save
+    with `save_pretrained`, upload with `push_to_hub`."""
+
+    # ConfigMixin's file name (ModelMixin's too; ConfigMixin types it as None).
+    config_name = CONFIG_FILE  # type: ignore[assignment]
     model_type: str = ""  # set by each registered subclass; its key in ARCHITECTURES
     config_class: type[DeprojectorConfig] = DeprojectorConfig
     # True: training passes the base CLIP text model to config_from_base and init_from_base.
@@ -163,13 +202,30 @@ class Deprojector(nn.Module):
                 f"model_type {config.model_type!r} does not match {type(self).__name__} "
                 f"({self.model_type!r})"
             )
-        self.config = config
+        self._deprojector_config = config
+        self.register_to_config(**config.to_dict())  # ConfigMixin's copy, saved as config.json
         self.name_or_path = "(unsaved deprojector)"
         D, P = config.hidden_size, config.projection_size
         # Constants of the base CLIP model, filled by set_constants and saved with the weights.
         self.register_buffer("sos", torch.zeros(D))
         self.register_buffer("null", torch.zeros(D))
         self.register_buffer("deprojection", torch.zeros(D, P))
+
+    @property
+    def config(self) -> DeprojectorConfig:  # type: ignore[override]
+        """The architecture's config dataclass (ConfigMixin's FrozenDict holds its fields)."""
+        return self._deprojector_config
+
+    def to_json_string(self) -> str:
+        """config.json's text: ConfigMixin's, refreshed from the config dataclass (training
+        records the base CLIP and the sampling settings in it after construction)."""
+        self.register_to_config(**self.config.to_dict())
+        return super().to_json_string()
+
+    def __getattr__(self, name: str) -> Any:
+        # nn.Module's lookup (parameters, buffers, submodules), not ModelMixin's, which would
+        # answer a config key first: `norm` the setting instead of `norm` the LayerNorm.
+        return nn.Module.__getattr__(self, name)
 
     # --- subclass interface -----------------------------------------------------------------
 
@@ -278,12 +334,34 @@ class Deprojector(nn.Module):
                 "Use its base CLIP or retrain it on this one"
             )
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
+    def save_pretrained(  # type: ignore[override]
+        self, save_directory: str | Path, companions: bool = True
+    ) -> None:
+        """config.json (ConfigMixin's, with `_class_name` and `_diffusers_version`) and
+        model.safetensors in `save_directory`; with `companions`, the modality-gap statistics
+        and the model card (README.md) of the folder it was loaded from, where it has them."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        write_text(folder / CONFIG_FILE, json.dumps(self.config.to_dict(), indent=2) + "\n")
+        write_text(folder / CONFIG_FILE, self.to_json_string())
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_tensors(folder / WEIGHTS_FILE, tensors, metadata={"format": "pt"})
+        if companions:
+            copy_companions(Path(str(self.name_or_path)), folder)
+
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+    ) -> str:
+        """Upload `save_pretrained`'s folder (config.json, model.safetensors, the members of
+        an ensemble, and the modality_gap.safetensors and README.md model card of the folder
+        it was loaded from) to the Hub repository `repo_id` ("owner/name"; created if
+        missing) in one commit; returns the commit's URL. Needs a Hub token (`hf auth
+        login` or `token=`)."""
+        return push_folder(self.save_pretrained, repo_id, commit_message, private, token, create_pr)
 
     @classmethod
     def from_folder(
@@ -294,11 +372,23 @@ class Deprojector(nn.Module):
         raise NotImplementedError(f"{cls.__name__} is not a composite: use from_pretrained")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> Deprojector:
-        """Load any saved deprojector (dispatching on model_type), in eval mode."""
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        device: str | torch.device = "cpu",
+        **hub: Any,
+    ) -> Deprojector:
+        """Load any saved deprojector (dispatching on model_type), in eval mode, from a folder
+        or a Hub repository id ("owner/name", downloaded once into the Hugging Face cache;
+        `HF_HUB_OFFLINE=1` or local_files_only=True reads the cache only). `hub`: the
+        keywords of `HubOptions` (revision, cache_dir, local_files_only, token, subfolder).
+        Folders saved before the diffusers layout (no `_class_name`) load the same.
+
+        Raises FileNotFoundError (no such folder or repository), ModelFileError (a corrupt
+        or foreign config.json / model.safetensors)."""
         # ARCHITECTURES is complete here: importing this module imports the package first,
         # whose __init__ imports every architecture.
-        folder = Path(path)
+        folder = resolve_folder(pretrained_model_name_or_path, HubOptions(**hub))
         config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"no deprojector in {folder}: {CONFIG_FILE} is missing")
@@ -327,7 +417,8 @@ class Deprojector(nn.Module):
                 f"{weights_file}: its tensors do not fit {config_file} ({detail}); {advice}"
             ) from err
         model.name_or_path = str(folder)
-        return model.to(device).eval()
+        nn.Module.to(model, device)  # in place (ModelMixin's `to` is typed for dtypes only)
+        return model.eval()
 
     @classmethod
     def config_from_file(

@@ -32,6 +32,7 @@ from pipeline.models.base import (
     ModelFileError,
     register_composite,
 )
+from pipeline.models.hub import copy_companions
 
 MEMBERS_DIR = "members"  # where save_pretrained puts the members' copies
 
@@ -134,16 +135,22 @@ class EnsembleDeprojector(Deprojector):
 
     # --- folders ------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """config.json plus a copy of every member in members/00-NAME/ (self-contained)."""
+    def save_pretrained(  # type: ignore[override]
+        self, save_directory: str | Path, companions: bool = True
+    ) -> None:
+        """config.json plus a copy of every member in members/00-NAME/ (self-contained: what
+        push_to_hub uploads); with `companions`, the modality-gap statistics and model card
+        of the folder it was loaded from."""
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
         for i, member in enumerate(self.deprojectors):
             names.append(f"{MEMBERS_DIR}/{i:02d}-{Path(str(member.name_or_path)).name}")
-            member.save_pretrained(folder / names[-1])
-        config = {**self.config.to_dict(), "members": names}
-        write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+            member.save_pretrained(folder / names[-1], companions=False)
+        config = {**json.loads(self.to_json_string()), "members": names}
+        write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if companions:
+            copy_companions(Path(str(self.name_or_path)), folder)
 
     @classmethod
     def from_folder(
@@ -164,4 +171,5 @@ class EnsembleDeprojector(Deprojector):
             members.append(Deprojector.from_pretrained(path, device=device))
         model = cls(config, members)
         model.name_or_path = str(folder)
-        return model.to(device).eval()
+        nn.Module.to(model, device)  # in place (ModelMixin's `to` is typed for dtypes only)
+        return model.eval()

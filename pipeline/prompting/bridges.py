@@ -11,10 +11,9 @@ import torch
 
 from pipeline.core.atomic import save_tensors
 from pipeline.core.errors import read_safetensors
-from pipeline.core.names import BRIDGES
+from pipeline.core.names import BRIDGES, GAP_FILE
 from pipeline.prompting.images import ImagePromptError
 
-GAP_FILE = "modality_gap.safetensors"
 GAP_SUMMARY = "modality_gap.json"  # the gap stage's summary (`computed`), written last
 
 

@@ -31,6 +31,7 @@ from pipeline.base.loaders import ClipText, load_clip
 from pipeline.base.vision import ImageTower
 from pipeline.core.conventions import MAX_LENGTH, combine_embeddings, interpolate_embeddings
 from pipeline.models import Deprojector, load_deprojector
+from pipeline.models.base import SAMPLING_KEYWORDS
 from pipeline.prompting.bridges import ModalityGap, image_pooled, saved_gap
 from pipeline.prompting.grammar import WEIGHT_NUMBER, PromptError, checked_weight, parse_weighted
 from pipeline.prompting.images import ImagePromptError, checked_rgb, load_image
@@ -147,7 +148,8 @@ class PromptEncoder:
         device: str = "cpu",
         base_dir: Path = WORLD_DIR,
     ) -> PromptEncoder:
-        """The deprojector folder `model` (None: the reference only) with its base CLIP.
+        """The deprojector folder or Hugging Face Hub id `model` (None: the reference only)
+        with its base CLIP.
 
         clip: `builtin`, a folder or a hub id; None: the base the deprojector was trained on
         (its config records it). gap: modality-gap statistics (a `gap` stage folder or file);
@@ -172,8 +174,24 @@ class PromptEncoder:
         elif gap is not None:
             stats = ModalityGap.load(gap)
         else:
-            stats = saved_gap(model) if model is not None else None
+            # the folder it loaded from: a Hub id resolves to its cached snapshot
+            folder = deprojector.name_or_path if deprojector is not None else None
+            stats = saved_gap(folder) if folder is not None else None
         return cls(text, deprojector, tower, stats)
+
+    def sampling_kwargs(self) -> dict[str, int | float]:
+        """The keywords of StableDiffusionPipeline.__call__ the deprojector's folder records
+        (num_inference_steps, guidance_scale, height, width: params.yaml's render.* when it
+        was trained): `pipe(prompt_embeds=..., **encoder.sampling_kwargs())` draws what the
+        pipeline draws. {} without a deprojector or for a folder saved before they were
+        recorded (diffusers' defaults then apply). The scheduler is the pipeline's own:
+        `deprojector.config.sampling["scheduler"]` names the one it was drawn with."""
+        sampling = self.deprojector.config.sampling if self.deprojector is not None else {}
+        return {
+            keyword: value
+            for key, value in sampling.items()
+            if (keyword := SAMPLING_KEYWORDS[key]) is not None
+        }
 
     def with_deprojector(self, deprojector: Deprojector | None) -> PromptEncoder:
         """The same base CLIP, tower and statistics with another deprojector (None: the

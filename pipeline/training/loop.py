@@ -14,6 +14,7 @@ import io
 import json
 import math
 import shutil
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
@@ -36,8 +37,9 @@ from pipeline.metrics.cross_attention import Loss, training_loss
 from pipeline.metrics.losses import weighted_mse
 from pipeline.metrics.unet_loss import UnetLoss
 from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
-from pipeline.models.base import CONFIG_FILE
+from pipeline.models.base import CONFIG_FILE, SAMPLING_KEYWORDS
 from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
+from pipeline.models.hub import CardFacts, write_card
 from pipeline.prompting.bridges import GAP_FILE
 from pipeline.prompting.bridges import GAP_SUMMARY as SUMMARY_FILE
 
@@ -245,6 +247,37 @@ def record_base(model: Deprojector | DeprojectorConfig, base_clip: str) -> None:
     config.base_fingerprint = clip_fingerprint(source_folder(source, "config.json"))
 
 
+def record_sampling(config: DeprojectorConfig, params: Params) -> None:
+    """Write render.*'s sampling settings (SAMPLING_KEYWORDS) into the config: what `generate`
+    and PromptEncoder.sampling_kwargs draw with outside a project (no params.yaml)."""
+    config.sampling = {key: getattr(params.render, key) for key in SAMPLING_KEYWORDS}
+
+
+def write_training_card(
+    name: str,
+    config: DeprojectorConfig,
+    params: Params,
+    out_dir: Path,
+    budget: tuple[int, int, int, float],
+) -> None:
+    """models/NAME/README.md: the model card of a run just trained (no evaluation figures
+    yet: `deprojector card NAME` adds evaluate's). budget: (rows, epochs, steps, seconds)."""
+    rows, epochs, steps, seconds = budget
+    facts = CardFacts(
+        name=name,
+        model_type=config.model_type,
+        base_clip=params.base.clip,
+        base_sd=params.base.sd,
+        rows=rows,
+        epochs=epochs,
+        steps=steps,
+        seconds=seconds,
+        captions=params.captions.source,
+        sampling=config.sampling,
+    )
+    write_card(facts, out_dir, f"models/{name}")
+
+
 def copy_gap(out_dir: Path, gap_dir: Path) -> None:
     """Put gap_dir's modality-gap statistics, when the `gap` stage computed them, into a
     saved deprojector's folder (image prompts read them from there).
@@ -292,11 +325,13 @@ def write_ensemble(
         members=[f"../{member}" for member in model_spec(name, params).hparams["members"]],
     )
     record_base(config, params.base.clip)
+    record_sampling(config, params)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     write_json(out_dir / CONFIG_FILE, config.to_dict())
     copy_gap(out_dir, gap_dir)
+    write_training_card(name, config, params, out_dir, (0, 0, 0, 0.0))
     plots_dir.mkdir(parents=True, exist_ok=True)
     write_json(plots_dir / f"{name}.json", [])
     tqdm.write(f"{name}: an ensemble of {', '.join(config.members)}; nothing to train")
@@ -364,6 +399,7 @@ def train_model(
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
 
     steps = math.ceil(len(train_reader) / t.batch_size)
+    started = time.perf_counter()
     # The epochs of train.loss, then those of the fine-tune through the UNet (train.unet_epochs),
     # whose history entries say `"phase": "unet"`.
     phases = [(t.loss, t.epochs)] + ([(UNET, t.unet_epochs)] if t.unet_epochs else [])
@@ -492,8 +528,16 @@ def train_model(
         assert best["state"] is not None, "train.epochs >= 1: an epoch was scored"
         model.load_state_dict(best["state"])
         record_base(model, params.base.clip)
-        model.save_pretrained(out_dir)
+        record_sampling(model.config, params)
+        model.save_pretrained(out_dir, companions=False)
         copy_gap(out_dir, gap_dir)
+        budget = (
+            len(train_reader),
+            len(history),
+            steps * len(history),
+            time.perf_counter() - started,  # this process's epochs; a resumed run's later ones
+        )
+        write_training_card(name, model.config, params, out_dir, budget)
         plots_dir.mkdir(parents=True, exist_ok=True)
         write_json(plots_dir / f"{name}.json", history)
         checkpoint.unlink(missing_ok=True)

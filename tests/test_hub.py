@@ -25,8 +25,8 @@ from pipeline.models import (
     load_deprojector,
     recorded_sampling,
 )
+from pipeline.models.card import CardError, CardFacts, Figure, read_card_facts, write_card
 from pipeline.models.ensemble import EnsembleDeprojector
-from pipeline.models.hub import CardError, CardFacts, Figure, read_card_facts, write_card
 
 D, P = 32, 48
 REPO = Path(__file__).resolve().parent.parent
@@ -210,3 +210,119 @@ def test_a_card_round_trips_its_facts_and_figures(tmp_path):
 def test_a_folder_without_a_card_is_named(tmp_path):
     with pytest.raises(CardError, match="has no model card"):
         read_card_facts(tmp_path)
+
+
+# --- trained folders: the card the pipeline writes, the settings they record -------------------
+
+
+@pytest.fixture
+def project(tmp_path, base_dir, small_shards, monkeypatch):
+    """A project folder holding the small shards (micro-world base models), as cwd."""
+    from tests.conftest import project_dir
+
+    work = project_dir(tmp_path / "project", base_dir)
+    shutil.copytree(small_shards.parent, work / "data")
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_train_writes_the_card_and_the_card_stage_adds_evaluates_figures(project):
+    """`deprojector train` on scratch params writes the card (metadata, budget) and the
+    sampling settings; `deprojector card` copies the figures with their intervals; the card's
+    diffusers snippet runs as written and draws with the recorded settings."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.conftest import SMALL
+
+    render = {k: v for k, v in SAMPLING.items()}
+    raw = {
+        **SMALL,
+        "train": {"epochs": 1, "batch_size": 16, "patience": 0, "seed": 0},
+        "render": render,
+        "models": {"tiny": {"type": "vicinity-batch", "norm": "layer", "vicinity": 2}},
+    }
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["train", "tiny"])
+    assert result.exit_code == 0, result.output
+    folder = project / "models" / "tiny"
+    assert recorded_sampling(folder) == SAMPLING
+    facts = read_card_facts(folder)
+    assert (facts.model_type, facts.epochs, facts.figures) == ("vicinity-batch", 1, ())
+    assert facts.rows > 0 and facts.steps == -(-facts.rows // 16)
+    assert "Not evaluated yet" in (folder / CARD_FILE).read_text()
+
+    result = CliRunner().invoke(app, ["card", "tiny"])
+    assert result.exit_code == 2 and "run `deprojector evaluate` first" in result.output
+    metrics = project / "reports" / "metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "tiny.json").write_text(
+        json.dumps({"autoregressive": {"cosine": 0.61, "cosine_ci95": [0.6, 0.62]}})
+    )
+    (metrics / "adherence.json").write_text(
+        json.dumps({"single": {"tiny": {"adherence": 0.4, "adherence_ci95": [0.3, 0.5]}}})
+    )
+    result = CliRunner().invoke(app, ["card", "tiny"])
+    assert result.exit_code == 0, result.output
+    card = ModelCard.load(folder / CARD_FILE)
+    assert card.data.evaluation["autoregressive cosine"] == {
+        "value": 0.61,
+        "ci95": [0.6, 0.62],
+        "source": "reports/metrics/tiny.json",
+    }
+    assert "| single adherence | 0.4 | [0.3, 0.5] |" in card.text
+    assert read_card_facts(folder).rows == facts.rows  # the budget kept
+
+    snippet = card.text.split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    assert (project / "deprojected.png").is_file()
+    assert scope["encoder"].sampling_kwargs() == {
+        "num_inference_steps": 3,
+        "guidance_scale": 2.5,
+        "height": 32,
+        "width": 32,
+    }
+
+
+def test_generate_outside_a_project_draws_with_the_folders_settings(tmp_path, monkeypatch):
+    """Precedence: flags > params.yaml in the cwd > the folder's recorded settings > render's
+    defaults. From a directory without params.yaml, `generate` draws the in-project picture."""
+    from typer.testing import CliRunner
+
+    from pipeline.base.loaders import load_clip
+    from pipeline.cli import app
+    from pipeline.data.extraction import compute_constants
+    from pipeline.training.loop import record_base
+    from pipeline.world.config import CHECKOUT_WORLD_DIR
+
+    if not (CHECKOUT_WORLD_DIR / "sd").is_dir():
+        pytest.skip("the committed world is not in this checkout")
+    project = tmp_path / "project"
+    (project / "models").mkdir(parents=True)
+    (project / "models" / "world").symlink_to(CHECKOUT_WORLD_DIR, target_is_directory=True)
+    clip = load_clip("builtin", base_dir=CHECKOUT_WORLD_DIR)
+    torch.manual_seed(0)
+    model = build_deprojector(
+        "vicinity-batch", clip.hidden_size, clip.projection_size, compute_constants(clip)
+    ).eval()
+    monkeypatch.chdir(project)
+    record_base(model, "builtin")
+    model.config.sampling = dict(SAMPLING)
+    model.save_pretrained(project / "models" / "run")
+    (project / "params.yaml").write_text(
+        "render:\n  steps: 3\n  guidance_scale: 2.5\n  height: 32\n  width: 32\n"
+    )
+    args = ["generate", "red circle", "-m", str(project / "models" / "run"), "-o"]
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, str(tmp_path / "in.png")]).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = runner.invoke(app, [*args, str(tmp_path / "out.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.png").read_bytes() == (tmp_path / "in.png").read_bytes()
+    result = runner.invoke(app, [*args, str(tmp_path / "flag.png"), "--guidance", "7.5"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "flag.png").read_bytes() != (tmp_path / "in.png").read_bytes()

@@ -17,6 +17,7 @@ from torch import nn
 
 from pipeline.core.conventions import CONSTANT_NAMES
 from pipeline.core.errors import read_json
+from pipeline.core.hub import HubOptions, resolve_folder
 from pipeline.models.base import (
     ARCHITECTURES,
     COMPOSITES,
@@ -26,7 +27,6 @@ from pipeline.models.base import (
     DeprojectorConfig,
     ModelFileError,
 )
-from pipeline.models.hub import HubOptions, resolve_folder
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

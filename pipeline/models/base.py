@@ -27,7 +27,7 @@ from transformers.activations import ACT2FN
 from pipeline.core.atomic import save_tensors, write_text
 from pipeline.core.conventions import MAX_LENGTH
 from pipeline.core.errors import DeprojectorError, read_json, read_safetensors
-from pipeline.models.hub import HubOptions, copy_companions, push_folder, resolve_folder
+from pipeline.core.hub import HubOptions, copy_companions, push_folder, resolve_folder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.core.atomic import write_text
+from pipeline.core.hub import copy_companions
 from pipeline.models.base import (
     CONFIG_FILE,
     BaseMismatchError,
@@ -32,7 +33,6 @@ from pipeline.models.base import (
     ModelFileError,
     register_composite,
 )
-from pipeline.models.hub import copy_companions
 
 MEMBERS_DIR = "members"  # where save_pretrained puts the members' copies
 

@@ -23,7 +23,7 @@ from pipeline.metrics.records import (
     COSINE_MASKED,
     TEACHER_FORCED,
 )
-from pipeline.models.hub import Figure, read_card_facts, write_card
+from pipeline.models.card import Figure, read_card_facts, write_card
 
 COSINE = "cosine"
 DEPROJECTOR_COSINE = "deprojector_cosine"

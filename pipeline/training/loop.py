@@ -38,8 +38,8 @@ from pipeline.metrics.losses import weighted_mse
 from pipeline.metrics.unet_loss import UnetLoss
 from pipeline.models import Deprojector, DeprojectorConfig, architecture, build_deprojector
 from pipeline.models.base import CONFIG_FILE, SAMPLING_KEYWORDS
+from pipeline.models.card import CardFacts, write_card
 from pipeline.models.ensemble import EnsembleConfig, EnsembleDeprojector
-from pipeline.models.hub import CardFacts, write_card
 from pipeline.prompting.bridges import GAP_FILE
 from pipeline.prompting.bridges import GAP_SUMMARY as SUMMARY_FILE
 

@@ -1,136 +1,25 @@
-"""A deprojector folder as the Hugging Face Hub serves it: resolving a repository id to a local
-snapshot, the files that travel with the weights, uploading, and the model card.
-
-A folder holds config.json (diffusers' ConfigMixin layout), model.safetensors, the base CLIP's
-modality-gap statistics (modality_gap.safetensors, for image prompts) and README.md, the model
-card: Hub YAML metadata (huggingface_hub's `ModelCardData`) and a text written by the pipeline
-(`deprojector train`, then `deprojector card` with evaluate's figures).
+"""The model card of a deprojector folder (README.md): Hub YAML metadata (huggingface_hub's
+`ModelCardData`: library, base models, tags, license, training budget, sampling settings,
+evaluation figures with intervals) and a text, written by the pipeline: `deprojector train`,
+then `deprojector card` with evaluate's figures.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from huggingface_hub import (
-    CommitOperationAdd,
-    HfApi,
-    ModelCard,
-    ModelCardData,
-    snapshot_download,
-)
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from pipeline.core.atomic import write_text
 from pipeline.core.conventions import BUILTIN
 from pipeline.core.errors import DeprojectorError
-from pipeline.core.names import CARD_FILE, GAP_FILE
+from pipeline.core.names import CARD_FILE
 
-# Files of a folder that save_pretrained copies along with the weights it writes itself.
-COMPANIONS = (GAP_FILE, CARD_FILE)
 LIBRARY_NAME = "clip-text-deprojector"
 CARD_TAGS = ("clip", "stable-diffusion", "deprojector", "text-embeddings")  # + the model_type
-
-
-@dataclass(frozen=True)
-class HubOptions:
-    """How `from_pretrained` reaches a Hub repository (huggingface_hub.snapshot_download's
-    keywords): revision (branch, tag or commit), cache_dir (default: the HF cache),
-    local_files_only (also with HF_HUB_OFFLINE=1), token, subfolder (a deprojector inside the
-    repository)."""
-
-    revision: str | None = None
-    cache_dir: str | Path | None = None
-    local_files_only: bool = False
-    token: str | bool | None = None
-    subfolder: str = ""
-
-
-def resolve_folder(name_or_path: str | Path, hub: HubOptions = HubOptions()) -> Path:
-    """The local folder of a deprojector: `name_or_path` itself when it is a folder (or
-    anything that is not a Hub id: the loader then names the missing file), else the snapshot
-    of the Hub repository `owner/name`, downloaded into the cache on first use.
-
-    Raises FileNotFoundError when neither the folder nor the repository (or, offline, its
-    cached snapshot) exists."""
-    path = Path(name_or_path)
-    if path.is_dir():
-        return path / hub.subfolder
-    try:
-        validate_repo_id(str(name_or_path))
-    except HFValidationError:
-        return path / hub.subfolder
-    try:
-        snapshot = snapshot_download(
-            str(name_or_path),
-            revision=hub.revision,
-            cache_dir=hub.cache_dir,
-            local_files_only=hub.local_files_only,
-            token=hub.token,
-        )
-    except LocalEntryNotFoundError as err:
-        raise FileNotFoundError(
-            f"no deprojector folder {name_or_path!r}, and the Hub repository of that id is not "
-            "in the Hugging Face cache (offline: HF_HUB_OFFLINE or local_files_only); "
-            "give a folder, or download it once online"
-        ) from err
-    except Exception as err:  # huggingface_hub's HTTP errors: not found, gated, no network
-        raise FileNotFoundError(
-            f"no deprojector folder {name_or_path!r}, and the Hub repository of that id could "
-            f"not be fetched ({type(err).__name__}: {err})"
-        ) from err
-    return Path(snapshot) / hub.subfolder
-
-
-def copy_companions(source: Path, target: Path) -> None:
-    """Copy COMPANIONS that `source` (a loaded model's folder) has into `target` (nothing when
-    they are the same folder or `source` is not a folder)."""
-    if not source.is_dir() or source.resolve() == target.resolve():
-        return
-    for name in COMPANIONS:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-
-
-def upload_operations(folder: Path) -> list[CommitOperationAdd]:
-    """One Hub commit operation per file of `folder` (its path in the repository relative
-    to `folder`), in path order: what push_to_hub sends."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    return [
-        CommitOperationAdd(path_in_repo=p.relative_to(folder).as_posix(), path_or_fileobj=str(p))
-        for p in files
-    ]
-
-
-def push_folder(
-    save: Callable[[Path], None],
-    repo_id: str,
-    commit_message: str | None = None,
-    private: bool | None = None,
-    token: str | None = None,
-    create_pr: bool = False,
-) -> str:
-    """`save` a folder into a temporary directory and upload it to the Hub repository
-    `repo_id` (created if missing) in one commit (huggingface_hub's create_commit with
-    `upload_operations`); the commit's URL."""
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
-    with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp))
-        commit = api.create_commit(
-            repo_id=repo,
-            operations=upload_operations(Path(tmp)),
-            commit_message=commit_message or "Upload deprojector",
-            create_pr=create_pr,
-        )
-    return str(commit.commit_url)
-
-
-# --- the model card ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

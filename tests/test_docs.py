@@ -6,9 +6,10 @@
 - every `python -m MODULE` names an importable module;
 - every `dvc ...` line parses with dvc's own parser, and every `-S key=value` names a key of
   params.yaml (`+key` adds under an existing parent, `~key` removes an existing key or a run);
-- YAML blocks parse and name registered architectures; Python blocks compile, and the
+- YAML blocks parse and name registered architectures; Python blocks compile, and a
   `PromptEncoder.from_pretrained` example is the README's, which
-  tests/test_prompt_encoder.py::test_readme_python_example_runs_outside_the_repository runs.
+  tests/test_prompt_encoder.py::test_readme_python_example_runs_outside_the_repository runs,
+  or the model card's snippet, which tests/test_hub.py runs.
 
 Commands are parsed, never run: the whole file takes a second or two.
 """
@@ -284,6 +285,16 @@ def readme_python_example() -> str:
     )
 
 
+def card_snippet(text: str) -> str:
+    """The model card's snippet (pipeline.models.card.usage_snippet) for the deprojector and
+    the Stable Diffusion `text` names; tests/test_hub.py runs a trained folder's."""
+    from pipeline.models.card import usage_snippet
+
+    model = re.search(r'PromptEncoder\.from_pretrained\("([^"]+)"\)', text)
+    sd = re.search(r'StableDiffusionPipeline\.from_pretrained\("([^"]+)"\)', text)
+    return usage_snippet(model.group(1) if model else "", sd.group(1) if sd else "builtin")
+
+
 def block_problems(block: Block) -> list[str]:
     if block.language in SHELL_LANGUAGES:
         return command_problems(block)
@@ -300,13 +311,14 @@ def block_problems(block: Block) -> list[str]:
             if isinstance(spec, dict) and spec.get("type") not in known
         ]
     if block.language == "python":
-        if (
-            "PromptEncoder.from_pretrained" in block.text
-            and block.text.strip() != readme_python_example().strip()
+        if "PromptEncoder.from_pretrained" in block.text and block.text.strip() not in (
+            readme_python_example().strip(),
+            card_snippet(block.text).strip(),
         ):
             return [
                 f"{block.where()}: differs from the README's Python example, the one "
-                "tests/test_prompt_encoder.py runs"
+                "tests/test_prompt_encoder.py runs, and from the model card's snippet "
+                "(pipeline.models.card.usage_snippet, run by tests/test_hub.py)"
             ]
         try:
             ast.parse(block.text)

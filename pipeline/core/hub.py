@@ -39,19 +39,21 @@ class HubOptions:
 
 
 def resolve_folder(name_or_path: str | Path, hub: HubOptions = HubOptions()) -> Path:
-    """The local folder of a deprojector: `name_or_path` itself when it is a folder (or
-    anything that is not a Hub id: the loader then names the missing file), else the snapshot
-    of the Hub repository `owner/name`, downloaded into the cache on first use.
+    """The local folder of a model: `name_or_path` itself when it is a folder, or names one
+    (its parent folder exists, e.g. models/NAME in a project, or it is no Hub id: the loader
+    then names the missing file); else the snapshot of the Hub repository `owner/name`,
+    downloaded into the cache on first use.
 
     Raises FileNotFoundError when neither the folder nor the repository (or, offline, its
     cached snapshot) exists."""
     path = Path(name_or_path)
-    if path.is_dir():
+    if path.is_dir() or (path.parent.is_dir() and path.parent != Path(".")):
         return path / hub.subfolder
     try:
         validate_repo_id(str(name_or_path))
     except HFValidationError:
         return path / hub.subfolder
+    missing = f"no deprojector in {name_or_path}: no such folder, and the Hub repository"
     try:
         snapshot = snapshot_download(
             str(name_or_path),
@@ -62,14 +64,12 @@ def resolve_folder(name_or_path: str | Path, hub: HubOptions = HubOptions()) -> 
         )
     except LocalEntryNotFoundError as err:
         raise FileNotFoundError(
-            f"no deprojector folder {name_or_path!r}, and the Hub repository of that id is not "
-            "in the Hugging Face cache (offline: HF_HUB_OFFLINE or local_files_only); "
-            "give a folder, or download it once online"
+            f"{missing} of that id is not in the Hugging Face cache (offline: HF_HUB_OFFLINE "
+            "or local_files_only); give a folder, or download it once online"
         ) from err
     except Exception as err:  # huggingface_hub's HTTP errors: not found, gated, no network
         raise FileNotFoundError(
-            f"no deprojector folder {name_or_path!r}, and the Hub repository of that id could "
-            f"not be fetched ({type(err).__name__}: {err})"
+            f"{missing} of that id could not be fetched ({type(err).__name__}: {err})"
         ) from err
     return Path(snapshot) / hub.subfolder
 

@@ -95,20 +95,20 @@ def upload_operations(folder: Path) -> list[CommitOperationAdd]:
 
 
 def push_folder(
-    save: Callable[[Path], None],
+    write_folder: Callable[[Path], None],
     repo_id: str,
     commit_message: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     create_pr: bool = False,
 ) -> str:
-    """`save` a folder into a temporary directory and upload it to the Hub repository
+    """`write_folder` into a temporary directory and upload it to the Hub repository
     `repo_id` (created if missing) in one commit (huggingface_hub's create_commit with
     `upload_operations`); the commit's URL."""
     api = HfApi(token=token)
     repo = api.create_repo(repo_id, exist_ok=True, private=private).repo_id
     with tempfile.TemporaryDirectory() as tmp:
-        save(Path(tmp))
+        write_folder(Path(tmp))
         commit = api.create_commit(
             repo_id=repo,
             operations=upload_operations(Path(tmp)),

@@ -645,8 +645,9 @@ def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch
     a deprojector saved for the committed world's CLIP (`builtin`) finds its base and its
     modality-gap statistics on its own."""
     from pipeline.base.loaders import load_clip
+    from pipeline.config.params import load_params
     from pipeline.data.extraction import compute_constants
-    from pipeline.training.loop import record_base
+    from pipeline.training.loop import record_base, record_sampling
     from pipeline.world.config import CHECKOUT_WORLD_DIR
 
     if not (CHECKOUT_WORLD_DIR / "sd").is_dir():
@@ -670,6 +671,8 @@ def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch
         vicinity=2,
     ).eval()
     record_base(model, "builtin")
+    # as `deprojector train` records them: the repository's render.* settings
+    record_sampling(model.config, load_params(Path(__file__).parent.parent / "params.yaml"))
     model.save_pretrained(project / "models" / "vicinity-batch")
     ModalityGap.measure(
         torch.randn(8, clip.projection_size), torch.randn(8, clip.projection_size)
@@ -685,6 +688,7 @@ def test_readme_python_example_runs_outside_the_repository(tmp_path, monkeypatch
         scope,
     )
     assert (elsewhere / "weighted.png").is_file() and len(scope["images"]) == 4
+    assert scope["settings"]["guidance_scale"] == 2.5  # the world's, not diffusers' 7.5
     assert scope["strip"].shape[0] == 3
     assert scope["encoder"].deprojector.config.base_clip == "builtin"
 

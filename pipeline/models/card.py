@@ -77,16 +77,15 @@ def usage_snippet(folder: str, base_sd: str) -> str:
     from diffusers at its recorded sampling settings; what the card shows."""
     if base_sd == BUILTIN:
         pipe = 'pipe = load_sd_pipeline("builtin")  # the embedded world\'s SD (diffusers)'
-        load = "from pipeline.base.loaders import load_sd_pipeline"
+        imports = ["import torch", "", "from pipeline import PromptEncoder"]
+        imports.append("from pipeline.base.loaders import load_sd_pipeline")
     else:
         pipe = f'pipe = StableDiffusionPipeline.from_pretrained("{base_sd}")'
-        load = "from diffusers import StableDiffusionPipeline"
+        imports = ["import torch", "from diffusers import StableDiffusionPipeline", ""]
+        imports.append("from pipeline import PromptEncoder")
     return "\n".join(
         [
-            "import torch",
-            load,
-            "",
-            "from pipeline import PromptEncoder",
+            *imports,
             "",
             f'encoder = PromptEncoder.from_pretrained("{folder}")  # + its base CLIP',
             pipe,
@@ -153,8 +152,8 @@ def model_card(facts: CardFacts, folder: str) -> ModelCard:
             f"- Stable Diffusion it is meant for: {_describe(facts.base_sd, 'Stable Diffusion')}",
             "## Training\n\n"
             + (
-                f"{facts.rows:,} training rows from the captions of "
-                f"{_describe(facts.captions, 'captions')}, {facts.epochs} epochs, "
+                f"{facts.rows:,} training rows from {_describe(facts.captions, 'captions')}, "
+                f"{facts.epochs} epochs, "
                 f"{facts.steps:,} optimizer steps, {facts.seconds:.0f} s."
                 if facts.epochs
                 else "Trains nothing of its own (its members are trained runs)."

@@ -66,6 +66,8 @@ def test_every_architecture_is_a_diffusers_model_and_round_trips(tmp_path, model
     loaded = Deprojector.from_pretrained(tmp_path)
     assert type(loaded) is type(model) and loaded.config == model.config
     assert same_states(model, loaded)
+    fresh = Deprojector.from_config(Deprojector.load_config(tmp_path))  # diffusers' pair
+    assert type(fresh) is type(model) and fresh.config == model.config
 
 
 def test_a_folder_of_the_earlier_layout_keeps_loading(tmp_path):
@@ -205,6 +207,15 @@ def test_a_card_round_trips_its_facts_and_figures(tmp_path):
     assert "| autoregressive cosine | 0.7 | [0.68, 0.72] |" in card.text
     assert "| single adherence | 0.5 | n/a |" in card.text
     assert "3,000 training rows" in card.text and "8 epochs" in card.text
+
+
+def test_from_config_refuses_what_it_cannot_build():
+    from pipeline.models import ModelFileError
+
+    with pytest.raises(ModelFileError, match="an ensemble is built from saved members"):
+        Deprojector.from_config({"model_type": "ensemble", "hidden_size": D})
+    with pytest.raises(ValueError, match="unknown TransformerConfig field"):
+        Deprojector.from_config(tiny_model("transformer").config.to_dict(), heads=3)
 
 
 def test_a_folder_without_a_card_is_named(tmp_path):

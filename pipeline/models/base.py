@@ -421,6 +421,25 @@ class Deprojector(ModelMixin, ConfigMixin):
         return model.eval()
 
     @classmethod
+    def from_config(  # type: ignore[override]
+        cls, config: dict[str, Any], **overrides: Any
+    ) -> Deprojector:
+        """A freshly initialised deprojector (random weights, zero constants) of a parsed
+        config.json (`Deprojector.load_config(folder or Hub id)`) or of
+        `model.config.to_dict()` (diffusers' `from_config`; `overrides` replace fields), of the architecture its model_type names. Raises
+        ModelFileError for an unknown model_type, or a composite (an ensemble is made of
+        saved members: EnsembleDeprojector.of), ValueError for bad fields."""
+        raw = {**config, **overrides}
+        model_type = raw.get("model_type")
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise ModelFileError(
+                f"from_config: model_type {model_type!r} has no architecture to build "
+                f"(known: {', '.join(ARCHITECTURES)}; an ensemble is built from saved members)"
+            )
+        model_class = ARCHITECTURES[model_type]
+        return model_class(model_class.config_class.from_dict(raw))
+
+    @classmethod
     def config_from_file(
         cls, config_file: Path, raw: dict[str, Any], advice: str
     ) -> DeprojectorConfig:

@@ -426,9 +426,10 @@ class Deprojector(ModelMixin, ConfigMixin):
     ) -> Deprojector:
         """A freshly initialised deprojector (random weights, zero constants) of a parsed
         config.json (`Deprojector.load_config(folder or Hub id)`) or of
-        `model.config.to_dict()` (diffusers' `from_config`; `overrides` replace fields), of the architecture its model_type names. Raises
-        ModelFileError for an unknown model_type, or a composite (an ensemble is made of
-        saved members: EnsembleDeprojector.of), ValueError for bad fields."""
+        `model.config.to_dict()`: diffusers' `from_config`, `overrides` replacing fields, the
+        architecture its model_type names. Raises ModelFileError for an unknown model_type
+        or a composite (an ensemble is made of saved members: EnsembleDeprojector.of),
+        ValueError for bad fields."""
         raw = {**config, **overrides}
         model_type = raw.get("model_type")
         if not isinstance(model_type, str) or model_type not in ARCHITECTURES:

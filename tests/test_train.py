@@ -211,7 +211,8 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
     assert cosine_spread["std"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5, abs=1e-6)
     assert {"adherence_single", "adherence_multi"} <= set(spread["vicinity-batch"])
     assert set(comparison["adherence"]) == {"sign", "single", "multi"}
-    assert set(comparison["adherence"]["single"]) == set(names)
+    assert set(comparison["adherence"]["single"]) == {*names, "retrieval"}
+    assert set(comparison["adherence"]["multi"]) == {*names, "retrieval", "blend"}
     curve = json.loads((project / "reports" / "plots" / "cosine_per_position.json").read_text())
     assert [row["position"] for row in curve] == list(range(1, 77))
     assert set(curve[0]) == {"position", "null-baseline", "retrieval", *names}

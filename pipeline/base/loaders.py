@@ -95,12 +95,24 @@ def base_source(name: str, kind: str, base_dir: Path = WORLD_DIR) -> str:
 
 @dataclass
 class ClipText:
-    """The CLIP tokenizer and text model with projection, as loaded for extraction."""
+    """The CLIP tokenizer and text model with projection, as loaded for extraction.
+
+    clip_skip: which layer's states condition SD (pipeline.base.clip_encode; diffusers'
+    count: 0 the last layer, 1 the penultimate; at most the text model's layers - 1).
+    Raises BaseModelError for a clip_skip the model does not have."""
 
     tokenizer: CLIPTokenizer
     model: CLIPTextModelWithProjection
+    clip_skip: int = 0
 
     def __post_init__(self) -> None:
+        layers = self.model.config.num_hidden_layers
+        if isinstance(self.clip_skip, bool) or not 0 <= self.clip_skip < layers:
+            raise BaseModelError(
+                f"clip_skip must be an integer in [0, {layers - 1}] for this CLIP "
+                f"({layers} layers; 0 = the last layer, 1 = the penultimate), "
+                f"got {self.clip_skip!r}"
+            )
         # A private copy of the Rust tokenizer without padding or truncation, for fast
         # batch encoding (pipeline.base.clip_encode.token_ids).
         self.raw_tokenizer = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
@@ -130,8 +142,11 @@ def load_tokenizer(name: str, base_dir: Path = WORLD_DIR) -> CLIPTokenizer:
     return tokenizer
 
 
-def load_clip(name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> ClipText:
-    """Tokenizer + text model with projection; a folder without either fails, naming it."""
+def load_clip(
+    name: str, device: str = "cpu", base_dir: Path = WORLD_DIR, clip_skip: int = 0
+) -> ClipText:
+    """Tokenizer + text model with projection; a folder without either fails, naming it.
+    clip_skip: the layer whose states it encodes (ClipText)."""
     source = base_source(name, "clip", base_dir)
     if Path(source).is_dir():
         check_clip_folder(Path(source), name)
@@ -139,7 +154,7 @@ def load_clip(name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> Cli
     model = load_or_explain(CLIPTextModelWithProjection.from_pretrained, source, "clip")
     if not Path(source).is_dir():  # a hub id: check the snapshot it was loaded from
         check_clip_folder(source_folder(source, "config.json"), name)
-    return ClipText(tokenizer, model.to(device).eval())
+    return ClipText(tokenizer, model.to(device).eval(), clip_skip)
 
 
 def load_sd_pipeline(

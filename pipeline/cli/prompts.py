@@ -31,7 +31,9 @@ PROMPT_GRAMMAR = "\n\n".join(
         "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
         "PROMPT_B around null, linearly or with --slerp.",
         "The base CLIP is the one the deprojector was trained on (its config.json records it), "
-        "or base.clip of the params file when there is one; another CLIP is refused.",
+        "or base.clip of the params file when there is one; another CLIP is refused. Likewise "
+        "its clip skip (--clip-skip, else extract.clip_skip of the params file when there is "
+        "one, else the deprojector's own).",
     ]
 )
 
@@ -53,6 +55,7 @@ class PromptOptions:
     negative_reference: bool = False
     gap: Path | None = None
     bridge: str | None = None
+    clip_skip: int | None = None
 
     def check(self) -> None:
         extras = [
@@ -76,6 +79,8 @@ class PromptOptions:
             raise typer.BadParameter(
                 f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}"
             )
+        if self.clip_skip is not None and self.clip_skip < 0:
+            raise typer.BadParameter(f"--clip-skip must be 0 or more, got {self.clip_skip}")
         bad = [t for t in self.ts if not 0.0 <= t <= 1.0]
         if bad:
             raise typer.BadParameter(f"--t must lie in [0, 1], got {bad[0]}")
@@ -218,6 +223,19 @@ PROMPT_PARAMETERS = [
             "was trained with; `none` needs no statistics).",
         ),
     ),
+    _option(
+        "clip_skip",
+        int | None,
+        typer.Option(
+            None,
+            "--clip-skip",
+            metavar="N",
+            help="The CLIP layer of the conditioning, diffusers' count: 0 = last, 1 = "
+            "penultimate (A1111's 'clip skip 2'). Default: extract.clip_skip of the params file "
+            "when there is one, else the deprojector's own (0 with --no-deprojector). A "
+            "deprojector trained on another clip skip is refused.",
+        ),
+    ),
 ]
 
 
@@ -273,6 +291,9 @@ def conditionings(o: PromptOptions, params, params_file: bool):
             gap=None if o.bridge == "none" else o.gap,
             images=bool(images or mix_images),
             device=params.render.device,
+            clip_skip=o.clip_skip
+            if o.clip_skip is not None
+            else (params.extract.clip_skip if params_file else None),
         )
         if o.no_deprojector:
             embeds, labels = encoder.encode_prompt(o.prompt, deproject=False), ["reference"]

@@ -331,6 +331,8 @@ def extract_split(
         "rows_per_shard": e.rows_per_shard,
         "batch_size": e.batch_size,
     }
+    if clip.clip_skip:  # absent for 0, so last-layer shards keep their fingerprints
+        context["clip_skip"] = clip.clip_skip
     if pairs:
         context["image"] = images.context
     split_dir.mkdir(parents=True, exist_ok=True)

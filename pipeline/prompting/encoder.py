@@ -134,7 +134,9 @@ class PromptEncoder:
         gap: ModalityGap | None = None,
     ) -> None:
         if deprojector is not None:
-            deprojector.check_base(clip.hidden_size, clip.projection_size, clip.fingerprint)
+            deprojector.check_base(
+                clip.hidden_size, clip.projection_size, clip.fingerprint, clip.clip_skip
+            )
         self.clip, self.deprojector, self.tower, self.gap = clip, deprojector, tower, gap
         self.cut: dict[str, str] = {}  # text -> the words CLIP's truncation dropped
 
@@ -147,6 +149,7 @@ class PromptEncoder:
         images: bool = True,
         device: str = "cpu",
         base_dir: Path = WORLD_DIR,
+        clip_skip: int | None = None,
     ) -> PromptEncoder:
         """The deprojector folder or Hugging Face Hub id `model` (None: the reference only)
         with its base CLIP.
@@ -154,7 +157,10 @@ class PromptEncoder:
         clip: `builtin`, a folder or a hub id; None: the base the deprojector was trained on
         (its config records it). gap: modality-gap statistics (a `gap` stage folder or file);
         None: those saved with the deprojector, if any. images: also load the vision tower
-        (image prompts without gap statistics need bridge='none')."""
+        (image prompts without gap statistics need bridge='none'). clip_skip: the CLIP layer
+        of the conditioning (diffusers' count, pipeline.base.clip_encode); None: the one the
+        deprojector was trained on (0 without one). A deprojector trained on another clip
+        skip raises BaseMismatchError."""
         deprojector = load_deprojector(model, device=device) if model is not None else None
         if clip is None:
             clip = deprojector.config.base_clip if deprojector is not None else ""
@@ -167,7 +173,9 @@ class PromptEncoder:
                         else f"the deprojector in {model} does not record its base"
                     )
                 )
-        text = load_clip(clip, device=device, base_dir=base_dir)
+        if clip_skip is None:
+            clip_skip = deprojector.config.clip_skip if deprojector is not None else 0
+        text = load_clip(clip, device=device, base_dir=base_dir, clip_skip=clip_skip)
         tower = ImageTower.load(clip, device, base_dir) if images else None
         if not images:
             stats = None

@@ -26,7 +26,9 @@ def run_extract_stage(
 ) -> dict:
     torch.manual_seed(0)
     compute_dtype = getattr(torch, params.extract.compute_dtype)
-    clip = load_clip(params.base.clip, device=params.extract.device)
+    clip = load_clip(
+        params.base.clip, device=params.extract.device, clip_skip=params.extract.clip_skip
+    )
     clip.model.to(compute_dtype)
     constants = compute_constants(clip)
     images = (
@@ -41,6 +43,7 @@ def run_extract_stage(
         "base_sd": params.base.sd,
         "hidden_size": clip.hidden_size,
         "projection_size": clip.projection_size,
+        "clip_skip": params.extract.clip_skip,
         "dtype": params.extract.dtype,
         "compute_dtype": params.extract.compute_dtype,
         "rows_per_shard": params.extract.rows_per_shard,

@@ -17,6 +17,7 @@ states a StableDiffusionPipeline takes as prompt_embeds.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,24 @@ class ImagePart:
 
 
 ENCODE_BATCH = 64  # distinct prompt parts per CLIP forward
+# A word the base CLIP's BPE vocabulary splits into more pieces than this (or maps to its
+# unknown token) is reported: a misspelling or a word the CLIP never learned, whose meaning
+# the pieces may not carry. 2 lets through a stem and an ending.
+MAX_WORD_PIECES = 2
+WORD = re.compile(r"[^\W\d_]+")  # a run of letters: digits are single tokens in CLIP's BPE
+
+
+def unknown_words(clip: ClipText, text: str) -> dict[str, int]:
+    """The words (runs of letters) of `text` the base CLIP's tokenizer does not know: word ->
+    the number of tokens it is split into (more than MAX_WORD_PIECES, or any unknown token)."""
+    words = list(dict.fromkeys(WORD.findall(text)))
+    if not words:
+        return {}
+    unknown = clip.tokenizer.unk_token_id
+    pieces = {w: ids[1:-1] for w, ids in zip(words, token_ids(clip, words), strict=True)}
+    return {
+        w: len(ids) for w, ids in pieces.items() if len(ids) > MAX_WORD_PIECES or unknown in ids
+    }
 
 
 def truncated_text(clip: ClipText, text: str, ids: list[int] | None = None) -> str:
@@ -139,6 +158,7 @@ class PromptEncoder:
             )
         self.clip, self.deprojector, self.tower, self.gap = clip, deprojector, tower, gap
         self.cut: dict[str, str] = {}  # text -> the words CLIP's truncation dropped
+        self.unknown: dict[str, dict[str, int]] = {}  # text -> its unknown_words
 
     @classmethod
     def from_pretrained(
@@ -210,11 +230,20 @@ class PromptEncoder:
 
     def _encode(self, text: str) -> Encoded:
         """The CLIP output of one text (as the SD pipeline encodes a prompt: alone, 77
-        positions), warning about what truncation cut."""
-        self._warn_cut(text)
+        positions), warning about what truncation cut and words CLIP does not know."""
+        self._warn_text(text)
         return encode_texts(self.clip, [text])
 
-    def _warn_cut(self, text: str, ids: list[int] | None = None) -> None:
+    def _warn_text(self, text: str, ids: list[int] | None = None) -> None:
+        unknown = unknown_words(self.clip, text)
+        if unknown:
+            self.unknown[text] = unknown
+            words = ", ".join(f"{w!r} ({n} tokens)" for w, n in unknown.items())
+            warnings.warn(
+                f"prompt part {text[:60]!r}: the base CLIP's vocabulary does not know {words}; "
+                "split into pieces, their meaning may be lost (a misspelling?)",
+                stacklevel=4,
+            )
         cut = truncated_text(self.clip, text, ids)
         if cut:
             self.cut[text] = cut
@@ -230,7 +259,7 @@ class PromptEncoder:
         of 10,000 parts from 12 distinct words costs one forward of 12 texts."""
         distinct = list(dict.fromkeys(texts))
         for text, ids in zip(distinct, token_ids(self.clip, distinct), strict=True):
-            self._warn_cut(text, ids)
+            self._warn_text(text, ids)
         pooled = torch.cat(
             [
                 encode_texts(self.clip, distinct[b : b + ENCODE_BATCH]).pooled

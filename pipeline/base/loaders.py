@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pickle
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from pipeline.base.files import (
     BaseModelError,
@@ -55,11 +58,35 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading report and progress bar off while a base model loads.
+
+    Reading one tower of a CLIPModel folder (the text tower for prompts, the vision tower for
+    images) makes transformers list every weight of the other tower as UNEXPECTED (49 lines
+    for the world's CLIP), although that is how a base CLIP is read; what must be there is
+    checked by pipeline.base.files / checks. Errors still raise and error-level messages still
+    print; the caller's verbosity and progress-bar setting are restored (transformers' logging
+    API: set_verbosity, disable_progress_bar)."""
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def load_or_explain(load, source: str, kind: str):
-    """`load(source)`; offline, only from the local Hugging Face cache, failing fast."""
+    """`load(source)`; offline, only from the local Hugging Face cache, failing fast; without
+    transformers' loading report (quiet_loading)."""
     offline = not Path(source).exists() and not _hub_reachable()
     try:
-        return load(source, local_files_only=True) if offline else load(source)
+        with quiet_loading():
+            return load(source, local_files_only=True) if offline else load(source)
     except pickle.UnpicklingError as err:  # torch's weights_only refusal, in a hub snapshot
         raise BaseModelError(
             f"base.{kind}: {source!r} holds a weight file only pickle could load, and "

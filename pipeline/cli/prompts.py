@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -241,8 +242,9 @@ PROMPT_PARAMETERS = [
 
 def with_prompt_options(command):
     """Give `command(options: PromptOptions, ...)` the prompt options as CLI parameters."""
+    hints = typing.get_type_hints(command)  # the real types, not `from __future__` strings
     own = [
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
         for p in inspect.signature(command).parameters.values()
         if p.name != "options"
     ]
@@ -277,7 +279,8 @@ def params_or_defaults(path: Path, model: Path | None = None):
 
 
 def conditionings(o: PromptOptions, params, params_file: bool):
-    """(prompt_embeds [N, 77, D], negative_prompt_embeds [N, 77, D], one label per row)."""
+    """(prompt_embeds [N, 77, D], negative_prompt_embeds [N, 77, D], one label per row, what
+    made them as strings: the encoder's metadata and the prompt options)."""
     from pipeline.prompting.encoder import ImagePart, PromptEncoder
 
     o.check()
@@ -311,5 +314,18 @@ def conditionings(o: PromptOptions, params, params_file: bool):
         )
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    given = {
+        "prompt": o.prompt,
+        "negative": o.negative,
+        "images": " ".join(o.images) or None,
+        "mix": o.mix,
+        "mix_images": " ".join(o.mix_images) or None,
+        "t": " ".join(f"{t:g}" for t in o.ts or [0.5]) if o.mix is not None else None,
+        "slerp": "true" if o.slerp else None,
+        "combine": None if o.combine else "false",
+        "bridge": o.bridge,
+        "negative_reference": "true" if o.negative_reference else None,
+    }
+    metadata = {**encoder.metadata(), **{k: v for k, v in given.items() if v is not None}}
     # diffusers wants as many negative rows as prompt rows.
-    return embeds, negative.expand(len(embeds), -1, -1), labels
+    return embeds, negative.expand(len(embeds), -1, -1), labels, metadata

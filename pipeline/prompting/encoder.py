@@ -390,6 +390,20 @@ class PromptEncoder:
             return self.deproject(self._deprojector().null[None], "the empty negative prompt")
         return self.encode_prompt(prompt)
 
+    def metadata(self) -> dict[str, str]:
+        """What made this encoder's conditioning, as strings (a safetensors header's
+        metadata): `deprojector` (its folder, "" for the reference), `model_type`,
+        `base_clip` (the deprojector's recorded base, else the CLIP's folder or hub id),
+        `base_fingerprint` and `clip_skip`."""
+        config = self.deprojector.config if self.deprojector is not None else None
+        return {
+            "deprojector": str(self.deprojector.name_or_path) if self.deprojector else "",
+            "model_type": config.model_type if config else "",
+            "base_clip": (config.base_clip if config else "") or str(self.clip.model.name_or_path),
+            "base_fingerprint": self.clip.fingerprint,
+            "clip_skip": str(self.clip.clip_skip),
+        }
+
     # --- helpers --------------------------------------------------------------------------
 
     def _deprojector(self) -> Deprojector:

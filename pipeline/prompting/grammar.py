@@ -163,9 +163,12 @@ def _refuse_inner_emphasis(text: str, where: str) -> None:
     """Emphasis left inside a part's text weights single words, which a deprojector cannot."""
     inner = next((i for i, c in enumerate(text) if c in "()[]" and _unescaped(text, i)), None)
     word = INNER_SUFFIX.search(text)
-    if inner is None and word is None:
+    if inner is not None:
+        found = repr(text[inner])
+    elif word is not None:
+        found = repr(word.group(0).strip())
+    else:
         return
-    found = f"{text[inner]!r}" if inner is not None else f"{word.group(0).strip()!r}"
     raise PromptError(
         f"{where}: {found} weights words inside a part (A1111 / compel emphasis); here weights "
         "apply to whole comma-separated parts: make the words a part of their own and weight "

@@ -240,7 +240,9 @@ class EchoDeprojector:
         encoded = encode_texts(clip, [prompt, ""])
         self.hidden, self.null = encoded.hidden[:1], encoded.pooled[1]
 
-    def check_base(self, hidden_size: int, projection_size: int, fingerprint: str) -> None:
+    def check_base(
+        self, hidden_size: int, projection_size: int, fingerprint: str, clip_skip: int = 0
+    ) -> None:
         pass
 
     def generate(self, embeds: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,10 @@ PROMPT_GRAMMAR = "\n\n".join(
         "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract; |WEIGHT| "
         "<= 100). With a deprojector the parts combine as Σ w_k (e_k − null) + null. A colon "
         "always starts a weight.",
+        "Other tools' weights around a whole part set its weight: A1111's (text:1.2), (text) = "
+        "1.1, [text] = 1/1.1; compel's text++ = 1.1^2, text-- = 0.9^2, (text)1.3. Inside a "
+        "part, across a comma, A1111's AND / BREAK and a number before ':' ('16:9') are errors "
+        "that say how to write them here. Words the base CLIP does not know are warned about.",
         "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the bridge to text "
         "space (--bridge; statistics saved with the deprojector, or --gap), the pseudo-inverse "
         "of the text projection. A prompt of only images is allowed (pass '').",

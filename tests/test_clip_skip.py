@@ -142,3 +142,17 @@ def test_an_old_folder_without_clip_skip_is_the_last_layer(tmp_path, clip) -> No
     del config["clip_skip"]
     (tmp_path / "old" / "config.json").write_text(json.dumps(config))
     assert load_deprojector(tmp_path / "old").config.clip_skip == 0
+
+
+def test_the_blend_baseline_blends_the_clip_skip_states(base_dir) -> None:
+    """evaluate's `blend` row (compel's .blend()) of a clip-skip run: the weighted mean of the
+    chosen layer's states, as the reference row's are."""
+    from pipeline.prompting.grammar import PromptError
+
+    encoder = PromptEncoder(load_clip("builtin", base_dir=base_dir, clip_skip=1))
+    parts = [encoder.encode_prompt(p, deproject=False) for p in ("red circle", "blue square")]
+    blend = encoder.encode_blend("red circle, blue square:3")
+    torch.testing.assert_close(blend, (parts[0] + 3 * parts[1]) / 4, rtol=0, atol=1e-5)
+    deeper = PromptEncoder(load_clip("builtin", base_dir=base_dir, clip_skip=2))
+    with pytest.raises(PromptError, match="knows clip skip 0 and 1, not 2"):
+        deeper.encode_blend("red circle")

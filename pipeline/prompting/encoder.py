@@ -344,21 +344,35 @@ class PromptEncoder:
         compel and ComfyUI's ConditioningAverage offer for "A, B" without a deprojector).
 
         Raises PromptError for an empty prompt or weights that sum to 0."""
-        from compel import Compel
+        from compel import Compel, ReturnedEmbeddingsType
         from compel.prompt_parser import Blend, FlattenedPrompt, Fragment
 
+        # compel's states of the CLIP's layer: the last, or the penultimate through the final
+        # LayerNorm (its "clip skip", diffusers' clip_skip 1); it has no deeper one.
+        layers = {
+            0: ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
+            1: ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED,
+        }
+        if self.clip.clip_skip not in layers:
+            raise PromptError(
+                f"the blend baseline (compel) knows clip skip 0 and 1, not {self.clip.clip_skip}"
+            )
         parts = parse_weighted(prompt)
         weights = [part.weight for part in parts]
         if not parts or sum(weights) == 0:
             raise PromptError(f"{prompt!r}: a blend needs parts whose weights do not sum to 0")
         for part in parts:
-            self._warn_cut(part.text)
+            self._warn_text(part.text)
         blend = Blend(
             [FlattenedPrompt([Fragment(part.text)]) for part in parts],
             weights,
             normalize_weights=True,
         )
-        compel = Compel(tokenizer=self.clip.tokenizer, text_encoder=self.clip.model)
+        compel = Compel(
+            tokenizer=self.clip.tokenizer,
+            text_encoder=self.clip.model,
+            returned_embeddings_type=layers[self.clip.clip_skip],
+        )
         with torch.inference_mode():
             (states, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(blend)
         return states

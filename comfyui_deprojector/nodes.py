@@ -117,13 +117,18 @@ def literal(text: str) -> str:
 
 def check_clip(clip: Any, loaded: Loaded) -> None:
     """Refuse a CLIP set to another layer than the one the deprojector gives (CLIPSetLastLayer:
-    the deprojector gives the last layer's states, whatever the CLIP is set to)."""
+    the deprojector gives the states of the layer it was trained on, its config's clip_skip in
+    diffusers' count, whatever the CLIP is set to): ComfyUI's stop_at_clip_layer -(k + 1) is
+    diffusers' clip_skip k (-1: the last layer, -2: the penultimate, A1111's "clip skip 2")."""
     layer = getattr(clip, "layer_idx", None)
-    if layer not in (None, -1):
+    wanted = -(loaded.model.config.clip_skip + 1)
+    if (layer if layer is not None else -1) != wanted:
+        states = "the last layer's" if wanted == -1 else f"layer {wanted}'s (clip skip)"
         raise NodeError(
-            f"this CLIP is set to stop at layer {layer} (CLIPSetLastLayer), but the deprojector "
-            f"{loaded.name!r} gives the last layer's states: set stop_at_clip_layer to -1 or "
-            "take the CLIP before CLIPSetLastLayer"
+            f"this CLIP is set to stop at layer {layer if layer is not None else -1} "
+            f"(CLIPSetLastLayer), but the deprojector {loaded.name!r} gives {states} states: "
+            f"set stop_at_clip_layer to {wanted}"
+            + (" or take the CLIP before CLIPSetLastLayer" if wanted == -1 else "")
         )
 
 

@@ -56,3 +56,23 @@ def test_fast_tokenize_equals_the_transformers_tokenizer(clip):
     )
     assert torch.equal(ours["input_ids"], theirs["input_ids"])
     assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
+
+
+def test_loading_a_base_clip_prints_no_weight_report(base_dir, capfd):
+    """Reading a CLIPModel folder's towers one at a time is how a base CLIP is read: no
+    transformers report of the other tower's UNEXPECTED weights, no progress bars; the
+    caller's logging settings come back."""
+    from transformers.utils import logging as transformers_logging
+
+    from pipeline.base.vision import ImageTower
+
+    transformers_logging.set_verbosity_warning()
+    transformers_logging.enable_progress_bar()
+    capfd.readouterr()
+    load_clip("builtin", base_dir=base_dir)
+    ImageTower.load("builtin", base_dir=base_dir)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in err + out and "UNEXPECTED" not in err + out
+    assert "Loading weights" not in err
+    assert transformers_logging.get_verbosity() == transformers_logging.WARNING
+    assert transformers_logging.is_progress_bar_enabled()

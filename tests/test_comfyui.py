@@ -6,6 +6,8 @@ tensors for the same prompt and deprojector folder."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 import sys
 import types
@@ -192,13 +194,20 @@ def test_text_conditioning_equals_the_prompt_encoders(clip, loaded, encoder, pro
 
 
 def test_brackets_are_text_not_comfyuis_emphasis(clip, loaded, encoder) -> None:
-    """ComfyUI's tokenizer reads "(a)" as emphasis; a part's text reaches CLIP as written,
-    as it does in PromptEncoder (weights are the grammar's `part:w`)."""
-    prompt = "red (circle), blue square"
+    """ComfyUI's tokenizer reads "(a)" as emphasis; a part's literal brackets (the grammar's
+    \\( \\), pipeline/prompting/grammar.py) reach CLIP as written, as they do in
+    PromptEncoder; emphasis on a whole part is the part's weight, inside a part an error."""
+    prompt = "red \\(circle\\), blue square"
     cond, _ = text(clip, loaded, prompt)
     torch.testing.assert_close(cond[0][0], encoder.encode_prompt(prompt), atol=1e-5, rtol=0)
     unescaped = ComfyClip(clip).tokenize("red (circle)")
     assert unescaped != ComfyClip(clip).tokenize(nodes.literal("red (circle)"))
+    weighted, _ = text(clip, loaded, "(red circle:1.2), blue square")
+    torch.testing.assert_close(
+        weighted[0][0], encoder.encode_prompt("red circle:1.2, blue square"), atol=1e-5, rtol=0
+    )
+    with pytest.raises(PromptError, match="weights words inside a part"):
+        text(clip, loaded, "red (circle), blue square")
 
 
 def test_bad_prompts_get_the_grammars_errors(clip, loaded) -> None:
@@ -213,6 +222,13 @@ def test_a_clip_set_to_another_layer_is_refused(clip, loaded) -> None:
     comfy.layer_idx = -2
     with pytest.raises(nodes.NodeError, match=r"stop at layer -2 \(CLIPSetLastLayer\).* -1"):
         NODE_CLASS_MAPPINGS["DeprojectText"]().encode(comfy, loaded, "red circle")
+    # A deprojector trained on clip_skip 1 (the penultimate layer) wants stop_at_clip_layer -2.
+    skip = dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
+    skip.model.config.clip_skip = 1
+    nodes.check_clip(comfy, skip)
+    comfy.layer_idx = None
+    with pytest.raises(nodes.NodeError, match=r"stop at layer -1 .* layer -2's \(clip skip\)"):
+        nodes.check_clip(comfy, skip)
 
 
 def test_another_clip_is_refused_or_warned_about(clip, loaded) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pipeline.base.clip_encode import encode_texts
-from pipeline.data.extraction import plan_rows
+from pipeline.data.extraction import open_image_rows, plan_rows
 from pipeline.data.shards import ShardError, ShardReader, load_constants, open_shard
 from tests.conftest import run_small_pipeline, small_params
 
@@ -379,3 +379,22 @@ def test_shards_are_the_same_bytes_on_another_cpu(tmp_path, base_dir):
     native = shards("float64", {})
     assert len(native) > 1
     assert shards("float64", OTHER_CPU) == native
+
+
+def test_image_rows_without_paired_data_are_skipped_with_one_reason(tmp_path) -> None:
+    """A real CLIP and an empty gap.source (this repository's data/gap-pairs/ holds only a
+    README): no image rows and why, instead of an error after the CLIP is loaded; with
+    augment.image 0 nothing is said."""
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "README.md").write_text("pairs go here\n")
+    params = small_params(
+        base={"clip": "some/clip", "sd": "some/sd"},
+        augment={"image": 0.3},
+        gap={"source": str(tmp_path / "pairs")},
+    )
+    images, why = open_image_rows(params, tmp_path / "gap", torch.zeros(4, 4))
+    assert images is None
+    assert why.startswith("augment.image = 0.3, but gap.source")
+    assert "no image rows, caption rows only" in why and "augment.image: 0" in why
+    none = small_params(base={"clip": "some/clip", "sd": "some/sd"}, augment={"image": 0.0})
+    assert open_image_rows(none, tmp_path / "gap", torch.zeros(4, 4)) == (None, None)

@@ -25,7 +25,14 @@ from pipeline.data.pairs import FolderPairs
 from pipeline.models import build_deprojector
 from pipeline.prompting.bridges import GAP_FILE, ModalityGap
 from pipeline.prompting.encoder import ImagePart, PromptEncoder
-from pipeline.prompting.grammar import MAX_WEIGHT, PromptError, WeightedPart, parse_weighted
+from pipeline.prompting.grammar import (
+    KEYWORD,
+    MAX_WEIGHT,
+    WEIGHT_NUMBER,
+    PromptError,
+    WeightedPart,
+    parse_weighted,
+)
 from pipeline.prompting.images import ImagePromptError, load_image
 from pipeline.stages.captions import run_captions_stage
 from pipeline.stages.gap import run_gap_stage
@@ -76,9 +83,14 @@ def test_parsing_never_crashes(prompt: str) -> None:
         assert "," not in part.text and ":" not in part.text and math.isfinite(part.weight)
 
 
+# Texts without other tools' emphasis, A1111's keywords or a number alone (tests/test_prompts.py).
 words = st.text(
-    st.characters(blacklist_characters=",:", blacklist_categories=("Cs",)), min_size=1, max_size=10
-).filter(lambda t: t.strip() == t and t)
+    st.characters(blacklist_characters=",:()[]+-\\", blacklist_categories=("Cs",)),
+    min_size=1,
+    max_size=10,
+).filter(
+    lambda t: t.strip() == t and t and not WEIGHT_NUMBER.fullmatch(t) and not KEYWORD.search(t)
+)
 weights = st.floats(
     allow_nan=False, allow_infinity=False, min_value=-MAX_WEIGHT, max_value=MAX_WEIGHT
 )

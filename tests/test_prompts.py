@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from pipeline.base.clip_encode import encode_texts
 from pipeline.core.conventions import MAX_LENGTH
 from pipeline.models import build_deprojector
-from pipeline.prompting.encoder import PromptEncoder, truncated_text
+from pipeline.prompting.encoder import PromptEncoder, truncated_text, unknown_words
 from pipeline.prompting.grammar import PromptError, parse_weighted
 
 
@@ -50,7 +50,8 @@ def test_unicode_and_emoji() -> None:
     assert texts("猫, メイド 🐱 ,  café") == ["猫", "メイド 🐱", "café"]
 
 
-plain_text = st.text(st.characters(blacklist_characters=",:"), max_size=12)
+# Without the characters of weights and of other tools' emphasis (tested below).
+plain_text = st.text(st.characters(blacklist_characters=",:()[]+-\\"), max_size=12)
 
 
 @given(
@@ -63,7 +64,7 @@ def test_parts_are_recovered_from_joined_text(parts: list[str], padding: list[st
     assert texts(prompt) == [p.strip() for p in parts]
 
 
-@given(st.text(st.characters(blacklist_characters=":"), max_size=40))
+@given(st.text(st.characters(blacklist_characters=":()[]+-\\"), max_size=40))
 def test_parsing_keeps_every_character_but_commas_and_edge_space(prompt: str) -> None:
     def squeeze(text: str) -> str:
         return "".join(text.split())
@@ -76,6 +77,79 @@ def test_parsing_keeps_every_character_but_commas_and_edge_space(prompt: str) ->
     for part in parts:
         assert part and part == part.strip() and "," not in part
     assert squeeze("".join(parts)) == squeeze(prompt.replace(",", ""))
+
+
+# --- the syntax of other tools (A1111's wiki "Attention/emphasis", compel's doc/syntax.md) ---
+
+
+def weights(prompt: str) -> list[tuple[str, float]]:
+    return [(part.text, round(part.weight, 6)) for part in parse_weighted(prompt)]
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [
+        # A1111: (text:w) is w, (text) 1.1, [text] 1/1.1, nesting multiplies.
+        ("(red circle:1.2), blue square", [("red circle", 1.2), ("blue square", 1.0)]),
+        ("(red circle)", [("red circle", 1.1)]),
+        ("((red circle))", [("red circle", 1.21)]),
+        ("[red circle]", [("red circle", round(1 / 1.1, 6))]),
+        ("((red circle:1.5))", [("red circle", 1.65)]),
+        ("(red circle:-0.5)", [("red circle", -0.5)]),
+        # compel: + is 1.1, - is 0.9 per sign; (words)w and (words)++ group without 1.1.
+        ("red circle++", [("red circle", 1.21)]),
+        ("red circle--", [("red circle", 0.81)]),
+        ("(red circle)1.3", [("red circle", 1.3)]),
+        ("(red circle)+++", [("red circle", 1.331)]),
+        ("(red circle+)++", [("red circle", 1.331)]),
+        # with this project's weight, which multiplies
+        ("(red circle):2", [("red circle", 2.2)]),
+        # A1111's escapes are literal brackets
+        (r"\(red\) circle", [("(red) circle", 1.0)]),
+    ],
+)
+def test_whole_part_emphasis_of_a1111_and_compel_becomes_the_part_weight(
+    prompt: str, expected: list[tuple[str, float]]
+) -> None:
+    assert weights(prompt) == expected
+    assert all(part.explicit for part in parse_weighted(prompt) if part.weight != 1.0)
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("a (red) circle", r"'\(' weights words inside a part .* 'a circle, red:1.1'"),
+        ("a [red] circle", r"'\[' weights words inside a part"),
+        ("a cat++ playing", r"'cat\+\+' weights words inside a part"),
+        ("(red circle, blue square:1.2)", r"'\(' is not closed within the part .* own weight"),
+        ("(red circle", r"not closed within the part"),
+        ("a cat AND a dog:0.5", r"AND at character 7: A1111's AND .* 'a cat, a dog'"),
+        ("a cat BREAK a dog", r"BREAK at character 7: .* separate them with commas"),
+        ("cat, 16:9", r"part 2 '16:9': .* the number '16' weighted 9; .* '16x9'"),
+        ("10:30", r"the number '10' weighted 30"),
+        ("(red circle:1e300)", r"outside \[-100, 100\]"),
+        ("red circle" + "+" * 60, r"outside \[-100, 100\]"),
+    ],
+)
+def test_what_a_deprojector_cannot_mean_is_refused_with_how_to_write_it(
+    prompt: str, message: str
+) -> None:
+    with pytest.raises(PromptError, match=message):
+        parse_weighted(prompt)
+
+
+def test_lowercase_and_and_break_are_words() -> None:
+    assert texts("cats and dogs, break dance") == ["cats and dogs", "break dance"]
+
+
+def test_words_the_base_clip_does_not_know_are_reported(clip, encoder) -> None:
+    assert unknown_words(clip, "red circle, blue square 16") == {}
+    assert unknown_words(clip, "red xyzzyqwv circle")["xyzzyqwv"] > 2
+    with pytest.warns(UserWarning, match=r"does not know 'xyzzyqwv' \(\d+ tokens\)"):
+        encoder.encode_prompt("red circle, xyzzyqwv square")
+    assert list(encoder.unknown["xyzzyqwv square"]) == ["xyzzyqwv"]
+    with pytest.warns(UserWarning, match="does not know 'xyzzyqwv'"):
+        PromptEncoder(clip).encode_prompt("xyzzyqwv", deproject=False)
 
 
 def test_reference_is_the_ordinary_clip_state(clip) -> None:

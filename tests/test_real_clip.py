@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -192,3 +194,98 @@ def test_bad_paired_data_names_the_file_and_keeps_what_was_extracted(project) ->
     finally:
         os.chdir(previous)
     assert missing.exit_code != 0 and "pair-05.png: no caption file pair-05.txt" in missing.output
+
+
+# --- the real-model block of docs/experiments.md, as written --------------------------------
+
+EXPERIMENTS = Path(__file__).parent.parent / "docs" / "experiments.md"
+
+
+def block_settings() -> dict[str, object]:
+    """The `-S key=value` settings of docs/experiments.md's real-model block (values read as
+    YAML, as `dvc exp run -S` reads them)."""
+    text = EXPERIMENTS.read_text()
+    block = next(
+        b.split("```")[0]
+        for b in text.split("```bash\n")[1:]
+        if "-S base.clip=openai/clip-vit-large-patch14" in b and "captions.source" in b
+    )
+    words = shlex.split(block.replace("\\\n", " "))
+    values = [words[k + 1] for k, word in enumerate(words) if word == "-S"]
+    return {key: yaml.safe_load(value) for key, value in (v.split("=", 1) for v in values)}
+
+
+def set_key(params: dict, key: str, value: object) -> None:
+    *parents, last = key.split(".")
+    node = params
+    for parent in parents:
+        node = node[parent]
+    assert last in node, f"{key}: not in params.yaml"
+    node[last] = value
+
+
+@pytest.fixture(scope="module")
+def block_project(tmp_path_factory) -> Path:
+    """The repository's params.yaml with the block's settings, in a project whose base folders
+    are the offline form's `clip-l` and `sd15` (CLIP-L-shaped, random weights) and whose
+    gap.source is empty, as this repository's data/gap-pairs/. Only what a CPU cannot do as
+    written is scaled: the hub captions become a local parquet file of the same column, the
+    device the CPU, the sizes and steps small."""
+    work = tmp_path_factory.mktemp("block")
+    build_bases(work)
+    (work / "clip").rename(work / "clip-l")
+    (work / "sd").rename(work / "sd15")
+    (work / "data" / "gap-pairs").mkdir(parents=True)
+    (work / "data" / "gap-pairs" / "README.md").write_text("pairs go here\n")
+    settings = block_settings()
+    assert settings["captions.source"] == "Gustavosta/Stable-Diffusion-Prompts"
+    assert settings["render.height"] == 512 and settings["render.guidance_scale"] == 7.5
+    column = settings["captions.column"]
+    prompts = [
+        f"a {size} {color} {shape} on grey, digital art"
+        for size in ("small", "big", "tiny", "huge")
+        for color in COLORS
+        for shape in SHAPES
+    ]
+    pd.DataFrame({column: prompts}).to_parquet(work / "prompts.parquet")
+    params = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())
+    settings |= {"base.clip": "clip-l", "base.sd": "sd15", "captions.source": "prompts.parquet"}
+    scaled = {
+        "captions.train_size": 30,
+        "captions.test_size": 8,
+        "extract.batch_size": 16,
+        "extract.rows_per_shard": 16,
+        "train.epochs": 1,
+        "train.batch_size": 10,
+        "evaluate.adherence_prompts": 2,
+        "evaluate.combination_pairs": 4,
+        "render.height": 16,
+        "render.width": 16,
+        "render.steps": 2,
+    }
+    for key, value in {**settings, **scaled}.items():
+        set_key(params, key, "cpu" if value == "cuda" else value)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return work
+
+
+@pytest.mark.slow
+def test_the_real_model_block_runs_as_written_on_clip_l_shaped_folders(block_project) -> None:
+    for stage in (["base"], ["captions"], ["gap"]):
+        cli(block_project, *stage)
+    extracted = cli(block_project, "extract")
+    # No paired data: said once, and the caption rows are extracted.
+    assert extracted.output.count("warning: augment.image = 0.3, but gap.source") == 1
+    meta = json.loads((block_project / "data" / "shards" / "meta.json").read_text())
+    assert "no image rows" in meta["no_image_rows"]
+    assert meta["hidden_size"] == 768 and meta["clip_skip"] == 0
+    assert meta["splits"]["train"]["rows"] == 30 and meta["splits"]["train"]["kinds"]["image"] == 0
+    params = yaml.safe_load((block_project / "params.yaml").read_text())
+    for name in params["models"]:
+        cli(block_project, "train", name)
+    cli(block_project, "evaluate")
+    cli(block_project, "render")
+    assert (block_project / "reports" / "grid_single.png").is_file()
+    assert "cat maid" in (block_project / "reports" / "report.md").read_text()
+    adherence = json.loads((block_project / "reports" / "metrics" / "adherence.json").read_text())
+    assert set(adherence["single"]) == {"reference", *params["models"]}

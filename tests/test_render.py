@@ -240,7 +240,9 @@ class EchoDeprojector:
         encoded = encode_texts(clip, [prompt, ""])
         self.hidden, self.null = encoded.hidden[:1], encoded.pooled[1]
 
-    def check_base(self, hidden_size: int, projection_size: int, fingerprint: str) -> None:
+    def check_base(
+        self, hidden_size: int, projection_size: int, fingerprint: str, clip_skip: int = 0
+    ) -> None:
         pass
 
     def generate(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -494,6 +496,61 @@ def test_generate_writes_an_image(project) -> None:
     assert Image.open(project / "out.png").size == (16, 24)
 
 
+def test_encode_records_what_made_the_conditioning(project) -> None:
+    from safetensors import safe_open
+
+    result = invoke(
+        project,
+        "encode",
+        "cat:1.2, maid",
+        "-m",
+        "models/vicinity-batch",
+        "--negative",
+        "dog",
+        "-o",
+        "meta.safetensors",
+    )
+    assert result.exit_code == 0, result.output
+    with safe_open(str(project / "meta.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["prompt"] == "cat:1.2, maid" and metadata["negative"] == "dog"
+    assert metadata["deprojector"].endswith("vicinity-batch")
+    assert metadata["model_type"] == "vicinity-batch" and metadata["clip_skip"] == "0"
+    assert metadata["base_clip"] and len(metadata["base_fingerprint"]) == 64
+    assert metadata["format"] == "pt" and "mix" not in metadata
+
+
+def test_generate_draws_several_seeds_into_a_grid_with_another_sd(project, pipe) -> None:
+    """--num-images N: seeds SEED..SEED+N-1, one grid column each, each the picture --seed
+    draws alone; --seeds names them; --sd picks the pipeline (here the same world)."""
+    common = ["cat", "-m", "models/vicinity-batch", "--steps", "1"]
+    alone = invoke(project, "generate", *common, "--seed", "4", "-o", "s4.png")
+    assert alone.exit_code == 0, alone.output
+    grid = invoke(
+        project, "generate", *common, "--seed", "3", "--num-images", "2", "-o", "grid.png"
+    )
+    assert grid.exit_code == 0 and "seeds 3, 4" in grid.output, grid.output
+    named = invoke(
+        project,
+        "generate",
+        *common,
+        "--seeds",
+        "3",
+        "--seeds",
+        "4",
+        "--sd",
+        str(project / "models" / "world" / "sd"),
+        "-o",
+        "named.png",
+    )
+    assert named.exit_code == 0, named.output
+    assert (project / "grid.png").read_bytes() == (project / "named.png").read_bytes()
+    picture = Image.open(project / "s4.png")
+    assert Image.open(project / "grid.png").width > 2 * picture.width
+    both = invoke(project, "generate", *common, "--seeds", "1", "--num-images", "2")
+    assert both.exit_code == 2 and "give --seeds, or --seed with --num-images" in both.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -522,6 +579,8 @@ def test_generate_writes_an_image(project) -> None:
             "--width: params: `render.width` must be a positive multiple of 8",
         ),
         (["generate", "cat", "--seed", "-1"], "--seed"),
+        (["generate", "cat", "--seeds", "-2"], "--seeds must be 0 or more"),
+        (["generate", "cat", "--num-images", "0"], "--num-images"),
     ],
 )
 def test_bad_inputs_exit_2_with_one_line(project, args: list[str], message: str) -> None:

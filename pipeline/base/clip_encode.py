@@ -3,6 +3,12 @@
 SD tokenises to 77 positions (padding with EOS) and calls the text model *without* an
 attention mask, so padding positions hold real, prompt-dependent states that the UNet
 sees. We encode exactly like that, so targets equal what the pipeline would compute.
+
+Clip skip (`ClipText.clip_skip`, diffusers' count): 0 conditions on the last layer's states
+after the final LayerNorm; k > 0 on the output of the k-th layer from the end, passed through
+the same final LayerNorm, as diffusers' `StableDiffusionPipeline.encode_prompt(clip_skip=k)`
+computes it (`hidden_states[-(k + 1)]`, then `text_model.final_layer_norm`; A1111 calls k = 1
+"clip skip 2"). The pooled embedding is always the last layer's.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pipeline.core.conventions import MAX_LENGTH
 @dataclass
 class Encoded:
     pooled: torch.Tensor  # [B, D] last hidden state at the EOS position
-    hidden: torch.Tensor  # [B, 77, D] last hidden state (after the final LayerNorm)
+    hidden: torch.Tensor  # [B, 77, D] the states SD is conditioned on (clip skip applied)
     mask: torch.Tensor  # [B, 77] int8: 1 at BOS, real tokens and EOS
     n_tokens: torch.Tensor  # [B] int32, BOS and EOS included
     text_embeds: torch.Tensor  # [B, P] projection of pooled
@@ -55,11 +61,17 @@ def tokenize(clip: ClipText, texts: list[str]) -> dict[str, torch.Tensor]:
 def encode_tokens(clip: ClipText, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
     device = clip.model.device
     input_ids = input_ids.to(device)
-    out = clip.model.text_model(input_ids=input_ids)
+    text_model = clip.model.text_model
+    out = text_model(input_ids=input_ids, output_hidden_states=clip.clip_skip > 0)
     pooled = out.pooler_output
+    hidden = (
+        text_model.final_layer_norm(out.hidden_states[-(clip.clip_skip + 1)])
+        if clip.clip_skip
+        else out.last_hidden_state
+    )
     return Encoded(
         pooled=pooled,
-        hidden=out.last_hidden_state,
+        hidden=hidden,
         mask=attention_mask.to(torch.int8),
         n_tokens=attention_mask.sum(dim=1).to(torch.int32),
         text_embeds=clip.model.text_projection(pooled),

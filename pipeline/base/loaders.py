@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pickle
 import shlex
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from pipeline.base.files import (
     BaseModelError,
@@ -55,11 +58,35 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """transformers' weight-loading report and progress bar off while a base model loads.
+
+    Reading one tower of a CLIPModel folder (the text tower for prompts, the vision tower for
+    images) makes transformers list every weight of the other tower as UNEXPECTED (49 lines
+    for the world's CLIP), although that is how a base CLIP is read; what must be there is
+    checked by pipeline.base.files / checks. Errors still raise and error-level messages still
+    print; the caller's verbosity and progress-bar setting are restored (transformers' logging
+    API: set_verbosity, disable_progress_bar)."""
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def load_or_explain(load, source: str, kind: str):
-    """`load(source)`; offline, only from the local Hugging Face cache, failing fast."""
+    """`load(source)`; offline, only from the local Hugging Face cache, failing fast; without
+    transformers' loading report (quiet_loading)."""
     offline = not Path(source).exists() and not _hub_reachable()
     try:
-        return load(source, local_files_only=True) if offline else load(source)
+        with quiet_loading():
+            return load(source, local_files_only=True) if offline else load(source)
     except pickle.UnpicklingError as err:  # torch's weights_only refusal, in a hub snapshot
         raise BaseModelError(
             f"base.{kind}: {source!r} holds a weight file only pickle could load, and "
@@ -95,12 +122,24 @@ def base_source(name: str, kind: str, base_dir: Path = WORLD_DIR) -> str:
 
 @dataclass
 class ClipText:
-    """The CLIP tokenizer and text model with projection, as loaded for extraction."""
+    """The CLIP tokenizer and text model with projection, as loaded for extraction.
+
+    clip_skip: which layer's states condition SD (pipeline.base.clip_encode; diffusers'
+    count: 0 the last layer, 1 the penultimate; at most the text model's layers - 1).
+    Raises BaseModelError for a clip_skip the model does not have."""
 
     tokenizer: CLIPTokenizer
     model: CLIPTextModelWithProjection
+    clip_skip: int = 0
 
     def __post_init__(self) -> None:
+        layers = self.model.config.num_hidden_layers
+        if isinstance(self.clip_skip, bool) or not 0 <= self.clip_skip < layers:
+            raise BaseModelError(
+                f"clip_skip must be an integer in [0, {layers - 1}] for this CLIP "
+                f"({layers} layers; 0 = the last layer, 1 = the penultimate), "
+                f"got {self.clip_skip!r}"
+            )
         # A private copy of the Rust tokenizer without padding or truncation, for fast
         # batch encoding (pipeline.base.clip_encode.token_ids).
         self.raw_tokenizer = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
@@ -130,8 +169,11 @@ def load_tokenizer(name: str, base_dir: Path = WORLD_DIR) -> CLIPTokenizer:
     return tokenizer
 
 
-def load_clip(name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> ClipText:
-    """Tokenizer + text model with projection; a folder without either fails, naming it."""
+def load_clip(
+    name: str, device: str = "cpu", base_dir: Path = WORLD_DIR, clip_skip: int = 0
+) -> ClipText:
+    """Tokenizer + text model with projection; a folder without either fails, naming it.
+    clip_skip: the layer whose states it encodes (ClipText)."""
     source = base_source(name, "clip", base_dir)
     if Path(source).is_dir():
         check_clip_folder(Path(source), name)
@@ -139,7 +181,7 @@ def load_clip(name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> Cli
     model = load_or_explain(CLIPTextModelWithProjection.from_pretrained, source, "clip")
     if not Path(source).is_dir():  # a hub id: check the snapshot it was loaded from
         check_clip_folder(source_folder(source, "config.json"), name)
-    return ClipText(tokenizer, model.to(device).eval())
+    return ClipText(tokenizer, model.to(device).eval(), clip_skip)
 
 
 def load_sd_pipeline(

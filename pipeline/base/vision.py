@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from pipeline.base.files import BaseModelError
-from pipeline.base.loaders import base_source, load_or_explain
+from pipeline.base.loaders import base_source, load_or_explain, quiet_loading
 from pipeline.world.config import WORLD_DIR
 
 
@@ -23,7 +23,8 @@ class ImageTower:
     @classmethod
     def load(cls, name: str, device: str = "cpu", base_dir: Path = WORLD_DIR) -> ImageTower:
         """The vision tower of `base.clip`; a text-only checkpoint fails naming the fix."""
-        from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
+        with quiet_loading():  # transformers 5 without torchvision: a fallback notice
+            from transformers import AutoConfig, CLIPImageProcessor, CLIPVisionModelWithProjection
 
         source = base_source(name, "clip", base_dir)
         config = load_or_explain(AutoConfig.from_pretrained, source, "clip")

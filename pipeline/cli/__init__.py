@@ -392,7 +392,10 @@ def _scheduler_name(value: str | None) -> str | None:
             "{'prompt_embeds': [N, 77, D]} (N = 1, or one row per --t), plus "
             "'negative_prompt_embeds' of the same shape with --negative.",
             "Load it with safetensors.torch.load_file and pass the tensors to a "
-            "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds.",
+            "StableDiffusionPipeline as prompt_embeds / negative_prompt_embeds. The file's "
+            "metadata (safetensors.safe_open(...).metadata()) records what made it: prompt, "
+            "negative, deprojector, model_type, base_clip, base_fingerprint, clip_skip and the "
+            "other prompt options used.",
             PROMPT_GRAMMAR,
         ]
     ),
@@ -406,13 +409,17 @@ def encode_command(
     params: Path = ParamsOption,
 ) -> None:
     def step():
-        embeds, negative_embeds, _ = conditionings(
+        embeds, negative_embeds, _, metadata = conditionings(
             options, params_or_defaults(params), params.exists()
         )
         tensors = {"prompt_embeds": embeds}
         if options.negative is not None:
             tensors["negative_prompt_embeds"] = negative_embeds
-        save_tensors(out, {k: v.float().contiguous().cpu() for k, v in tensors.items()})
+        save_tensors(
+            out,
+            {k: v.float().contiguous().cpu() for k, v in tensors.items()},
+            metadata={"format": "pt", **metadata},
+        )
         typer.echo(
             f"wrote {out} (" + ", ".join(f"{k} {list(v.shape)}" for k, v in tensors.items()) + ")"
         )
@@ -439,7 +446,8 @@ GENERATE_OPTIONS = (
             "Unset options come from the render section of the params file; without one, from "
             "the sampling settings the deprojector folder records (what the pipeline drew "
             "with), else render's defaults. The negative prompt is '' unless --negative "
-            "gives one.",
+            "gives one. Several seeds (--seeds, or --num-images N: seeds SEED .. SEED+N-1) "
+            "give a grid: one column per seed, or with several --t one row per seed.",
             PROMPT_GRAMMAR,
         ]
     ),
@@ -449,6 +457,21 @@ def generate_command(
     options: PromptOptions,
     # Checked with the render section (pipeline.config.params), as params.yaml's values are.
     seed: int | None = typer.Option(None, help="Noise seed (default: render.seed)."),
+    seeds: list[int] = typer.Option(
+        None, "--seeds", help="A noise seed per image (repeatable); instead of --seed."
+    ),
+    num_images: int | None = typer.Option(
+        None,
+        "--num-images",
+        min=1,
+        help="Images from consecutive seeds SEED, SEED+1, ... (SEED: --seed or render.seed).",
+    ),
+    sd: str | None = typer.Option(
+        None,
+        "--sd",
+        help="The Stable Diffusion 1.x pipeline to draw with (a diffusers folder or hub id; "
+        "default: base.sd); its UNet must take the deprojector's width.",
+    ),
     steps: int | None = typer.Option(None, help="Denoising steps (default: render.steps)."),
     guidance: float | None = typer.Option(
         None, help="Classifier-free guidance scale (default: render.guidance_scale)."
@@ -489,26 +512,53 @@ def generate_command(
             options_of = {f"render.{key}": f"--{name}" for name, key in GENERATE_OPTIONS}
             key = next((k for k in options_of if f"`{k}`" in str(err)), None)
             raise ParamsError(f"{options_of[key]}: {err}" if key else str(err)) from err
-        embeds, negative_embeds, labels = conditionings(options, p, params.exists())
-        pipe = load_pipeline(p.base.sd, r)
-        images = generate_images(pipe, embeds, negative_embeds[:1], r)
+        drawn = image_seeds(r.seed, seeds or [], num_images, seed is not None)
+        embeds, negative_embeds, labels, _ = conditionings(options, p, params.exists())
+        pipe = load_pipeline(sd or p.base.sd, r)
+        rows = len(embeds)
+        images = generate_images(
+            pipe,
+            embeds.repeat(len(drawn), 1, 1),
+            negative_embeds[:1],
+            r,
+            seeds=[s for s in drawn for _ in range(rows)],
+        )
         if len(images) == 1:
             picture = images[0]
-        else:  # an interpolation strip, one column per t
-            row = options.model.name
+        else:  # columns: one per t (rows: one per seed), or one per seed
+            name = options.model.name if not options.no_deprojector else "reference"
+            cells = [images[k * rows : (k + 1) * rows] for k in range(len(drawn))]
             picture = make_grid(
                 [
-                    GridColumn(label, {row: image})
-                    for label, image in zip(labels, images, strict=True)
+                    GridColumn(
+                        label, {f"seed {s}": row[j] for s, row in zip(drawn, cells, strict=True)}
+                    )
+                    for j, label in enumerate(labels)
+                ]
+                if rows > 1
+                else [
+                    GridColumn(f"seed {s}", {name: row[0]})
+                    for s, row in zip(drawn, cells, strict=True)
                 ]
             )[0]
         save_image(picture, out)
         typer.echo(
             f"wrote {out} ({len(images)} image{'s' * (len(images) > 1)} of "
-            f"{r.width}x{r.height}, seed {r.seed}, {r.steps} steps)"
+            f"{r.width}x{r.height}, seed{'s' * (len(drawn) > 1)} "
+            f"{', '.join(map(str, drawn))}, {r.steps} steps)"
         )
 
     _run(step)
+
+
+def image_seeds(seed: int, seeds: list[int], num_images: int | None, seed_given: bool) -> list[int]:
+    """The seeds `generate` draws: --seeds as given, or --num-images consecutive ones from
+    `seed`, or `seed` alone."""
+    if seeds and (num_images is not None or seed_given):
+        raise typer.BadParameter("give --seeds, or --seed with --num-images, not both")
+    if any(s < 0 for s in seeds):
+        raise typer.BadParameter(f"--seeds must be 0 or more, got {min(seeds)}")
+    return seeds or [seed + k for k in range(num_images or 1)]
 
 
 @app.command("bench")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +26,19 @@ PROMPT_GRAMMAR = "\n\n".join(
         "('red circle:1.2, blue square:0.6'; no weight = 1; negative weights subtract; |WEIGHT| "
         "<= 100). With a deprojector the parts combine as Σ w_k (e_k − null) + null. A colon "
         "always starts a weight.",
+        "Other tools' weights around a whole part set its weight: A1111's (text:1.2), (text) = "
+        "1.1, [text] = 1/1.1; compel's text++ = 1.1^2, text-- = 0.9^2, (text)1.3. Inside a "
+        "part, across a comma, A1111's AND / BREAK and a number before ':' ('16:9') are errors "
+        "that say how to write them here. Words the base CLIP does not know are warned about.",
         "--image PATH[:WEIGHT] adds an image part: the CLIP vision tower, the bridge to text "
         "space (--bridge; statistics saved with the deprojector, or --gap), the pseudo-inverse "
         "of the text projection. A prompt of only images is allowed (pass '').",
         "--mix PROMPT_B with --t T (repeatable: a strip of images) interpolates from PROMPT to "
         "PROMPT_B around null, linearly or with --slerp.",
         "The base CLIP is the one the deprojector was trained on (its config.json records it), "
-        "or base.clip of the params file when there is one; another CLIP is refused.",
+        "or base.clip of the params file when there is one; another CLIP is refused. Likewise "
+        "its clip skip (--clip-skip, else extract.clip_skip of the params file when there is "
+        "one, else the deprojector's own).",
     ]
 )
 
@@ -53,6 +60,7 @@ class PromptOptions:
     negative_reference: bool = False
     gap: Path | None = None
     bridge: str | None = None
+    clip_skip: int | None = None
 
     def check(self) -> None:
         extras = [
@@ -76,6 +84,8 @@ class PromptOptions:
             raise typer.BadParameter(
                 f"--bridge must be one of {', '.join(BRIDGES)}, got {self.bridge!r}"
             )
+        if self.clip_skip is not None and self.clip_skip < 0:
+            raise typer.BadParameter(f"--clip-skip must be 0 or more, got {self.clip_skip}")
         bad = [t for t in self.ts if not 0.0 <= t <= 1.0]
         if bad:
             raise typer.BadParameter(f"--t must lie in [0, 1], got {bad[0]}")
@@ -218,13 +228,27 @@ PROMPT_PARAMETERS = [
             "was trained with; `none` needs no statistics).",
         ),
     ),
+    _option(
+        "clip_skip",
+        int | None,
+        typer.Option(
+            None,
+            "--clip-skip",
+            metavar="N",
+            help="The CLIP layer of the conditioning, diffusers' count: 0 = last, 1 = "
+            "penultimate (A1111's 'clip skip 2'). Default: extract.clip_skip of the params file "
+            "when there is one, else the deprojector's own (0 with --no-deprojector). A "
+            "deprojector trained on another clip skip is refused.",
+        ),
+    ),
 ]
 
 
 def with_prompt_options(command):
     """Give `command(options: PromptOptions, ...)` the prompt options as CLI parameters."""
+    hints = typing.get_type_hints(command)  # the real types, not `from __future__` strings
     own = [
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[p.name])
         for p in inspect.signature(command).parameters.values()
         if p.name != "options"
     ]
@@ -259,7 +283,8 @@ def params_or_defaults(path: Path, model: Path | None = None):
 
 
 def conditionings(o: PromptOptions, params, params_file: bool):
-    """(prompt_embeds [N, 77, D], negative_prompt_embeds [N, 77, D], one label per row)."""
+    """(prompt_embeds [N, 77, D], negative_prompt_embeds [N, 77, D], one label per row, what
+    made them as strings: the encoder's metadata and the prompt options)."""
     from pipeline.prompting.encoder import ImagePart, PromptEncoder
 
     o.check()
@@ -273,6 +298,9 @@ def conditionings(o: PromptOptions, params, params_file: bool):
             gap=None if o.bridge == "none" else o.gap,
             images=bool(images or mix_images),
             device=params.render.device,
+            clip_skip=o.clip_skip
+            if o.clip_skip is not None
+            else (params.extract.clip_skip if params_file else None),
         )
         if o.no_deprojector:
             embeds, labels = encoder.encode_prompt(o.prompt, deproject=False), ["reference"]
@@ -290,5 +318,18 @@ def conditionings(o: PromptOptions, params, params_file: bool):
         )
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
+    given = {
+        "prompt": o.prompt,
+        "negative": o.negative,
+        "images": " ".join(o.images) or None,
+        "mix": o.mix,
+        "mix_images": " ".join(o.mix_images) or None,
+        "t": " ".join(f"{t:g}" for t in o.ts or [0.5]) if o.mix is not None else None,
+        "slerp": "true" if o.slerp else None,
+        "combine": None if o.combine else "false",
+        "bridge": o.bridge,
+        "negative_reference": "true" if o.negative_reference else None,
+    }
+    metadata = {**encoder.metadata(), **{k: v for k, v in given.items() if v is not None}}
     # diffusers wants as many negative rows as prompt rows.
-    return embeds, negative.expand(len(embeds), -1, -1), labels
+    return embeds, negative.expand(len(embeds), -1, -1), labels, metadata

@@ -62,6 +62,10 @@ class ExtractParams:
     device: str = "cpu"
     num_workers: int = 1
     worker_index: int = 0
+    # The CLIP layer of the targets, diffusers' count: 0 the last layer, 1 the penultimate
+    # (A1111's "clip skip 2"), after the final LayerNorm (pipeline.base.clip_encode). Models
+    # trained on these shards record it; render, evaluate, encode and generate use it.
+    clip_skip: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,6 +329,12 @@ def validate(p: Params) -> Params:
         "extract.worker_index",
         f"in [0, extract.num_workers - 1 = {e.num_workers - 1}]",
         e.worker_index,
+    )
+    check(
+        e.clip_skip >= 0,
+        "extract.clip_skip",
+        "0 (the last CLIP layer) or more (1: the penultimate)",
+        e.clip_skip,
     )
     check(e.dtype in STORAGE_DTYPES, "extract.dtype", f"one of {STORAGE_DTYPES}", e.dtype)
     check(

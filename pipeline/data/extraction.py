@@ -42,7 +42,6 @@ from pipeline.data.shards import (
     write_shard_atomic,
 )
 from pipeline.prompting.bridges import GAP_FILE, ModalityGap, image_pooled
-from pipeline.prompting.images import ImagePromptError
 from pipeline.world.embedded import World
 
 SPLITS = ("train", "test")
@@ -221,17 +220,18 @@ class ImageRows:
     """The image rows' inputs: paired images through the vision tower, the bridge (gap.bridge,
     statistics of the `gap` stage) and the pseudo-inverse of the text projection."""
 
-    def __init__(self, params: Params, gap_dir: Path, deprojection: torch.Tensor) -> None:
+    def __init__(
+        self,
+        params: Params,
+        gap_dir: Path,
+        deprojection: torch.Tensor,
+        world: World | None,
+        source: Pairs | None,
+    ) -> None:
+        """world: the builtin world (its scenes are the pairs), else source: the folder or
+        hub pairs of gap.source (`open_image_rows` opens both)."""
         g = params.gap
-        self.world = World.of(params.base.clip, params.base.sd)
-        self.source = None if self.world else open_pairs(g)
-        if self.world is None and self.source is None:
-            raise ImagePromptError(
-                f"augment.image = {params.augment.image} needs paired data, "
-                f"but gap.source {g.source!r} has none: point it to a "
-                "folder of NAME.png + NAME.txt pairs or a hub dataset, or "
-                "set augment.image to 0"
-            )
+        self.world, self.source = world, source
         self.tower = ImageTower.load(params.base.clip, device=params.extract.device)
         self.tower.model.to(deprojection.dtype)  # extract.compute_dtype, as the text tower
         # `none` needs no statistics; the others come from the gap stage.
@@ -285,6 +285,26 @@ class ImageRows:
         return dict(zip(ids, embeds, strict=True))
 
 
+def open_image_rows(
+    params: Params, gap_dir: Path, deprojection: torch.Tensor
+) -> tuple[ImageRows | None, str | None]:
+    """The image rows of augment.image > 0 and None, or None and why there are none: a real
+    CLIP whose gap.source holds no pairs (an empty folder, as data/gap-pairs/ ships) gives
+    caption rows only, said once, rather than stopping after the CLIP is loaded."""
+    if params.augment.image <= 0:
+        return None, None
+    world = World.of(params.base.clip, params.base.sd)
+    source = None if world else open_pairs(params.gap)
+    if world is None and source is None:
+        return None, (
+            f"augment.image = {params.augment.image:g}, but gap.source {params.gap.source!r} "
+            "holds no image/caption pairs: no image rows, caption rows only. For image rows "
+            "point gap.source at a folder of NAME.png + NAME.txt pairs or a hub dataset with "
+            "an image and a text column; set augment.image: 0 to say none are wanted"
+        )
+    return ImageRows(params, gap_dir, deprojection, world, source), None
+
+
 def hash_weights(digest, model: torch.nn.Module):
     """`digest` (a hashlib object) updated with every weight's name and bytes, in name order."""
     for name, tensor in sorted(model.state_dict().items()):
@@ -331,6 +351,8 @@ def extract_split(
         "rows_per_shard": e.rows_per_shard,
         "batch_size": e.batch_size,
     }
+    if clip.clip_skip:  # absent for 0, so last-layer shards keep their fingerprints
+        context["clip_skip"] = clip.clip_skip
     if pairs:
         context["image"] = images.context
     split_dir.mkdir(parents=True, exist_ok=True)

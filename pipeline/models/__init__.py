@@ -39,6 +39,7 @@ FIXED_FIELDS = (
     "base_clip",
     "base_fingerprint",
     "sampling",  # render.*, recorded by training
+    "clip_skip",
 )
 
 

@@ -107,6 +107,10 @@ class DeprojectorConfig:
     # (steps, guidance_scale, height, width, scheduler): the defaults of `generate` and of
     # PromptEncoder.sampling_kwargs outside a project. {} when not recorded (older folders).
     sampling: dict = dataclasses.field(default_factory=dict)
+    # The CLIP layer of its targets, in diffusers' count (pipeline.base.clip_encode): 0 the
+    # last layer, 1 the penultimate (A1111's "clip skip 2"); folders saved before it was
+    # recorded were trained on the last layer.
+    clip_skip: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -128,6 +132,8 @@ class DeprojectorConfig:
                 f"sampling: unknown setting(s) {', '.join(unknown)} "
                 f"(known: {', '.join(SAMPLING_KEYWORDS)})"
             )
+        if self.clip_skip < 0:
+            raise ValueError(f"clip_skip must be >= 0, got {self.clip_skip}")
         if self.num_positions != MAX_LENGTH:  # every prompt_embeds SD takes has CLIP's 77
             raise ValueError(
                 f"num_positions must be {MAX_LENGTH} (CLIP's context, the "
@@ -311,10 +317,23 @@ class Deprojector(ModelMixin, ConfigMixin):
         return self._with_sos(self.generate_states(embeds - self.null))
 
     def check_base(
-        self, hidden_size: int, projection_size: int, fingerprint: str | None = None
+        self,
+        hidden_size: int,
+        projection_size: int,
+        fingerprint: str | None = None,
+        clip_skip: int | None = None,
     ) -> None:
-        """Raise BaseMismatchError unless this deprojector fits a base CLIP of these widths
-        and, where both are known, of this fingerprint."""
+        """Raise BaseMismatchError unless this deprojector fits a base CLIP of these widths,
+        where both are known of this fingerprint, and where given of this clip skip (the
+        layer whose states it was trained to produce)."""
+        if clip_skip is not None and clip_skip != self.config.clip_skip:
+            raise BaseMismatchError(
+                f"deprojector in {self.name_or_path} was trained on the states of clip_skip "
+                f"{self.config.clip_skip} (diffusers' count: 0 = last CLIP layer, 1 = "
+                f"penultimate), not {clip_skip}: ask for clip_skip {self.config.clip_skip} "
+                f"(--clip-skip {self.config.clip_skip}, extract.clip_skip) or train one on "
+                f"clip_skip {clip_skip} shards"
+            )
         for what, trained, base in (
             ("D", self.config.hidden_size, hidden_size),
             ("P", self.config.projection_size, projection_size),

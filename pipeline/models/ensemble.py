@@ -81,6 +81,11 @@ class EnsembleDeprojector(Deprojector):
                     f"(fingerprint {mc.base_fingerprint[:12]}, the ensemble's "
                     f"{config.base_fingerprint[:12]})"
                 )
+            if mc.clip_skip != config.clip_skip:
+                raise BaseMismatchError(
+                    f"ensemble member {member.name_or_path} was trained on clip_skip "
+                    f"{mc.clip_skip}, the ensemble on {config.clip_skip}"
+                )
         first = members[0]
         for member in members[1:]:
             for name in ("sos", "null", "deprojection"):
@@ -108,6 +113,7 @@ class EnsembleDeprojector(Deprojector):
             num_positions=c.num_positions,
             base_clip=c.base_clip,
             base_fingerprint=c.base_fingerprint,
+            clip_skip=c.clip_skip,
             members=member_folders or [str(m.name_or_path) for m in members],
         )
         return cls(config, members)

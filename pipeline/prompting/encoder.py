@@ -17,6 +17,7 @@ states a StableDiffusionPipeline takes as prompt_embeds.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -68,6 +69,24 @@ class ImagePart:
 
 
 ENCODE_BATCH = 64  # distinct prompt parts per CLIP forward
+# A word the base CLIP's BPE vocabulary splits into more pieces than this (or maps to its
+# unknown token) is reported: a misspelling or a word the CLIP never learned, whose meaning
+# the pieces may not carry. 2 lets through a stem and an ending.
+MAX_WORD_PIECES = 2
+WORD = re.compile(r"[^\W\d_]+")  # a run of letters: digits are single tokens in CLIP's BPE
+
+
+def unknown_words(clip: ClipText, text: str) -> dict[str, int]:
+    """The words (runs of letters) of `text` the base CLIP's tokenizer does not know: word ->
+    the number of tokens it is split into (more than MAX_WORD_PIECES, or any unknown token)."""
+    words = list(dict.fromkeys(WORD.findall(text)))
+    if not words:
+        return {}
+    unknown = clip.tokenizer.unk_token_id
+    pieces = {w: ids[1:-1] for w, ids in zip(words, token_ids(clip, words), strict=True)}
+    return {
+        w: len(ids) for w, ids in pieces.items() if len(ids) > MAX_WORD_PIECES or unknown in ids
+    }
 
 
 def truncated_text(clip: ClipText, text: str, ids: list[int] | None = None) -> str:
@@ -134,9 +153,12 @@ class PromptEncoder:
         gap: ModalityGap | None = None,
     ) -> None:
         if deprojector is not None:
-            deprojector.check_base(clip.hidden_size, clip.projection_size, clip.fingerprint)
+            deprojector.check_base(
+                clip.hidden_size, clip.projection_size, clip.fingerprint, clip.clip_skip
+            )
         self.clip, self.deprojector, self.tower, self.gap = clip, deprojector, tower, gap
         self.cut: dict[str, str] = {}  # text -> the words CLIP's truncation dropped
+        self.unknown: dict[str, dict[str, int]] = {}  # text -> its unknown_words
 
     @classmethod
     def from_pretrained(
@@ -147,6 +169,7 @@ class PromptEncoder:
         images: bool = True,
         device: str = "cpu",
         base_dir: Path = WORLD_DIR,
+        clip_skip: int | None = None,
     ) -> PromptEncoder:
         """The deprojector folder or Hugging Face Hub id `model` (None: the reference only)
         with its base CLIP.
@@ -154,7 +177,10 @@ class PromptEncoder:
         clip: `builtin`, a folder or a hub id; None: the base the deprojector was trained on
         (its config records it). gap: modality-gap statistics (a `gap` stage folder or file);
         None: those saved with the deprojector, if any. images: also load the vision tower
-        (image prompts without gap statistics need bridge='none')."""
+        (image prompts without gap statistics need bridge='none'). clip_skip: the CLIP layer
+        of the conditioning (diffusers' count, pipeline.base.clip_encode); None: the one the
+        deprojector was trained on (0 without one). A deprojector trained on another clip
+        skip raises BaseMismatchError."""
         deprojector = load_deprojector(model, device=device) if model is not None else None
         if clip is None:
             clip = deprojector.config.base_clip if deprojector is not None else ""
@@ -167,7 +193,9 @@ class PromptEncoder:
                         else f"the deprojector in {model} does not record its base"
                     )
                 )
-        text = load_clip(clip, device=device, base_dir=base_dir)
+        if clip_skip is None:
+            clip_skip = deprojector.config.clip_skip if deprojector is not None else 0
+        text = load_clip(clip, device=device, base_dir=base_dir, clip_skip=clip_skip)
         tower = ImageTower.load(clip, device, base_dir) if images else None
         if not images:
             stats = None
@@ -202,11 +230,20 @@ class PromptEncoder:
 
     def _encode(self, text: str) -> Encoded:
         """The CLIP output of one text (as the SD pipeline encodes a prompt: alone, 77
-        positions), warning about what truncation cut."""
-        self._warn_cut(text)
+        positions), warning about what truncation cut and words CLIP does not know."""
+        self._warn_text(text)
         return encode_texts(self.clip, [text])
 
-    def _warn_cut(self, text: str, ids: list[int] | None = None) -> None:
+    def _warn_text(self, text: str, ids: list[int] | None = None) -> None:
+        unknown = unknown_words(self.clip, text)
+        if unknown:
+            self.unknown[text] = unknown
+            words = ", ".join(f"{w!r} ({n} tokens)" for w, n in unknown.items())
+            warnings.warn(
+                f"prompt part {text[:60]!r}: the base CLIP's vocabulary does not know {words}; "
+                "split into pieces, their meaning may be lost (a misspelling?)",
+                stacklevel=4,
+            )
         cut = truncated_text(self.clip, text, ids)
         if cut:
             self.cut[text] = cut
@@ -222,7 +259,7 @@ class PromptEncoder:
         of 10,000 parts from 12 distinct words costs one forward of 12 texts."""
         distinct = list(dict.fromkeys(texts))
         for text, ids in zip(distinct, token_ids(self.clip, distinct), strict=True):
-            self._warn_cut(text, ids)
+            self._warn_text(text, ids)
         pooled = torch.cat(
             [
                 encode_texts(self.clip, distinct[b : b + ENCODE_BATCH]).pooled
@@ -307,21 +344,35 @@ class PromptEncoder:
         compel and ComfyUI's ConditioningAverage offer for "A, B" without a deprojector).
 
         Raises PromptError for an empty prompt or weights that sum to 0."""
-        from compel import Compel
+        from compel import Compel, ReturnedEmbeddingsType
         from compel.prompt_parser import Blend, FlattenedPrompt, Fragment
 
+        # compel's states of the CLIP's layer: the last, or the penultimate through the final
+        # LayerNorm (its "clip skip", diffusers' clip_skip 1); it has no deeper one.
+        layers = {
+            0: ReturnedEmbeddingsType.LAST_HIDDEN_STATES_NORMALIZED,
+            1: ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NORMALIZED,
+        }
+        if self.clip.clip_skip not in layers:
+            raise PromptError(
+                f"the blend baseline (compel) knows clip skip 0 and 1, not {self.clip.clip_skip}"
+            )
         parts = parse_weighted(prompt)
         weights = [part.weight for part in parts]
         if not parts or sum(weights) == 0:
             raise PromptError(f"{prompt!r}: a blend needs parts whose weights do not sum to 0")
         for part in parts:
-            self._warn_cut(part.text)
+            self._warn_text(part.text)
         blend = Blend(
             [FlattenedPrompt([Fragment(part.text)]) for part in parts],
             weights,
             normalize_weights=True,
         )
-        compel = Compel(tokenizer=self.clip.tokenizer, text_encoder=self.clip.model)
+        compel = Compel(
+            tokenizer=self.clip.tokenizer,
+            text_encoder=self.clip.model,
+            returned_embeddings_type=layers[self.clip.clip_skip],
+        )
         with torch.inference_mode():
             (states, _tokens), _options = compel.build_conditioning_tensor_for_prompt_object(blend)
         return states
@@ -352,6 +403,20 @@ class PromptEncoder:
         if not prompt.strip():
             return self.deproject(self._deprojector().null[None], "the empty negative prompt")
         return self.encode_prompt(prompt)
+
+    def metadata(self) -> dict[str, str]:
+        """What made this encoder's conditioning, as strings (a safetensors header's
+        metadata): `deprojector` (its folder, "" for the reference), `model_type`,
+        `base_clip` (the deprojector's recorded base, else the CLIP's folder or hub id),
+        `base_fingerprint` and `clip_skip`."""
+        config = self.deprojector.config if self.deprojector is not None else None
+        return {
+            "deprojector": str(self.deprojector.name_or_path) if self.deprojector else "",
+            "model_type": config.model_type if config else "",
+            "base_clip": (config.base_clip if config else "") or str(self.clip.model.name_or_path),
+            "base_fingerprint": self.clip.fingerprint,
+            "clip_skip": str(self.clip.clip_skip),
+        }
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -18,9 +18,10 @@ def load_encoders(
     params: Params, models_dir: Path, gap_dir: Path | None = None, device: str = "cpu"
 ) -> dict[str, PromptEncoder]:
     """The prompt encoder of every row: REFERENCE (base.clip alone, no deprojector), then one
-    per run of `models:` (models_dir/NAME, checked against base.clip). With gap_dir: the
+    per run of `models:` (models_dir/NAME, checked against base.clip and extract.clip_skip: a
+    run trained on another clip skip is refused). With gap_dir: the
     vision tower and the modality-gap statistics, for image prompts."""
-    clip = load_clip(params.base.clip, device=device)
+    clip = load_clip(params.base.clip, device=device, clip_skip=params.extract.clip_skip)
     tower = ImageTower.load(params.base.clip, device) if gap_dir is not None else None
     gap = ModalityGap.load(gap_dir).with_bridge(params.gap.bridge) if gap_dir is not None else None
     reference = PromptEncoder(clip, None, tower, gap)

@@ -117,6 +117,11 @@ def build_model(name: str, params: Params, shards_dir: Path) -> Deprojector:
             f"{shards_dir}: extracted with base.clip={meta['base_clip']!r}, but "
             f"params name {params.base.clip!r}; rerun `deprojector extract`"
         )
+    if meta.get("clip_skip", 0) != params.extract.clip_skip:
+        raise ShardError(
+            f"{shards_dir}: extracted with extract.clip_skip={meta.get('clip_skip', 0)}, but "
+            f"params name {params.extract.clip_skip}; rerun `deprojector extract`"
+        )
     constants = load_constants(shards_dir / "constants.safetensors")
     model_class = architecture(spec.type)
     clip = load_clip(params.base.clip).model if model_class.uses_base_model else None
@@ -236,10 +241,12 @@ def _fingerprint(name: str, params: Params, shards_dir: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def record_base(model: Deprojector | DeprojectorConfig, base_clip: str) -> None:
+def record_base(model: Deprojector | DeprojectorConfig, base_clip: str, clip_skip: int = 0) -> None:
     """Write the base CLIP into the model's config: its name (a local folder as an absolute
-    path, so the deprojector loads from anywhere) and the fingerprint of its files."""
+    path, so the deprojector loads from anywhere), the fingerprint of its files and the
+    clip skip of the targets."""
     config = model if isinstance(model, DeprojectorConfig) else model.config
+    config.clip_skip = clip_skip
     source = base_source(base_clip, "clip")
     config.base_clip = (
         str(Path(source).resolve()) if base_clip != BUILTIN and Path(source).is_dir() else base_clip
@@ -324,7 +331,7 @@ def write_ensemble(
         projection_size=meta["projection_size"],
         members=[f"../{member}" for member in model_spec(name, params).hparams["members"]],
     )
-    record_base(config, params.base.clip)
+    record_base(config, params.base.clip, params.extract.clip_skip)
     record_sampling(config, params)
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -527,7 +534,7 @@ def train_model(
     if accelerator.is_main_process:
         assert best["state"] is not None, "train.epochs >= 1: an epoch was scored"
         model.load_state_dict(best["state"])
-        record_base(model, params.base.clip)
+        record_base(model, params.base.clip, params.extract.clip_skip)
         record_sampling(model.config, params)
         model.save_pretrained(out_dir, companions=False)
         copy_gap(out_dir, gap_dir)

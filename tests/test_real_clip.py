@@ -288,4 +288,4 @@ def test_the_real_model_block_runs_as_written_on_clip_l_shaped_folders(block_pro
     assert (block_project / "reports" / "grid_single.png").is_file()
     assert "cat maid" in (block_project / "reports" / "report.md").read_text()
     adherence = json.loads((block_project / "reports" / "metrics" / "adherence.json").read_text())
-    assert set(adherence["single"]) == {"reference", *params["models"]}
+    assert {"reference", *params["models"]} <= set(adherence["single"])  # and the baselines

@@ -25,6 +25,10 @@ def test_runs_differ_in_colour_or_marker_and_neighbours_in_both() -> None:
         assert a[0] != b[0] and a[1] != b[1]
     assert styles["retrieval"] == FIXED_STYLES["retrieval"]
     assert all(to_rgb(styles[run].color) != to_rgb(FIXED_STYLES["retrieval"].color) for run in RUNS)
+    # The baselines apart from each other too: the adherence bars show colour, not line style.
+    baselines = {to_rgb(style.color) for style in FIXED_STYLES.values()}
+    assert len(baselines) == len(FIXED_STYLES)
+    assert not baselines & {to_rgb(styles[run].color) for run in RUNS}
 
 
 def test_a_run_keeps_its_style_in_every_chart() -> None:

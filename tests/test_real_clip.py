@@ -107,6 +107,8 @@ def project(tmp_path_factory) -> Path:
         "render": {"steps": 2, "height": 16, "width": 16},
         "models": {"vb": {"type": "vicinity-batch", "vicinity": 2, "norm": "layer"}},
     }
+    params["models"] = {name: params["models"][name] for name in ("vicinity-batch", "vt-rollout")}
+    params["render"]["showcase_model"] = "vt-rollout"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 
@@ -230,7 +232,8 @@ def block_project(tmp_path_factory) -> Path:
     are the offline form's `clip-l` and `sd15` (CLIP-L-shaped, random weights) and whose
     gap.source is empty, as this repository's data/gap-pairs/. Only what a CPU cannot do as
     written is scaled: the hub captions become a local parquet file of the same column, the
-    device the CPU, the sizes and steps small."""
+    device the CPU, the sizes and steps small, and two of the runs: the block's settings, not
+    the architectures, are this test's subject."""
     work = tmp_path_factory.mktemp("block")
     build_bases(work)
     (work / "clip").rename(work / "clip-l")
@@ -265,6 +268,8 @@ def block_project(tmp_path_factory) -> Path:
     }
     for key, value in {**settings, **scaled}.items():
         set_key(params, key, "cpu" if value == "cuda" else value)
+    params["models"] = {name: params["models"][name] for name in ("vicinity-batch", "vt-rollout")}
+    params["render"]["showcase_model"] = "vt-rollout"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 

@@ -121,8 +121,11 @@ def run(
                 folder / "checkpoints",
                 gap_dir,
             )
-        # Text prompts are judged once for every variant together (paired), below.
-        p = dataclasses.replace(p, evaluate=dataclasses.replace(p.evaluate, adherence_prompts=0))
+        # Text prompts are judged once for every variant together (paired), below; image
+        # prompts through every bridge side by side.
+        p = dataclasses.replace(
+            p, evaluate=dataclasses.replace(p.evaluate, adherence_prompts=0, bridges="all")
+        )
         results = run_evaluate_stage(
             p,
             folder / "shards",
@@ -217,7 +220,6 @@ def main(argv: list[str] | None = None) -> dict:
                 params.evaluate,
                 adherence_prompts=args.prompts,
                 image_prompts=args.prompts,
-                bridges="all",
             ),
         )
     with tempfile.TemporaryDirectory() as tmp:

@@ -137,7 +137,9 @@ def make_grid(
 # every other and neighbours differ in both. The rows beside the runs keep fixed styles.
 RUN_COLORS = tuple(c for c in matplotlib.colormaps["tab10"].colors if c != (0.5, 0.5, 0.5))
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
-GREY, BLACK = "#7f7f7f", "#000000"
+# Baselines: shades outside tab10's hues, apart from each other where they share a chart
+# (reference and retrieval in the adherence bars, where line styles do not show).
+LIGHT_GREY, GREY, DARK_GREY, BLACK = "#b0b0b0", "#7f7f7f", "#4d4d4d", "#000000"
 
 
 @dataclass(frozen=True)
@@ -151,9 +153,9 @@ class RowStyle:
 
 FIXED_STYLES = {
     REFERENCE: RowStyle(BLACK, "", "-"),
-    RETRIEVAL: RowStyle(BLACK, "", "--"),
+    RETRIEVAL: RowStyle(DARK_GREY, "", "--"),
     NULL_BASELINE: RowStyle(GREY, "", ":"),
-    BLEND: RowStyle(GREY, "", "-."),
+    BLEND: RowStyle(LIGHT_GREY, "", "-."),
 }
 # adherence_chart's bars per prompt kind: the row's colour, plain or hatched
 KIND_HATCHES = {"single": "", "multi": "////"}

@@ -107,8 +107,6 @@ def project(tmp_path_factory) -> Path:
         "render": {"steps": 2, "height": 16, "width": 16},
         "models": {"vb": {"type": "vicinity-batch", "vicinity": 2, "norm": "layer"}},
     }
-    params["models"] = {name: params["models"][name] for name in ("vicinity-batch", "vt-rollout")}
-    params["render"]["showcase_model"] = "vt-rollout"
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return work
 

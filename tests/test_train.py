@@ -44,7 +44,12 @@ def project(tmp_path, base_dir, small_shards, monkeypatch):
 def params(models: dict | None = None, **train):
     return small_params(
         train={**TRAIN, **train},
-        evaluate={"combination_pairs": 8, "image_prompts": 6, "bridges": "all"},
+        evaluate={
+            "combination_pairs": 8,
+            "adherence_prompts": 16,
+            "image_prompts": 6,
+            "bridges": "all",
+        },
         models=models or TINY_MODELS,
     )
 
@@ -144,7 +149,12 @@ def test_evaluate_writes_every_metric_and_is_deterministic(project, monkeypatch)
             {
                 **SMALL,
                 "train": {**TRAIN, "epochs": 1},
-                "evaluate": {"combination_pairs": 8, "image_prompts": 6, "bridges": "all"},
+                "evaluate": {
+                    "combination_pairs": 8,
+                    "adherence_prompts": 16,
+                    "image_prompts": 6,
+                    "bridges": "all",
+                },
                 "models": runs,
             },
             sort_keys=False,

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from PIL import Image, ImageDraw, ImageFont
@@ -135,7 +136,7 @@ def make_grid(
 # ten categorical colours, less its grey) in the order the rows are given, cycled together
 # with MARKERS: 9 colours x 7 markers, so the first 63 runs differ in colour or marker from
 # every other and neighbours differ in both. The rows beside the runs keep fixed styles.
-RUN_COLORS = tuple(c for c in matplotlib.colormaps["tab10"].colors if c != (0.5, 0.5, 0.5))
+RUN_COLORS = tuple(c for c in matplotlib.colormaps["tab10"].colors if to_hex(c) != "#7f7f7f")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 # Baselines: shades outside tab10's hues, apart from each other where they share a chart
 # (reference and retrieval in the adherence bars, where line styles do not show).

@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizerFast
 
+from pipeline.benchmarks.extraction import CLIP_L_TEXT  # openai/clip-vit-large-patch14's shape
+
 sys.argv = ["main.py", "--cpu"]
 import comfy.options
 
@@ -16,19 +18,7 @@ comfy.options.enable_args_parsing()
 RUN = Path("/work/comfyui-run")
 HF = Path("/work/comfyui-check/clip-l-random")
 torch.manual_seed(0)
-config = CLIPTextConfig(
-    vocab_size=49408,
-    hidden_size=768,
-    intermediate_size=3072,
-    projection_dim=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=1,
-)
+config = CLIPTextConfig(**CLIP_L_TEXT, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
 model = CLIPTextModelWithProjection(config).eval()
 model.save_pretrained(HF)
 tok = CLIPTokenizerFast.from_pretrained(RUN / "comfy/sd1_tokenizer")

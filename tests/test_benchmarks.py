@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 
 from pipeline.benchmarks import extraction, generation, pictures, step_profile, training
 from pipeline.cli import app
-from pipeline.experiments import bridges, schedulers, world_recipes
+from pipeline.experiments import (
+    bridges,
+    embedding_probe,
+    schedulers,
+    training_variants,
+    world_recipes,
+)
 from pipeline.models import ARCHITECTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +154,17 @@ def test_bench_command_tiny_runs_every_benchmark():
 
 
 @pytest.mark.parametrize(
-    "module", [extraction, generation, schedulers, step_profile, training, bridges, world_recipes]
+    "module",
+    [
+        extraction,
+        generation,
+        schedulers,
+        step_profile,
+        training,
+        bridges,
+        world_recipes,
+        embedding_probe,
+    ],
 )
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -261,3 +277,41 @@ def test_steps_sweep_pairs_every_count_against_the_first():
         result["rows"][0][kind]["vs_first"]["difference"] == 0 for kind in ("single", "multi")
     )
     schedulers.print_steps_report(result)
+
+
+def test_the_embedding_probe_reads_facts_back_and_draws_them_at_tiny_size():
+    prompt = "red circle blue star white background"
+    background, pairs = embedding_probe.facts(prompt)
+    # the pairs in the judge's class order (PAIRS: colours as COLOR_NAMES lists them)
+    assert embedding_probe.as_prompt(background, pairs) == "red circle blue star white background"
+    assert embedding_probe.facts(embedding_probe.as_prompt(background, pairs)) == (
+        background,
+        pairs,
+    )
+    result = embedding_probe.run(**embedding_probe.TINY)
+    for kind in ("single", "multi"):
+        read = result[kind]["read_back"]
+        assert 0 <= read["exact"] <= read["background"] <= 1
+        pictures = result[kind]["pictures"]
+        assert set(pictures) == {"reference", embedding_probe.REWRITTEN}
+        assert pictures["reference"]["prompts"] == embedding_probe.TINY["prompts"]
+        assert 0 <= pictures[embedding_probe.REWRITTEN]["adherence"] <= 1
+
+
+def test_training_variants_judge_each_arm_against_its_baseline():
+    """Two committed runs as the `queries` arm and an arm whose baseline it is: both judged
+    on the same held-out prompts, the arm paired against its baseline."""
+    from pipeline.config.params import load_params
+    from pipeline.models import Deprojector
+
+    models = {
+        "queries": Deprojector.from_pretrained(ROOT / "models" / "queries"),
+        "queries-states-unet": Deprojector.from_pretrained(ROOT / "models" / "queries-unet"),
+    }
+    judged = training_variants.judge_pictures(models, load_params(ROOT / "params.yaml"), 3)
+    for kind in ("single", "multi"):
+        assert 0 <= judged["queries"][kind]["adherence"] <= 1
+        assert "adherence_ratio" in judged["queries"][kind]
+        assert "vs_baseline" not in judged["queries"][kind]
+        paired = judged["queries-states-unet"][kind]["vs_baseline"]
+        assert -1 <= paired["difference"] <= 1

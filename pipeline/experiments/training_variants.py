@@ -8,9 +8,15 @@ scratch folder, and scored on the test shards' caption rows as the evaluate stag
 teacher-forced and generated (`autoregressive`) `cosine_masked` with 95 % intervals, the
 difference generated minus teacher-forced, and the generated cosine paired row by row against
 the arm's baseline (difference and interval); with its training time and loss history.
+With `--pictures N`, each arm's pictures too: N of evaluate's held-out prompts per kind
+(its prompts and noise seeds, so the reference row is evaluate's), judged as evaluate judges
+them; per kind the adherence, its ratio to the reference, and the adherence paired prompt by
+prompt against the arm's baseline.
 
     python -m pipeline.experiments.training_variants --arms queries queries-unet \\
         --out docs/records/unet_loss.json
+    python -m pipeline.experiments.training_variants --arms queries-unet-3 --reuse models \
+        --pictures 192 --out docs/records/unet_epochs.json
     python -m pipeline.experiments.training_variants --list
 
 A baseline arm (no overrides) whose run params.yaml's pipeline already trained is read from
@@ -20,6 +26,7 @@ DIR/NAME with `--reuse DIR` (its training time is then not measured: null).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -27,22 +34,30 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pipeline.base.loaders import load_clip
 from pipeline.config.params import Params, load_params, parse_params
 from pipeline.core.jsonio import write_json
 from pipeline.core.sections import read_params_file
 from pipeline.data.shards import ShardReader, read_meta
+from pipeline.metrics.adherence import REFERENCE, Scorer, column, evaluate_adherence
 from pipeline.metrics.intervals import paired_difference, ratio_of_sums
-from pipeline.metrics.records import COSINE_MASKED
+from pipeline.metrics.records import ADHERENCE, ALL_PARTS, COSINE_MASKED
 from pipeline.metrics.scores import score_model
 from pipeline.models import Deprojector
+from pipeline.prompting.encoder import PromptEncoder
+from pipeline.sampling.sd import load_pipeline
 from pipeline.training.loop import train_model
+from pipeline.world.embedded import World
 
-QUERIES = {"type": "queries"}  # the one-pass model at its defaults (docs/architectures.md)
 # arm -> (a run of params.yaml's `models:` or a spec, `train:` overrides, baseline arm)
 ARMS: dict[str, tuple[str | dict[str, Any], dict[str, Any], str | None]] = {
-    "queries": (QUERIES, {}, None),
-    "queries-unet": (QUERIES, {"loss": "unet", "epochs": 2}, "queries"),
-    "queries-states-unet": (QUERIES, {"unet_epochs": 1}, "queries"),
+    "queries": ("queries", {}, None),
+    "queries-unet-alone": ("queries", {"loss": "unet", "epochs": 2}, "queries"),
+    "queries-states-unet": ("queries", {"unet_epochs": 1}, "queries"),
+    "queries-unet-3": ("queries", {"unet_epochs": 3}, "queries"),
+    "queries-24": ("queries", {"epochs": 24}, "queries"),
     "vt-rollout": ("vt-rollout", {}, None),
     "vt-rollout-unet": ("vt-rollout", {"unet_epochs": 1}, "vt-rollout"),
     "transformer": ("transformer", {}, None),
@@ -97,16 +112,60 @@ def train_arm(
     return trained, {"train_seconds": round(seconds, 1), "history": history}
 
 
-def run(arms: list[str], params_file: Path, shards: Path, reuse: Path | None) -> dict[str, dict]:
-    """One record per arm, baselines first (each arm is paired against its baseline's rows)."""
+def judge_pictures(
+    models: dict[str, Deprojector], params: Params, prompts: int
+) -> dict[str, dict[str, dict]]:
+    """{arm: {kind: adherence summary with its ratio to the reference, and `vs_baseline`}} on
+    `prompts` of evaluate's held-out prompts per kind (builtin base models only)."""
+    e = dataclasses.replace(params.evaluate, adherence_prompts=prompts)
+    params = dataclasses.replace(params, evaluate=e)
+    world = World.of(params.base.clip, params.base.sd)
+    clip = load_clip(params.base.clip)
+    encoders = {REFERENCE: PromptEncoder(clip)} | {
+        arm: PromptEncoder(clip, model) for arm, model in models.items()
+    }
+    single, multi = params.render.prompts(True)
+    summary, per_prompt = evaluate_adherence(
+        params,
+        encoders,
+        load_pipeline(params.base.sd, params.render),
+        Scorer.load(params.base.clip, world),
+        set(single) | set(multi),
+    )
+    out: dict[str, dict[str, dict]] = {arm: {} for arm in models}
+    for kind, rows in summary.items():
+        for arm in models:
+            keep = (ADHERENCE, ALL_PARTS, f"{ADHERENCE}_ratio")
+            record: dict[str, Any] = {
+                k: v for k, v in rows[arm].items() if k.split("_ci95")[0] in keep
+            }
+            baseline = ARMS[arm][2]
+            if baseline in models:
+                record["vs_baseline"] = paired_difference(
+                    np.mean,
+                    [column(per_prompt[kind][arm], ADHERENCE)],
+                    [column(per_prompt[kind][baseline], ADHERENCE)],
+                    SEED,
+                )
+            out[arm][kind] = record
+    return out
+
+
+def run(
+    arms: list[str], params_file: Path, shards: Path, reuse: Path | None, pictures: int = 0
+) -> dict[str, dict]:
+    """One record per arm, baselines first (each arm is paired against its baseline's rows);
+    `pictures` > 0: each arm's pictures judged on that many held-out prompts per kind."""
     params = load_params(params_file)
     reader = ShardReader(shards / "test", read_meta(shards)["hidden_size"])
     rows = reader.rows_of(image=False)
     needed = [a for a in ARMS if a in arms or any(ARMS[b][2] == a for b in arms)]
     records: dict[str, dict] = {}
     terms = {}
+    models = {}
     for arm in needed:
         model, trained = train_arm(arm, params_file, shards, reuse)
+        models[arm] = model
         forced, free = score_model(
             model, reader, params.evaluate.batch_size, params.train.mask_weight, rows
         )
@@ -131,6 +190,10 @@ def run(arms: list[str], params_file: Path, shards: Path, reuse: Path | None) ->
             }
         records[arm] = record
         print(json.dumps({arm: record["autoregressive"], "train_seconds": record["train_seconds"]}))
+    if pictures:
+        for arm, judged in judge_pictures(models, params, pictures).items():
+            records[arm]["pictures"] = judged
+            print(json.dumps({arm: judged}))
     return {arm: records[arm] for arm in needed}
 
 
@@ -146,13 +209,20 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="read baseline arms trained by the pipeline from DIR/NAME (e.g. models)",
     )
+    parser.add_argument(
+        "--pictures",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also judge each arm's pictures on N held-out prompts per kind (evaluate's)",
+    )
     parser.add_argument("--out", type=Path, help="write the records here (JSON)")
     args = parser.parse_args(argv)
     if args.list or not args.arms:
         for arm, (model, overrides, baseline) in ARMS.items():
             print(f"{arm}: {model} train {overrides or '{}'} vs {baseline}")
         return
-    records = run(args.arms, args.params, args.shards, args.reuse)
+    records = run(args.arms, args.params, args.shards, args.reuse, args.pictures)
     if args.out:
         words = sys.argv[1:] if argv is None else argv
         command = " ".join(["python -m pipeline.experiments.training_variants", *words])

@@ -58,6 +58,8 @@ ARMS: dict[str, tuple[str | dict[str, Any], dict[str, Any], str | None]] = {
     "queries-states-unet": ("queries", {"unet_epochs": 1}, "queries"),
     "queries-unet-3": ("queries", {"unet_epochs": 3}, "queries"),
     "queries-24": ("queries", {"epochs": 24}, "queries"),
+    "queries-4-layers": ({"type": "queries", "num_layers": 4}, {}, "queries"),
+    "queries-16-tokens": ({"type": "queries", "num_tokens": 16}, {}, "queries"),
     "vt-rollout": ("vt-rollout", {}, None),
     "vt-rollout-unet": ("vt-rollout", {"unet_epochs": 1}, "vt-rollout"),
     "transformer": ("transformer", {}, None),

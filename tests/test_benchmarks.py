@@ -288,6 +288,13 @@ def test_the_embedding_probe_reads_facts_back_and_draws_them_at_tiny_size():
         background,
         pairs,
     )
+    # A shape stated alone leaves the pair of each colour with it undecided (not a negative).
+    background, pairs, decided = embedding_probe.targets(["black background, star, big"])
+    assert background.tolist() == [5] and pairs.sum() == 0 and decided.sum() == 24 - 6
+    # --captions: the training captions' partial statements train the probe as they are.
+    captions = ["black background, star, big", "a red thing", "red circle blue star"]
+    probe = embedding_probe.train_probe(torch.randn(3, 128), captions, epochs=1)
+    assert len(embedding_probe.read_back(probe, torch.randn(2, 128))) == 2
     result = embedding_probe.run(**embedding_probe.TINY)
     for kind in ("single", "multi"):
         read = result[kind]["read_back"]

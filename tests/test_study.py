@@ -52,6 +52,12 @@ def test_dvc_lists_the_main_projects_headline_alone() -> None:
     assert list(study["data"]) == ["study/reports/headline.json"]
 
 
+# Runs of the main project that the committed study does not have yet: the study's rerun
+# with them (issue 30, branch study-v2) has not finished. Named here so that the gap is
+# explicit (README and docs/results.md say the study predates them); empty once it lands.
+NOT_YET_IN_STUDY = {"queries", "queries-xattn", "queries-unet", "transformer-ss"}
+
+
 def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
     main = yaml.safe_load((ROOT / "params.yaml").read_text())
     study = yaml.safe_load((STUDY / "params.yaml").read_text())
@@ -60,8 +66,12 @@ def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
     for key in ("train_size", "test_size"):
         main["captions"].pop(key)
     assert study["gap"].pop("source") == "../" + main["gap"].pop("source")
-    # Every run of the main project, unchanged; the study adds seed replicates.
+    # Every run of the main project, unchanged (but those not yet in it); the study adds seed
+    # replicates.
     for name, entry in main.pop("models").items():
+        if name in NOT_YET_IN_STUDY:
+            assert name not in study["models"], f"{name} is in the study: drop it from the list"
+            continue
         assert study["models"][name] == entry, name
     study.pop("models")
     assert study == main

@@ -18,6 +18,7 @@ embedded world, on the held-out prompts and noise seeds of `evaluate`'s adherenc
    the seeds are evaluate's, so the ratio compares with `reports/metrics/adherence.json`.
 
     python -m pipeline.experiments.embedding_probe [--scenes 50000] [--out FILE]
+    python -m pipeline.experiments.embedding_probe --captions data/captions/train.parquet
     python -m pipeline.experiments.embedding_probe --tiny   # seconds: the code path only
 """
 
@@ -29,6 +30,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 from torch import nn
 
@@ -90,14 +92,24 @@ class Probe(nn.Module):
         return out[:, : len(scenes.COLOR_NAMES)], out[:, len(scenes.COLOR_NAMES) :]
 
 
-def targets(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Background classes [N] and pair indicators [N, 24]."""
-    read = [facts(p) for p in prompts]
-    background = torch.tensor([b for b, _ in read])
+def targets(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Background classes [N] (-100 where a prompt states none: ignored), pair indicators
+    [N, 24] and which of them a prompt decides [N, 24]: a colour or shape stated alone ('a red
+    thing', 'star') leaves the pairs it could be undecided, every other pair is decided."""
+    background = torch.full((len(prompts),), -100)
     pairs = torch.zeros(len(prompts), len(scenes.PAIRS))
-    for row, (_, ks) in enumerate(read):
-        pairs[row, ks] = 1.0
-    return background, pairs
+    decided = torch.ones(len(prompts), len(scenes.PAIRS))
+    for row, prompt in enumerate(prompts):
+        stated = scenes.parse_prompt(prompt)
+        if stated.background is not None:
+            background[row] = scenes.COLOR_NAMES.index(stated.background)
+        for color, shape in stated.objects:
+            for k, (c, s) in enumerate(scenes.PAIRS):
+                if color is not None and shape is not None:
+                    pairs[row, k] = max(pairs[row, k].item(), float((c, s) == (color, shape)))
+                elif (color or c) == c and (shape or s) == s:
+                    decided[row, k] = 0.0
+    return background, pairs, torch.maximum(decided, pairs)
 
 
 def embeddings(encoder: PromptEncoder, prompts: list[str], kind: str) -> torch.Tensor:
@@ -122,16 +134,22 @@ def train_probe(e: torch.Tensor, prompts: list[str], epochs: int, seed: int = 0)
     """Adam, batch 256, cross-entropy on the background plus binary cross-entropy per pair."""
     torch.manual_seed(seed)
     probe = Probe(e.shape[1])
-    background, pairs = targets(prompts)
+    background, pairs, decided = targets(prompts)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-3)
     for _ in range(epochs):
         order = torch.randperm(len(e))
         for start in range(0, len(e), 256):
             rows = order[start : start + 256]
             bg_logits, pair_logits = probe(e[rows])
-            loss = nn.functional.cross_entropy(
-                bg_logits, background[rows]
-            ) + nn.functional.binary_cross_entropy_with_logits(pair_logits, pairs[rows])
+            pair_loss = nn.functional.binary_cross_entropy_with_logits(
+                pair_logits, pairs[rows], weight=decided[rows], reduction="sum"
+            ) / decided[rows].sum().clamp(min=1)
+            bg_loss = (
+                nn.functional.cross_entropy(bg_logits, background[rows])
+                if (background[rows] >= 0).any()
+                else bg_logits.sum() * 0
+            )
+            loss = bg_loss + pair_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -176,7 +194,11 @@ def run(
     epochs: int = 20,
     params_file: Path = Path("params.yaml"),
     model: str = "vt-rollout",
+    captions: Path | None = None,
 ) -> dict:
+    """The probe trained on `scenes_count` fresh descriptions, or on the texts of `captions` (a
+    captions-stage parquet, e.g. data/captions/train.parquet: the deprojectors' own training
+    captions, partial statements included); read-back scores and pictures per kind."""
     params = load_params(params_file)
     e_params = params.evaluate
     prompts = prompts or e_params.adherence_prompts
@@ -186,7 +208,7 @@ def run(
     held = set(held_out["single"]) | set(held_out["multi"])
     rng = random.Random(PROBE_SEED)
     training: list[scenes.Scene] = []
-    while len(training) < scenes_count:
+    while captions is None and len(training) < scenes_count:
         scene = scenes.random_scene(rng)
         if World.describe(scene, " ") not in held:
             training.append(scene)
@@ -197,15 +219,21 @@ def run(
     pipe = load_pipeline(BUILTIN, params.render)
     seeds = prompt_seeds(e_params.seed, prompts)
     negative = encoder.encode_negative("", deproject=False)
+    trained_on = (
+        pq.read_table(captions, columns=["text"]).column("text").to_pylist()
+        if captions is not None
+        else None
+    )
     result: dict = {
-        "scenes": scenes_count,
+        "scenes": scenes_count if captions is None else None,
+        "captions": None if captions is None else str(captions),
         "epochs": epochs,
         "prompts_per_kind": prompts,
         "render": {"steps": params.render.steps, "guidance_scale": params.render.guidance_scale},
     }
     for kind in KINDS:
         separator = ", " if kind == "multi" else " "
-        texts = [World.describe(s, separator) for s in training]
+        texts = trained_on or [World.describe(s, separator) for s in training]
         probe = train_probe(embeddings(encoder, texts, kind), texts, epochs)
         test = held_out[kind]
         read = read_back(probe, embeddings(encoder, test, kind))
@@ -228,7 +256,8 @@ def run(
 
 
 def print_report(result: dict) -> None:
-    print(f"probe on {result['scenes']} scenes, {result['prompts_per_kind']} held-out prompts")
+    source = result["captions"] or f"{result['scenes']} scenes"
+    print(f"probe on {source}, {result['prompts_per_kind']} held-out prompts")
     for kind in KINDS:
         r, pics = result[kind]["read_back"], result[kind]["pictures"]
         ref, rw = pics[REFERENCE], pics[REWRITTEN]
@@ -243,6 +272,12 @@ def print_report(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenes", type=int, default=50_000, help="probe training scenes")
+    parser.add_argument(
+        "--captions",
+        type=Path,
+        default=None,
+        help="train the probe on these captions instead (e.g. data/captions/train.parquet)",
+    )
     parser.add_argument("--prompts", type=int, default=None, help="default: evaluate's")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help=f"smoke-test sizes ({TINY})")
@@ -254,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny
         else {"scenes_count": args.scenes, "prompts": args.prompts, "epochs": args.epochs}
     )
+    if args.captions is not None:
+        sizes = {**sizes, "captions": args.captions}
     result = run(**sizes)
     if args.out:
         write_json(args.out, result)

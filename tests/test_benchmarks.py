@@ -17,6 +17,7 @@ from pipeline.cli import app
 from pipeline.experiments import (
     bridges,
     embedding_probe,
+    token_decoder,
     schedulers,
     training_variants,
     world_recipes,
@@ -164,6 +165,7 @@ def test_bench_command_tiny_runs_every_benchmark():
         bridges,
         world_recipes,
         embedding_probe,
+        token_decoder,
     ],
 )
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
@@ -303,6 +305,29 @@ def test_the_embedding_probe_reads_facts_back_and_draws_them_at_tiny_size():
         assert set(pictures) == {"reference", embedding_probe.REWRITTEN}
         assert pictures["reference"]["prompts"] == embedding_probe.TINY["prompts"]
         assert 0 <= pictures[embedding_probe.REWRITTEN]["adherence"] <= 1
+
+
+def test_the_token_decoder_learns_caption_tokens_and_is_judged_beside_queries():
+    from pipeline.base.loaders import load_clip
+
+    clip = load_clip("builtin")
+    captions = ["red circle blue star", "big yellow star black background"]
+    targets = token_decoder.token_targets(clip, captions)
+    eos = clip.tokenizer.eos_token_id
+    for row, caption in zip(targets.tolist(), captions, strict=True):
+        ids = [t for t in row if t != token_decoder.IGNORE]
+        # BOS, the tokens, EOS, then nothing to learn
+        assert ids[0] == clip.tokenizer.bos_token_id and ids[-1] == eos
+        assert clip.tokenizer.decode(ids[1:-1]) == caption
+    result = token_decoder.run(**token_decoder.TINY)
+    assert result["train_rows"] == token_decoder.TINY["rows"] and len(result["history"]) == 1
+    states = result["states"]["captions"]
+    assert 0 < states["tokens"] <= 1 and "difference_ci95" in states["tokens_minus_queries"]
+    assert {"tokens", "queries", "blend", "tokens_minus_blend"} <= set(result["combination"])
+    single, multi = result["pictures"]["single"], result["pictures"]["multi"]
+    assert {"reference", "queries", "tokens"} <= set(single) and "blend" not in single
+    assert "blend" in multi and "tokens_minus_blend" in multi
+    assert len(multi["examples"]) == token_decoder.TINY["prompts"]
 
 
 def test_training_variants_judge_each_arm_against_its_baseline():

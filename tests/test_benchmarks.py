@@ -17,8 +17,8 @@ from pipeline.cli import app
 from pipeline.experiments import (
     bridges,
     embedding_probe,
-    token_decoder,
     schedulers,
+    token_decoder,
     training_variants,
     world_recipes,
 )

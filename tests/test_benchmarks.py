@@ -319,7 +319,7 @@ def test_the_token_decoder_learns_caption_tokens_and_is_judged_beside_queries():
         # BOS, the tokens, EOS, then nothing to learn
         assert ids[0] == clip.tokenizer.bos_token_id and ids[-1] == eos
         assert clip.tokenizer.decode(ids[1:-1]) == caption
-    result = token_decoder.run(**token_decoder.TINY)
+    result = token_decoder.run(candidates=2, **token_decoder.TINY)  # greedy + 1 sampled
     assert result["train_rows"] == token_decoder.TINY["rows"] and len(result["history"]) == 1
     states = result["states"]["captions"]
     assert 0 < states["tokens"] <= 1 and "difference_ci95" in states["tokens_minus_queries"]

@@ -27,7 +27,12 @@ models/queries (trained by the pipeline) and, on comma prompts, blend:
   `blend` on comma prompts), ratio to the reference, and `tokens` paired against `queries`
   and blend, prompt by prompt.
 
-    python -m pipeline.experiments.token_decoder --out docs/records/token_decoder.json
+With `--candidates N` each embedding is decoded N times (greedy, then sampled at temperature
+1) and the prompt whose own CLIP embedding is closest to the input is kept: a re-embedding
+check, as vec2text corrects its hypotheses against the target embedding.
+
+    python -m pipeline.experiments.token_decoder --epochs 24 --out docs/records/token_decoder.json
+    python -m pipeline.experiments.token_decoder --candidates 8 --epochs 24
     python -m pipeline.experiments.token_decoder --tiny   # seconds: the code path only
 
 Needs a `dvc repro`ed project (data/shards, models/queries). A real CLIP's vocabulary is
@@ -42,6 +47,8 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -108,9 +115,16 @@ class OnePassDecoder(nn.Module):
         return cross_entropy(self(embeds), targets[:, 1:])
 
     @torch.no_grad()
-    def decode(self, embeds: torch.Tensor) -> list[list[int]]:
-        """Each row's argmax token ids up to its first EOS (BOS and EOS not included)."""
-        return cut_at_eos(self.vocab[self(embeds).argmax(dim=-1)], self.eos)
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Each row's token ids up to its first EOS (BOS and EOS not included): the argmax at
+        each position, or with temperature > 0 a sample of each position's softmax."""
+        choice = pick(self(embeds), temperature, generator)
+        return cut_at_eos(self.vocab[choice], self.eos)
 
 
 class CaptionDecoder(nn.Module):
@@ -170,18 +184,35 @@ class CaptionDecoder(nn.Module):
         return cross_entropy(self(embeds, inputs), targets[:, 1:])
 
     @torch.no_grad()
-    def decode(self, embeds: torch.Tensor) -> list[list[int]]:
-        """Greedy decoding of each row up to EOS (BOS and EOS not included)."""
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> list[list[int]]:
+        """Each row decoded up to EOS (BOS and EOS not included): greedy, or with
+        temperature > 0 each next token sampled from its softmax."""
         index = {int(t): k for k, t in enumerate(self.vocab)}
         seq = torch.full((len(embeds), 1), index[self.bos])
         finished = torch.zeros(len(embeds), dtype=torch.bool)
         for _ in range(MAX_LENGTH - 2):
-            step = self(embeds, seq)[:, -1].argmax(dim=-1)
+            step = pick(self(embeds, seq)[:, -1], temperature, generator)
             seq = torch.cat([seq, step[:, None]], dim=1)
             finished |= step == index[self.eos]
             if finished.all():
                 break
         return cut_at_eos(self.vocab[seq[:, 1:]], self.eos)
+
+
+def pick(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Indices [...] from logits [..., V']: the argmax, or a sample of softmax(logits / T)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    probs = (logits / temperature).softmax(dim=-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.reshape(probs.shape[:-1])
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -213,6 +244,7 @@ def split_texts(reader: ShardReader) -> list[str]:
 
 
 Decoder = OnePassDecoder | CaptionDecoder
+Decode = Callable[[torch.Tensor], list[str]]  # embeddings [N, D] -> their decoded prompts
 DECODERS = ("autoregressive", "one-pass")
 
 
@@ -282,23 +314,41 @@ def train_decoder(
     return decoder, history, time.perf_counter() - begin
 
 
-def decoded_prompts(decoder: Decoder, clip: ClipText, embeds: torch.Tensor) -> list[str]:
-    """The prompt each embedding [N, D] decodes to."""
-    ids = decoder.decode(embeds.float())
-    return clip.tokenizer.batch_decode(ids, skip_special_tokens=True)
+def decoded_prompts(
+    decoder: Decoder, clip: ClipText, embeds: torch.Tensor, candidates: int = 1
+) -> list[str]:
+    """The prompt each embedding e [N, D] decodes to. With candidates > 1: the greedy prompt
+    and candidates − 1 sampled ones (temperature 1, seeded), and of them the one whose own
+    CLIP embedding is closest to e: the largest cos(e(prompt) − null, e − null) (a
+    re-embedding check, as vec2text's correction step compares)."""
+    embeds = embeds.float()
+    generator = torch.Generator().manual_seed(SEED)
+    rounds = [decoder.decode(embeds)] + [
+        decoder.decode(embeds, 1.0, generator) for _ in range(candidates - 1)
+    ]
+    texts = [clip.tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in rounds]
+    if candidates == 1:
+        return texts[0]
+    null = decoder.null if isinstance(decoder, CaptionDecoder) else decoder.body.null
+    offsets = torch.stack(
+        [encode_texts(clip, t).pooled.float() - null for t in texts]
+    )  # [candidates, N, D]
+    closeness = nn.functional.cosine_similarity(offsets, (embeds - null)[None], dim=-1)
+    best = closeness.argmax(dim=0).tolist()
+    return [texts[c][row] for row, c in enumerate(best)]
 
 
-def answer_of(decoder: Decoder, clip: ClipText):
+def answer_of(decode: Decode, clip: ClipText) -> Callable[[torch.Tensor], torch.Tensor]:
     """embeds [B, D] -> the CLIP states [B, 77, D] of the prompts they decode to."""
 
     def answer(embeds: torch.Tensor) -> torch.Tensor:
-        return encode_texts(clip, decoded_prompts(decoder, clip, embeds)).hidden.float()
+        return encode_texts(clip, decode(embeds)).hidden.float()
 
     return answer
 
 
 def states_scores(
-    decoder: Decoder, queries: Deprojector, clip: ClipText, shards: Path, params: Params
+    decode: Decode, queries: Deprojector, clip: ClipText, shards: Path, params: Params
 ) -> dict:
     """Masked cosine on the test caption rows and image rows: the decoded prompts' states,
     `queries`' generated states, and their paired difference; exact decodes of the target."""
@@ -309,10 +359,10 @@ def states_scores(
         if not len(rows):
             continue
         args = (test, params.evaluate.batch_size, params.train.mask_weight, rows)
-        mine = score_answers(answer_of(decoder, clip), *args)
+        mine = score_answers(answer_of(decode, clip), *args)
         theirs = score_answers(queries.generate, *args)
         texts = split_texts(test)
-        decoded = decoded_prompts(decoder, clip, test.embeddings()[torch.from_numpy(rows)])
+        decoded = decode(test.embeddings()[torch.from_numpy(rows)])
         exact = [d == texts[r] for d, r in zip(decoded, rows, strict=True)]
         out[split] = {
             "rows": len(rows),
@@ -332,7 +382,7 @@ def states_scores(
 
 
 def combination(
-    decoder: Decoder, queries: Deprojector, clip: ClipText, shards: Path, params: Params
+    decode: Decode, queries: Deprojector, clip: ClipText, shards: Path, params: Params
 ) -> dict:
     """Evaluate's combination test: for held-out pairs, Σ(e_k − null) + null decoded, against
     H("A B"); beside `queries`' generation and blend (the averaged states of A and B)."""
@@ -345,7 +395,7 @@ def combination(
     joined = encode_texts(clip, [f"{x} {y}" for x, y in pairs])
     embeds = combine_embeddings(torch.stack([a.pooled, b.pooled], dim=1), queries.null.float())
     predictions = {
-        TOKENS: answer_of(decoder, clip)(embeds),
+        TOKENS: answer_of(decode, clip)(embeds),
         BASELINE: queries.generate(embeds),
         BLEND: (a.hidden + b.hidden) / 2,
     }
@@ -365,7 +415,7 @@ def combination(
 
 
 def pictures(
-    decoder: Decoder, queries: Deprojector, clip: ClipText, params: Params, prompts: int
+    decode: Decode, queries: Deprojector, clip: ClipText, params: Params, prompts: int
 ) -> dict:
     """Evaluate's adherence on `prompts` held-out prompts per kind: reference, `queries`,
     `tokens` and blend (comma prompts); `tokens` paired against `queries` and blend."""
@@ -376,7 +426,7 @@ def pictures(
     decoded: dict[str, list[str]] = {}
 
     def tokens_row(texts: list[str], kind: str) -> torch.Tensor:
-        decoded[kind] = decoded_prompts(decoder, clip, embeddings(deprojecting, texts, kind))
+        decoded[kind] = decode(embeddings(deprojecting, texts, kind))
         return reference.encode_prompts(decoded[kind], combine=False, deproject=False)
 
     def blend_row(texts: list[str], kind: str) -> torch.Tensor | None:
@@ -418,7 +468,7 @@ def pictures(
 
 
 def image_prompts(
-    decoder: Decoder, queries: Path, clip: ClipText, params: Params, count: int
+    decode: Decode, queries: Path, clip: ClipText, params: Params, count: int
 ) -> dict:
     """Evaluate's image-prompt test on `count` held-out drawn scenes: each scene through the
     vision tower and `queries`' bridge (its gap statistics) as the only prompt, against its
@@ -437,8 +487,7 @@ def image_prompts(
     reference = PromptEncoder(clip)
 
     def decoded_states(embeds: torch.Tensor) -> torch.Tensor:
-        prompts = decoded_prompts(decoder, clip, embeds)
-        return reference.encode_prompts(prompts, combine=False, deproject=False)
+        return reference.encode_prompts(decode(embeds), combine=False, deproject=False)
 
     conditionings = {
         REFERENCE: reference.encode_prompts(texts, combine=False, deproject=False),
@@ -471,6 +520,7 @@ def image_prompts(
 
 def run(
     decoder_kind: str = "autoregressive",
+    candidates: int = 1,
     epochs: int | None = None,
     prompts: int | None = None,
     rows: int | None = None,
@@ -487,23 +537,25 @@ def run(
     epochs = epochs or params.train.epochs
     decoder, history, seconds = train_decoder(decoder_kind, params, shards, clip, epochs, rows)
     queries = Deprojector.from_pretrained(models / BASELINE).eval()
+    decode = partial(decoded_prompts, decoder, clip, candidates=candidates)
     result = {
         "decoder": decoder_kind,
+        "candidates": candidates,
         "epochs": epochs,
         "train_rows": rows,
         "vocabulary": len(decoder.vocab),
         "train_seconds": round(seconds, 1),
         "history": history,
-        "states": states_scores(decoder, queries, clip, shards, params),
+        "states": states_scores(decode, queries, clip, shards, params),
     }
     print(json.dumps(result["states"]))
-    result["combination"] = combination(decoder, queries, clip, shards, params)
+    result["combination"] = combination(decode, queries, clip, shards, params)
     print(json.dumps(result["combination"]))
     result["pictures"] = pictures(
-        decoder, queries, clip, params, prompts or params.evaluate.adherence_prompts
+        decode, queries, clip, params, prompts or params.evaluate.adherence_prompts
     )
     result["image_prompts"] = image_prompts(
-        decoder, models / BASELINE, clip, params, prompts or params.evaluate.image_prompts
+        decode, models / BASELINE, clip, params, prompts or params.evaluate.image_prompts
     )
     return result
 
@@ -511,13 +563,20 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decoder", choices=DECODERS, default=DECODERS[0])
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="prompts decoded per embedding (greedy + sampled); the one whose CLIP embedding "
+        "is closest to the input is kept (1: greedy alone)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs")
     parser.add_argument("--prompts", type=int, default=None, help="default: evaluate's")
     parser.add_argument("--tiny", action="store_true", help=f"smoke-test sizes ({TINY})")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else {"epochs": args.epochs, "prompts": args.prompts}
-    result = run(args.decoder, **sizes)
+    result = run(args.decoder, args.candidates, **sizes)
     if args.out:
         write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))

@@ -307,8 +307,11 @@ def test_the_embedding_probe_reads_facts_back_and_draws_them_at_tiny_size():
         assert 0 <= pictures[embedding_probe.REWRITTEN]["adherence"] <= 1
 
 
-def test_the_token_decoder_learns_caption_tokens_and_is_judged_beside_queries():
+def test_the_token_decoder_learns_caption_tokens_and_is_judged_beside_queries(tmp_path):
+    """On shards extracted here with the committed world (a fresh clone has none before its
+    first `dvc repro`), beside the committed `queries` run."""
     from pipeline.base.loaders import load_clip
+    from tests.conftest import run_small_pipeline
 
     clip = load_clip("builtin")
     captions = ["red circle blue star", "big yellow star black background"]
@@ -319,7 +322,9 @@ def test_the_token_decoder_learns_caption_tokens_and_is_judged_beside_queries():
         # BOS, the tokens, EOS, then nothing to learn
         assert ids[0] == clip.tokenizer.bos_token_id and ids[-1] == eos
         assert clip.tokenizer.decode(ids[1:-1]) == caption
-    result = token_decoder.run(candidates=2, **token_decoder.TINY)  # greedy + 1 sampled
+    shards = run_small_pipeline(tmp_path, ROOT / "models" / "world")
+    # greedy + 1 sampled candidate
+    result = token_decoder.run(candidates=2, shards=shards, **token_decoder.TINY)
     assert result["train_rows"] == token_decoder.TINY["rows"] and len(result["history"]) == 1
     states = result["states"]["captions"]
     assert 0 < states["tokens"] <= 1 and "difference_ci95" in states["tokens_minus_queries"]

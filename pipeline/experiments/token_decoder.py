@@ -106,8 +106,12 @@ class OnePassDecoder(nn.Module):
         self.register_buffer("vocab", vocab)
         self.head = nn.Linear(body.config.hidden_size, len(vocab))
 
+    @property
+    def null(self) -> torch.Tensor:
+        return self.body.null
+
     def forward(self, embeds: torch.Tensor) -> torch.Tensor:
-        states = self.body.generate_states(embeds - self.body.null)  # [B, 76, D]
+        states = self.body.generate_states(embeds - self.null)  # [B, 76, D]
         return self.head(states)
 
     def loss(self, embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -262,6 +266,8 @@ def train_decoder(
     train and test cross-entropy) and training seconds."""
     t = params.train
     torch.manual_seed(t.seed)
+    # Built for both decoders: its initialisation draws from the seeded generator before the
+    # decoder's, so the autoregressive decoder's weights (and the records) follow from it.
     body = build_model(BASELINE, params, shards)
     train = ShardReader(shards / "train", body.config.hidden_size)
     test = ShardReader(shards / "test", body.config.hidden_size)
@@ -272,8 +278,11 @@ def train_decoder(
     vocab = torch.unique(train_ids[train_ids != IGNORE])
     lookup = torch.full((max(int(vocab.max()), int(test_ids.max())) + 1,), IGNORE)
     lookup[vocab] = torch.arange(len(vocab))
-    train_targets = torch.where(train_ids == IGNORE, IGNORE, lookup[train_ids.clamp(min=0)])
-    test_targets = torch.where(test_ids == IGNORE, IGNORE, lookup[test_ids.clamp(min=0)])
+
+    def indices(ids: torch.Tensor) -> torch.Tensor:  # token ids -> indices into vocab
+        return torch.where(ids == IGNORE, IGNORE, lookup[ids.clamp(min=0)])
+
+    train_targets, test_targets = indices(train_ids), indices(test_ids)
     bos, eos = clip.tokenizer.bos_token_id, clip.tokenizer.eos_token_id
     decoder: Decoder = (
         OnePassDecoder(body, vocab, eos)
@@ -329,7 +338,7 @@ def decoded_prompts(
     texts = [clip.tokenizer.batch_decode(ids, skip_special_tokens=True) for ids in rounds]
     if candidates == 1:
         return texts[0]
-    null = decoder.null if isinstance(decoder, CaptionDecoder) else decoder.body.null
+    null = decoder.null
     offsets = torch.stack(
         [encode_texts(clip, t).pooled.float() - null for t in texts]
     )  # [candidates, N, D]
@@ -338,11 +347,17 @@ def decoded_prompts(
     return [texts[c][row] for row, c in enumerate(best)]
 
 
-def answer_of(decode: Decode, clip: ClipText) -> Callable[[torch.Tensor], torch.Tensor]:
-    """embeds [B, D] -> the CLIP states [B, 77, D] of the prompts they decode to."""
+def answer_of(
+    decode: Decode, clip: ClipText, said: list[str] | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """embeds [B, D] -> the CLIP states [B, 77, D] of the prompts they decode to (appended to
+    `said`, when given, in call order)."""
 
     def answer(embeds: torch.Tensor) -> torch.Tensor:
-        return encode_texts(clip, decode(embeds)).hidden.float()
+        prompts = decode(embeds)
+        if said is not None:
+            said.extend(prompts)
+        return encode_texts(clip, prompts).hidden.float()
 
     return answer
 
@@ -359,15 +374,16 @@ def states_scores(
         if not len(rows):
             continue
         args = (test, params.evaluate.batch_size, params.train.mask_weight, rows)
-        mine = score_answers(answer_of(decode, clip), *args)
+        decoded: list[str] = []  # the prompts scored, in the rows' order
+        mine = score_answers(answer_of(decode, clip, decoded), *args)
         theirs = score_answers(queries.generate, *args)
         texts = split_texts(test)
-        decoded = decode(test.embeddings()[torch.from_numpy(rows)])
         exact = [d == texts[r] for d, r in zip(decoded, rows, strict=True)]
+        summary = mine.result(SEED)
         out[split] = {
             "rows": len(rows),
-            TOKENS: mine.result(SEED)[COSINE_MASKED],
-            f"{TOKENS}_ci95": mine.result(SEED)[f"{COSINE_MASKED}_ci95"],
+            TOKENS: summary[COSINE_MASKED],
+            f"{TOKENS}_ci95": summary[f"{COSINE_MASKED}_ci95"],
             BASELINE: theirs.cosine_masked(),
             f"{TOKENS}_minus_{BASELINE}": paired_difference(
                 ratio_of_sums, mine.masked_terms(), theirs.masked_terms(), SEED
@@ -423,9 +439,11 @@ def pictures(
         params, evaluate=dataclasses.replace(params.evaluate, adherence_prompts=prompts)
     )
     reference, deprojecting = PromptEncoder(clip), PromptEncoder(clip, queries)
+    held_out: dict[str, list[str]] = {}  # kind -> evaluate's held-out prompts
     decoded: dict[str, list[str]] = {}
 
     def tokens_row(texts: list[str], kind: str) -> torch.Tensor:
+        held_out[kind] = texts
         decoded[kind] = decode(embeddings(deprojecting, texts, kind))
         return reference.encode_prompts(decoded[kind], combine=False, deproject=False)
 
@@ -441,9 +459,6 @@ def pictures(
         Scorer.load(params.base.clip, world),
         set(single) | set(multi),
         baselines={TOKENS: tokens_row, BLEND: blend_row},
-    )
-    held_out = World.held_out_prompts(
-        prompts, params.evaluate.seed, set(single) | set(multi), distinct=True
     )
     out: dict = {}
     for kind, rows in summary.items():

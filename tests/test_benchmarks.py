@@ -17,6 +17,7 @@ from pipeline.cli import app
 from pipeline.experiments import (
     bridges,
     embedding_probe,
+    one_pass_speed,
     schedulers,
     token_decoder,
     training_variants,
@@ -166,6 +167,7 @@ def test_bench_command_tiny_runs_every_benchmark():
         world_recipes,
         embedding_probe,
         token_decoder,
+        one_pass_speed,
     ],
 )
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
@@ -352,3 +354,10 @@ def test_training_variants_judge_each_arm_against_its_baseline():
         assert "vs_baseline" not in judged["queries"][kind]
         paired = judged["queries-states-unet"][kind]["vs_baseline"]
         assert -1 <= paired["difference"] <= 1
+
+
+def test_one_pass_variants_are_timed_at_tiny_size():
+    result = one_pass_speed.main(["--tiny"])
+    assert set(result["models"]) == set(one_pass_speed.VARIANTS)
+    for entry in result["models"].values():
+        assert positive(entry["ratio_to_encoder"]) and "naive_generate_s" not in entry

@@ -1,4 +1,5 @@
-"""The one-pass `queries` deprojector (pipeline/models/queries.py) at a tiny width (D = 32)."""
+"""The one-pass deprojectors at a tiny width (D = 32): `queries` (pipeline/models/queries.py)
+and `latent-queries` (pipeline/models/latent_queries.py), its layers on the tokens."""
 
 from __future__ import annotations
 
@@ -16,16 +17,24 @@ from pipeline.models import (
 )
 from pipeline.models.base import CONFIG_FILE, WEIGHTS_FILE
 from pipeline.models.ensemble import EnsembleDeprojector
+from pipeline.models.latent_queries import LatentQueriesDeprojector
 from pipeline.models.queries import QueriesDeprojector
 from tests.test_models import D, N, P, embeds, make_constants, make_model, tiny, tiny_clip
 
 
 @pytest.fixture(
-    params=[{}, {"causal": True}, {"num_tokens": 1, "num_layers": 1}],
-    ids=["default", "causal", "one-token-one-layer"],
+    params=[
+        ("queries", {}),
+        ("queries", {"causal": True}),
+        ("queries", {"num_tokens": 1, "num_layers": 1}),
+        ("latent-queries", {}),
+        ("latent-queries", {"readout_mlp": True, "num_tokens": 1, "num_layers": 1}),
+    ],
+    ids=["default", "causal", "one-token-one-layer", "latent", "latent-readout-mlp"],
 )
 def model(request) -> QueriesDeprojector:
-    return make_model("queries", **{**tiny("queries"), **request.param})
+    model_type, hparams = request.param
+    return make_model(model_type, **{**tiny(model_type), **hparams})
 
 
 def test_registered_with_its_hyperparameters() -> None:
@@ -96,10 +105,10 @@ def test_save_load_round_trip(model, tmp_path) -> None:
     model.save_pretrained(tmp_path / "q")
     assert {p.name for p in (tmp_path / "q").iterdir()} == {CONFIG_FILE, WEIGHTS_FILE}
     config = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
-    assert config["model_type"] == "queries"
+    assert config["model_type"] == model.config.model_type
     assert config["num_tokens"] == model.config.num_tokens
     loaded = load_deprojector(tmp_path / "q")
-    assert isinstance(loaded, QueriesDeprojector) and loaded.config == model.config
+    assert type(loaded) is type(model) and loaded.config == model.config
     e = embeds()
     torch.testing.assert_close(loaded.generate(e), model.generate(e), atol=0, rtol=0)
 
@@ -124,6 +133,42 @@ def test_starts_from_clips_last_layers() -> None:
     torch.testing.assert_close(out[0], out[1], atol=1e-6, rtol=0)
     fresh = build_deprojector("queries", D, P, make_constants()[0], base=clip, init="fresh")
     assert not torch.equal(fresh.layers[-1].fc2.weight, text.encoder.layers[-1].mlp.fc2.weight)
+
+
+@pytest.mark.parametrize("readout_mlp", [False, True])
+def test_latent_queries_start_from_clips_last_layers_on_the_tokens(readout_mlp) -> None:
+    """Latent layer k is CLIP's (N-k)-th from last; the read (and the readout MLP's last
+    layer) start at zero: every embedding gets LN_final(pos), the states of `queries` at
+    initialisation too."""
+    clip = tiny_clip()
+    text = clip.text_model
+    torch.manual_seed(0)
+    model = build_deprojector(
+        "latent-queries", D, P, make_constants()[0], base=clip, readout_mlp=readout_mlp
+    )
+    assert ARCHITECTURES["latent-queries"] is LatentQueriesDeprojector
+    for ours, theirs in zip(model.layers, text.encoder.layers[-2:], strict=True):
+        assert torch.equal(ours.self_attn.v_proj.weight, theirs.self_attn.v_proj.weight)
+        assert torch.equal(ours.fc1.bias, theirs.mlp.fc1.bias)
+        assert not hasattr(ours, "cross_attn")
+    assert not model.read.out_proj.weight.any()
+    assert (model.readout is not None) is readout_mlp
+    out = model.eval().generate(embeds())
+    start = text.final_layer_norm(text.embeddings.position_embedding.weight[1:N])
+    torch.testing.assert_close(out[0, 1:], start, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], out[0], atol=1e-6, rtol=0)
+
+
+def test_latent_queries_positions_read_only_the_tokens() -> None:
+    """No attention among the 76 queries: changing later queries leaves earlier states."""
+    model = make_model("latent-queries", **tiny("latent-queries"))
+    e_rel = embeds() - model.null
+    with torch.no_grad():
+        before = model.states(e_rel)
+        model.queries[40:] += 1.0
+        after = model.states(e_rel)
+    torch.testing.assert_close(after[:, :40], before[:, :40], atol=0, rtol=0)
+    assert not torch.allclose(after[:, 40:], before[:, 40:])
 
 
 @pytest.mark.parametrize(

@@ -44,11 +44,22 @@ def _median_seconds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def run(batch: int = 16, repeats: int = 5, width: int = D, layers: int = LAYERS) -> dict:
+def run(
+    batch: int = 16,
+    repeats: int = 5,
+    width: int = D,
+    layers: int = LAYERS,
+    variants: dict[str, tuple[str, dict]] | None = None,
+    registered: bool = True,
+    naive: bool = True,
+) -> dict:
     """Median seconds of the CLIP encoder forward and of each model's generate, with ratios.
 
     `width` and `layers` shrink the text model (CLIP-L: 768, 12; heads: one per 64 of width)
-    for quick checks; the figures quoted in the README are at CLIP-L's."""
+    for quick checks; the figures quoted in the README are at CLIP-L's. The models: every
+    registered architecture at its defaults (`registered`), and `variants` (name -> (type,
+    hyperparameters)); `naive`: also time each model's re-run of the prefix (minutes at CLIP-L
+    sizes; pointless for one-pass models, whose generation is already one pass)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -71,23 +82,24 @@ def run(batch: int = 16, repeats: int = 5, width: int = D, layers: int = LAYERS)
         "deprojection": torch.randn(width, width),
     }
     embeds = torch.randn(batch, width)
-    # Every registered architecture at its defaults, shaped (and initialised) by the CLIP-L
-    # sized text model as training would do it.
+    # Shaped (and initialised) by the CLIP-L sized text model as training would do it.
+    specs = {name: (name, {}) for name in ARCHITECTURES} if registered else {}
     models = {
-        name: build_deprojector(name, width, width, constants, base=clip).eval()
-        for name in ARCHITECTURES
+        name: build_deprojector(kind, width, width, constants, base=clip, **hparams).eval()
+        for name, (kind, hparams) in {**specs, **(variants or {})}.items()
     }
     fns: dict[str, Callable[[], object]] = {"encoder": lambda: clip(input_ids=input_ids)}
-    naive: dict[str, Callable[[], object]] = {}
+    prefix_reruns: dict[str, Callable[[], object]] = {}
     for name, model in models.items():
         fns[name] = lambda m=model: m.generate(embeds)
-        naive[name] = lambda m=model: m.generate_states_naive(embeds - m.null)
+        if naive:
+            prefix_reruns[name] = lambda m=model: m.generate_states_naive(embeds - m.null)
 
     with torch.inference_mode():
         seconds = _median_seconds(fns, repeats)
         # Re-running the prefix is one to two orders of magnitude slower: one timed run each
         # (after the fast path warmed the weights up) keeps the whole benchmark to minutes.
-        for name, fn in naive.items():
+        for name, fn in prefix_reruns.items():
             start = time.perf_counter()
             fn()
             seconds[f"{name}-naive"] = time.perf_counter() - start
@@ -104,8 +116,14 @@ def run(batch: int = 16, repeats: int = 5, width: int = D, layers: int = LAYERS)
                 "generate_s": seconds[name],
                 "ratio_to_encoder": seconds[name] / encoder_s,
                 # re-running the teacher-forced model on the prefix for every position
-                "naive_generate_s": seconds[f"{name}-naive"],
-                "cache_speedup": seconds[f"{name}-naive"] / seconds[name],
+                **(
+                    {
+                        "naive_generate_s": seconds[f"{name}-naive"],
+                        "cache_speedup": seconds[f"{name}-naive"] / seconds[name],
+                    }
+                    if naive
+                    else {}
+                ),
             }
             for name in models
         },
@@ -160,6 +178,8 @@ def print_report(result: dict) -> None:
             f"  = {entry['ratio_to_encoder']:.3f} x encoder  {verdict}"
         )
     for name, entry in result["models"].items():
+        if "naive_generate_s" not in entry:
+            continue
         print(
             f"{name:<20} naive generate {entry['naive_generate_s'] * 1e3:9.1f} ms"
             f"  fast-path speedup {entry['cache_speedup']:.1f}x"

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,7 @@ class QueriesDeprojector(Deprojector):
     config_class = QueriesConfig
     config: QueriesConfig
     layers: nn.ModuleList
+    layer_class: type[nn.Module] = Layer  # what the N layers are
     uses_base_model = True
 
     def __init__(self, config: QueriesConfig) -> None:
@@ -130,7 +131,7 @@ class QueriesDeprojector(Deprojector):
         self.queries = nn.Parameter(torch.zeros(n, D))
         self.position_embedding = nn.Parameter(torch.zeros(n, D))
         nn.init.normal_(self.position_embedding, std=0.02)
-        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(self.layer_class(config) for _ in range(config.num_layers))
         self.ln_final = nn.LayerNorm(D, eps=eps)
 
     @classmethod
@@ -148,7 +149,7 @@ class QueriesDeprojector(Deprojector):
             return
         n = self.config.num_layers
         check_clip_shape(self.config, text_model, layers=n)
-        layers: list[Layer] = list(self.layers)  # type: ignore[arg-type]
+        layers: list[Any] = list(self.layers)  # layer_class's: CLIP's layer fields, and more
         for ours, theirs in zip(layers, text_model.encoder.layers[-n:], strict=True):
             for a, b in (
                 (ours.ln1, theirs.layer_norm1),
@@ -161,13 +162,17 @@ class QueriesDeprojector(Deprojector):
                 (ours.fc2, theirs.mlp.fc2),
             ):
                 copy_module(a, b)
-            with torch.no_grad():
-                ours.cross_attn.out_proj.weight.zero_()
-                ours.cross_attn.out_proj.bias.zero_()
         copy_module(self.ln_final, text_model.final_layer_norm)
         positions = text_model.embeddings.position_embedding.weight  # [77, D]
         with torch.no_grad():
             self.position_embedding.copy_(positions[1 : self.config.num_positions])
+            for linear in self.zero_at_start():
+                linear.weight.zero_()
+                linear.bias.zero_()
+
+    def zero_at_start(self) -> list[nn.Linear]:
+        """The maps that start at zero with `init: clip`: each cross-attention's output map."""
+        return [cast(Layer, layer).cross_attn.out_proj for layer in self.layers]
 
     def states(self, e_rel: torch.Tensor) -> torch.Tensor:
         """The one pass: e - null [B, D] -> s_1..s_76 [B, 76, D]."""

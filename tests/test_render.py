@@ -470,6 +470,12 @@ def test_encode_writes_prompt_embeds(project, clip) -> None:
     assert result.exit_code == 0, result.output
     reference = load_file(str(project / "ref.safetensors"))["prompt_embeds"]
     assert torch.equal(reference, encode_texts(clip, ["cat, maid"]).hidden)
+    # --blend: compel's average of the parts' CLIP states, the "A, B" baseline
+    result = invoke(project, "encode", "cat, maid:3", "--blend", "-o", "blend.safetensors")
+    assert result.exit_code == 0, result.output
+    blend = load_file(str(project / "blend.safetensors"))["prompt_embeds"]
+    parts = encode_texts(clip, ["cat", "maid"]).hidden
+    torch.testing.assert_close(blend, (parts[:1] + 3 * parts[1:]) / 4)
 
 
 def test_generate_writes_an_image(project) -> None:

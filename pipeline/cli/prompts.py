@@ -50,6 +50,7 @@ class PromptOptions:
     prompt: str
     model: Path = Path("models/transformer")
     no_deprojector: bool = False
+    blend: bool = False
     combine: bool = True
     images: list[str] = field(default_factory=list)
     mix: str | None = None
@@ -76,6 +77,17 @@ class PromptOptions:
         ]
         if extras and self.no_deprojector:
             raise typer.BadParameter(f"{extras[0]} needs a deprojector (drop --no-deprojector)")
+        if self.blend and (extras or self.no_deprojector or not self.combine):
+            other = (
+                extras[0]
+                if extras
+                else "--no-deprojector"
+                if self.no_deprojector
+                else ("--no-combine")
+            )
+            raise typer.BadParameter(
+                f"--blend averages the CLIP states of the prompt's text parts: drop {other}"
+            )
         if extras and not self.combine:
             raise typer.BadParameter(f"{extras[0]} works on combined parts (drop --no-combine)")
         if (self.ts or self.mix_images or self.slerp) and self.mix is None:
@@ -129,6 +141,17 @@ PROMPT_PARAMETERS = [
             False,
             "--no-deprojector",
             help="Use the ordinary CLIP last hidden state of the prompt (the reference) instead.",
+        ),
+    ),
+    _option(
+        "blend",
+        bool,
+        typer.Option(
+            False,
+            "--blend",
+            help="No deprojector: the ordinary CLIP states of the comma-separated parts, "
+            "averaged with their weights (compel's .blend(), ComfyUI's ConditioningAverage) — "
+            "the baseline a deprojector's 'A, B' is judged against.",
         ),
     ),
     _option(
@@ -292,9 +315,10 @@ def conditionings(o: PromptOptions, params, params_file: bool):
     mix_images = [ImagePart.parse(a) for a in o.mix_images]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        reference = o.no_deprojector or o.blend  # CLIP's own states, no deprojector
         encoder = PromptEncoder.from_pretrained(
-            None if o.no_deprojector else o.model,
-            clip=params.base.clip if params_file or o.no_deprojector else None,
+            None if reference else o.model,
+            clip=params.base.clip if params_file or reference else None,
             gap=None if o.bridge == "none" else o.gap,
             images=bool(images or mix_images),
             device=params.render.device,
@@ -304,6 +328,8 @@ def conditionings(o: PromptOptions, params, params_file: bool):
         )
         if o.no_deprojector:
             embeds, labels = encoder.encode_prompt(o.prompt, deproject=False), ["reference"]
+        elif o.blend:
+            embeds, labels = encoder.encode_blend(o.prompt), ["blend"]
         elif o.mix is not None:
             ts = o.ts or [0.5]
             start = encoder.embedding(o.prompt, images, o.bridge)
@@ -314,7 +340,7 @@ def conditionings(o: PromptOptions, params, params_file: bool):
             embeds = encoder.encode_prompt(o.prompt, images, o.bridge, combine=o.combine)
             labels = ["deprojected" if o.combine else "whole"]
         negative = encoder.encode_negative(
-            o.negative or "", deproject=not (o.no_deprojector or o.negative_reference)
+            o.negative or "", deproject=not (reference or o.negative_reference)
         )
     for warning in caught:
         typer.secho(f"warning: {warning.message}", fg=typer.colors.YELLOW, err=True)
@@ -326,6 +352,7 @@ def conditionings(o: PromptOptions, params, params_file: bool):
         "mix_images": " ".join(o.mix_images) or None,
         "t": " ".join(f"{t:g}" for t in o.ts or [0.5]) if o.mix is not None else None,
         "slerp": "true" if o.slerp else None,
+        "blend": "true" if o.blend else None,
         "combine": None if o.combine else "false",
         "bridge": o.bridge,
         "negative_reference": "true" if o.negative_reference else None,

@@ -337,6 +337,28 @@ def test_the_token_decoder_learns_caption_tokens_and_is_judged_beside_queries(tm
     assert len(multi["examples"]) == token_decoder.TINY["prompts"]
 
 
+def test_ranking_by_parts_finds_the_cut_whose_parts_sum_to_the_input():
+    """A comma prompt's input Σ(e_k − null) + null: the candidate that says its parts scores
+    ~1 at the right cut; a candidate with the colours swapped scores lower; every cut of up to
+    3 parts is tried."""
+    from pipeline.base.clip_encode import encode_texts
+    from pipeline.base.loaders import load_clip
+
+    assert token_decoder.splits("red circle blue", 3) == [
+        ["red circle blue"],
+        ["red", "circle blue"],
+        ["red circle", "blue"],
+        ["red", "circle", "blue"],
+    ]
+    clip = load_clip("builtin")
+    null = encode_texts(clip, [""]).pooled[0].float()
+    parts = encode_texts(clip, ["red circle", "blue square"]).pooled.float()
+    target = ((parts - null).sum(dim=0) + null).expand(2, -1)
+    said = ["red circle blue square", "blue circle red square"]
+    score = token_decoder.parts_closeness(clip, said, target, null)
+    assert score[0] > 0.999 > score[1]
+
+
 def test_training_variants_judge_each_arm_against_its_baseline():
     """Two committed runs as the `queries` arm and an arm whose baseline it is: both judged
     on the same held-out prompts, the arm paired against its baseline."""

@@ -29,10 +29,13 @@ models/queries (trained by the pipeline) and, on comma prompts, blend:
 
 With `--candidates N` each embedding is decoded N times (greedy, then sampled at temperature
 1) and the prompt whose own CLIP embedding is closest to the input is kept: a re-embedding
-check, as vec2text corrects its hypotheses against the target embedding.
+check, as vec2text corrects its hypotheses against the target embedding. A comma prompt's
+input is Σ(e_k − null) + null, which no single prompt's embedding reproduces; `--rank parts`
+compares each candidate cut into up to 3 parts, its parts' offsets summed, the best cut.
 
     python -m pipeline.experiments.token_decoder --epochs 24 --out docs/records/token_decoder.json
     python -m pipeline.experiments.token_decoder --candidates 8 --epochs 24
+    python -m pipeline.experiments.token_decoder --candidates 8 --rank parts --epochs 24
     python -m pipeline.experiments.token_decoder --tiny   # seconds: the code path only
 
 Needs a `dvc repro`ed project (data/shards, models/queries). A real CLIP's vocabulary is
@@ -45,6 +48,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -93,6 +97,9 @@ BASELINE = "queries"  # the run the decoder shares its body with, and is paired 
 SEED = 0  # the bootstrap's
 IGNORE = -100  # cross-entropy's ignored target
 TINY = {"epochs": 1, "prompts": 4, "rows": 200}
+RANKS = ("whole", "parts")  # how --candidates are compared with the input (decoded_prompts)
+MAX_PARTS = 3  # a candidate read as at most this many comma parts (rank "parts")
+ENCODE_BATCH = 1024  # texts per CLIP forward when ranking by parts
 
 
 class OnePassDecoder(nn.Module):
@@ -323,13 +330,55 @@ def train_decoder(
     return decoder, history, time.perf_counter() - begin
 
 
+def splits(text: str, parts: int) -> list[list[str]]:
+    """Every way to cut `text`'s words into 1..parts contiguous parts (each part's words
+    joined); the text itself if it has no words."""
+    words = text.split()
+    out = []
+    for k in range(1, min(parts, len(words)) + 1):
+        for cuts in itertools.combinations(range(1, len(words)), k - 1):
+            bounds = (0, *cuts, len(words))
+            out.append([" ".join(words[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)])
+    return out or [[text]]
+
+
+def parts_closeness(
+    clip: ClipText, texts: list[str], embeds: torch.Tensor, null: torch.Tensor
+) -> torch.Tensor:
+    """[N]: for text i, the largest cos(Σ_k (e(part_k) − null), e_i − null) over its cuts
+    into at most MAX_PARTS parts (the whole text among them): how well it reads as the parts
+    whose combined embedding Σ(e_k − null) + null the input may be."""
+    cuts = [splits(t, MAX_PARTS) for t in texts]
+    unique = sorted({part for c in cuts for cut in c for part in cut})
+    index = {part: i for i, part in enumerate(unique)}
+    offsets = (
+        torch.cat(
+            [
+                encode_texts(clip, unique[i : i + ENCODE_BATCH]).pooled.float()
+                for i in range(0, len(unique), ENCODE_BATCH)
+            ]
+        )
+        - null
+    )  # [U, D]
+    best = []
+    for row, c in enumerate(cuts):
+        sums = torch.stack([offsets[[index[part] for part in cut]].sum(dim=0) for cut in c])
+        best.append(nn.functional.cosine_similarity(sums, embeds[row] - null, dim=-1).max())
+    return torch.stack(best)
+
+
 def decoded_prompts(
-    decoder: Decoder, clip: ClipText, embeds: torch.Tensor, candidates: int = 1
+    decoder: Decoder,
+    clip: ClipText,
+    embeds: torch.Tensor,
+    candidates: int = 1,
+    rank: str = "whole",
 ) -> list[str]:
     """The prompt each embedding e [N, D] decodes to. With candidates > 1: the greedy prompt
     and candidates − 1 sampled ones (temperature 1, seeded), and of them the one whose own
     CLIP embedding is closest to e: the largest cos(e(prompt) − null, e − null) (a
-    re-embedding check, as vec2text's correction step compares)."""
+    re-embedding check, as vec2text's correction step compares); `rank` "parts": the
+    largest `parts_closeness`, the prompt read as up to MAX_PARTS comma parts."""
     embeds = embeds.float()
     generator = torch.Generator().manual_seed(SEED)
     rounds = [decoder.decode(embeds)] + [
@@ -339,11 +388,14 @@ def decoded_prompts(
     if candidates == 1:
         return texts[0]
     null = decoder.null
-    offsets = torch.stack(
-        [encode_texts(clip, t).pooled.float() - null for t in texts]
-    )  # [candidates, N, D]
-    closeness = nn.functional.cosine_similarity(offsets, (embeds - null)[None], dim=-1)
-    best = closeness.argmax(dim=0).tolist()
+    if rank == "parts":
+        closeness = torch.stack([parts_closeness(clip, t, embeds, null) for t in texts])
+    else:
+        offsets = torch.stack(
+            [encode_texts(clip, t).pooled.float() - null for t in texts]
+        )  # [candidates, N, D]
+        closeness = nn.functional.cosine_similarity(offsets, (embeds - null)[None], dim=-1)
+    best = closeness.argmax(dim=0).tolist()  # [N]: the candidate kept
     return [texts[c][row] for row, c in enumerate(best)]
 
 
@@ -536,6 +588,7 @@ def image_prompts(
 def run(
     decoder_kind: str = "autoregressive",
     candidates: int = 1,
+    rank: str = "whole",
     epochs: int | None = None,
     prompts: int | None = None,
     rows: int | None = None,
@@ -552,10 +605,11 @@ def run(
     epochs = epochs or params.train.epochs
     decoder, history, seconds = train_decoder(decoder_kind, params, shards, clip, epochs, rows)
     queries = Deprojector.from_pretrained(models / BASELINE).eval()
-    decode = partial(decoded_prompts, decoder, clip, candidates=candidates)
+    decode = partial(decoded_prompts, decoder, clip, candidates=candidates, rank=rank)
     result = {
         "decoder": decoder_kind,
         "candidates": candidates,
+        "rank": rank,
         "epochs": epochs,
         "train_rows": rows,
         "vocabulary": len(decoder.vocab),
@@ -585,13 +639,21 @@ def main(argv: list[str] | None = None) -> None:
         help="prompts decoded per embedding (greedy + sampled); the one whose CLIP embedding "
         "is closest to the input is kept (1: greedy alone)",
     )
+    parser.add_argument(
+        "--rank",
+        choices=RANKS,
+        default=RANKS[0],
+        help="how candidates are compared with the input: whole (the prompt's own embedding) "
+        f"or parts (the prompt cut into up to {MAX_PARTS} parts, their offsets summed, the "
+        "best cut)",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="default: train.epochs")
     parser.add_argument("--prompts", type=int, default=None, help="default: evaluate's")
     parser.add_argument("--tiny", action="store_true", help=f"smoke-test sizes ({TINY})")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
     sizes = TINY if args.tiny else {"epochs": args.epochs, "prompts": args.prompts}
-    result = run(args.decoder, args.candidates, **sizes)
+    result = run(args.decoder, args.candidates, args.rank, **sizes)
     if args.out:
         write_json(args.out, result)
     print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=1))

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.base.clip_encode import encode_texts, token_ids
+from pipeline.base.clip_encode import encode_texts, encode_tokens, token_ids, tokenize
 from pipeline.base.loaders import ClipText, load_clip
 from pipeline.config.params import Params, load_params
 from pipeline.core.conventions import MAX_LENGTH, combine_embeddings
@@ -349,17 +349,17 @@ def parts_closeness(
     into at most MAX_PARTS parts (the whole text among them): how well it reads as the parts
     whose combined embedding Σ(e_k − null) + null the input may be."""
     cuts = [splits(t, MAX_PARTS) for t in texts]
-    unique = sorted({part for c in cuts for cut in c for part in cut})
+    unique = sorted({part for c in cuts for cut in c for part in cut}, key=lambda p: (len(p), p))
     index = {part: i for i, part in enumerate(unique)}
-    offsets = (
-        torch.cat(
-            [
-                encode_texts(clip, unique[i : i + ENCODE_BATCH]).pooled.float()
-                for i in range(0, len(unique), ENCODE_BATCH)
-            ]
-        )
-        - null
-    )  # [U, D]
+    pooled = []
+    for i in range(0, len(unique), ENCODE_BATCH):
+        # The pooled embedding is read at EOS under a causal mask: the padding after the
+        # longest text of a batch changes nothing, so it is cut (the parts are short).
+        tokens = tokenize(clip, unique[i : i + ENCODE_BATCH])
+        length = int(tokens["attention_mask"].sum(dim=1).max())
+        ids, mask = tokens["input_ids"][:, :length], tokens["attention_mask"][:, :length]
+        pooled.append(encode_tokens(clip, ids, mask).pooled.float())
+    offsets = torch.cat(pooled) - null  # [U, D]
     best = []
     for row, c in enumerate(cuts):
         sums = torch.stack([offsets[[index[part] for part in cut]].sum(dim=0) for cut in c])

@@ -12,12 +12,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline.benchmarks import extraction, generation, pictures, step_profile, training
+from pipeline.benchmarks import (
+    extraction,
+    generation,
+    one_pass,
+    pictures,
+    step_profile,
+    training,
+)
 from pipeline.cli import app
 from pipeline.experiments import (
     bridges,
     embedding_probe,
-    one_pass_speed,
     schedulers,
     token_decoder,
     training_variants,
@@ -167,7 +173,7 @@ def test_bench_command_tiny_runs_every_benchmark():
         world_recipes,
         embedding_probe,
         token_decoder,
-        one_pass_speed,
+        one_pass,
     ],
 )
 def test_each_module_has_a_command_line_with_tiny_sizes(module, capsys):
@@ -379,7 +385,7 @@ def test_training_variants_judge_each_arm_against_its_baseline():
 
 
 def test_one_pass_variants_are_timed_at_tiny_size():
-    result = one_pass_speed.main(["--tiny"])
-    assert set(result["models"]) == set(one_pass_speed.VARIANTS)
+    result = one_pass.main(["--tiny"])
+    assert set(result["models"]) == set(one_pass.VARIANTS)
     for entry in result["models"].values():
         assert positive(entry["ratio_to_encoder"]) and "naive_generate_s" not in entry

@@ -7,7 +7,7 @@ multiply-adds); the variants here: `queries` with 1 layer and `latent-queries` w
 readout MLP. Random weights, so only the times mean anything; their quality is
 `pipeline.experiments.training_variants`' (arms of the same names).
 
-    python -m pipeline.experiments.one_pass_speed --threads 1 --out docs/records/one_pass_speed.json
+    python -m pipeline.benchmarks.one_pass --threads 1 --out docs/records/one_pass_speed.json
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
     generation.print_report(result)
     if args.out:
         words = sys.argv[1:] if argv is None else argv
-        command = " ".join(["python -m pipeline.experiments.one_pass_speed", *words])
+        command = " ".join(["python -m pipeline.benchmarks.one_pass", *words])
         write_json(args.out, {"command": command, **result})
     return result
 

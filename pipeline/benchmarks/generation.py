@@ -117,11 +117,8 @@ def run(
                 "ratio_to_encoder": seconds[name] / encoder_s,
                 # re-running the teacher-forced model on the prefix for every position
                 **(
-                    {
-                        "naive_generate_s": seconds[f"{name}-naive"],
-                        "cache_speedup": seconds[f"{name}-naive"] / seconds[name],
-                    }
-                    if naive
+                    {"naive_generate_s": rerun, "cache_speedup": rerun / seconds[name]}
+                    if (rerun := seconds.get(f"{name}-naive"))
                     else {}
                 ),
             }

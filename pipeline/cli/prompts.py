@@ -77,16 +77,17 @@ class PromptOptions:
         ]
         if extras and self.no_deprojector:
             raise typer.BadParameter(f"{extras[0]} needs a deprojector (drop --no-deprojector)")
-        if self.blend and (extras or self.no_deprojector or not self.combine):
-            other = (
-                extras[0]
-                if extras
-                else "--no-deprojector"
-                if self.no_deprojector
-                else ("--no-combine")
+        clashes = extras + [
+            flag
+            for flag, used in (
+                ("--no-deprojector", self.no_deprojector),
+                ("--no-combine", not self.combine),
             )
+            if used
+        ]
+        if self.blend and clashes:
             raise typer.BadParameter(
-                f"--blend averages the CLIP states of the prompt's text parts: drop {other}"
+                f"--blend averages the CLIP states of the prompt's text parts: drop {clashes[0]}"
             )
         if extras and not self.combine:
             raise typer.BadParameter(f"{extras[0]} works on combined parts (drop --no-combine)")

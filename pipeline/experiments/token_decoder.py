@@ -338,7 +338,7 @@ def splits(text: str, parts: int) -> list[list[str]]:
     for k in range(1, min(parts, len(words)) + 1):
         for cuts in itertools.combinations(range(1, len(words)), k - 1):
             bounds = (0, *cuts, len(words))
-            out.append([" ".join(words[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)])
+            out.append([" ".join(words[a:b]) for a, b in itertools.pairwise(bounds)])
     return out or [[text]]
 
 
@@ -388,8 +388,10 @@ def decoded_prompts(
     if candidates == 1:
         return texts[0]
     null = decoder.null
-    if rank == "parts":
-        closeness = torch.stack([parts_closeness(clip, t, embeds, null) for t in texts])
+    if rank == "parts":  # every candidate at once: their parts overlap, each is encoded once
+        flat = [text for t in texts for text in t]
+        closeness = parts_closeness(clip, flat, embeds.repeat(candidates, 1), null)
+        closeness = closeness.view(candidates, len(embeds))
     else:
         offsets = torch.stack(
             [encode_texts(clip, t).pooled.float() - null for t in texts]

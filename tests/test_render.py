@@ -359,6 +359,11 @@ def test_picture_tables_show_intervals_and_the_rows_within_noise() -> None:
         "0.80 [0.60, 1.00] |" in section
     )
     assert "| reference | 0.500 [0.400, 0.600] | – | – | – |" in section
+    # evaluate.bridges `own` (the default): one image column, the run's own bridge.
+    del images["vb"]["bridges"]
+    section = extras_section(None, images, None, r)
+    assert "| run | text prompt | image, linear | image / text |" in section
+    assert "| vb | 0.500 [0.400, 0.600] | 0.400 [0.300, 0.500] | 0.80 [0.60, 1.00] |" in section
 
 
 def test_pairs_and_seed_spread_tables() -> None:

@@ -276,6 +276,14 @@ def _adherence(rows: dict, key: str) -> str:
     )
 
 
+def _by_bridge(rows: dict) -> dict:
+    """A run's image-prompt summaries by bridge: every bridge's with evaluate.bridges `all`,
+    else its own bridge's (`image`); {} for the reference row."""
+    if "bridges" in rows:
+        return rows["bridges"]
+    return {rows["bridge"]: rows["image"]} if "bridge" in rows else {}
+
+
 def extras_section(
     showcase: str | None,
     image_prompts: dict | None,
@@ -294,8 +302,8 @@ space (gap.bridge, data/gap) → pseudo-inverse of the text projection → depro
 
 """
     if image_prompts:
-        bridged = [rows for rows in image_prompts.values() if "bridges" in rows]
-        kinds = list(bridged[0]["bridges"]) if bridged else []
+        bridged = [rows for rows in image_prompts.values() if "bridge" in rows]
+        kinds = list(_by_bridge(bridged[0])) if bridged else []
         own = bridged[0]["bridge"] if bridged else ""
         lines = [
             "| run | text prompt | "
@@ -309,7 +317,7 @@ space (gap.bridge, data/gap) → pseudo-inverse of the text projection → depro
                 if IMAGE_TO_TEXT in rows
                 else "–"
             )
-            cells = [_adherence(rows.get("bridges", {}), k) for k in kinds]
+            cells = [_adherence(_by_bridge(rows), k) for k in kinds]
             lines.append(f"| {name} | {_adherence(rows, 'text')} | {' | '.join(cells)} | {ratio} |")
         count = next(iter(image_prompts.values()))["text"]["prompts"]
         text += (

@@ -1,6 +1,7 @@
 """Training variants on the default data: the `unet` loss (alone, and as a fine-tune after
-the states epochs: `train.unet_epochs`) and scheduled sampling with the model's own prefixes
-(`train.scheduled_sampling`), against the same architecture trained as params.yaml trains it.
+the states epochs: `train.unet_epochs`), the `cross_attention` loss, and scheduled sampling
+with the model's own prefixes (`train.scheduled_sampling`), against the same architecture
+trained as params.yaml trains it.
 
 Each arm is one run trained with `train_model` on data/shards (params.yaml's settings with the
 arm's `train` overrides; its model from params.yaml's `models:` or the arm's own spec) in a
@@ -65,6 +66,7 @@ ARMS: dict[str, tuple[str | dict[str, Any], dict[str, Any], str | None]] = {
     "latent-queries-mlp": ({"type": "latent-queries", "readout_mlp": True}, {}, "queries"),
     "vt-rollout": ("vt-rollout", {}, None),
     "vt-rollout-unet": ("vt-rollout", {"unet_epochs": 1}, "vt-rollout"),
+    "vt-rollout-xattn": ("vt-rollout", {"loss": "cross_attention"}, "vt-rollout"),
     "transformer": ("transformer", {}, None),
     "transformer-ss": ("transformer", {"scheduled_sampling": 0.5}, "transformer"),
     "vicinity-batch": ("vicinity-batch", {}, None),

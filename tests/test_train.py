@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -92,6 +93,33 @@ def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
     resumed = load_deprojector(project / "models" / "transformer").state_dict()
     for key, value in reference.items():
         assert torch.equal(value, resumed[key]), key
+
+
+def test_a_resumed_runs_card_counts_the_training_time_of_every_process(project, monkeypatch):
+    """The card's training seconds add the interrupted process's epochs to the resumed one's
+    (the checkpoint carries them), on a clock that only the first process's epoch advances."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    real = train_module.evaluate_loss
+    calls = {"n": 0}
+
+    def slow_first_epoch_then_crash(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        clock["now"] += 1000.0  # epoch 1 "takes" 1000 s; nothing else moves the clock
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_loss", slow_first_epoch_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_model("transformer", params())
+    monkeypatch.setattr(train_module, "evaluate_loss", real)
+    train_model("transformer", params())
+    card = yaml.safe_load(
+        (project / "models" / "transformer" / "README.md").read_text().split("---")[1]
+    )
+    assert card["training"]["seconds"] == 1000.0
+    assert card["training"]["epochs"] == 2
 
 
 def test_unknown_model_setting_is_rejected_naming_the_key(project):

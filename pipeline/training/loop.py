@@ -393,6 +393,7 @@ def train_model(
     fingerprint = _fingerprint(name, params, shards_dir)
     history: list[dict] = []
     best = Best(loss=math.inf, state=None, epoch=-1)
+    seconds_before = 0.0  # training time of the earlier processes of a resumed run
     if t.resume and checkpoint.exists():
         state = read_checkpoint(checkpoint, device)
         if state is None:
@@ -402,6 +403,7 @@ def train_model(
             optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["rng"])
             history, best = state["history"], state["best"]
+            seconds_before = float(state.get("seconds", 0.0))  # older checkpoints lack it
             log(accelerator, f"{name}: resuming after epoch {len(history)} from {checkpoint}")
     ddp_model, optimizer = accelerator.prepare(model, optimizer)
 
@@ -522,6 +524,7 @@ def train_model(
                             "rng": torch.get_rng_state(),
                             "history": history,
                             "best": best,
+                            "seconds": seconds_before + time.perf_counter() - started,
                         },
                         buffer,
                     )
@@ -542,7 +545,7 @@ def train_model(
             len(train_reader),
             len(history),
             steps * len(history),
-            time.perf_counter() - started,  # this process's epochs; a resumed run's later ones
+            seconds_before + time.perf_counter() - started,  # every process's epochs
         )
         write_training_card(name, model.config, params, out_dir, budget)
         plots_dir.mkdir(parents=True, exist_ok=True)

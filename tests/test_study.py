@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pipeline.config.params import load_params, parse_models
@@ -52,10 +53,12 @@ def test_dvc_lists_the_main_projects_headline_alone() -> None:
     assert list(study["data"]) == ["study/reports/headline.json"]
 
 
-# Runs of the main project that the committed study does not have yet: the study's rerun
-# with them (issue 30, branch study-v2) has not finished. Named here so that the gap is
-# explicit (README and docs/results.md say the study predates them); empty once it lands.
-NOT_YET_IN_STUDY = {"queries", "latent-queries", "queries-xattn", "queries-unet", "transformer-ss"}
+# The study's rerun on world v2 with every run of issue 30 (study/params.yaml) is under way:
+# its finished stages are committed one by one (study/dvc.lock, study/models/NAME,
+# study/reports/train/NAME.json); evaluate and render have not run, so study/reports holds no
+# metrics yet. The study before it (world v1, without the one-pass runs) is at commit e281a03.
+# False once `dvc repro study/dvc.yaml` has finished and its results are committed.
+RERUN_IN_PROGRESS = True
 
 
 def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
@@ -69,9 +72,6 @@ def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
     # Every run of the main project, unchanged (but those not yet in it); the study adds seed
     # replicates.
     for name, entry in main.pop("models").items():
-        if name in NOT_YET_IN_STUDY:
-            assert name not in study["models"], f"{name} is in the study: drop it from the list"
-            continue
         assert study["models"][name] == entry, name
     study.pop("models")
     assert study == main
@@ -80,13 +80,15 @@ def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
 def test_the_study_has_three_seeds_of_its_headline_runs() -> None:
     params = load_params(STUDY / "params.yaml")
     groups = seed_replicates(params.models, params.train.seed)
-    for run in ("transformer", "vicinity-batch", "vicinity-individual", "vt-rollout"):
+    for run in ("queries", "vt-rollout", "transformer"):
         seeds = {params.models[n].train.get("seed", params.train.seed) for n in groups[run]}
         assert len(seeds) >= 3, run
 
 
 def test_committed_study_results_cover_every_run() -> None:
     """What study/reports holds is a finished study: every run's curve and metrics."""
+    if RERUN_IN_PROGRESS:
+        pytest.skip("the study's rerun is in progress: test_the_rerun_in_progress_is_consistent")
     metrics = STUDY / "reports" / "metrics"
     params = load_params(STUDY / "params.yaml")
     for name in params.models:
@@ -113,3 +115,28 @@ def test_seed_replicates_need_distinct_effective_seeds() -> None:
     assert seed_replicates(models, train_seed=0) == {"a": ["a", "d"]}
     assert seed_replicates(models, train_seed=1) == {"a": ["a", "c"]}
     assert seed_replicates({k: models[k] for k in "ab"}, train_seed=0) == {}
+
+
+def test_the_rerun_in_progress_is_consistent() -> None:
+    """While the rerun is under way, what is committed of it is complete and current: every
+    stage in study/dvc.lock ran on today's study params and left its outputs, and nothing of
+    evaluate's or render's (nor of the previous study) looks like a result."""
+    if not RERUN_IN_PROGRESS:
+        pytest.skip("the study is finished: test_committed_study_results_cover_every_run")
+    params = yaml.safe_load((STUDY / "params.yaml").read_text())
+    lock = yaml.safe_load((STUDY / "dvc.lock").read_text())["stages"]
+    assert {"captions", "gap", "extract"} <= set(lock)
+    assert not {"evaluate", "render"} & set(lock)
+    trained = {name.removeprefix("train@") for name in lock if name.startswith("train@")}
+    assert trained <= set(params["models"]), trained - set(params["models"])
+    for name in trained:
+        recorded = lock[f"train@{name}"]["params"]["params.yaml"]
+        assert recorded[f"models.{name}"] == params["models"][name], name
+        assert recorded["train"] == params["train"], name
+        assert (STUDY / "models" / name / "config.json").is_file(), name
+        assert (STUDY / "reports" / "train" / f"{name}.json").is_file(), name
+    assert sorted(p.stem for p in (STUDY / "reports" / "train").glob("*.json")) == sorted(trained)
+    assert not (STUDY / "reports" / "metrics").exists()
+    assert not (STUDY / "reports" / "headline.json").exists()
+    readme = (ROOT / "README.md").read_text()
+    assert "study's rerun is in progress" in " ".join(readme.split())

@@ -69,8 +69,7 @@ def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
     for key in ("train_size", "test_size"):
         main["captions"].pop(key)
     assert study["gap"].pop("source") == "../" + main["gap"].pop("source")
-    # Every run of the main project, unchanged (but those not yet in it); the study adds seed
-    # replicates.
+    # Every run of the main project, unchanged; the study adds seed replicates.
     for name, entry in main.pop("models").items():
         assert study["models"][name] == entry, name
     study.pop("models")

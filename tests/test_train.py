@@ -66,13 +66,9 @@ def test_training_saves_a_loadable_model_and_a_loss_curve(project):
     assert not (project / "data" / "checkpoints" / "vicinity-batch.pt").exists()
 
 
-def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
-    project, monkeypatch
-):
-    train_model("transformer", params())
-    reference = load_deprojector(project / "models" / "transformer").state_dict()
-
-    # Interrupt after the first epoch's checkpoint: the test-loss pass of epoch 2 raises.
+def interrupt_in_epoch_2(monkeypatch, after_epoch_1=lambda: None) -> None:
+    """Train `transformer` and interrupt it after epoch 1's checkpoint (the test-loss pass of
+    epoch 2 raises), calling after_epoch_1 at epoch 1's test-loss pass; then restore the pass."""
     real = train_module.evaluate_loss
     calls = {"n": 0}
 
@@ -80,14 +76,24 @@ def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
+        after_epoch_1()
         return real(*args, **kwargs)
 
-    shutil.rmtree(project / "models" / "transformer")
     monkeypatch.setattr(train_module, "evaluate_loss", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         train_model("transformer", params())
-    assert (project / "data" / "checkpoints" / "transformer.pt").exists()
     monkeypatch.setattr(train_module, "evaluate_loss", real)
+
+
+def test_same_seed_same_weights_and_interrupted_run_resumes_to_the_same_result(
+    project, monkeypatch
+):
+    train_model("transformer", params())
+    reference = load_deprojector(project / "models" / "transformer").state_dict()
+
+    shutil.rmtree(project / "models" / "transformer")
+    interrupt_in_epoch_2(monkeypatch)
+    assert (project / "data" / "checkpoints" / "transformer.pt").exists()
     history = train_model("transformer", params())
     assert len(history) == 2
     resumed = load_deprojector(project / "models" / "transformer").state_dict()
@@ -100,20 +106,11 @@ def test_a_resumed_runs_card_counts_the_training_time_of_every_process(project, 
     (the checkpoint carries them), on a clock that only the first process's epoch advances."""
     clock = {"now": 0.0}
     monkeypatch.setattr(train_module, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
-    real = train_module.evaluate_loss
-    calls = {"n": 0}
 
-    def slow_first_epoch_then_crash(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        clock["now"] += 1000.0  # epoch 1 "takes" 1000 s; nothing else moves the clock
-        return real(*args, **kwargs)
+    def first_epoch_takes_1000_s() -> None:  # nothing else moves the clock
+        clock["now"] += 1000.0
 
-    monkeypatch.setattr(train_module, "evaluate_loss", slow_first_epoch_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_model("transformer", params())
-    monkeypatch.setattr(train_module, "evaluate_loss", real)
+    interrupt_in_epoch_2(monkeypatch, first_epoch_takes_1000_s)
     train_model("transformer", params())
     card = yaml.safe_load(
         (project / "models" / "transformer" / "README.md").read_text().split("---")[1]

@@ -306,6 +306,9 @@ def test_report_shows_grids_metrics_chart_and_fidelity(project, rendered) -> Non
         "`red circle`",
         "## Do the pictures show the prompt?",
         "| reference | ",
+        # The summary at the top: states only here (no held-out pictures in this project).
+        "## In one table",
+        "| retrieval | 0.500 [0.450, 0.550] | — | — | — | — | — / — | — | — |",
     ):
         assert needle in report, needle
 
@@ -400,6 +403,50 @@ def test_pairs_and_seed_spread_tables() -> None:
     assert "| a | 0, 1, 2 | 0.7000 ± 0.0100 [0.6900, 0.7100] |" in spread
     assert "TF cosine" not in spread  # only the columns some group has
     assert pairs_table({}) == seed_spread_table({}) == ""
+
+
+def test_summary_table_puts_every_runs_answers_beside_the_baselines() -> None:
+    from pipeline.reporting.report import summary_table
+
+    def states(cosine: float) -> dict:
+        return {"autoregressive": {"cosine_masked": cosine, "cosine_masked_ci95": [0.5, 0.9]}}
+
+    def pictures(ratio: float, **extra: float) -> dict:
+        return {"adherence_ratio": ratio, "adherence_ratio_ci95": [ratio - 0.1, ratio], **extra}
+
+    combination = {"blend_cosine": 0.74, "retrieval_cosine": 0.66}
+    metrics = {
+        "retrieval": {**states(0.68), "combination": combination},
+        "a": {**states(0.71), "combination": {"deprojector_cosine": 0.69}},
+        "b": states(0.70),
+    }
+    difference = {"difference": 0.03, "difference_ci95": [0.02, 0.04], "within_noise": False}
+    comparison = {
+        "pairs": {"a vs retrieval": difference, "retrieval vs b": difference},
+        "adherence_vs_blend": {"multi": {"a": difference}},
+    }
+    held_out = {
+        "single": {"reference": pictures(1.0, all_parts=0.7), "a": pictures(0.8, all_parts=0.4)},
+        "multi": {"a": pictures(0.7, all_parts=0.3), "blend": pictures(0.5)},
+    }
+    image_prompts = {"a": {"image_to_text": 0.9, "image_to_text_ci95": [0.8, 1.0]}}
+    table = summary_table(metrics, comparison, held_out, image_prompts).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| reference",
+        "| retrieval",
+        "| a",
+        "| b",
+        "| blend",
+    ]
+    assert table[4] == (
+        "| a | 0.710 [0.500, 0.900] | +0.030 [+0.020, +0.040] | 0.690 | 0.80 [0.70, 0.80] "
+        "| 0.70 [0.60, 0.70] | 0.400 / 0.300 | +0.030 [+0.020, +0.040] | 0.90 [0.80, 1.00] |"
+    )
+    assert "| b | 0.700 [0.500, 0.900] | -0.030 [-0.040, -0.020] | — |" in table[5]
+    # The baselines' combination cosines come from retrieval's record.
+    assert table[3].split(" | ")[3] == "0.660" and table[6].split(" | ")[3] == "0.740"
+    # Without held-out pictures: the runs' rows alone.
+    assert len(summary_table(metrics, comparison, None, None).splitlines()) == 2 + 3
 
 
 def test_missing_metrics_is_a_clear_error(tmp_path, base_dir) -> None:

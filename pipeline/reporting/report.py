@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config.params import Params, RenderParams
 from pipeline.core.atomic import write_text
-from pipeline.core.names import RETRIEVAL
+from pipeline.core.names import BLEND, REFERENCE, RETRIEVAL
 from pipeline.metrics.image_metrics import PSNR_CAP_DB
 from pipeline.metrics.intervals import ci_key
 from pipeline.metrics.records import (
@@ -67,6 +67,78 @@ def metrics_table(metrics: dict[str, dict]) -> str:
             _with_interval(scores, key, _number) if key in scores else "—" for scores in groups
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired(row: dict | None, negate: bool = False) -> str:
+    """A paired difference `+d [low, high]` (negated: the pair's other order), or `—`."""
+    if row is None:
+        return "—"
+    d, (low, high) = row["difference"], row["difference_ci95"]
+    if negate:
+        d, low, high = -d, -high, -low
+    return f"{d:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _vs_retrieval(pairs: dict, name: str) -> str:
+    """`name − retrieval` on autoregressive cosine, paired over the test rows."""
+    if f"{name} vs {RETRIEVAL}" in pairs:
+        return _paired(pairs[f"{name} vs {RETRIEVAL}"])
+    return _paired(pairs.get(f"{RETRIEVAL} vs {name}"), negate=True)
+
+
+def _cell(scores: dict | None, key: str, form: str = "{:.3f}") -> str:
+    return _with_interval(scores, key, form.format) if scores and key in scores else "—"
+
+
+def summary_table(
+    metrics: dict[str, dict],
+    comparison: dict,
+    held_out: dict | None,
+    image_prompts: dict | None,
+) -> str:
+    """One row per run and baseline, one column per question the report answers: states
+    (autoregressive cosine in mask, and its paired difference to retrieval), "A B"
+    (combination cosine), pictures (held-out adherence ratio to the reference per kind, every
+    part shown, comma pictures − blend's, paired), image prompts (image / text)."""
+    pairs = comparison.get("pairs", {})
+    blend_pairs = comparison.get("adherence_vs_blend", {}).get("multi", {})
+    pictures = held_out or {}
+    single, multi = pictures.get("single", {}), pictures.get("multi", {})
+    images = image_prompts or {}
+    rows = [REFERENCE, *metrics, BLEND] if pictures else [*metrics]
+    # Retrieval's record holds the baselines' combination cosines: its own and blend's.
+    baseline_combination = {
+        RETRIEVAL: "retrieval_cosine",
+        BLEND: "blend_cosine",
+        REFERENCE: None,
+    }
+    lines = [
+        '| row | AR cosine (mask) | − retrieval (paired) | "A B" combination cosine '
+        "| single: adherence ratio | comma: adherence ratio | every part shown: single / comma "
+        "| comma − blend (paired) | image / text |",
+        "| --- |" + " ---: |" * 8,
+    ]
+    for name in rows:
+        states = _group(metrics.get(name, {}), AUTOREGRESSIVE)
+        combination_key = baseline_combination.get(name, "deprojector_cosine")
+        source = metrics.get(RETRIEVAL if name in baseline_combination else name, {})
+        combination = _group(source, COMBINATION) if combination_key else None
+        parts = " / ".join(
+            f"{kind[name][ALL_PARTS]:.3f}" if ALL_PARTS in kind.get(name, {}) else "—"
+            for kind in (single, multi)
+        )
+        cells = [
+            _cell(states, COSINE_MASKED),
+            "—" if name in (RETRIEVAL, REFERENCE, BLEND) else _vs_retrieval(pairs, name),
+            _cell(combination, combination_key or ""),
+            _cell(single.get(name), f"{ADHERENCE}_ratio", "{:.2f}"),
+            _cell(multi.get(name), f"{ADHERENCE}_ratio", "{:.2f}"),
+            parts,
+            _paired(blend_pairs.get(name)),
+            _cell(images.get(name), IMAGE_TO_TEXT, "{:.2f}"),
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -372,6 +444,7 @@ def write_report(
     scores: dict[str, dict],
     held_out: dict | None,
     extras: str = "",
+    image_prompts: dict | None = None,
 ) -> None:
     r = params.render
     text = f"""# CLIP Text Deprojector: comparison report
@@ -381,6 +454,18 @@ Every image: {r.width}×{r.height} px, {r.steps} steps of `{r.scheduler}`, guida
 {r.guidance_scale}, seed {r.seed} (the same for every cell of a column), negative prompt "".
 Rows: `reference` is conditioned on the ordinary CLIP last hidden state of the prompt; the
 other rows on the hidden states their deprojector generated from one embedding.
+
+## In one table
+
+Every run and baseline against the questions below, each with its 95 % interval: the
+generated states' cosine to CLIP's (autoregressive, in mask; test rows) and its difference
+to retrieval's, paired over the same rows; the combination cosine, the states generated
+from e(A) + e(B) − null against those of "A B"; held-out pictures, adherence as a ratio to
+the reference row's, the share of comma prompts with every part shown, and comma pictures
+against blending the parts' states, paired over prompts; an image as the only prompt against
+its description (image / text). Each column is detailed in its section below.
+
+{summary_table(metrics, comparison, held_out, image_prompts)}
 
 ## Single embedding: the whole prompt's pooled embedding, deprojected
 

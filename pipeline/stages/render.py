@@ -278,6 +278,7 @@ def run_render_stage(
         done.scores,
         held_out,
         extras_section(showcase if extras else None, image_prompts, done.interpolation, r),
+        image_prompts,
     )
     return done
 

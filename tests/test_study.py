@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pipeline.config.params import load_params, parse_models
@@ -53,14 +52,6 @@ def test_dvc_lists_the_main_projects_headline_alone() -> None:
     assert list(study["data"]) == ["study/reports/headline.json"]
 
 
-# The study's rerun on world v2 with every run of issue 30 (study/params.yaml) is under way:
-# its finished stages are committed one by one (study/dvc.lock, study/models/NAME,
-# study/reports/train/NAME.json); evaluate and render have not run, so study/reports holds no
-# metrics yet. The study before it (world v1, without the one-pass runs) is at commit e281a03.
-# False once `dvc repro study/dvc.yaml` has finished and its results are committed.
-RERUN_IN_PROGRESS = True
-
-
 def test_the_study_params_differ_only_in_scale_and_added_runs() -> None:
     main = yaml.safe_load((ROOT / "params.yaml").read_text())
     study = yaml.safe_load((STUDY / "params.yaml").read_text())
@@ -86,8 +77,6 @@ def test_the_study_has_three_seeds_of_its_headline_runs() -> None:
 
 def test_committed_study_results_cover_every_run() -> None:
     """What study/reports holds is a finished study: every run's curve and metrics."""
-    if RERUN_IN_PROGRESS:
-        pytest.skip("the study's rerun is in progress: test_the_rerun_in_progress_is_consistent")
     metrics = STUDY / "reports" / "metrics"
     params = load_params(STUDY / "params.yaml")
     for name in params.models:
@@ -116,26 +105,32 @@ def test_seed_replicates_need_distinct_effective_seeds() -> None:
     assert seed_replicates({k: models[k] for k in "ab"}, train_seed=0) == {}
 
 
-def test_the_rerun_in_progress_is_consistent() -> None:
-    """While the rerun is under way, what is committed of it is complete and current: every
-    stage in study/dvc.lock ran on today's study params and left its outputs, and nothing of
-    evaluate's or render's (nor of the previous study) looks like a result."""
-    if not RERUN_IN_PROGRESS:
-        pytest.skip("the study is finished: test_committed_study_results_cover_every_run")
-    params = yaml.safe_load((STUDY / "params.yaml").read_text())
-    lock = yaml.safe_load((STUDY / "dvc.lock").read_text())["stages"]
-    assert {"captions", "gap", "extract"} <= set(lock)
-    assert not {"evaluate", "render"} & set(lock)
-    trained = {name.removeprefix("train@") for name in lock if name.startswith("train@")}
-    assert trained <= set(params["models"]), trained - set(params["models"])
-    for name in trained:
-        recorded = lock[f"train@{name}"]["params"]["params.yaml"]
-        assert recorded[f"models.{name}"] == params["models"][name], name
-        assert recorded["train"] == params["train"], name
-        assert (STUDY / "models" / name / "config.json").is_file(), name
-        assert (STUDY / "reports" / "train" / f"{name}.json").is_file(), name
-    assert sorted(p.stem for p in (STUDY / "reports" / "train").glob("*.json")) == sorted(trained)
-    assert not (STUDY / "reports" / "metrics").exists()
-    assert not (STUDY / "reports" / "headline.json").exists()
-    readme = (ROOT / "README.md").read_text()
-    assert "study's rerun is in progress" in " ".join(readme.split())
+def table_rows(markdown: str, header: str) -> dict[str, list[float]]:
+    """{row name: its numbers} of the markdown table whose first line starts with `header`;
+    a name loses its backticks and anything after them ("`queries` (one pass)" → queries)."""
+    lines = markdown[markdown.index(header) :].splitlines()
+    rows = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        name, *cells = [c.strip() for c in line.strip("|").split("|")]
+        name = re.sub(r"^`([^`]+)`.*$|^(\S+).*$", lambda m: m[1] or m[2], name)
+        numbers = re.findall(r"[-+]?\d+\.\d+", " ".join(cells).replace("−", "-"))
+        rows[name] = numbers
+    return rows
+
+
+def test_the_readmes_results_table_is_the_studys_own() -> None:
+    """Every figure of the README's results table is, to the digits shown, one of the same
+    row's figures in the study's generated report ("In one table")."""
+    readme = table_rows((ROOT / "README.md").read_text(), "| row | states |")
+    report = table_rows((STUDY / "reports" / "report.md").read_text(), "| row | AR cosine")
+    assert {"queries", "transformer", "retrieval", "blend"} <= set(readme)
+    for name, numbers in readme.items():
+        assert numbers, name
+        for shown in numbers:
+            half_unit = 0.5 * 10 ** -len(shown.split(".")[1]) + 1e-9  # 0.205 shows as 0.21
+            assert any(abs(float(shown) - float(n)) <= half_unit for n in report[name]), (
+                name,
+                shown,
+            )

@@ -430,3 +430,13 @@ def test_docs_python_and_yaml_blocks_are_checked() -> None:
         ROOT / "docs" / "p.md", 3, "python", readme_python_example().replace("seed(0)", "seed(1)")
     )
     assert "differs from the README" in block_problems(copied)[0]
+
+
+@pytest.mark.parametrize("report", ["reports/report.md", "study/reports/report.md"])
+def test_results_md_shows_each_reports_one_table_as_rendered(report: str) -> None:
+    """docs/results.md copies the "In one table" of the default run's and the study's
+    generated reports: each copy is the report's table as `render` last wrote it."""
+    text = (ROOT / report).read_text()
+    start = text.index("| row | AR cosine (mask)")
+    table = text[start : text.index("\n\n", start)]
+    assert table in (ROOT / "docs" / "results.md").read_text(), report

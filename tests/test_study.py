@@ -105,18 +105,17 @@ def test_seed_replicates_need_distinct_effective_seeds() -> None:
     assert seed_replicates({k: models[k] for k in "ab"}, train_seed=0) == {}
 
 
-def table_rows(markdown: str, header: str) -> dict[str, list[float]]:
-    """{row name: its numbers} of the markdown table whose first line starts with `header`;
-    a name loses its backticks and anything after them ("`queries` (one pass)" → queries)."""
+def table_rows(markdown: str, header: str) -> dict[str, list[str]]:
+    """{row name: its numbers as written} of the markdown table whose first line starts with
+    `header`; a name is its first word, backticks dropped ("`queries` (one pass)" → queries)."""
     lines = markdown[markdown.index(header) :].splitlines()
-    rows = {}
+    rows: dict[str, list[str]] = {}
     for line in lines[2:]:
         if not line.startswith("|"):
             break
         name, *cells = [c.strip() for c in line.strip("|").split("|")]
-        name = re.sub(r"^`([^`]+)`.*$|^(\S+).*$", lambda m: m[1] or m[2], name)
-        numbers = re.findall(r"[-+]?\d+\.\d+", " ".join(cells).replace("−", "-"))
-        rows[name] = numbers
+        name = name.split()[0].strip("`")
+        rows[name] = re.findall(r"[-+]?\d+\.\d+", " ".join(cells).replace("−", "-"))
     return rows
 
 

@@ -12,7 +12,7 @@ from pipeline.base.clip_encode import encode_texts
 from pipeline.core.conventions import MAX_LENGTH
 from pipeline.models import build_deprojector
 from pipeline.prompting.encoder import PromptEncoder, truncated_text, unknown_words
-from pipeline.prompting.grammar import PromptError, parse_weighted
+from pipeline.prompting.grammar import KEYWORD, PromptError, parse_weighted
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,13 @@ def test_parts_are_recovered_from_joined_text(parts: list[str], padding: list[st
     assert texts(prompt) == [p.strip() for p in parts]
 
 
-@given(st.text(st.characters(blacklist_characters=":()[]+-\\"), max_size=40))
+# Another tool's keywords (AND, BREAK) are refused with their own message, tested in
+# test_what_a_deprojector_cannot_mean_is_refused_with_how_to_write_it.
+@given(
+    st.text(st.characters(blacklist_characters=":()[]+-\\"), max_size=40).filter(
+        lambda prompt: not KEYWORD.search(prompt)
+    )
+)
 def test_parsing_keeps_every_character_but_commas_and_edge_space(prompt: str) -> None:
     def squeeze(text: str) -> str:
         return "".join(text.split())
